@@ -1,0 +1,108 @@
+"""EEG segments as pictures: one fixed renderer used by training and serving.
+
+:func:`render_eeg_trace` draws a single-channel EEG trace as a 256×256 uint8 image (white trace
+on black). Everything about the picture is fixed, never derived from the signal's own range:
+
+* **Rate**: the signal is first resampled to ``RENDER_RATE_HZ`` (173.61 Hz, the Bonn rate) by
+  linear interpolation on a fixed time grid, after a moving-average anti-alias filter when the
+  source rate is higher. So a different sampling rate draws the same picture.
+* **Duration**: the first ``DURATION_S`` seconds (23.6 s = 4097 samples at 173.61 Hz, one Bonn
+  segment). A shorter signal leaves the rest of the picture black.
+* **Layout**: the duration is cut into ``ROWS`` = 8 consecutive strips of 2.95 s each, stacked
+  top to bottom like a paper strip chart; each strip is ``HEIGHT / ROWS`` = 32 px tall and
+  ``WIDTH`` = 256 px wide (time on x, left to right, about 2 samples per pixel column).
+* **Amplitude**: the segment's mean is removed (DC offset), then a fixed scale of
+  ``AMPLITUDE_UV`` = ±300 µV spans each strip's height (positive up), and values beyond it are
+  clipped to the strip's edge. No autoscaling.
+* **Drawing**: in every pixel column the vertical span between the lowest and the highest value
+  the (linearly connected) trace reaches in that column is set to 255.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from services.errors import InvalidInput, UnreadableInput
+
+logger = logging.getLogger(__name__)
+
+BONN_SAMPLING_HZ = 173.61
+RENDER_RATE_HZ = BONN_SAMPLING_HZ
+DURATION_S = 4097 / BONN_SAMPLING_HZ  # 23.599 s, one Bonn segment
+AMPLITUDE_UV = 300.0
+ROWS = 8
+WIDTH = 256
+HEIGHT = 256
+
+
+def read_bonn_txt(path: str | Path) -> np.ndarray:
+    """A Bonn EEG text file (one integer sample in µV per line) -> float64 µV."""
+    try:
+        samples = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except ValueError as exc:
+        raise UnreadableInput(f"not a Bonn EEG text file: {path}: {exc}") from exc
+    if samples.ndim != 1 or samples.size == 0:
+        raise UnreadableInput(f"expected one sample per line in {path}")
+    return samples
+
+
+def resample_to_render_rate(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
+    """Resample to ``RENDER_RATE_HZ`` on the grid t_k = k / RENDER_RATE_HZ, cut to ``DURATION_S``."""
+    x = np.asarray(samples_uv, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise InvalidInput("empty EEG signal")
+    if not sampling_hz or sampling_hz <= 0 or not np.isfinite(sampling_hz):
+        raise InvalidInput(f"invalid sampling rate {sampling_hz!r}")
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if abs(sampling_hz - RENDER_RATE_HZ) < 1e-6:
+        return x[: int(round(DURATION_S * RENDER_RATE_HZ))]
+    ratio = sampling_hz / RENDER_RATE_HZ
+    if ratio > 1.0:  # anti-alias: moving average over one output sample period
+        width = int(round(ratio))
+        if width > 1:
+            kernel = np.ones(width) / width
+            x = np.convolve(np.pad(x, (width // 2, width - 1 - width // 2), mode="edge"), kernel, "valid")
+    source_t = np.arange(x.size) / sampling_hz
+    n_out = min(int(round(DURATION_S * RENDER_RATE_HZ)), int(np.floor(source_t[-1] * RENDER_RATE_HZ)) + 1)
+    target_t = np.arange(n_out) / RENDER_RATE_HZ
+    return np.interp(target_t, source_t, x)
+
+
+def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
+    """Single-channel EEG (µV) at ``sampling_hz`` -> 256×256 uint8 strip-chart picture."""
+    x = resample_to_render_rate(samples_uv, sampling_hz)
+    x = x - x.mean()
+    total = int(round(DURATION_S * RENDER_RATE_HZ))
+    per_row = int(np.ceil(total / ROWS))
+    row_h = HEIGHT // ROWS
+    half = (row_h - 1) / 2.0
+    # amplitude -> fractional pixel row inside a strip (0 = top); clip, never autoscale
+    y = half - np.clip(x / AMPLITUDE_UV, -1.0, 1.0) * half
+    image = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    for row in range(ROWS):
+        seg = y[row * per_row: (row + 1) * per_row + 1]  # +1: connect to the next strip's start
+        if seg.size < 2:
+            if seg.size == 1:
+                r = int(round(seg[0]))
+                image[row * row_h + r, 0] = 255
+            continue
+        # sample i sits at x position i * WIDTH / per_row; column c covers [c, c+1)
+        pos = np.arange(seg.size) * (WIDTH / per_row)
+        last_col = min(WIDTH - 1, int(np.floor(pos[-1] - 1e-9)))
+        cols = np.arange(last_col + 1)
+        left = np.interp(cols, pos, seg)
+        right = np.interp(np.minimum(cols + 1, pos[-1]), pos, seg)
+        low, high = np.minimum(left, right), np.maximum(left, right)
+        inside = pos < last_col + 1
+        col_of = np.floor(pos[inside]).astype(np.int64)
+        np.minimum.at(low, col_of, seg[inside])
+        np.maximum.at(high, col_of, seg[inside])
+        top = np.floor(low + 0.5).astype(np.int64)
+        bottom = np.floor(high + 0.5).astype(np.int64)
+        rows_idx = np.arange(row_h)[:, None]
+        strip = (rows_idx >= top[None, :]) & (rows_idx <= bottom[None, :])
+        image[row * row_h:(row + 1) * row_h, : last_col + 1][strip] = 255
+    return image

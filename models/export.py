@@ -1,0 +1,246 @@
+"""Export an encoder to a single-file ONNX model with its card and preprocessing sidecars.
+
+``python -m models.export --checkpoint runs/paper/best.pt --out models/weights/NAME.onnx``
+``python -m models.export --untrained --arch paper --out models/weights/NAME.onnx``
+
+The export fails (exit code 1, nothing left behind) unless ``onnx.checker.check_model`` passes and
+the onnxruntime output matches torch within ``PARITY_ATOL`` on a random batch whose size differs
+from the one traced (this also proves the batch axis is dynamic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.preprocess import PreprocessContract
+from models.runtime import DEFAULT_POINTER, INPUT_NAME, OUTPUT_NAME, WEIGHTS_DIR, sidecar_paths
+
+logger = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-4
+OPSET = 18
+INTENDED_USE = ("Embedding greyscale medical pictures (chest X-ray, brain MRI, retinal OCT, rendered EEG "
+                "traces) for similar-case retrieval next to a PACS. Research and demonstration use only; "
+                "not a medical device, not for diagnosis.")
+LIMITATIONS = ("Trained on small public data sets (Kermany CXR/OCT, a brain-tumour MRI mix, Bonn EEG); "
+               "other scanners, protocols, body parts or populations are out of distribution. "
+               "Retrieval neighbours carry no diagnostic guarantee.")
+
+
+class ExportError(RuntimeError):
+    """The exported model failed the checker or the parity check."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quiet_exporter_logs() -> None:
+    """The torch/onnxscript exporter logs every optimisation pass at INFO; keep only warnings."""
+    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def export_onnx(model, input_size: int, out_path: str | Path, opset: int = OPSET) -> None:
+    """Trace ``model.encode`` to one self-contained ``.onnx`` file with a dynamic batch axis."""
+    import torch
+
+    from models.network import EncoderOnly
+
+    quiet_exporter_logs()
+    wrapper = EncoderOnly(model).eval()
+    example = torch.rand(2, 1, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False,
+            optimize=True, verbose=False,
+        )
+    program.save(str(out_path), external_data=False)
+
+
+def check_onnx(model, onnx_path: str | Path, input_size: int, atol: float = PARITY_ATOL) -> float:
+    """Run the ONNX checker and a torch-vs-onnxruntime parity check; return the max abs diff."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    onnx_path = Path(onnx_path)
+    if onnx_path.with_name(onnx_path.name + ".data").exists():
+        raise ExportError("export wrote external data; the model must be a single file")
+    try:
+        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected {onnx_path}: {exc}") from exc
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    rng = np.random.default_rng(0)
+    for n in (1, 5):
+        x = rng.random((n, 1, input_size, input_size), dtype=np.float32)
+        with torch.no_grad():
+            expected = model.eval().encode(torch.from_numpy(x)).numpy()
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        if got.shape != expected.shape:
+            raise ExportError(f"shape mismatch: onnx {got.shape} vs torch {expected.shape}")
+        worst = max(worst, float(np.max(np.abs(got - expected))))
+    if not worst < atol:
+        raise ExportError(f"parity check failed: max abs diff {worst:.3g} >= {atol}")
+    return worst
+
+
+def write_model(model, contract: PreprocessContract, out_path: str | Path, card: dict[str, Any],
+                set_default: bool = False) -> dict[str, Any]:
+    """Export, check, and write ``<name>.onnx`` + card + preprocess sidecars atomically."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise ValueError("output path must end with .onnx")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+        tmp_onnx = Path(tmp) / out_path.name
+        export_onnx(model, contract.input_size, tmp_onnx)
+        max_diff = check_onnx(model, tmp_onnx, contract.input_size)
+        import onnx
+
+        opset = max(o.version for o in onnx.load(str(tmp_onnx)).opset_import if o.domain in ("", "ai.onnx"))
+        card = dict(card)
+        card.setdefault("name", out_path.name[: -len(".onnx")])
+        card.update({
+            "input_contract": contract.to_dict(),
+            "onnx": {"file": out_path.name, "sha256": sha256_file(tmp_onnx), "opset": opset,
+                     "input": f"{INPUT_NAME}: float32 (N, 1, {contract.input_size}, {contract.input_size})",
+                     "output": f"{OUTPUT_NAME}: float32 (N, {card.get('embedding_dim')})",
+                     "parity_max_abs_diff": max_diff, "parity_atol": PARITY_ATOL},
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+        card.setdefault("intended_use", INTENDED_USE)
+        card.setdefault("limitations", LIMITATIONS)
+        card_path, contract_path = sidecar_paths(out_path)
+        Path(tmp, card_path.name).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        contract.save(Path(tmp, contract_path.name))
+        for name in (card_path.name, contract_path.name, out_path.name):
+            os.replace(Path(tmp, name), out_path.parent / name)
+    logger.info("exported %s (parity max abs diff %.2e)", out_path, max_diff)
+    if set_default:
+        set_default_model(out_path)
+    return card
+
+
+def set_default_model(onnx_path: str | Path) -> None:
+    """Point ``models/weights/default.json`` at a model inside ``models/weights``."""
+    onnx_path = Path(onnx_path).resolve()
+    if onnx_path.parent != WEIGHTS_DIR.resolve():
+        raise ValueError(f"the default model must live in {WEIGHTS_DIR}")
+    DEFAULT_POINTER.write_text(json.dumps({"model": onnx_path.name}, indent=2) + "\n")
+    logger.info("default model is now %s", onnx_path.name)
+
+
+def load_checkpoint(path: str | Path):
+    """(model, checkpoint dict) from a training checkpoint written by ``models.train``."""
+    import torch
+
+    from models.network import build_model
+
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def card_from_checkpoint(ckpt: dict[str, Any], version: str) -> dict[str, Any]:
+    """Model-card fields from a training checkpoint."""
+    config = ckpt.get("config", {})
+    return {
+        "version": version,
+        "architecture": {"name": ckpt["arch"], **ckpt["arch_kwargs"], "summary": ckpt.get("summary", "")},
+        "embedding_dim": ckpt["embedding_dim"],
+        "trained": True,
+        "training": {
+            "manifest_sha256": ckpt.get("manifest_sha256"),
+            "data": config.get("data"),
+            "config": config,
+            "epoch": ckpt.get("epoch"),
+            "best_epoch": ckpt.get("best_epoch"),
+            "best_val_loss": ckpt.get("best_val_loss"),
+        },
+        "metrics": {},
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="training checkpoint (best.pt) to export")
+    source.add_argument("--untrained", action="store_true", help="export a randomly initialised encoder")
+    parser.add_argument("--arch", default="paper", help="architecture for --untrained")
+    parser.add_argument("--input-size", type=int, default=64, help="input size for --untrained")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed for --untrained")
+    parser.add_argument("--out", type=Path, required=True, help="output .onnx path")
+    parser.add_argument("--version", required=True, help="model version written to the card")
+    parser.add_argument("--metrics", type=Path, help="metrics.json from models.evaluate to put in the card")
+    parser.add_argument("--note", default="", help="free text added to the card")
+    parser.add_argument("--set-default", action="store_true", help="make it the default model")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.network import build_model, describe
+
+    try:
+        if args.untrained:
+            torch.manual_seed(args.seed)
+            model = build_model(args.arch, input_size=args.input_size).eval()
+            contract = PreprocessContract(input_size=args.input_size)
+            with torch.no_grad():
+                dim = int(model.encode(torch.zeros(1, 1, args.input_size, args.input_size)).shape[1])
+            card = {
+                "version": args.version, "trained": False, "embedding_dim": dim,
+                "architecture": {"name": args.arch, "input_size": args.input_size, "summary": describe(model)},
+                "training": {"manifest_sha256": None, "seed": args.seed,
+                             "note": "random initialisation; no training"},
+                "metrics": {}, "date": dt.date.today().isoformat(),
+                "warning": ("UNTRAINED: random weights for wiring and smoke tests only. Its neighbours "
+                            "are meaningless and must never be reported as a retrieval result."),
+            }
+        else:
+            model, ckpt = load_checkpoint(args.checkpoint)
+            contract = PreprocessContract.from_dict(ckpt["contract"])
+            card = card_from_checkpoint(ckpt, args.version)
+        if args.metrics:
+            card["metrics"] = json.loads(args.metrics.read_text())
+        if args.note:
+            card["note"] = args.note
+        write_model(model, contract, args.out, card, set_default=args.set_default)
+    except ExportError as exc:
+        logger.error("%s", exc)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_exporter_logs()
+    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The one preprocessing contract shared by training and serving.
+
+Every picture that reaches an encoder goes through :func:`to_model_input`, with the
+:class:`PreprocessContract` stored beside the model (``<model>.preprocess.json``). The steps,
+in order, are fixed:
+
+1. **Greyscale.** A 2-D array is used as is. An H×W×3 / H×W×4 array is reduced to luma with the
+   ITU-R BT.601 weights (0.299, 0.587, 0.114); alpha is dropped. Integer RGB is rounded to the
+   nearest integer after the weighting, so an RGB array and the same picture decoded by
+   :func:`decode_image_bytes` give the same grey values.
+2. **Per-image min–max to [0, 1]** in float64. This is what makes the output independent of the
+   dtype and the source scale: a uint8 JPEG, the same picture as uint16 scaled by 257, or the
+   float output of a DICOM VOI transform all map to the same values. A constant picture maps to
+   all zeros. NaN/inf are replaced by the finite minimum first.
+3. **Resize to input_size × input_size** (the aspect ratio is not kept: "stretch") with Pillow's
+   antialiased bilinear filter on a 32-bit float image. Pillow's filter is deterministic.
+4. **Standardise**: ``(x - mean) / std`` with the contract's ``mean`` and ``std``.
+
+The result is float32 of shape ``(1, S, S)``; stack them to ``(N, 1, S, S)`` for an encoder.
+This module imports numpy and Pillow only (no torch), so the serving path can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.errors import InvalidInput, UnreadableInput
+
+logger = logging.getLogger(__name__)
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "box": Image.Resampling.BOX}
+MAX_PIXELS = 100_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessContract:
+    """How a picture becomes an encoder input; stored as ``<model>.preprocess.json``."""
+
+    input_size: int = 64
+    intensity: str = "minmax"  # per-image min-max to [0, 1]; the only supported choice
+    resize: str = "stretch"  # resize to S×S without keeping the aspect ratio
+    interpolation: str = "bilinear"  # Pillow filter, antialiased when shrinking
+    mean: float = 0.0
+    std: float = 1.0
+    channels: int = 1
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.input_size < 8:
+            raise InvalidInput(f"input_size must be >= 8, got {self.input_size}")
+        if self.intensity != "minmax" or self.resize != "stretch" or self.channels != 1:
+            raise InvalidInput(f"unsupported preprocessing contract: {self}")
+        if self.interpolation not in RESIZE_FILTERS:
+            raise InvalidInput(f"unknown interpolation {self.interpolation!r}")
+        if not self.std > 0:
+            raise InvalidInput("std must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessContract":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            logger.warning("ignoring unknown preprocessing fields: %s", sorted(unknown))
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PreprocessContract":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """2-D array as is; H×W×3/4 (or H×W×1) to BT.601 luma, rounded when the input is integer."""
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        rgb = arr[:, :, :3].astype(np.float64)
+        luma = rgb @ np.asarray(LUMA_WEIGHTS)
+        if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+            luma = np.rint(luma)
+        return luma
+    raise InvalidInput(f"expected a 2-D greyscale or H×W×3/4 colour array, got shape {arr.shape}")
+
+
+def to_model_input(image: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+    """Picture (any dtype, greyscale or RGB(A)) -> float32 ``(1, S, S)`` per the contract."""
+    grey = to_grey(image)
+    if grey.size == 0 or min(grey.shape) < 1:
+        raise InvalidInput("empty image")
+    if grey.size > MAX_PIXELS:
+        raise InvalidInput(f"image too large: {grey.shape}")
+    values = grey.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        fill = values[finite].min() if finite.any() else 0.0
+        values = np.where(finite, values, fill)
+    low, high = values.min(), values.max()
+    if high > low:
+        values = (values - low) / (high - low)
+    else:
+        values = np.zeros_like(values)
+    size = contract.input_size
+    picture = Image.fromarray(values.astype(np.float32), mode="F")
+    if picture.size != (size, size):
+        picture = picture.resize((size, size), RESIZE_FILTERS[contract.interpolation])
+    out = np.asarray(picture, dtype=np.float32)
+    if contract.mean != 0.0 or contract.std != 1.0:
+        out = (out - np.float32(contract.mean)) / np.float32(contract.std)
+    return np.ascontiguousarray(out[None, :, :], dtype=np.float32)
+
+
+def _pil_to_grey_uint8(picture: Image.Image) -> np.ndarray:
+    picture = ImageOps.exif_transpose(picture)
+    mode = picture.mode
+    if mode in ("L", "LA"):
+        return np.asarray(picture.getchannel(0), dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(picture.convert("L"), dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(picture, dtype=np.float64)
+        return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F":
+        return np.clip(np.rint(np.asarray(picture, dtype=np.float64)), 0, 255).astype(np.uint8)
+    if mode not in ("RGB", "RGBA"):
+        picture = picture.convert("RGBA" if "A" in mode or "transparency" in picture.info else "RGB")
+    return np.clip(to_grey(np.asarray(picture)), 0, 255).astype(np.uint8)
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """PNG/JPEG (or anything Pillow reads) bytes -> 2-D uint8 greyscale; 16-bit is divided by 257."""
+    if not data:
+        raise UnreadableInput("empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            if picture.width * picture.height > MAX_PIXELS:
+                raise InvalidInput(f"image too large: {picture.size}")
+            picture.load()
+            return _pil_to_grey_uint8(picture)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableInput(f"cannot decode image bytes: {exc}") from exc
+
+
+def load_image_file(path: str | Path) -> np.ndarray:
+    """Image file -> 2-D uint8 greyscale (same rules as :func:`decode_image_bytes`)."""
+    return decode_image_bytes(Path(path).read_bytes())
