@@ -1,0 +1,484 @@
+"""The vector index adapter: one interface, three ways to reach Qdrant.
+
+* :class:`EdgeIndex`: the embedded default, Qdrant's Rust engine in-process (``qdrant-edge-py``):
+  WAL, payload index, HNSW after ``optimize()``. One process owns it (the query service).
+* :class:`QdrantServerIndex`: a Qdrant server (``QDRANT_URL``), or qdrant-client's local mode for a
+  path (pure-Python brute force; kept for comparison and small set-ups).
+* :class:`RemoteIndexWriter`: what workers use in the embedded default: upserts travel over gRPC to
+  the process that owns the :class:`EdgeIndex`.
+
+Collections are versioned (``<alias>--<model version>``) and reached through an alias, so a reindex
+fills a new collection and then switches the alias atomically. Distances are Euclidean.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.errors import BackendUnavailable, ConfigError, NotFound
+
+logger = logging.getLogger(__name__)
+
+MODALITIES = ("xray", "mri", "oct", "eeg", "other")
+INDEXED_FIELDS = ("modality", "sop_instance_uid", "study_instance_uid")
+
+
+def point_id(sop_instance_uid: str, frame_number: int | None = None) -> str:
+    """Deterministic point ID: uuid5 (OID namespace) of the SOP Instance UID, plus ``/frame`` for
+    the extra frames of a multi-frame object embedded frame by frame."""
+    key = sop_instance_uid if not frame_number else f"{sop_instance_uid}/{frame_number}"
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, key))
+
+
+def collection_name(alias: str, model_version: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_version)
+    return f"{alias}--{safe}"
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    point_id: str
+    vector: Sequence[float]
+    payload: dict
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    point_id: str
+    distance: float
+    payload: dict
+
+
+class VectorIndex(ABC):
+    """What the workers and the query service need from a vector store."""
+
+    @abstractmethod
+    def ensure_collection(self, dim: int, model_version: str) -> str:
+        """Create the versioned collection and point the alias at it if there is none yet."""
+
+    @abstractmethod
+    def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+
+    @abstractmethod
+    def search(
+        self,
+        vector: Sequence[float],
+        k: int,
+        modalities: Sequence[str] = (),
+        exclude_study: str | None = None,
+    ) -> list[SearchHit]: ...
+
+    @abstractmethod
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+        """The vector and payload of an indexed instance; raises NotFound."""
+
+    @abstractmethod
+    def counts_by_modality(self) -> dict[str, int]: ...
+
+    def close(self) -> None:  # pragma: no cover - trivial default
+        pass
+
+
+def _modality_filter_values(modalities: Sequence[str]) -> list[str]:
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown:
+        raise ConfigError(f"unknown modalities {unknown}")
+    return sorted(set(modalities))
+
+
+# ------------------------------------------------------------------------------------------------
+class EdgeIndex(VectorIndex):
+    """The embedded store: ``qdrant-edge-py`` shards under ``<data>/index``.
+
+    ``aliases.json`` maps an alias to a shard folder and is replaced atomically, which makes the
+    alias switch of a reindex atomic. The engine takes an exclusive lock: a second process that
+    opens the same index gets :class:`BackendUnavailable` with a clear message.
+    """
+
+    def __init__(self, root: Path, alias: str):
+        import qdrant_edge  # noqa: F401  (fail early, clearly, if the engine is missing)
+
+        self._qe = qdrant_edge
+        self._root = Path(root)
+        self._alias = alias
+        self._lock = threading.RLock()
+        self._shards: dict[str, object] = {}
+        self._dim: int | None = None
+        (self._root / "shards").mkdir(parents=True, exist_ok=True)
+
+    # aliases ------------------------------------------------------------------------------------
+    def _aliases_path(self) -> Path:
+        return self._root / "aliases.json"
+
+    def _aliases(self) -> dict[str, str]:
+        try:
+            return json.loads(self._aliases_path().read_text())
+        except FileNotFoundError:
+            return {}
+
+    def switch_alias(self, collection: str) -> None:
+        """Point the alias at ``collection`` atomically (write temp, fsync, rename)."""
+        aliases = self._aliases()
+        aliases[self._alias] = collection
+        tmp = self._aliases_path().with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(aliases, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._aliases_path())
+        logger.info("alias %s now points at %s", self._alias, collection)
+
+    def current_collection(self) -> str | None:
+        return self._aliases().get(self._alias)
+
+    # shards -------------------------------------------------------------------------------------
+    def _open(self, collection: str, dim: int | None = None):
+        with self._lock:
+            if collection in self._shards:
+                return self._shards[collection]
+            qe = self._qe
+            path = self._root / "shards" / collection
+            try:
+                if (path / "edge_config.json").exists() or any(path.glob("*")):
+                    shard = qe.EdgeShard.load(str(path))
+                elif dim is not None:
+                    config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
+                    shard = qe.EdgeShard.create(str(path), config)
+                    for field in INDEXED_FIELDS:
+                        shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+                else:
+                    raise NotFound(f"collection {collection} does not exist")
+            except RuntimeError as exc:
+                if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
+                    raise BackendUnavailable(
+                        f"the embedded index at {path} is open in another process; one process owns it "
+                        "(the query service) and workers write through it"
+                    ) from exc
+                raise BackendUnavailable(f"cannot open embedded index {path}: {exc}") from exc
+            self._shards[collection] = shard
+            return shard
+
+    def _current(self):
+        collection = self.current_collection()
+        if collection is None:
+            raise NotFound("the index is empty: no collection has been created yet")
+        return self._open(collection)
+
+    def ensure_collection(self, dim: int, model_version: str) -> str:
+        with self._lock:
+            current = self.current_collection()
+            if current is None:
+                current = collection_name(self._alias, model_version)
+                self._open(current, dim)
+                self.switch_alias(current)
+            shard = self._open(current)
+            size = _edge_dim(shard)
+            if size is not None and size != dim:
+                raise ConfigError(
+                    f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
+                )
+            self._dim = dim
+            return current
+
+    def create_collection(self, collection: str, dim: int) -> None:
+        """A fresh collection beside the current one (for a reindex)."""
+        self._open(collection, dim)
+
+    def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
+        if not points:
+            return
+        qe = self._qe
+        shard = self._open(collection) if collection else self._current()
+        batch = [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in points]
+        with self._lock:
+            shard.update(qe.UpdateOperation.upsert_points(batch))
+            shard.flush()
+
+    def _filter(self, modalities: Sequence[str], exclude_study: str | None):
+        qe = self._qe
+        must, must_not = [], []
+        values = _modality_filter_values(modalities)
+        if values:
+            must.append(qe.FieldCondition(key="modality", match=qe.MatchAny(any=values)))
+        if exclude_study:
+            must_not.append(qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study)))
+        if not must and not must_not:
+            return None
+        return qe.Filter(must=must or None, must_not=must_not or None)
+
+    def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
+        qe = self._qe
+        shard = self._current()
+        request = qe.QueryRequest(
+            limit=int(k),
+            query=qe.Query.Nearest([float(x) for x in vector]),
+            with_payload=True,
+            filter=self._filter(modalities, exclude_study),
+        )
+        return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)]
+
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+        qe = self._qe
+        shard = self._current()
+        records = shard.retrieve([point_id(sop_instance_uid)], with_payload=True, with_vector=True)
+        if not records:
+            flt = qe.Filter(must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))])
+            found, _ = shard.scroll(qe.ScrollRequest(limit=1, filter=flt, with_payload=True, with_vector=True))
+            records = found
+        if not records:
+            raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
+        record = records[0]
+        return list(_as_vector(record.vector)), dict(record.payload or {})
+
+    def counts_by_modality(self) -> dict[str, int]:
+        qe = self._qe
+        try:
+            shard = self._current()
+        except NotFound:
+            return {}
+        counts = {}
+        for modality in MODALITIES:
+            flt = qe.Filter(must=[qe.FieldCondition(key="modality", match=qe.MatchValue(modality))])
+            n = shard.count(qe.CountRequest(exact=True, filter=flt))
+            if n:
+                counts[modality] = int(n)
+        return counts
+
+    def optimize(self) -> bool:
+        """Build the HNSW graph and merge segments (blocking)."""
+        return bool(self._current().optimize())
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception:  # closing is best effort
+                    logger.exception("closing an edge shard failed")
+            self._shards.clear()
+
+
+def _as_vector(vector) -> list[float]:
+    if isinstance(vector, dict):  # named vectors: the default one is ""
+        vector = next(iter(vector.values()))
+    return [float(x) for x in vector]
+
+
+def _edge_dim(shard) -> int | None:
+    try:
+        info = shard.info()
+        config = getattr(info, "config", None)
+        vectors = config.vectors() if config is not None else None
+        if vectors:
+            return int(next(iter(vectors.values())).size())
+    except Exception:
+        return None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+class QdrantServerIndex(VectorIndex):
+    """A Qdrant server through qdrant-client (``QDRANT_URL``), or qdrant-client's local path mode."""
+
+    def __init__(self, alias: str, *, url: str | None = None, api_key: str | None = None, path: Path | None = None):
+        from qdrant_client import QdrantClient, models
+
+        self._models = models
+        self._alias = alias
+        self._local = url is None
+        try:
+            if url:
+                self._client = QdrantClient(url=url, api_key=api_key, timeout=10)
+            else:
+                self._client = QdrantClient(path=str(path))
+        except Exception as exc:
+            raise BackendUnavailable(f"cannot open Qdrant ({url or path}): {exc}") from exc
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (NotFound, ConfigError):
+            raise
+        except Exception as exc:
+            text = str(exc)
+            if "Not found" in text or "not found" in text or "doesn't exist" in text:
+                raise NotFound(f"Qdrant: {text[:300]}") from exc
+            raise BackendUnavailable(f"Qdrant call failed: {type(exc).__name__}: {text[:300]}") from exc
+
+    def _alias_target(self) -> str | None:
+        for item in self._call(self._client.get_aliases).aliases:
+            if item.alias_name == self._alias:
+                return item.collection_name
+        return None
+
+    def current_collection(self) -> str | None:
+        return self._alias_target()
+
+    def create_collection(self, collection: str, dim: int) -> None:
+        models = self._models
+        if not self._call(self._client.collection_exists, collection):
+            self._call(
+                self._client.create_collection,
+                collection,
+                vectors_config=models.VectorParams(size=dim, distance=models.Distance.EUCLID),
+            )
+            for field in INDEXED_FIELDS:
+                self._call(
+                    self._client.create_payload_index, collection, field, models.PayloadSchemaType.KEYWORD
+                )
+
+    def switch_alias(self, collection: str) -> None:
+        models = self._models
+        ops = []
+        if self._alias_target() is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self._alias)))
+        ops.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=self._alias)
+            )
+        )
+        self._call(self._client.update_collection_aliases, ops)
+
+    def ensure_collection(self, dim: int, model_version: str) -> str:
+        current = self._alias_target()
+        if current is None:
+            current = collection_name(self._alias, model_version)
+            self.create_collection(current, dim)
+            self.switch_alias(current)
+        info = self._call(self._client.get_collection, current)
+        size = info.config.params.vectors.size
+        if size != dim:
+            raise ConfigError(f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex")
+        return current
+
+    def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
+        if not points:
+            return
+        models = self._models
+        self._call(
+            self._client.upsert,
+            collection or self._alias,
+            points=[models.PointStruct(id=p.point_id, vector=[float(x) for x in p.vector], payload=p.payload) for p in points],
+            wait=True,
+        )
+
+    def _filter(self, modalities, exclude_study):
+        models = self._models
+        must, must_not = [], []
+        values = _modality_filter_values(modalities)
+        if values:
+            must.append(models.FieldCondition(key="modality", match=models.MatchAny(any=values)))
+        if exclude_study:
+            must_not.append(models.FieldCondition(key="study_instance_uid", match=models.MatchValue(value=exclude_study)))
+        if not must and not must_not:
+            return None
+        return models.Filter(must=must or None, must_not=must_not or None)
+
+    def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
+        response = self._call(
+            self._client.query_points,
+            self._alias,
+            query=[float(x) for x in vector],
+            query_filter=self._filter(modalities, exclude_study),
+            limit=int(k),
+            with_payload=True,
+        )
+        return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
+
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+        records = self._call(
+            self._client.retrieve, self._alias, [point_id(sop_instance_uid)], with_payload=True, with_vectors=True
+        )
+        if not records:
+            models = self._models
+            flt = models.Filter(must=[models.FieldCondition(key="sop_instance_uid", match=models.MatchValue(value=sop_instance_uid))])
+            records, _ = self._call(self._client.scroll, self._alias, scroll_filter=flt, limit=1, with_payload=True, with_vectors=True)
+        if not records:
+            raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
+        return _as_vector(records[0].vector), dict(records[0].payload or {})
+
+    def counts_by_modality(self) -> dict[str, int]:
+        models = self._models
+        if self._alias_target() is None:
+            return {}
+        counts = {}
+        for modality in MODALITIES:
+            flt = models.Filter(must=[models.FieldCondition(key="modality", match=models.MatchValue(value=modality))])
+            n = self._call(self._client.count, self._alias, count_filter=flt, exact=True).count
+            if n:
+                counts[modality] = int(n)
+        return counts
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# ------------------------------------------------------------------------------------------------
+class RemoteIndexWriter:
+    """Upserts through the index owner's ``cbmir.v1.IndexWriter`` gRPC service (embedded default)."""
+
+    def __init__(self, target: str, timeout_s: float = 30.0):
+        import grpc
+
+        from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc
+
+        self._grpc = grpc
+        self._pb2 = index_writer_pb2
+        self._channel = grpc.insecure_channel(target)
+        self._stub = index_writer_pb2_grpc.IndexWriterStub(self._channel)
+        self._target = target
+        self._timeout_s = timeout_s
+
+    def upsert(self, points: Sequence[IndexPoint], model_version: str) -> None:
+        pb2 = self._pb2
+        request = pb2.UpsertPointsRequest(
+            model_version=model_version,
+            points=[
+                pb2.IndexedPoint(point_id=p.point_id, vector=list(map(float, p.vector)), payload_json=json.dumps(p.payload))
+                for p in points
+            ],
+        )
+        try:
+            self._stub.UpsertPoints(request, timeout=self._timeout_s, wait_for_ready=False)
+        except self._grpc.RpcError as exc:
+            code = exc.code()
+            if code == self._grpc.StatusCode.FAILED_PRECONDITION:
+                raise ConfigError(f"index owner refused the upsert: {exc.details()}") from exc
+            raise BackendUnavailable(f"index owner at {self._target} unavailable: {code.name} {exc.details()}") from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def open_index(settings) -> VectorIndex:
+    """The index for an :class:`~services.config.IndexSettings` (server URL, else embedded)."""
+    if settings.qdrant_url:
+        return QdrantServerIndex(settings.collection, url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+    return EdgeIndex(settings.embedded_path, settings.collection)
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until true or the timeout passes (used by the demo and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+def as_float32(vectors: Iterable[Sequence[float]]) -> np.ndarray:
+    return np.asarray(list(vectors), dtype=np.float32)

@@ -1,0 +1,197 @@
+"""The durable spool: every acknowledged instance lives on disk until it is indexed or quarantined.
+
+Layout under the data directory (see :class:`services.config.DataLayout`)::
+
+    spool/tmp/        partial writes (same filesystem, so the final rename is atomic)
+    spool/incoming/   received and acknowledged, waiting for a worker
+    archive/          indexed; kept so a reindex can re-embed everything with a new model
+    quarantine/       could not be indexed; each object has a ``<name>.reason.json`` beside it
+
+A file moves between these folders only by ``os.replace`` and every write is fsynced, file and
+folder, before anyone is told it happened. Nothing here ever deletes the only copy of an object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.config import DataLayout
+from services.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+REASON_SUFFIX = ".reason.json"
+
+
+def spool_name_for(sop_instance_uid: str, suffix: str = ".dcm") -> str:
+    """The file name for an instance: its SOP Instance UID when that is a valid UID, else a hash."""
+    uid = (sop_instance_uid or "").strip()
+    if _UID_PATTERN.match(uid) and len(uid) <= 64:
+        return uid + suffix
+    return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40] + suffix
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    name: str
+    reason: str
+    detail: str
+    stage: str
+    quarantined_at: float
+
+
+class Spool:
+    """Durable file store for received objects; safe to share between processes."""
+
+    def __init__(self, layout: DataLayout):
+        self.layout = layout
+        for folder in (layout.spool_tmp, layout.incoming, layout.archive, layout.quarantine):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write_atomically(self, data: bytes, final: Path) -> Path:
+        tmp = self.layout.spool_tmp / f"{final.name}.{os.getpid()}.{time.monotonic_ns()}.part"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {final.name} into {final.parent}: {exc.strerror or exc}") from exc
+        return final
+
+    def store(self, name: str, data: bytes) -> Path:
+        """Write ``data`` as ``incoming/<name>``: temp file, fsync, atomic rename, fsync folder.
+
+        A second object with the same name replaces the first (a resent SOP Instance UID).
+        """
+        return self._write_atomically(data, self.layout.incoming / name)
+
+    def store_file(self, source: Path, name: str) -> Path:
+        """Copy an existing file into ``incoming/<name>`` durably (the source is left alone)."""
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read {Path(source).name}: {exc.strerror or exc}") from exc
+        return self.store(name, data)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def incoming_path(self, name: str) -> Path:
+        return self.layout.incoming / _plain_name(name)
+
+    def archived_path(self, name: str) -> Path:
+        return self.layout.archive / _plain_name(name)
+
+    def archive(self, name: str) -> Path:
+        """Move an indexed object from incoming to the archive."""
+        source, target = self.incoming_path(name), self.archived_path(name)
+        try:
+            os.replace(source, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot archive {name}: {exc.strerror or exc}") from exc
+        return target
+
+    def quarantine(self, source: Path, *, reason: str, detail: str, stage: str) -> Path:
+        """Move ``source`` into quarantine with a reason file; never deletes anything.
+
+        The reason file is written first, so a crash in between leaves an object in its old place
+        plus a harmless reason file, never an object without its reason.
+        """
+        name = source.name
+        target = self.layout.quarantine / name
+        if target.exists() and source.resolve() != target.resolve():
+            target = self.layout.quarantine / f"{time.time_ns()}-{name}"
+        record = {
+            "name": target.name,
+            "reason": reason,
+            "detail": detail[:2000],
+            "stage": stage,
+            "quarantined_at": time.time(),
+        }
+        reason_path = target.with_name(target.name + REASON_SUFFIX)
+        self._write_atomically(json.dumps(record, indent=2).encode(), reason_path)
+        try:
+            if source.parent.resolve() == self.layout.incoming.resolve() or source.parent.resolve() == self.layout.archive.resolve():
+                os.replace(source, target)
+            else:
+                shutil.copy2(source, target)  # someone else's file (e.g. a watched folder): keep theirs
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot quarantine {name}: {exc.strerror or exc}") from exc
+        logger.warning("quarantined %s at %s: %s (%s)", target.name, stage, reason, detail[:200])
+        return target
+
+    def quarantine_bytes(self, name: str, data: bytes, *, reason: str, detail: str, stage: str) -> Path:
+        """Keep bytes that never made it into the spool (e.g. unparseable at the listener)."""
+        tmp_target = self._write_atomically(data, self.layout.spool_tmp / f"q-{time.time_ns()}-{name}")
+        return self.quarantine(tmp_target, reason=reason, detail=detail, stage=stage)
+
+    def requeue_quarantined(self, name: str) -> Path:
+        """Move a quarantined object back to incoming (after a fix); its reason file is kept as history."""
+        source = self.layout.quarantine / _plain_name(name)
+        target = self.incoming_path(source.name)
+        os.replace(source, target)
+        reason = source.with_name(source.name + REASON_SUFFIX)
+        if reason.exists():
+            os.replace(reason, reason.with_name(reason.name + f".{int(time.time())}.resolved"))
+        _fsync_dir(target.parent)
+        return target
+
+    # -- reading ------------------------------------------------------------------------------
+    def pending(self) -> list[Path]:
+        """Objects received but not yet indexed, oldest first."""
+        files = [p for p in self.layout.incoming.iterdir() if p.is_file()]
+        return sorted(files, key=lambda p: p.stat().st_mtime)
+
+    def archived(self) -> list[Path]:
+        return sorted(p for p in self.layout.archive.iterdir() if p.is_file())
+
+    def quarantine_entries(self) -> list[QuarantineEntry]:
+        entries = []
+        for reason_file in sorted(self.layout.quarantine.glob("*" + REASON_SUFFIX)):
+            try:
+                record = json.loads(reason_file.read_text())
+            except (OSError, ValueError):
+                continue
+            entries.append(
+                QuarantineEntry(
+                    name=record.get("name", reason_file.name[: -len(REASON_SUFFIX)]),
+                    reason=record.get("reason", "unknown"),
+                    detail=record.get("detail", ""),
+                    stage=record.get("stage", ""),
+                    quarantined_at=float(record.get("quarantined_at", 0.0)),
+                )
+            )
+        return entries
+
+    def quarantine_counts(self) -> Counter:
+        return Counter(entry.reason for entry in self.quarantine_entries())
+
+
+def _plain_name(name: str) -> str:
+    base = os.path.basename(name)
+    if not base or base in (".", "..") or base != name:
+        raise StorageError(f"not a spool file name: {name!r}")
+    return base
