@@ -1,74 +1,31 @@
-"""The one exception root of cbmir.
+"""The exception root for ``services/`` and ``workers/``: re-exported from :mod:`models.errors`.
 
-Everything raised on purpose inside cbmir derives from :class:`CbmirError`. The edges map these
-classes to their protocol's vocabulary in exactly one place each: DICOM statuses in
-``services/scp.py`` (``dicom_status_for``) and gRPC codes in ``services/query.py``
-(``grpc_code_for``). Nothing else inspects exception types to choose a status.
+The classes live in the bottom layer so that ``models/`` can raise them without importing
+``services/``. Import them from here in service and worker code.
 """
 
-from __future__ import annotations
+from models.errors import (  # noqa: F401
+    BackendUnavailable,
+    CbmirError,
+    ConfigError,
+    DecodeError,
+    InvalidInput,
+    NotFound,
+    StorageError,
+    TooLarge,
+    UnreadableInput,
+    UnsupportedInput,
+)
 
-
-class CbmirError(Exception):
-    """Root of every deliberate cbmir failure. ``reason`` is a short, PHI-free slug."""
-
-    reason = "error"
-
-    def __init__(self, message: str, *, reason: str | None = None):
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-
-class InvalidInput(CbmirError):
-    """The caller sent something malformed (bad request, bad parameter)."""
-
-    reason = "invalid-input"
-
-
-class UnreadableInput(InvalidInput):
-    """The bytes cannot be parsed as the format they claim to be (truncated, not DICOM, ...)."""
-
-    reason = "unreadable"
-
-
-class UnsupportedInput(InvalidInput):
-    """Well-formed, but nothing here can turn it into an image (SR document, unknown SOP class, ...)."""
-
-    reason = "unsupported"
-
-
-class DecodeError(InvalidInput):
-    """Parsed, but the pixel data or waveform cannot be decoded (no codec, corrupt stream, ...)."""
-
-    reason = "undecodable"
-
-
-class TooLarge(InvalidInput):
-    """Dimensions or size over a configured limit."""
-
-    reason = "too-large"
-
-
-class NotFound(CbmirError):
-    """A referenced object (SOP Instance UID, collection, model) does not exist."""
-
-    reason = "not-found"
-
-
-class StorageError(CbmirError):
-    """Writing to the spool, quarantine or archive failed (disk full, permissions, ...)."""
-
-    reason = "storage"
-
-
-class BackendUnavailable(CbmirError):
-    """A backend (index, broker, index owner) cannot be reached right now; retrying may help."""
-
-    reason = "unavailable"
-
-
-class ConfigError(CbmirError):
-    """A setting is missing or invalid."""
-
-    reason = "config"
+__all__ = [
+    "BackendUnavailable",
+    "CbmirError",
+    "ConfigError",
+    "DecodeError",
+    "InvalidInput",
+    "NotFound",
+    "StorageError",
+    "TooLarge",
+    "UnreadableInput",
+    "UnsupportedInput",
+]
