@@ -1,0 +1,805 @@
+"""DICOM adapter: instance headers and display-ready frames for embedding.
+
+The listener, the workers and the gRPC service all read DICOM through this module:
+
+* :func:`read_header` gives an :class:`InstanceHeader` (UIDs, modality, geometry, transfer
+  syntax; never patient name, ID or birth date) without touching the pixel data.
+* :func:`decode_for_embedding` gives the header plus a list of :class:`DecodedFrame`, each a 2-D
+  float32 image in [0, 1] (0 = black, 1 = white) after the display pipeline of PS3.4 N.2.
+* :func:`read_eeg_waveform` gives the first channel of an EEG waveform object in µV.
+
+Display pipeline, in order (monochrome): Modality LUT or Rescale Slope/Intercept (per frame from
+the functional groups of enhanced objects, else the top-level values); then the VOI LUT Sequence
+(first LUT) or else Window Center/Width (first window; LINEAR, LINEAR_EXACT or SIGMOID) or else a
+min-max stretch of the frame; then MONOCHROME1 inversion. Colour: pydicom returns pixel-interleaved
+RGB (planar configuration undone, YBR_FULL/YBR_FULL_422 converted, YBR_ICT/YBR_RCT undone by
+the JPEG 2000 codec), PALETTE COLOR goes through its palette; the frame becomes ITU-R BT.601 luma
+divided by the largest sample value. Multi-frame: ``frames="middle"`` decodes only frame
+``(n + 1) // 2`` (1-based; our documented default: one vector per instance, the frame number goes
+into the payload), ``"all"`` decodes every frame. EEG waveforms become one frame: the first
+channel rendered by ``models.eeg.render_eeg_trace``.
+
+Codecs: pydicom's pixel decoders with the pylibjpeg plug-ins (pylibjpeg-libjpeg for JPEG and
+JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE), not python-gdcm, because
+they are small manylinux wheels with permissive licences, are the plug-ins pydicom 3 is designed
+around (per-frame decoding, documented error messages), and cover every transfer syntax we meet
+except 12-bit lossy JPEG. python-gdcm is one large SWIG binary with a global state, pinned to
+specific Python versions, and would only add that one syntax. 12-bit JPEG Extended
+(1.2.840.10008.1.2.4.51) therefore raises a :class:`~services.errors.DecodeError` that names
+the transfer syntax and suggests a transcoding (dcmtk's ``dcmdjpeg`` reads those files).
+
+Errors: only :mod:`services.errors` classes leave this module (their ``reason`` is a PHI-free
+slug): :class:`UnreadableInput` (not DICOM, empty, truncated, missing UIDs or pixel data,
+parse failures), :class:`UnsupportedInput` (SR documents, objects without pixels or waveform,
+non-EEG waveforms), :class:`DecodeError` (no codec, corrupt compressed stream) and
+:class:`TooLarge` (over :class:`DecodeLimits`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Union
+
+import numpy as np
+
+from services.errors import (
+    CbmirError,
+    ConfigError,
+    DecodeError,
+    InvalidInput,
+    TooLarge,
+    UnreadableInput,
+    UnsupportedInput,
+)
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+logger = logging.getLogger(__name__)
+
+DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, "Dataset"]
+
+# --- SOP classes and modality normalisation ------------------------------------------------------
+
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+ENHANCED_MR_COLOR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.3"
+OPHTHALMIC_TOMOGRAPHY_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+OCT_BSCAN_VOLUME_ANALYSIS = "1.2.840.10008.5.1.4.1.1.77.1.5.8"
+ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
+SLEEP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.4"
+JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+XRAY_MODALITY_CODES = frozenset({"CR", "DX", "RG"})
+XRAY_SOP_CLASSES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING})
+MRI_SOP_CLASSES = frozenset({MR_IMAGE, ENHANCED_MR_IMAGE, ENHANCED_MR_COLOR_IMAGE})
+OCT_SOP_CLASSES = frozenset({OPHTHALMIC_TOMOGRAPHY_IMAGE, OCT_BSCAN_VOLUME_ANALYSIS})
+EEG_SOP_CLASSES = frozenset({ROUTINE_SCALP_EEG, SLEEP_EEG})
+
+Modality = Literal["xray", "mri", "oct", "eeg", "other"]
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def normalize_modality(modality_code: str | None, sop_class_uid: str | None) -> str:
+    """DICOM Modality + SOP Class UID -> ``xray`` | ``mri`` | ``oct`` | ``eeg`` | ``other``."""
+    code = (modality_code or "").strip().upper()
+    sop = (sop_class_uid or "").strip()
+    if code in XRAY_MODALITY_CODES:
+        return "xray"
+    if code == "MR":
+        return "mri"
+    if code == "OPT":
+        return "oct"
+    if code == "EEG":
+        return "eeg"
+    if sop in XRAY_SOP_CLASSES:
+        return "xray"
+    if sop in MRI_SOP_CLASSES:
+        return "mri"
+    if sop in OCT_SOP_CLASSES:
+        return "oct"
+    if sop in EEG_SOP_CLASSES:
+        return "eeg"
+    return "other"
+
+
+# --- public data types ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What cbmir keeps about an instance: identifiers and geometry, no patient data.
+
+    ``rows``/``columns`` are 0 for objects without pixels (waveforms); ``number_of_frames`` is
+    the number of frames decode_for_embedding can return ("all"), 1 for waveforms.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality_code: str
+    modality: str
+    number_of_frames: int
+    rows: int
+    columns: int
+    transfer_syntax_uid: str
+
+
+@dataclass
+class DecodeLimits:
+    """Refuse (with :class:`TooLarge`) anything bigger, before decoding.
+
+    ``max_pixels`` counts the samples decoded in one call: rows × columns × samples per pixel ×
+    frames decoded. ``max_waveform_samples`` bounds channels × samples of one multiplex group.
+    """
+
+    max_rows: int = 8192
+    max_columns: int = 8192
+    max_frames: int = 2000
+    max_pixels: int = 100_000_000
+    max_waveform_samples: int = 50_000_000
+
+
+@dataclass
+class DecodedFrame:
+    """One display-ready frame: 2-D float32 in [0, 1], ``frame_number`` 1-based."""
+
+    frame_number: int
+    image: np.ndarray
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _describe(exc: BaseException) -> str:
+    """Exception -> short text for a message, with quoted values (possibly PHI) masked."""
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(exc))
+    text = " ".join(text.split())
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _open_source(source: Any) -> tuple[BinaryIO, str]:
+    """Source -> (binary stream positioned at 0, description for messages)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), "byte buffer"
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise UnreadableInput(f"no such file: {path}", reason="no-such-file") from None
+        except IsADirectoryError:
+            raise UnreadableInput(f"{path} is a directory, not a file", reason="not-a-file") from None
+        except OSError as exc:
+            raise UnreadableInput(f"cannot read {path}: {_describe(exc)}", reason="io-error") from None
+        return io.BytesIO(data), f"file {path.name}"
+    if hasattr(source, "read"):
+        try:
+            data = source.read()
+        except Exception as exc:  # a broken stream is unreadable input, whatever it raises
+            raise UnreadableInput(f"cannot read stream: {_describe(exc)}", reason="io-error") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise UnreadableInput("stream did not return bytes", reason="not-dicom")
+        return io.BytesIO(bytes(data)), "stream"
+    raise InvalidInput(f"cannot read DICOM from a {type(source).__name__}")
+
+
+def _read_dataset(source: Any, *, stop_before_pixels: bool) -> "Dataset":
+    """Parse a DICOM Part 10 file (path, bytes, stream) or pass a Dataset through."""
+    from pydicom.dataset import Dataset
+
+    if isinstance(source, Dataset):
+        return source
+    stream, what = _open_source(source)
+    size = stream.getbuffer().nbytes
+    if size == 0:
+        raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
+    head = stream.getbuffer()[:132].tobytes()
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise UnreadableInput(
+            f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM' "
+            "(raw datasets without File Meta Information are not accepted)",
+            reason="not-dicom",
+        )
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
+        # Elements are parsed lazily: touch the ones we rely on so a broken VR fails here.
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                        "Modality", "NumberOfFrames", "Rows", "Columns"):
+            ds.get(keyword)
+        ds.file_meta.get("TransferSyntaxUID")
+    except CbmirError:
+        raise
+    except Exception as exc:  # pydicom raises many types for broken files; all mean "unreadable"
+        raise UnreadableInput(f"{what} could not be parsed as DICOM ({_describe(exc)})",
+                              reason="parse-error") from None
+    return ds
+
+
+def _text(ds: "Dataset", keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else ""
+    return str(value).strip().strip("\x00").strip()
+
+
+def _required_uid(ds: "Dataset", keyword: str, meta_keyword: str | None = None) -> str:
+    uid = _text(ds, keyword)
+    if not uid and meta_keyword is not None:
+        meta = getattr(ds, "file_meta", None)
+        uid = _text(meta, meta_keyword) if meta is not None else ""
+        if uid:
+            logger.warning("%s missing from the dataset; using %s of the file meta", keyword, meta_keyword)
+    if not uid:
+        raise UnreadableInput(f"required attribute {keyword} is missing or empty",
+                              reason="missing-uid")
+    if len(uid) > 64 or not _UID_PATTERN.match(uid):
+        raise UnreadableInput(f"{keyword} is not a valid UID (digits and dots, at most 64 chars)",
+                              reason="invalid-uid")
+    return uid
+
+
+def _int_attr(ds: "Dataset", keyword: str, default: int) -> int:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UnreadableInput(f"{keyword} is not a number", reason="invalid-attribute") from None
+    if not math.isfinite(number) or number != int(number):
+        raise UnreadableInput(f"{keyword} is not an integer", reason="invalid-attribute")
+    return int(number)
+
+
+def _transfer_syntax(ds: "Dataset") -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = _text(meta, "TransferSyntaxUID") if meta is not None else ""
+    if uid:
+        return uid
+    implicit, little = ds.original_encoding
+    if implicit is None:  # built in memory: pixel data, if any, is native little endian
+        return "1.2.840.10008.1.2.1"
+    if little:
+        return "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    return "1.2.840.10008.1.2.2"
+
+
+def _header_from_dataset(ds: "Dataset") -> InstanceHeader:
+    sop_class_uid = _required_uid(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+    if sop_class_uid == MEDIA_STORAGE_DIRECTORY:
+        raise UnsupportedInput("this is a DICOMDIR (media directory), not an instance",
+                               reason="dicomdir")
+    sop_instance_uid = _required_uid(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
+    study_uid = _required_uid(ds, "StudyInstanceUID")
+    series_uid = _required_uid(ds, "SeriesInstanceUID")
+    modality_code = _text(ds, "Modality").upper()[:16]
+    has_pixels = any(keyword in ds for keyword in PIXEL_KEYWORDS)
+    frames = _int_attr(ds, "NumberOfFrames", 1)
+    if frames < 1:
+        if "NumberOfFrames" in ds and has_pixels:
+            raise UnreadableInput("Number of Frames is 0 or negative", reason="invalid-attribute")
+        frames = 1
+    rows = max(_int_attr(ds, "Rows", 0), 0)
+    columns = max(_int_attr(ds, "Columns", 0), 0)
+    return InstanceHeader(
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        modality_code=modality_code,
+        modality=normalize_modality(modality_code, sop_class_uid),
+        number_of_frames=frames,
+        rows=rows,
+        columns=columns,
+        transfer_syntax_uid=_transfer_syntax(ds),
+    )
+
+
+def read_header(source: DicomSource) -> InstanceHeader:
+    """Header of a DICOM instance (path, bytes, stream or Dataset); pixel data is not read."""
+    ds = _read_dataset(source, stop_before_pixels=True)
+    try:
+        return _header_from_dataset(ds)
+    except CbmirError:
+        raise
+    except Exception as exc:
+        raise UnreadableInput(f"cannot read the instance header ({_describe(exc)})",
+                              reason="parse-error") from None
+
+
+# --- what kind of content ------------------------------------------------------------------------
+
+
+def _sop_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name != uid else f"unknown SOP class {uid}"
+
+
+def _content_kind(ds: "Dataset", header: InstanceHeader) -> str:
+    """``"image"`` or ``"waveform"``; raise for everything cbmir cannot turn into a picture."""
+    present = [keyword for keyword in PIXEL_KEYWORDS if keyword in ds]
+    if len(present) > 1:
+        raise UnreadableInput("more than one pixel data element present", reason="invalid-attribute")
+    if present:
+        return "image"
+    name = _sop_name(header.sop_class_uid)
+    is_eeg_class = header.sop_class_uid in EEG_SOP_CLASSES
+    if "WaveformSequence" in ds:
+        if is_eeg_class or header.modality == "eeg":
+            return "waveform"
+        raise UnsupportedInput(f"{name} is a waveform but not EEG; only EEG waveforms are indexed",
+                               reason="unsupported-waveform")
+    if is_eeg_class:
+        raise UnreadableInput(f"{name} instance has no Waveform Sequence (5400,0100)",
+                              reason="missing-waveform")
+    if "Image Storage" in name or header.modality in ("xray", "mri", "oct"):
+        raise UnreadableInput(f"{name} instance has no Pixel Data (7FE0,0010)",
+                              reason="missing-pixel-data")
+    if name.endswith("SR Storage") or header.modality_code == "SR":
+        raise UnsupportedInput(f"{name} is a structured report: it has no image to index",
+                               reason="sr-document")
+    raise UnsupportedInput(f"{name} (modality {header.modality_code or 'unset'}) has neither "
+                           "pixel data nor a waveform; nothing to index", reason="no-image")
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PixelModule:
+    samples_per_pixel: int
+    photometric: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_keyword: str
+
+
+def _pixel_module(ds: "Dataset", header: InstanceHeader) -> _PixelModule:
+    keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
+    if keyword == "PixelData":
+        missing += [k for k in ("PhotometricInterpretation", "PixelRepresentation")
+                    if ds.get(k) in (None, "")]
+    if missing:
+        raise UnreadableInput(f"Image Pixel module incomplete: {', '.join(missing)} missing",
+                              reason="missing-attribute")
+    if header.rows < 1 or header.columns < 1:
+        raise UnreadableInput("Rows and Columns must be at least 1", reason="invalid-attribute")
+    samples = _int_attr(ds, "SamplesPerPixel", 1)
+    bits_allocated = _int_attr(ds, "BitsAllocated", 0)
+    bits_stored = _int_attr(ds, "BitsStored", bits_allocated)
+    photometric = _text(ds, "PhotometricInterpretation").upper() or "MONOCHROME2"
+    if samples not in (1, 3, 4):
+        raise UnreadableInput(f"Samples per Pixel {samples} is invalid", reason="invalid-attribute")
+    if bits_allocated not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= bits_allocated:
+        raise UnreadableInput(f"Bits Allocated/Stored {bits_allocated}/{bits_stored} are invalid",
+                              reason="invalid-attribute")
+    return _PixelModule(samples, photometric, bits_allocated, bits_stored, keyword)
+
+
+def _check_image_limits(header: InstanceHeader, pixels: _PixelModule, n_decoded: int,
+                        limits: DecodeLimits) -> None:
+    if header.rows > limits.max_rows or header.columns > limits.max_columns:
+        raise TooLarge(f"image is {header.rows}×{header.columns} pixels; the limit is "
+                       f"{limits.max_rows}×{limits.max_columns}", reason="too-many-pixels")
+    if header.number_of_frames > limits.max_frames:
+        raise TooLarge(f"instance has {header.number_of_frames} frames; the limit is {limits.max_frames}",
+                       reason="too-many-frames")
+    total = header.rows * header.columns * pixels.samples_per_pixel * n_decoded
+    if total > limits.max_pixels:
+        raise TooLarge(f"decoding {n_decoded} frame(s) means {total:,} samples; the limit is "
+                       f"{limits.max_pixels:,}", reason="too-many-pixels")
+
+
+def _expected_native_bytes(header: InstanceHeader, pixels: _PixelModule) -> int:
+    per_frame = header.rows * header.columns * pixels.samples_per_pixel
+    if pixels.photometric == "YBR_FULL_422" and pixels.samples_per_pixel == 3:
+        per_frame = header.rows * header.columns * 2
+    bits = per_frame * header.number_of_frames * pixels.bits_allocated
+    return (bits + 7) // 8
+
+
+def _decoder_for(ds: "Dataset", header: InstanceHeader, pixels: _PixelModule):
+    """The pydicom decoder for this transfer syntax, or a DecodeError that says why not."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    ts = UID(header.transfer_syntax_uid)
+    ts_text = f"{ts.name} ({ts})" if ts.name != str(ts) else f"unknown transfer syntax {ts}"
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise DecodeError(f"no pixel decoder exists for {ts_text}", reason="no-codec") from None
+    if not decoder.is_available:
+        missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies)
+        raise DecodeError(f"no installed codec can decode {ts_text} (missing {missing or 'plug-ins'})",
+                          reason="no-codec")
+    if decoder.is_native:
+        element = ds[pixels.pixel_keyword]
+        value = element.value
+        length = len(value) if isinstance(value, (bytes, bytearray)) else None
+        if ds[pixels.pixel_keyword].is_undefined_length:
+            raise UnreadableInput(f"pixel data is encapsulated but the transfer syntax is {ts_text}",
+                                  reason="invalid-attribute")
+        if length is not None and length < _expected_native_bytes(header, pixels):
+            raise UnreadableInput(
+                f"pixel data holds {length} bytes but Rows, Columns, frames and Bits Allocated "
+                f"need {_expected_native_bytes(header, pixels)}: the file is truncated or inconsistent",
+                reason="truncated")
+    return decoder, ts_text
+
+
+def _frame_groups(ds: "Dataset", index: int) -> list["Dataset"]:
+    """Per-frame then shared functional group items that apply to frame ``index`` (0-based)."""
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and index < len(per_frame):
+        groups.append(per_frame[index])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    return groups
+
+
+def _functional_item(ds: "Dataset", index: int, sequence_keyword: str) -> "Dataset | None":
+    for group in _frame_groups(ds, index):
+        seq = group.get(sequence_keyword)
+        if seq:
+            return seq[0]
+    return None
+
+
+def _first_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if not len(value):
+            return None
+        value = value[0]
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _apply_modality(values: np.ndarray, ds: "Dataset", index: int) -> np.ndarray:
+    """Modality LUT Sequence or Rescale Slope/Intercept (frame-level first)."""
+    item = _functional_item(ds, index, "PixelValueTransformationSequence") or ds
+    if item is ds and "ModalityLUTSequence" in ds:
+        from pydicom.pixels import apply_modality_lut
+
+        try:
+            return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+        except Exception as exc:
+            logger.warning("ignoring unusable Modality LUT (%s)", _describe(exc))
+            return values
+    slope = _first_float(item.get("RescaleSlope"))
+    intercept = _first_float(item.get("RescaleIntercept"))
+    if slope is None and intercept is None:
+        return values
+    if slope is None or slope == 0:
+        slope = 1.0
+    return values * slope + (intercept or 0.0)
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - center) / width, -700, 700)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if width == 1:
+        return (values > center - 0.5).astype(np.float64)
+    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _apply_voi(values: np.ndarray, ds: "Dataset", index: int) -> np.ndarray | None:
+    """VOI LUT (first) or first window, to [0, 1]; None when the object defines neither."""
+    frame_voi = _functional_item(ds, index, "FrameVOILUTSequence")
+    if frame_voi is None and ds.get("VOILUTSequence"):
+        from pydicom.pixels import apply_voi
+
+        try:
+            item = ds.VOILUTSequence[0]
+            nr_entries = int(item.LUTDescriptor[0]) or 65536
+            first_map = int(item.LUTDescriptor[1])
+            table = np.asarray(apply_voi(np.arange(first_map, first_map + nr_entries), ds, 0),
+                               dtype=np.float64)
+            mapped = np.asarray(apply_voi(values, ds, 0), dtype=np.float64)
+            low, high = float(table.min()), float(table.max())
+            if high > low:
+                return (mapped - low) / (high - low)
+            logger.warning("ignoring constant VOI LUT")
+        except Exception as exc:
+            logger.warning("ignoring unusable VOI LUT (%s); trying the window", _describe(exc))
+    source = frame_voi if frame_voi is not None else ds
+    center = _first_float(source.get("WindowCenter"))
+    width = _first_float(source.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    function = _text(source, "VOILUTFunction").upper() or "LINEAR"
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        logger.warning("unknown VOI LUT Function; using LINEAR")
+        function = "LINEAR"
+    if width <= 0 or (function == "LINEAR" and width < 1):
+        logger.warning("ignoring invalid Window Width %s", width)
+        return None
+    return _window(values, center, width, function)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, dtype=np.float64)
+    low, high = float(finite.min()), float(finite.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / (high - low)
+
+
+def _luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
+    rgb = rgb.astype(np.float64, copy=False)
+    grey = rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
+    return np.clip(grey / max_value, 0.0, 1.0) if max_value > 0 else _min_max(grey)
+
+
+def _display_frame(raw: np.ndarray, photometric: str, ds: "Dataset", index: int,
+                   pixels: _PixelModule) -> np.ndarray:
+    """One decoded frame (as pydicom returns it) -> 2-D float64 in [0, 1]."""
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        if raw.ndim != 2:
+            raise DecodeError(f"{photometric} frame decoded to shape {raw.shape}, expected 2-D",
+                              reason="corrupt-pixel-data")
+        values = raw.astype(np.float64)
+        if pixels.pixel_keyword == "PixelData":
+            values = _apply_modality(values, ds, index)
+        shown = _apply_voi(values, ds, index)
+        if shown is None:
+            shown = _min_max(values)
+        return 1.0 - shown if photometric == "MONOCHROME1" else shown
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(raw, ds)
+            entries, first = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536, \
+                int(ds.RedPaletteColorLookupTableDescriptor[1])
+            # normalise by the palette's own largest entry: some writers store 8-bit values
+            # in 16-bit tables, so the descriptor's bit depth is not a reliable white point
+            palette_max = float(np.max(apply_color_lut(np.arange(first, first + entries), ds)))
+        except Exception as exc:
+            raise DecodeError(f"palette colour lookup failed ({_describe(exc)})",
+                              reason="corrupt-palette") from None
+        return _luma(rgb, palette_max)
+    if photometric.startswith("YBR_FULL") and raw.ndim == 3:
+        from pydicom.pixels import convert_color_space
+
+        raw = convert_color_space(raw, "YBR_FULL", "RGB")
+        photometric = "RGB"
+    if photometric in ("RGB", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422") \
+            and raw.ndim == 3 and raw.shape[-1] == 3:
+        if photometric.startswith("YBR_PARTIAL"):
+            raise UnsupportedInput(f"photometric interpretation {photometric} is not supported",
+                                   reason="unsupported-photometric")
+        return _luma(raw, float(2 ** min(pixels.bits_stored, 32) - 1))
+    raise UnsupportedInput(f"photometric interpretation {photometric or 'unset'} with "
+                           f"{pixels.samples_per_pixel} sample(s) per pixel is not supported",
+                           reason="unsupported-photometric")
+
+
+def _decode_image(ds: "Dataset", header: InstanceHeader, frames: str,
+                  limits: DecodeLimits) -> list[DecodedFrame]:
+    pixels = _pixel_module(ds, header)
+    count = header.number_of_frames
+    indices = [(count + 1) // 2 - 1] if frames == "middle" else list(range(count))
+    _check_image_limits(header, pixels, len(indices), limits)
+    decoder, ts_text = _decoder_for(ds, header, pixels)
+    decoded = []
+    for index in indices:
+        try:
+            raw, meta = decoder.as_array(ds, index=index, as_rgb=True)
+        except CbmirError:
+            raise
+        except Exception as exc:  # codec and pydicom errors of any type mean "cannot decode"
+            raise _codec_error(ts_text, header, pixels, index, exc) from None
+        photometric = str(meta.get("photometric_interpretation", pixels.photometric)).upper()
+        shown = _display_frame(raw, photometric, ds, index, pixels)
+        image = np.ascontiguousarray(np.nan_to_num(shown, nan=0.0), dtype=np.float32)
+        decoded.append(DecodedFrame(frame_number=index + 1, image=image))
+    return decoded
+
+
+def _codec_error(ts_text: str, header: InstanceHeader, pixels: _PixelModule, index: int,
+                 exc: Exception) -> CbmirError:
+    if header.transfer_syntax_uid == JPEG_EXTENDED_12BIT and pixels.bits_stored > 8:
+        return DecodeError(
+            f"cannot decode {ts_text} with {pixels.bits_stored}-bit samples: lossy JPEG with more than 8 bits per "
+            "sample (process 4, '12-bit') is not supported by the installed codecs "
+            "(pylibjpeg-libjpeg, Pillow). Ask the sender "
+            "for JPEG Lossless, JPEG-LS, JPEG 2000 or uncompressed, or transcode the file "
+            "(e.g. dcmtk 'dcmdjpeg'); the stored file is kept unchanged",
+            reason="jpeg-12bit-lossy")
+    if isinstance(exc, MemoryError):
+        return TooLarge(f"not enough memory to decode frame {index + 1}", reason="out-of-memory")
+    return DecodeError(f"frame {index + 1} of {ts_text} could not be decoded ({_describe(exc)})",
+                       reason="corrupt-pixel-data")
+
+
+# --- waveforms -----------------------------------------------------------------------------------
+
+_WAVEFORM_DTYPES = {
+    (8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
+    (32, "SL"): "i4", (32, "UL"): "u4", (64, "SV"): "i8", (64, "UV"): "u8",
+}
+_UNITS_TO_UV = {"uv": 1.0, "µv": 1.0, "mv": 1e3, "v": 1e6, "nv": 1e-3}
+
+
+def _waveform_channel_uv(ds: "Dataset", limits: DecodeLimits) -> tuple[np.ndarray, float]:
+    """First channel of the first multiplex group, in µV, and its sampling frequency."""
+    sequence = ds.get("WaveformSequence")
+    if not sequence:
+        raise UnreadableInput("Waveform Sequence is empty", reason="missing-waveform")
+    group = sequence[0]
+    missing = [k for k in ("NumberOfWaveformChannels", "NumberOfWaveformSamples", "SamplingFrequency",
+                           "WaveformBitsAllocated", "WaveformSampleInterpretation", "WaveformData")
+               if group.get(k) in (None, "", b"")]
+    if missing:
+        raise UnreadableInput(f"waveform multiplex group incomplete: {', '.join(missing)} missing",
+                              reason="missing-attribute")
+    channels = _int_attr(group, "NumberOfWaveformChannels", 0)
+    samples = _int_attr(group, "NumberOfWaveformSamples", 0)
+    bits = _int_attr(group, "WaveformBitsAllocated", 0)
+    interpretation = _text(group, "WaveformSampleInterpretation").upper()
+    sampling_hz = _first_float(group.get("SamplingFrequency"))
+    if channels < 1 or samples < 1:
+        raise UnreadableInput("waveform has no channels or no samples", reason="invalid-attribute")
+    if sampling_hz is None or sampling_hz <= 0:
+        raise UnreadableInput("Sampling Frequency is missing or not positive", reason="invalid-attribute")
+    if channels * samples > limits.max_waveform_samples:
+        raise TooLarge(f"waveform has {channels}×{samples} samples; the limit is "
+                       f"{limits.max_waveform_samples:,}", reason="too-many-samples")
+    dtype_code = _WAVEFORM_DTYPES.get((bits, interpretation))
+    if dtype_code is None:
+        raise DecodeError(f"waveform sample encoding {bits}-bit {interpretation} is not supported",
+                          reason="unsupported-waveform-encoding")
+    little = _transfer_syntax(ds) != "1.2.840.10008.1.2.2"
+    dtype = np.dtype(("<" if little else ">") + dtype_code)
+    data = group.WaveformData
+    needed = channels * samples * dtype.itemsize
+    if not isinstance(data, (bytes, bytearray)) or len(data) < needed:
+        raise UnreadableInput(f"Waveform Data holds {len(data) if data else 0} bytes, "
+                              f"{channels} channels × {samples} samples need {needed}",
+                              reason="truncated")
+    raw = np.frombuffer(bytes(data[:needed]), dtype=dtype).reshape(samples, channels)[:, 0]
+    values = raw.astype(np.float64)
+    definitions = group.get("ChannelDefinitionSequence")
+    if definitions:
+        channel = definitions[0]
+        sensitivity = _first_float(channel.get("ChannelSensitivity"))
+        correction = _first_float(channel.get("ChannelSensitivityCorrectionFactor"))
+        baseline = _first_float(channel.get("ChannelBaseline")) or 0.0
+        unit = ""
+        units = channel.get("ChannelSensitivityUnitsSequence")
+        if units:
+            unit = _text(units[0], "CodeValue")
+        if sensitivity is not None and sensitivity != 0:
+            values = values * sensitivity * (correction if correction else 1.0) + baseline
+            scale = _UNITS_TO_UV.get(unit.lower()) if unit else 1.0
+            if scale is None:
+                raise UnsupportedInput(f"channel sensitivity unit {unit!r} is not a voltage",
+                                       reason="unsupported-waveform-unit")
+            if not unit:
+                logger.warning("EEG channel has no sensitivity unit; assuming µV")
+            values = values * scale
+        else:
+            logger.warning("EEG channel has no usable Channel Sensitivity; using raw sample values")
+    else:
+        logger.warning("EEG multiplex group has no Channel Definition Sequence; using raw values")
+    return values, float(sampling_hz)
+
+
+def read_eeg_waveform(source: DicomSource, *,
+                      limits: DecodeLimits | None = None) -> tuple[np.ndarray, float]:
+    """First EEG channel of a waveform instance in µV (float64) and the sampling frequency in Hz."""
+    limits = limits or DecodeLimits()
+    ds = _read_dataset(source, stop_before_pixels=False)
+    try:
+        header = _header_from_dataset(ds)
+        if _content_kind(ds, header) != "waveform":
+            raise UnsupportedInput(f"{_sop_name(header.sop_class_uid)} is not an EEG waveform",
+                                   reason="not-eeg")
+        return _waveform_channel_uv(ds, limits)
+    except CbmirError:
+        raise
+    except Exception as exc:
+        raise UnreadableInput(f"waveform could not be read ({_describe(exc)})",
+                              reason="parse-error") from None
+
+
+def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
+    try:
+        from models.eeg import render_eeg_trace
+    except ImportError as exc:
+        raise ConfigError(f"EEG trace renderer models.eeg.render_eeg_trace unavailable ({exc})",
+                          reason="eeg-renderer-missing") from None
+    try:
+        picture = np.asarray(render_eeg_trace(samples_uv, sampling_hz))
+    except CbmirError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"EEG trace could not be rendered ({_describe(exc)})",
+                          reason="eeg-render-failed") from None
+    if picture.ndim != 2:
+        raise DecodeError(f"EEG renderer returned shape {picture.shape}", reason="eeg-render-failed")
+    scale = 255.0 if picture.dtype == np.uint8 else max(float(picture.max()), 1.0)
+    return np.ascontiguousarray(picture.astype(np.float32) / np.float32(scale))
+
+
+# --- the worker's entry point --------------------------------------------------------------------
+
+
+def decode_for_embedding(
+    source: DicomSource,
+    *,
+    frames: Literal["middle", "all"] = "middle",
+    limits: DecodeLimits | None = None,
+) -> tuple[InstanceHeader, list[DecodedFrame]]:
+    """Header plus display-ready frames of one instance (image or EEG waveform).
+
+    ``frames="middle"``: only the central frame ``(n + 1) // 2`` (1-based); ``"all"``: every
+    frame in order. Raises only :mod:`services.errors` classes.
+    """
+    if frames not in ("middle", "all"):
+        raise InvalidInput(f"frames must be 'middle' or 'all', got {frames!r}")
+    limits = limits or DecodeLimits()
+    ds = _read_dataset(source, stop_before_pixels=False)
+    try:
+        header = _header_from_dataset(ds)
+        kind = _content_kind(ds, header)
+        if kind == "waveform":
+            samples_uv, sampling_hz = _waveform_channel_uv(ds, limits)
+    except CbmirError:
+        raise
+    except Exception as exc:  # lazily parsed elements can fail on first access
+        raise UnreadableInput(f"instance could not be parsed ({_describe(exc)})",
+                              reason="parse-error") from None
+    if kind == "waveform":
+        decoded = [DecodedFrame(frame_number=1, image=_render_eeg(samples_uv, sampling_hz))]
+    else:
+        try:
+            decoded = _decode_image(ds, header, frames, limits)
+        except CbmirError:
+            raise
+        except MemoryError:
+            raise TooLarge("not enough memory to decode the pixel data", reason="out-of-memory") from None
+        except Exception as exc:
+            raise DecodeError(f"pixel data could not be decoded ({_describe(exc)})",
+                              reason="corrupt-pixel-data") from None
+    logger.debug("decoded %s (%s, %d frame(s))", header.sop_instance_uid, header.modality, len(decoded))
+    return header, decoded
