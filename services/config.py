@@ -152,6 +152,12 @@ class BrokerSettings:
     def embedded(self) -> bool:
         return self.url.startswith(("sqla+", "filesystem"))
 
+    def transport_options(self) -> dict:
+        """kombu transport options: the visibility timeout only where the transport has one."""
+        if self.url.startswith(("redis", "rediss", "sentinel")):
+            return {"visibility_timeout": self.visibility_timeout_s}
+        return {}
+
     @classmethod
     def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> "BrokerSettings":
         return cls(

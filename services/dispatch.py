@@ -24,7 +24,7 @@ def celery_client(broker: BrokerSettings) -> Celery:
     """A Celery app used only to send tasks (no task code is imported)."""
     app = Celery("cbmir-dispatch", broker=broker.url, set_as_current=False)
     app.conf.update(
-        broker_transport_options={"visibility_timeout": broker.visibility_timeout_s},
+        broker_transport_options=broker.transport_options(),
         broker_connection_retry_on_startup=True,
         task_default_queue=broker.queue,
     )

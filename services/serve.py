@@ -1,0 +1,161 @@
+"""``cbmir serve``: listener, worker and gRPC query service on one machine, no servers needed.
+
+Three child processes under one supervisor, over an embedded broker (kombu's SQLAlchemy
+transport on SQLite under the data directory) and the embedded index owned by the query process.
+The worker is a real Celery worker consuming real messages; nothing runs eagerly. A child that
+dies is restarted; the spool keeps every acknowledged instance, and the listener re-sends the
+pending ones when it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_PORT_LINE = re.compile(r":(\d+)\s*$")
+
+
+@dataclass
+class ServeOptions:
+    data_dir: Path
+    dicom_port: int
+    grpc_port: int
+    ae_title: str
+    host: str = "127.0.0.1"
+    watch_dir: Path | None = None
+
+
+class Child:
+    """One supervised child process whose first stdout line announces its port."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], announces: bool):
+        self.name, self.argv, self.env, self.announces = name, argv, env, announces
+        self.process: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        if self.announces:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                line = self.process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{self.name} exited during start (code {self.process.wait()})")
+                sys.stdout.write(f"[{self.name}] {line}")
+                if line.startswith(f"cbmir {self.name}:") and (match := _PORT_LINE.search(line.strip())):
+                    self.port = int(match.group(1))
+                    break
+            else:
+                raise RuntimeError(f"{self.name} did not announce its port within {timeout_s:.0f}s")
+        threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()
+
+    def _pump(self) -> None:
+        process = self.process
+        for line in process.stdout:
+            sys.stdout.write(f"[{self.name}] {line}")
+        sys.stdout.flush()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if not self.alive():
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Supervisor:
+    """Starts query, listener and worker (in that order) and restarts any that die."""
+
+    def __init__(self, options: ServeOptions, base_env: dict[str, str] | None = None):
+        self.options = options
+        env = dict(os.environ if base_env is None else base_env)
+        env.update(
+            CBMIR_DATA_DIR=str(options.data_dir),
+            CBMIR_AE_TITLE=options.ae_title,
+            CBMIR_DICOM_HOST=options.host,
+            CBMIR_GRPC_HOST=options.host,
+            PYTHONUNBUFFERED="1",
+        )
+        env.pop("CBMIR_BROKER_URL", None)  # the embedded broker, always
+        env.pop("QDRANT_URL", None)
+        self.env = env
+        self.children: list[Child] = []
+        self._stop = threading.Event()
+
+    def _child(self, name: str, module: str, extra: dict[str, str], announces: bool) -> Child:
+        env = dict(self.env, **extra)
+        return Child(name, [sys.executable, "-m", module], env, announces)
+
+    def start(self) -> tuple[int, int]:
+        o = self.options
+        query = self._child("query", "services.query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
+        query.start()
+        query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
+        writer = {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}
+        scp = self._child("scp", "services.scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
+        scp.start()
+        scp.env["CBMIR_DICOM_PORT"] = str(scp.port)
+        worker = self._child("worker", "workers", writer, False)
+        worker.start()
+        self.children = [query, scp, worker]
+        if o.watch_dir is not None:
+            watcher = self._child("watch", "services.watcher", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
+            watcher.start()
+            self.children.append(watcher)
+        print(f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
+              f"data={o.data_dir}", flush=True)
+        threading.Thread(target=self._watch_children, name="supervisor", daemon=True).start()
+        return scp.port, query.port
+
+    def _watch_children(self) -> None:
+        while not self._stop.wait(1.0):
+            for child in self.children:
+                if not child.alive() and not self._stop.is_set():
+                    code = child.process.returncode if child.process else None
+                    logger.error("%s exited (code %s); restarting", child.name, code)
+                    print(f"cbmir serve: {child.name} exited (code {code}); restarting", flush=True)
+                    time.sleep(1.0)
+                    try:
+                        child.start()
+                    except RuntimeError as exc:
+                        print(f"cbmir serve: restart of {child.name} failed: {exc}", flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for child in reversed(self.children):  # worker and listener first, index owner last
+            child.stop()
+
+
+def run(options: ServeOptions) -> int:
+    supervisor = Supervisor(options)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        supervisor.start()
+    except Exception as exc:
+        print(f"cbmir serve: failed to start: {exc}", file=sys.stderr)
+        supervisor.stop()
+        return 1
+    stop.wait()
+    print("cbmir serve: stopping", flush=True)
+    supervisor.stop()
+    return 0

@@ -1,0 +1,120 @@
+"""What one worker process does with one spooled instance: decode, embed, upsert, archive.
+
+Built once per worker process (the ONNX session included) and shared by its task threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.preprocess import to_model_input
+from models.runtime import OnnxEncoder
+from services.config import WorkerSettings
+from services.dicom import DecodeLimits, decode_for_embedding
+from services.errors import StorageError
+from services.index import IndexPoint, RemoteIndexWriter, open_index, point_id
+from services.spool import Spool
+from workers.batching import MicroBatcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # indexed | already-indexed | quarantined | missing
+    spool_name: str
+    points: int = 0
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "spool_name": self.spool_name, "points": self.points}
+
+
+class EmbeddingPipeline:
+    """Per-process state: spool, encoder session, batcher, index writer."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.spool = Spool(settings.layout)
+        self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
+        logger.info(
+            "worker encoder %s version %s runs on %s", self.encoder.model_path.name, self.encoder.version,
+            self.encoder.providers[0],
+        )
+        self.batcher = MicroBatcher(self.encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0)
+        self.limits = DecodeLimits(
+            max_rows=settings.decode.max_rows,
+            max_columns=settings.decode.max_columns,
+            max_frames=settings.decode.max_frames,
+        )
+        if settings.index.embedded:
+            self._remote = RemoteIndexWriter(settings.index.writer_target)
+            self._direct = None
+        else:
+            self._remote = None
+            self._direct = open_index(settings.index)
+            self._direct.ensure_collection(self.encoder.dim, self.encoder.version)
+
+    # ------------------------------------------------------------------------------------------
+    def locate(self, spool_name: str) -> Path | None:
+        path = self.spool.incoming_path(spool_name)
+        return path if path.exists() else None
+
+    def outcome_without_file(self, spool_name: str) -> Outcome:
+        """The task's object is gone from incoming: a duplicate delivery, or already handled."""
+        if self.spool.archived_path(spool_name).exists():
+            return Outcome("already-indexed", spool_name)
+        if (self.settings.layout.quarantine / spool_name).exists():
+            return Outcome("quarantined", spool_name)
+        logger.warning("task for %s but no such spooled object", spool_name)
+        return Outcome("missing", spool_name)
+
+    def embed_and_upsert(self, path: Path) -> int:
+        """Decode, preprocess, embed (batched) and upsert; raises cbmir errors."""
+        header, frames = decode_for_embedding(path, frames=self.settings.decode.frames, limits=self.limits)
+        inputs = np.stack([to_model_input(frame.image, self.encoder.contract) for frame in frames])
+        vectors = self.batcher.submit(inputs)
+        now = time.time()
+        multi = len(frames) > 1
+        points = []
+        for frame, vector in zip(frames, vectors):
+            payload = {
+                "modality": header.modality,
+                "modality_code": header.modality_code,
+                "study_instance_uid": header.study_instance_uid,
+                "series_instance_uid": header.series_instance_uid,
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "frame_number": int(frame.frame_number),
+                "model_version": self.encoder.version,
+                "ingested_at": now,
+                "spool_name": path.name,
+            }
+            pid = point_id(header.sop_instance_uid, frame.frame_number if multi and frame.frame_number > 1 else None)
+            points.append(IndexPoint(pid, vector.tolist(), payload))
+        if self._remote is not None:
+            self._remote.upsert(points, self.encoder.version)
+        else:
+            self._direct.upsert(points)
+        return len(points)
+
+    def archive(self, spool_name: str) -> None:
+        self.spool.archive(spool_name)
+
+    def quarantine(self, path: Path, reason: str, detail: str) -> None:
+        try:
+            self.spool.quarantine(path, reason=reason, detail=detail, stage="worker")
+        except StorageError:
+            logger.exception("could not quarantine %s; it stays in the spool", path.name)
+            raise
+
+    def close(self) -> None:
+        self.batcher.close()
+        if self._remote is not None:
+            self._remote.close()
+        if self._direct is not None:
+            self._direct.close()
