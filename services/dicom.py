@@ -628,11 +628,21 @@ def _decode_image(ds: "Dataset", header: InstanceHeader, frames: str,
             raise
         except Exception as exc:  # codec and pydicom errors of any type mean "cannot decode"
             raise _codec_error(ts_text, header, pixels, index, exc) from None
+        except BaseException as exc:
+            if not _is_codec_panic(exc):
+                raise
+            raise DecodeError(f"frame {index + 1} of {ts_text}: the codec aborted on corrupt data "
+                              f"({_describe(exc)})", reason="corrupt-pixel-data") from None
         photometric = str(meta.get("photometric_interpretation", pixels.photometric)).upper()
         shown = _display_frame(raw, photometric, ds, index, pixels)
         image = np.ascontiguousarray(np.nan_to_num(shown, nan=0.0), dtype=np.float32)
         decoded.append(DecodedFrame(frame_number=index + 1, image=image))
     return decoded
+
+
+def _is_codec_panic(exc: BaseException) -> bool:
+    """Rust plug-ins (pylibjpeg-rle) raise pyo3's PanicException, a BaseException, on bad input."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _codec_error(ts_text: str, header: InstanceHeader, pixels: _PixelModule, index: int,
