@@ -1,5 +1,9 @@
 """Network definitions (torch; imported by training and export only, never by serving).
 
+Every model has ``encode(x) -> (N, dim)`` (what gets exported) and ``forward(x) ->
+(output, embedding)`` used by training. Architectures: ``paper`` (below), ``ours``
+(:class:`OursAutoencoder`), ``resnet`` (:class:`ResNetClassifier`), ``pca`` (:class:`PcaEncoder`).
+
 ``paper`` -- the convolutional autoencoder of the reference paper:
 
 * input: 1×64×64 (our choice; see ``models/README.md``), values in [0, 1] (min-max contract);
@@ -64,6 +68,187 @@ class PaperAutoencoder(nn.Module):
         return self.decode_map(z_map), torch.flatten(z_map, 1)
 
 
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al.): (mean x^p)^(1/p) over space, p learned."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class Whitening(nn.Module):
+    """Learned linear whitening ``(z - mean) @ matrix`` fitted on training embeddings; identity until fitted."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("matrix", torch.eye(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) @ self.matrix
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor, shrinkage: float = 0.1) -> None:
+        """PCA whitening with shrinkage toward the mean eigenvalue (keeps all dimensions)."""
+        mean = embeddings.mean(0)
+        centred = (embeddings - mean).double()
+        cov = centred.T @ centred / max(1, len(centred) - 1)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        eigval = eigval.clamp(min=1e-12)
+        eigval = (1 - shrinkage) * eigval + shrinkage * eigval.mean()
+        self.mean.copy_(mean)
+        self.matrix.copy_((eigvec / eigval.sqrt()).float())
+        self.fitted.fill_(True)
+
+
+class OursAutoencoder(nn.Module):
+    """Our retrieval autoencoder: a conv encoder, a pooled L2-normalised embedding, a light decoder.
+
+    * encoder: per stage [Conv 3×3 stride 2 (+ BatchNorm if ``batchnorm``) + LeakyReLU(0.2), then
+      ``blocks`` residual 3×3 conv pairs], widths ``widths``; input S×S -> S/2^len(widths). With
+      widths (128,)*4, blocks 0 and no BatchNorm this is exactly the paper's encoder body;
+    * head: ``pooling`` = "gem" (GeM over the last map) or "flatten" (the whole map), then a
+      linear layer to ``embed_dim``; :meth:`encode` applies the optional fitted
+      :class:`Whitening` and L2-normalises (so Euclidean ranking equals cosine ranking);
+    * decoder (training only): linear embedding -> 128×4×4, ConvTranspose ×3 (-> 32×32) and a
+      1-channel sigmoid output; the reconstruction target is the input box-resized to 32×32.
+    """
+
+    def __init__(self, input_size: int = 64, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
+                 embed_dim: int = 128, pooling: str = "gem", recon_size: int = 32, whitening: bool = True,
+                 batchnorm: bool = True):
+        super().__init__()
+        self.input_size, self.embed_dim, self.pooling, self.recon_size = input_size, embed_dim, pooling, recon_size
+        layers: list[nn.Module] = []
+        c_in = 1
+        for width in widths:
+            layers += [nn.Conv2d(c_in, width, 3, stride=2, padding=1, bias=not batchnorm)]
+            layers += [nn.BatchNorm2d(width)] if batchnorm else []
+            layers += [nn.LeakyReLU(0.2)]
+            layers += [ResidualBlock(width) for _ in range(blocks)]
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        final = input_size // 2 ** len(widths)
+        if pooling == "gem":
+            self.pool: nn.Module = GeM()
+            pooled = widths[-1]
+        elif pooling == "flatten":
+            self.pool = nn.Flatten(1)
+            pooled = widths[-1] * final * final
+        else:
+            raise ValueError(f"unknown pooling {pooling!r}")
+        self.head = nn.Linear(pooled, embed_dim)
+        self.whiten = Whitening(embed_dim) if whitening else None
+        self.decoder_in = nn.Linear(embed_dim, 128 * 4 * 4)
+        ups, size, ch = [], 4, 128
+        while size < recon_size // 2:
+            ups += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1), nn.LeakyReLU(0.2)]
+            ch //= 2
+            size *= 2
+        ups += [nn.ConvTranspose2d(ch, 1, 3, stride=2, padding=1, output_padding=1)]
+        self.decoder = nn.Sequential(*ups)
+
+    def raw_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.raw_embedding(x)
+        if self.whiten is not None:
+            z = self.whiten(z)
+        return F.normalize(z, dim=1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(self.decoder_in(z).view(-1, 128, 4, 4)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.raw_embedding(x)
+        return self.decode(z), z
+
+
+class ResidualBlock(nn.Module):
+    """Two 3×3 convs with BatchNorm and an identity shortcut (ResNet basic block, same width)."""
+
+    def __init__(self, width: int, activation: str = "leaky"):
+        super().__init__()
+        act = nn.LeakyReLU(0.2) if activation == "leaky" else nn.ReLU()
+        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), act,
+                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class DownBlock(nn.Module):
+    """ResNet basic block that halves the size and changes the width (1×1 projection shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                  nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.shortcut(x) + self.body(x))
+
+
+class ResNetClassifier(nn.Module):
+    """ResNet-18-like classifier from scratch: stem 3×3/2, stages [2,2,2,2] basic blocks, widths
+    ``widths``, global average pooling, linear classifier. The embedding is the L2-normalised
+    penultimate (pooled) feature vector."""
+
+    def __init__(self, input_size: int = 64, widths: tuple[int, ...] = (32, 64, 128, 256), n_classes: int = 14):
+        super().__init__()
+        self.input_size = input_size
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages: list[nn.Module] = [ResidualBlock(widths[0], "relu"), ResidualBlock(widths[0], "relu")]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            stages += [DownBlock(c_in, c_out), ResidualBlock(c_out, "relu")]
+        self.stages = nn.Sequential(*stages)
+        self.classifier = nn.Linear(widths[-1], n_classes)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.penultimate(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.penultimate(x)
+        return self.classifier(z), z
+
+
+class PcaEncoder(nn.Module):
+    """Raw pixels -> PCA projection (fitted on training inputs) -> L2 norm (cosine ranking)."""
+
+    def __init__(self, input_size: int = 64, n_components: int = 128):
+        super().__init__()
+        self.input_size = input_size
+        self.register_buffer("mean", torch.zeros(input_size * input_size))
+        self.register_buffer("components", torch.zeros(input_size * input_size, n_components))
+
+    @torch.no_grad()
+    def fit(self, inputs: torch.Tensor) -> None:
+        flat = inputs.reshape(len(inputs), -1).double()
+        mean = flat.mean(0)
+        _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
+        self.mean.copy_(mean.float())
+        self.components.copy_(vh[: self.components.shape[1]].T.float())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize((torch.flatten(x, 1) - self.mean) @ self.components, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, self.encode(x)
+
+
 class EncoderOnly(nn.Module):
     """Wraps a model's ``encode`` as ``forward`` for export: (N,1,S,S) -> (N, dim)."""
 
@@ -75,7 +260,9 @@ class EncoderOnly(nn.Module):
         return self.model.encode(x)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"paper": PaperAutoencoder}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "paper": PaperAutoencoder, "ours": OursAutoencoder, "resnet": ResNetClassifier, "pca": PcaEncoder,
+}
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:
@@ -92,4 +279,3 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__} ({n_params / 1e6:.2f} M parameters)"
 
 
-__all__ = ["PaperAutoencoder", "EncoderOnly", "ARCHITECTURES", "build_model", "describe", "F"]

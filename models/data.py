@@ -1,0 +1,126 @@
+"""Manifest reading, picture loading and cached model inputs (numpy only, no torch).
+
+A data folder holds ``manifest.csv`` with the columns ``path, modality, label, split`` (plus
+``source, patient, sha256``, optional); ``path`` is relative to the folder or absolute. Pictures
+are loaded with :func:`load_picture`: image files through
+:func:`models.preprocess.load_image_file`, EEG text files through
+:func:`models.eeg.render_eeg_trace`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models import eeg
+from models.preprocess import PreprocessContract, load_image_file, to_model_input
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "cache"
+MODALITIES = ("xray", "mri", "oct", "eeg")
+CACHE_FORMAT = 1
+
+
+def shared_data_dir() -> Path:
+    """``$CBMIR_SHARED_DATA``, else ``<repo>/../shared/data`` (may not exist)."""
+    env = os.environ.get("CBMIR_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One manifest row. ``key`` is the manifest ``path`` string, unique within a manifest."""
+
+    key: str
+    path: Path
+    modality: str
+    label: str
+    split: str
+    patient: str = ""
+
+    @property
+    def finding(self) -> str:
+        """Finding label qualified by modality, e.g. ``xray/normal``."""
+        return f"{self.modality}/{self.label}"
+
+
+def manifest_sha256(data_dir: str | Path) -> str:
+    return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
+
+
+def read_manifest(data_dir: str | Path, splits: Iterable[str] | None = None,
+                  modalities: Iterable[str] | None = None) -> list[Record]:
+    """Rows of ``<data_dir>/manifest.csv`` (optionally filtered), in file order."""
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no manifest.csv in {data_dir}")
+    wanted_splits = set(splits) if splits is not None else None
+    wanted_modalities = set(modalities) if modalities is not None else None
+    records = []
+    with manifest.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if wanted_splits is not None and row["split"] not in wanted_splits:
+                continue
+            if wanted_modalities is not None and row["modality"] not in wanted_modalities:
+                continue
+            path = Path(row["path"])
+            records.append(Record(key=row["path"], path=path if path.is_absolute() else data_dir / path,
+                                  modality=row["modality"], label=row["label"], split=row["split"],
+                                  patient=row.get("patient", "") or ""))
+    return records
+
+
+def load_picture(path: str | Path, modality: str | None = None) -> np.ndarray:
+    """A data file -> 2-D uint8 picture (EEG ``.txt`` files are rendered at the Bonn rate)."""
+    path = Path(path)
+    if modality == "eeg" or path.suffix.lower() == ".txt":
+        return eeg.render_eeg_trace(eeg.read_bonn_txt(path), eeg.BONN_SAMPLING_HZ)
+    return load_image_file(path)
+
+
+def model_inputs(records: Sequence[Record], contract: PreprocessContract, progress: bool = False) -> np.ndarray:
+    """float32 ``(N, 1, S, S)`` inputs for ``records`` (no cache)."""
+    size = contract.input_size
+    out = np.empty((len(records), 1, size, size), dtype=np.float32)
+    iterator: Iterable = enumerate(records)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(records), desc="preprocess", unit="img", leave=False)
+    for i, record in iterator:
+        out[i] = to_model_input(load_picture(record.path, record.modality), contract)
+    return out
+
+
+def cached_model_inputs(records: Sequence[Record], contract: PreprocessContract,
+                        cache_dir: str | Path | None = DEFAULT_CACHE_DIR, progress: bool = True) -> np.ndarray:
+    """Like :func:`model_inputs`, memoised in ``cache_dir`` (an ignored folder) as ``.npy``."""
+    if cache_dir is None:
+        return model_inputs(records, contract, progress)
+    digest = hashlib.sha256(json.dumps({
+        "format": CACHE_FORMAT, "contract": contract.to_dict(),
+        "eeg": [eeg.RENDER_RATE_HZ, eeg.DURATION_S, eeg.AMPLITUDE_UV, eeg.ROWS, eeg.WIDTH, eeg.HEIGHT],
+        "files": [[str(r.path), os.stat(r.path).st_size, int(os.stat(r.path).st_mtime)] for r in records],
+    }, sort_keys=True).encode()).hexdigest()[:20]
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"inputs-{contract.input_size}-{digest}.npy"
+    if target.is_file():
+        logger.info("using cached inputs %s", target)
+        return np.load(target)
+    arrays = model_inputs(records, contract, progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, arrays)
+    os.replace(tmp, target)
+    return arrays
