@@ -1,0 +1,116 @@
+"""The pluggable ranking step of evaluation, and its offline numpy implementation.
+
+A :class:`Retriever` is anything with::
+
+    index(items: Sequence[Record]) -> None
+        # make these database items searchable (replaces any previous database)
+    search(item: Record, k: int) -> list[str]
+        # keys (Record.key, i.e. the manifest path) of the k nearest database items, best first.
+        # The query's own key is never returned, even when the query is also a database item.
+
+and optionally ``search_many(items, k) -> list[list[str]]`` (same result, batched). Items are
+:class:`models.data.Record` (``key``, absolute ``path``, ``modality``, ``label``, ``split``).
+The offline :class:`NumpyRetriever` embeds each picture with ``models.data.load_picture`` ->
+``models.preprocess.to_model_input`` -> ``OnnxEncoder.embed`` and ranks the whole database (no
+modality filter) by exact Euclidean distance computed in float64, ties broken by database order
+(the order given to ``index``). A service-backed retriever (ingest + gRPC search) must index the
+same pictures with the same encoder and search the whole collection without filters to give the
+same numbers; float32 distance arithmetic in a vector store may swap exact near-ties.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from models.data import Record, load_picture
+from models.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    def index(self, items: Sequence[Record]) -> None: ...
+
+    def search(self, item: Record, k: int) -> list[str]: ...
+
+
+def rank_euclidean(queries: np.ndarray, database: np.ndarray, k: int,
+                   exclude: Sequence[int | None] | None = None, block: int = 256) -> np.ndarray:
+    """Indices ``(Q, min(k, N'))`` of the k nearest database rows per query (float64, stable).
+
+    ``exclude[q]`` is a database index never returned for query q (the query itself), or None.
+    """
+    db = np.asarray(database, dtype=np.float64)
+    qs = np.asarray(queries, dtype=np.float64)
+    db_sq = np.einsum("ij,ij->i", db, db)
+    depth = min(k, len(db) - (1 if exclude is not None and any(e is not None for e in exclude) else 0))
+    depth = max(depth, 0)
+    out = np.empty((len(qs), depth), dtype=np.int64)
+    for start in range(0, len(qs), block):
+        chunk = qs[start: start + block]
+        dist = db_sq[None, :] - 2.0 * chunk @ db.T + np.einsum("ij,ij->i", chunk, chunk)[:, None]
+        np.maximum(dist, 0.0, out=dist)
+        if exclude is not None:
+            for row, q in enumerate(range(start, start + len(chunk))):
+                if exclude[q] is not None:
+                    dist[row, exclude[q]] = np.inf
+        order = np.argsort(dist, axis=1, kind="stable")[:, :depth]
+        out[start: start + len(chunk)] = order
+    return out
+
+
+class NumpyRetriever:
+    """Offline brute-force retriever over ONNX embeddings (see module docstring)."""
+
+    def __init__(self, encoder, batch_size: int = 64, progress: bool = False):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.progress = progress
+        self.keys: list[str] = []
+        self.embeddings = np.zeros((0, 0), dtype=np.float32)
+        self._position: dict[str, int] = {}
+
+    def embed_items(self, items: Sequence[Record]) -> np.ndarray:
+        """Embeddings ``(N, dim)`` of items' pictures through the shared preprocessing."""
+        out = np.empty((len(items), self.encoder.dim), dtype=np.float32)
+        starts = range(0, len(items), self.batch_size)
+        if self.progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="embed", unit="batch", leave=False)
+        for start in starts:
+            chunk = items[start: start + self.batch_size]
+            batch = np.stack([to_model_input(load_picture(it.path, it.modality), self.encoder.contract)
+                              for it in chunk])
+            out[start: start + len(chunk)] = self.encoder.embed(batch)
+        return out
+
+    def index_embeddings(self, keys: Sequence[str], embeddings: np.ndarray) -> None:
+        if len(set(keys)) != len(keys):
+            raise ValueError("database keys must be unique")
+        self.keys = list(keys)
+        self.embeddings = np.asarray(embeddings, dtype=np.float32)
+        self._position = {key: i for i, key in enumerate(self.keys)}
+
+    def index(self, items: Sequence[Record]) -> None:
+        self.index_embeddings([it.key for it in items], self.embed_items(items))
+
+    def search_embeddings(self, keys: Sequence[str], embeddings: np.ndarray, k: int) -> list[list[str]]:
+        order = self.search_indices(keys, embeddings, k)
+        return [[self.keys[i] for i in row] for row in order]
+
+    def search_indices(self, keys: Sequence[str], embeddings: np.ndarray, k: int) -> np.ndarray:
+        """Like :meth:`search_embeddings`, as indices into the indexed order."""
+        exclude = [self._position.get(key) for key in keys]
+        return rank_euclidean(embeddings, self.embeddings, k, exclude)
+
+    def search_many(self, items: Sequence[Record], k: int) -> list[list[str]]:
+        return self.search_embeddings([it.key for it in items], self.embed_items(items), k)
+
+    def search(self, item: Record, k: int) -> list[str]:
+        return self.search_many([item], k)[0]
