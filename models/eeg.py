@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.errors import InvalidInput, UnreadableInput
+from models.errors import InvalidInput, UnreadableInput
 
 logger = logging.getLogger(__name__)
 

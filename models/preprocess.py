@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from services.errors import InvalidInput, UnreadableInput
+from models.errors import InvalidInput, UnreadableInput
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from models.preprocess import PreprocessContract
-from services.errors import ConfigError, InvalidInput, NotFound
+from models.errors import ConfigError, InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 

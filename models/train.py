@@ -335,7 +335,7 @@ class Trainer:
             n += len(idx)
             for key, value in terms.items():
                 terms_sum[key] = terms_sum.get(key, 0.0) + value * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         return {"train_loss": total / max(n, 1), **{f"train_{k}": v / max(n, 1) for k, v in terms_sum.items()},
                 "lr": self.optimizer.param_groups[0]["lr"]}
 

@@ -1,0 +1,86 @@
+"""Training: a tiny run lowers the loss, checkpoints resume, the small config runs on real data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.data import Record, shared_data_dir
+
+torch = pytest.importorskip("torch")
+
+
+def synthetic(n_per_class=24, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    records, inputs = [], []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    patterns = {"xray/a": xx, "xray/b": yy, "mri/c": (xx - 0.5) ** 2 + (yy - 0.5) ** 2}
+    for finding, pattern in patterns.items():
+        modality, label = finding.split("/")
+        for i in range(n_per_class):
+            img = np.clip(pattern + rng.normal(0, 0.05, pattern.shape), 0, 1)
+            records.append(Record(f"{finding}/{i}", None, modality, label, "train"))
+            inputs.append(img[None].astype(np.float32))
+    return records, np.stack(inputs)
+
+
+def make_trainer(tmp_path, arch="paper", epochs=3, **extra):
+    from models.train import Trainer, resolve_config
+
+    records, inputs = synthetic()
+    config = resolve_config(arch, "full", epochs=epochs, batch_size=12, data="synthetic", **extra)
+    config["arch_kwargs"] = dict(config["arch_kwargs"], input_size=16)
+    return Trainer(config, tmp_path, records, inputs, records[::4], inputs[::4])
+
+
+def test_tiny_training_lowers_the_loss_and_writes_artifacts(tmp_path):
+    torch.set_num_threads(2)
+    trainer = make_trainer(tmp_path, epochs=4)
+    assert trainer.fit()
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["lr"] == 1e-3 and config["lr_decay"] == 2e-5 and config["objective"] == {"mse": 1.0}
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["embedding_dim"] == 48 and best["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+    # Keras-style decay: lr = lr0 / (1 + decay * iterations)
+    assert history[-1]["lr"] == pytest.approx(1e-3 / (1 + 2e-5 * trainer.step))
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    torch.set_num_threads(2)
+    interrupted = make_trainer(tmp_path / "a", epochs=2)
+    assert not interrupted.fit(max_minutes=1e-9)  # stops after epoch 1
+    resumed = make_trainer(tmp_path / "a", epochs=2)
+    resumed.resume()
+    assert resumed.epoch == 1 and resumed.step == interrupted.step
+    assert resumed.fit()
+    straight = make_trainer(tmp_path / "b", epochs=2)
+    assert straight.fit()
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-5)
+
+
+def test_supcon_objective_trains_ours(tmp_path):
+    torch.set_num_threads(2)
+    trainer = make_trainer(tmp_path, arch="ours", epochs=2)
+    trainer.config["arch_kwargs"] = dict(trainer.config["arch_kwargs"])
+    assert trainer.fit()
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["whitened"] and "val_map@10" in best["whitening_val"]
+
+
+@pytest.mark.slow
+def test_small_config_on_shared_data(tmp_path):
+    if not (shared_data_dir() / "manifest.csv").is_file():
+        pytest.skip("shared data not available")
+    from models.train import add_arguments, run
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--arch", "paper", "--config", "small", "--out", str(tmp_path / "run"),
+                              "--set", "subset.train=6", "--set", "subset.val=3", "--epochs", "2"])
+    assert run(args) == 0
+    history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]
