@@ -402,6 +402,10 @@ def test_header_has_no_patient_data_and_reads_without_pixels(tmp_path: Path) -> 
             modality_code="CR", modality="xray", number_of_frames=1, rows=4, columns=6,
             transfer_syntax_uid=ExplicitVRLittleEndian)
         assert "Jane" not in repr(header) and "SECRET" not in repr(header) and "1970" not in repr(header)
+    from_network = pydicom.dcmread(path)
+    del from_network.file_meta  # as a C-STORE dataset may arrive: no File Meta
+    assert read_header(from_network).transfer_syntax_uid == ExplicitVRLittleEndian
+    assert only_frame(from_network).shape == (4, 6)
     truncated = path.read_bytes()[:-20]  # pixel data cut: the header is still readable
     assert read_header(truncated).rows == 4
     with pytest.raises(UnreadableInput):
@@ -570,6 +574,7 @@ def mutated_dicom(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_dicom(), st.sampled_from(["middle", "all"]))
 def test_fuzz_only_cbmir_errors_escape(data: bytes, frames: str) -> None:
@@ -584,6 +589,7 @@ def test_fuzz_only_cbmir_errors_escape(data: bytes, frames: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=20000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_dicom(), st.sampled_from(["middle", "all"]))
 def test_fuzz_only_cbmir_errors_escape_long(data: bytes, frames: str) -> None:
