@@ -200,7 +200,7 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
     raise InvalidInput(f"cannot read DICOM from a {type(source).__name__}")
 
 
-def _read_dataset(source: Any, *, stop_before_pixels: bool) -> "Dataset":
+def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
     """Parse a DICOM Part 10 file (path, bytes, stream) or pass a Dataset through."""
     from pydicom.dataset import Dataset
 
@@ -234,7 +234,7 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> "Dataset":
     return ds
 
 
-def _text(ds: "Dataset", keyword: str) -> str:
+def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -243,7 +243,7 @@ def _text(ds: "Dataset", keyword: str) -> str:
     return str(value).strip().strip("\x00").strip()
 
 
-def _required_uid(ds: "Dataset", keyword: str, meta_keyword: str | None = None) -> str:
+def _required_uid(ds: Dataset, keyword: str, meta_keyword: str | None = None) -> str:
     uid = _text(ds, keyword)
     if not uid and meta_keyword is not None:
         meta = getattr(ds, "file_meta", None)
@@ -259,7 +259,7 @@ def _required_uid(ds: "Dataset", keyword: str, meta_keyword: str | None = None) 
     return uid
 
 
-def _int_attr(ds: "Dataset", keyword: str, default: int) -> int:
+def _int_attr(ds: Dataset, keyword: str, default: int) -> int:
     value = ds.get(keyword)
     if value is None or value == "":
         return default
@@ -274,7 +274,7 @@ def _int_attr(ds: "Dataset", keyword: str, default: int) -> int:
     return int(number)
 
 
-def _transfer_syntax(ds: "Dataset") -> str:
+def _transfer_syntax(ds: Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     uid = _text(meta, "TransferSyntaxUID") if meta is not None else ""
     if uid:
@@ -287,7 +287,7 @@ def _transfer_syntax(ds: "Dataset") -> str:
     return "1.2.840.10008.1.2.2"
 
 
-def _header_from_dataset(ds: "Dataset") -> InstanceHeader:
+def _header_from_dataset(ds: Dataset) -> InstanceHeader:
     sop_class_uid = _required_uid(ds, "SOPClassUID", "MediaStorageSOPClassUID")
     if sop_class_uid == MEDIA_STORAGE_DIRECTORY:
         raise UnsupportedInput("this is a DICOMDIR (media directory), not an instance",
@@ -340,7 +340,7 @@ def _sop_name(uid: str) -> str:
     return name if name != uid else f"unknown SOP class {uid}"
 
 
-def _content_kind(ds: "Dataset", header: InstanceHeader) -> str:
+def _content_kind(ds: Dataset, header: InstanceHeader) -> str:
     """``"image"`` or ``"waveform"``; raise for everything cbmir cannot turn into a picture."""
     present = [keyword for keyword in PIXEL_KEYWORDS if keyword in ds]
     if len(present) > 1:
@@ -379,7 +379,7 @@ class _PixelModule:
     pixel_keyword: str
 
 
-def _pixel_module(ds: "Dataset", header: InstanceHeader) -> _PixelModule:
+def _pixel_module(ds: Dataset, header: InstanceHeader) -> _PixelModule:
     keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
     if keyword == "PixelData":
@@ -424,7 +424,7 @@ def _expected_native_bytes(header: InstanceHeader, pixels: _PixelModule) -> int:
     return (bits + 7) // 8
 
 
-def _decoder_for(ds: "Dataset", header: InstanceHeader, pixels: _PixelModule):
+def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule):
     """The pydicom decoder for this transfer syntax, or a DecodeError that says why not."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
@@ -454,7 +454,7 @@ def _decoder_for(ds: "Dataset", header: InstanceHeader, pixels: _PixelModule):
     return decoder, ts_text
 
 
-def _frame_groups(ds: "Dataset", index: int) -> list["Dataset"]:
+def _frame_groups(ds: Dataset, index: int) -> list[Dataset]:
     """Per-frame then shared functional group items that apply to frame ``index`` (0-based)."""
     groups = []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -466,7 +466,7 @@ def _frame_groups(ds: "Dataset", index: int) -> list["Dataset"]:
     return groups
 
 
-def _functional_item(ds: "Dataset", index: int, sequence_keyword: str) -> "Dataset | None":
+def _functional_item(ds: Dataset, index: int, sequence_keyword: str) -> Dataset | None:
     for group in _frame_groups(ds, index):
         seq = group.get(sequence_keyword)
         if seq:
@@ -488,7 +488,7 @@ def _first_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _apply_modality(values: np.ndarray, ds: "Dataset", index: int) -> np.ndarray:
+def _apply_modality(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
     """Modality LUT Sequence or Rescale Slope/Intercept (frame-level first)."""
     item = _functional_item(ds, index, "PixelValueTransformationSequence") or ds
     if item is ds and "ModalityLUTSequence" in ds:
@@ -519,7 +519,7 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _apply_voi(values: np.ndarray, ds: "Dataset", index: int) -> np.ndarray | None:
+def _apply_voi(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray | None:
     """VOI LUT (first) or first window, to [0, 1]; None when the object defines neither."""
     frame_voi = _functional_item(ds, index, "FrameVOILUTSequence")
     if frame_voi is None and ds.get("VOILUTSequence"):
@@ -569,7 +569,7 @@ def _luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
     return np.clip(grey / max_value, 0.0, 1.0) if max_value > 0 else _min_max(grey)
 
 
-def _display_frame(raw: np.ndarray, photometric: str, ds: "Dataset", index: int,
+def _display_frame(raw: np.ndarray, photometric: str, ds: Dataset, index: int,
                    pixels: _PixelModule) -> np.ndarray:
     """One decoded frame (as pydicom returns it) -> 2-D float64 in [0, 1]."""
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
@@ -613,7 +613,7 @@ def _display_frame(raw: np.ndarray, photometric: str, ds: "Dataset", index: int,
                            reason="unsupported-photometric")
 
 
-def _decode_image(ds: "Dataset", header: InstanceHeader, frames: str,
+def _decode_image(ds: Dataset, header: InstanceHeader, frames: str,
                   limits: DecodeLimits) -> list[DecodedFrame]:
     pixels = _pixel_module(ds, header)
     count = header.number_of_frames
@@ -649,8 +649,8 @@ def _codec_error(ts_text: str, header: InstanceHeader, pixels: _PixelModule, ind
                  exc: Exception) -> CbmirError:
     if header.transfer_syntax_uid == JPEG_EXTENDED_12BIT and pixels.bits_stored > 8:
         return DecodeError(
-            f"cannot decode {ts_text} with {pixels.bits_stored}-bit samples: lossy JPEG with more than 8 bits per "
-            "sample (process 4, '12-bit') is not supported by the installed codecs "
+            f"cannot decode {ts_text} with {pixels.bits_stored}-bit samples: lossy JPEG with more "
+            "than 8 bits per sample (process 4, '12-bit') is not supported by the installed codecs "
             "(pylibjpeg-libjpeg, Pillow). Ask the sender "
             "for JPEG Lossless, JPEG-LS, JPEG 2000 or uncompressed, or transcode the file "
             "(e.g. dcmtk 'dcmdjpeg'); the stored file is kept unchanged",
@@ -670,7 +670,7 @@ _WAVEFORM_DTYPES = {
 _UNITS_TO_UV = {"uv": 1.0, "µv": 1.0, "mv": 1e3, "v": 1e6, "nv": 1e-3}
 
 
-def _waveform_channel_uv(ds: "Dataset", limits: DecodeLimits) -> tuple[np.ndarray, float]:
+def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray, float]:
     """First channel of the first multiplex group, in µV, and its sampling frequency."""
     sequence = ds.get("WaveformSequence")
     if not sequence:

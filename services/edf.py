@@ -50,7 +50,8 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         sampling_hz = float(reader.getSampleFrequency(channel))
         n_samples = int(reader.getNSamples()[channel])
         if not np.isfinite(sampling_hz) or sampling_hz <= 0:
-            raise UnreadableInput("EDF channel has no positive sampling frequency", reason="invalid-attribute")
+            raise UnreadableInput("EDF channel has no positive sampling frequency",
+                                  reason="invalid-attribute")
         if n_samples < 1:
             raise UnreadableInput("EDF channel has no samples", reason="no-samples")
         if n_samples > MAX_SAMPLES:

@@ -82,12 +82,13 @@ def image_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", frame
         ds.PlanarConfiguration = 0 if planar is None else planar
     if frames:
         ds.NumberOfFrames = frames
-    ds.PixelData = raw_bytes if raw_bytes is not None else pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    little_endian = pixels.astype(pixels.dtype.newbyteorder("<"))
+    ds.PixelData = raw_bytes if raw_bytes is not None else little_endian.tobytes()
     return ds
 
 
 def only_frame(ds_or_bytes, **kwargs) -> np.ndarray:
-    header, frames = decode_for_embedding(ds_or_bytes, **kwargs)
+    _, frames = decode_for_embedding(ds_or_bytes, **kwargs)
     assert len(frames) == 1
     return frames[0].image
 
@@ -136,7 +137,7 @@ def survey(files) -> tuple[collections.Counter, dict[str, str]]:
     outcome: dict[str, str] = {}
     for name in files:
         try:
-            header, frames = decode_for_embedding(name)
+            _, frames = decode_for_embedding(name)
         except CbmirError as exc:
             key = f"{type(exc).__name__}:{exc.reason}"
         else:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -96,7 +96,8 @@ def _sr_document() -> Dataset:
     ds = _dataset(COMPREHENSIVE_SR, "SR")
     ds.ValueType = "CONTAINER"
     concept = Dataset()
-    concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "18748-4", "LN", "Diagnostic Imaging Report"
+    concept.CodeValue, concept.CodingSchemeDesignator = "18748-4", "LN"
+    concept.CodeMeaning = "Diagnostic Imaging Report"
     ds.ConceptNameCodeSequence = [concept]
     ds.ContinuityOfContent = "SEPARATE"
     ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
@@ -151,7 +152,8 @@ def cases(limits: dict[str, int]) -> list[tuple[str, bytes, str, str, str]]:
          "Rows (0028,0010) encoded as UN with a 3-byte text value"),
         ("missing_pixel_data.dcm", _encode(no_pixels), "UnreadableInput", "missing-pixel-data",
          "MR Image Storage without Pixel Data"),
-        ("missing_sop_instance_uid.dcm", _encode(no_uid, conformant_meta=False), "UnreadableInput", "missing-uid",
+        ("missing_sop_instance_uid.dcm", _encode(no_uid, conformant_meta=False), "UnreadableInput",
+         "missing-uid",
          "no SOP Instance UID anywhere"),
         ("rows_over_limit.dcm", _encode(too_tall), "TooLarge", "too-many-pixels",
          f"Rows {limits['max_rows'] + 1} > max_rows {limits['max_rows']}"),
@@ -161,7 +163,8 @@ def cases(limits: dict[str, int]) -> list[tuple[str, bytes, str, str, str]]:
          "Comprehensive SR document"),
         ("rt_plan.dcm", _encode(_rt_plan()), "UnsupportedInput", "no-image",
          "RT Plan: a SOP class without pixels or waveform"),
-        ("rle_corrupt_segments.dcm", _encode(_rle_garbage()), "DecodeError", "corrupt-pixel-data",
+        ("rle_corrupt_segments.dcm", _encode(_rle_garbage()), "DecodeError",
+         "corrupt-pixel-data",
          "RLE Lossless with segment offsets pointing past the data"),
         ("eeg_without_waveform.dcm", _encode(_eeg_without_waveform()), "UnreadableInput",
          "missing-waveform", "Routine Scalp EEG without a Waveform Sequence"),
