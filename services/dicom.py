@@ -175,20 +175,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def _open_source(source: Any) -> tuple[BinaryIO, str]:
-    """Source -> (binary stream positioned at 0, description for messages)."""
+    """Source -> (seekable binary stream at 0, description for messages); files stay on disk."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(source)), "byte buffer"
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            data = path.read_bytes()
+            return open(path, "rb"), f"file {path.name}"  # noqa: SIM115 - closed by the caller
         except FileNotFoundError:
             raise UnreadableInput(f"no such file: {path}", reason="no-such-file") from None
         except IsADirectoryError:
             raise UnreadableInput(f"{path} is a directory, not a file", reason="not-a-file") from None
         except OSError as exc:
             raise UnreadableInput(f"cannot read {path}: {_describe(exc)}", reason="io-error") from None
-        return io.BytesIO(data), f"file {path.name}"
     if hasattr(source, "read"):
         try:
             data = source.read()
@@ -207,30 +206,34 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
     if isinstance(source, Dataset):
         return source
     stream, what = _open_source(source)
-    size = stream.getbuffer().nbytes
-    if size == 0:
-        raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
-    head = stream.getbuffer()[:132].tobytes()
-    if len(head) < 132 or head[128:132] != b"DICM":
-        raise UnreadableInput(
-            f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM' "
-            "(raw datasets without File Meta Information are not accepted)",
-            reason="not-dicom",
-        )
-    import pydicom
+    with stream:
+        try:
+            head = stream.read(132)
+            stream.seek(0)
+        except OSError as exc:
+            raise UnreadableInput(f"cannot read {what}: {_describe(exc)}", reason="io-error") from None
+        if not head:
+            raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise UnreadableInput(
+                f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM' "
+                "(raw datasets without File Meta Information are not accepted)",
+                reason="not-dicom",
+            )
+        import pydicom
 
-    try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
-        # Elements are parsed lazily: touch the ones we rely on so a broken VR fails here.
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                        "Modality", "NumberOfFrames", "Rows", "Columns"):
-            ds.get(keyword)
-        ds.file_meta.get("TransferSyntaxUID")
-    except CbmirError:
-        raise
-    except Exception as exc:  # pydicom raises many types for broken files; all mean "unreadable"
-        raise UnreadableInput(f"{what} could not be parsed as DICOM ({_describe(exc)})",
-                              reason="parse-error") from None
+        try:
+            ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
+            # Elements are parsed lazily: touch the ones we rely on so a broken VR fails here.
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                            "Modality", "NumberOfFrames", "Rows", "Columns"):
+                ds.get(keyword)
+            ds.file_meta.get("TransferSyntaxUID")
+        except CbmirError:
+            raise
+        except Exception as exc:  # pydicom raises many types for broken files: all mean "unreadable"
+            raise UnreadableInput(f"{what} could not be parsed as DICOM ({_describe(exc)})",
+                                  reason="parse-error") from None
     return ds
 
 

@@ -409,6 +409,13 @@ def write_dataset(ds, out_path: str | os.PathLike) -> Path:
     return out_path
 
 
+def dicomize_row(row: Mapping[str, str], src_dir: str | os.PathLike, out_path: str | os.PathLike, *,
+                 seed: str | int | None = None, uids: UidFactory | None = None) -> Path:
+    """Build one manifest row and write it to ``out_path`` (the demo's one-file entry point)."""
+    ds = build_dataset(row, src_dir, uids=uids or UidFactory(seed))
+    return write_dataset(ds, out_path)
+
+
 def read_manifest(src_dir: str | os.PathLike) -> list[dict[str, str]]:
     """Rows of ``SRC/manifest.csv``."""
     path = Path(src_dir) / "manifest.csv"

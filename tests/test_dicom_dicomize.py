@@ -136,6 +136,11 @@ def test_build_dataset_from_one_row(source_dir: Path, tmp_path: Path) -> None:
     ds = dicomize.build_dataset(row, source_dir)
     path = dicomize.write_dataset(ds, tmp_path / "one.dcm")
     assert read_header(path).modality == "oct" and read_header(path).number_of_frames == 1
+    eeg_row = {"path": "eeg/seizure/S001.txt", "modality": "eeg"}
+    first = dicomize.dicomize_row(eeg_row, source_dir, tmp_path / "eeg1.dcm", seed=5)
+    second = dicomize.dicomize_row(eeg_row, source_dir, tmp_path / "eeg2.dcm", seed=5)
+    assert first.read_bytes() == second.read_bytes()
+    assert read_header(first).modality == "eeg"
 
 
 def dciodvfy_lines(path: Path) -> tuple[list[str], list[str]]:
