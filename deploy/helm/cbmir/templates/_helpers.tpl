@@ -1,0 +1,176 @@
+{{/*
+Chart name, truncated to 63 characters (DNS label limit).
+*/}}
+{{- define "cbmir.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name. Component names are appended to it, so keep room for "-worker-gpu".
+*/}}
+{{- define "cbmir.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "cbmir.labels" -}}
+helm.sh/chart: {{ include "cbmir.chart" . }}
+{{ include "cbmir.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: cbmir
+{{- end }}
+
+{{/*
+Selector labels (without the component).
+*/}}
+{{- define "cbmir.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cbmir.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels of one component. Call with (dict "root" $ "component" "scp").
+*/}}
+{{- define "cbmir.componentLabels" -}}
+{{ include "cbmir.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cbmir.componentSelectorLabels" -}}
+{{ include "cbmir.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "cbmir.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "cbmir.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "cbmir.gpuImage" -}}
+{{- $repository := default .Values.image.repository .Values.workerGpu.image.repository }}
+{{- $tag := default (printf "%s-gpu" .Chart.AppVersion) .Values.workerGpu.image.tag }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
+{{- define "cbmir.claimName" -}}
+{{- default (printf "%s-data" (include "cbmir.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{- define "cbmir.secretName" -}}
+{{- printf "%s-secret" (include "cbmir.fullname" .) }}
+{{- end }}
+
+{{/*
+Fail early on what cbmir cannot run without in a cluster.
+*/}}
+{{- define "cbmir.validate" -}}
+{{- if and (not .Values.broker.url) (not .Values.broker.existingSecret) }}
+{{- fail "broker.url (a Redis URL for the Celery broker) or broker.existingSecret is required" }}
+{{- end }}
+{{- if not .Values.qdrant.url }}
+{{- fail "qdrant.url (a Qdrant server) is required: the embedded index admits one process only" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment common to every component: ConfigMap, broker URL and Qdrant API key from Secrets, extras.
+*/}}
+{{- define "cbmir.envFrom" -}}
+- configMapRef:
+    name: {{ include "cbmir.fullname" . }}
+{{- end }}
+
+{{- define "cbmir.env" -}}
+- name: CBMIR_BROKER_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.broker.existingSecret }}
+      name: {{ .Values.broker.existingSecret }}
+      key: {{ .Values.broker.existingSecretKey }}
+      {{- else }}
+      name: {{ include "cbmir.secretName" . }}
+      key: broker-url
+      {{- end }}
+{{- if or .Values.qdrant.apiKey .Values.qdrant.existingSecret }}
+- name: QDRANT_API_KEY
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.qdrant.existingSecret }}
+      name: {{ .Values.qdrant.existingSecret }}
+      key: {{ .Values.qdrant.existingSecretKey }}
+      {{- else }}
+      name: {{ include "cbmir.secretName" . }}
+      key: qdrant-api-key
+      {{- end }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod-level pieces shared by every Deployment.
+*/}}
+{{- define "cbmir.podAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- with .Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.volumes" -}}
+- name: data
+  {{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "cbmir.claimName" . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "cbmir.volumeMounts" -}}
+- name: data
+  mountPath: {{ .Values.persistence.mountPath }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/*
+Celery remote-control ping of this pod's worker node (the node name is celery@<pod hostname>).
+*/}}
+{{- define "cbmir.workerPing" -}}
+- python
+- -c
+- >-
+  import socket, sys;
+  from services.config import WorkerSettings;
+  from workers.app import create_app;
+  app = create_app(WorkerSettings.from_env());
+  sys.exit(0 if app.control.ping(destination=['celery@' + socket.gethostname()], timeout=5) else 1)
+{{- end }}
