@@ -155,7 +155,14 @@ class BrokerSettings:
     def transport_options(self) -> dict:
         """kombu transport options: the visibility timeout only where the transport has one."""
         if self.url.startswith(("redis", "rediss", "sentinel")):
-            return {"visibility_timeout": self.visibility_timeout_s}
+            # kombu scans for unacknowledged messages every `interval` s but by default acts on
+            # only every 10th scan; scan at least twice per timeout and act on every scan, so a
+            # task of a killed worker comes back within about 1.5 x the timeout.
+            return {
+                "visibility_timeout": self.visibility_timeout_s,
+                "unacked_restore_interval": max(1, min(10, self.visibility_timeout_s // 2)),
+                "unacked_restore_throttle": 1,
+            }
         return {}
 
     @classmethod

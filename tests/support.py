@@ -1,0 +1,191 @@
+"""Real processes for integration tests: query service, listener, Celery worker, serve.
+
+Every server binds port 0 and announces its port on stdout; every test gets its own data
+directory, collection and queue, so tests never see each other's state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
+REDIS_URL = os.environ.get("CBMIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_available(url: str = REDIS_URL) -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def dcmtk_available() -> bool:
+    return shutil.which("storescu") is not None
+
+
+class Proc:
+    """A child process whose output is collected in a thread (and readable while it runs)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]):
+        self.name = name
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.process = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float = 90.0) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.process.poll() is not None and seen == len(self.lines)):
+                    break
+                self._cond.wait(timeout=min(remaining, 0.5))
+        raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout_s}s; output:\n" + self.output())
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines[-200:])
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CBMIR_", "QDRANT_"))}
+    env.update(
+        CBMIR_DATA_DIR=str(data_dir),
+        CBMIR_COLLECTION=f"t{uuid.uuid4().hex[:12]}",
+        CBMIR_DICOM_HOST="127.0.0.1",
+        CBMIR_GRPC_HOST="127.0.0.1",
+        CBMIR_LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def start_query(env: dict[str, str]) -> tuple[Proc, int]:
+    proc = Proc("query", [sys.executable, "-m", "services.query"], dict(env, CBMIR_GRPC_PORT="0"))
+    port = int(proc.wait_for(r"cbmir query: gRPC on [^:]+:(\d+)").group(1))
+    return proc, port
+
+
+def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
+    proc = Proc("scp", [sys.executable, "-m", "services.scp"], dict(env, CBMIR_DICOM_PORT="0"))
+    port = int(proc.wait_for(r"cbmir scp: AE \S+ listening on [^:]+:(\d+)").group(1))
+    return proc, port
+
+
+def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
+    if query_port is not None:
+        env = dict(env, CBMIR_INDEX_WRITER=f"127.0.0.1:{query_port}")
+    proc = Proc("worker", [sys.executable, "-m", "workers"], env)
+    proc.wait_for(r"celery@\S+ ready|ready\.", timeout_s=90)
+    return proc
+
+
+def storescu(port: int, files: list[Path], *, calling_aet: str = "STORESCU", called_aet: str = "CBMIR",
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Push files with dcmtk's storescu (Nagle off, as a PACS admin would set it)."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    argv = ["storescu", "-v", "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port), *map(str, files)]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    if not predicate():
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pydicom_file(name: str) -> Path:
+    """A file of pydicom's own test data or of the pydicom-data package, read locally (never
+    through pydicom's data manager, which would try to download what is missing)."""
+    import pydicom
+
+    own = Path(pydicom.__file__).parent / "data" / "test_files" / name
+    if own.exists():
+        return own
+    try:
+        import data_store  # the pydicom-data package
+    except ImportError:
+        raise FileNotFoundError(f"{name}: pydicom-data is not installed") from None
+    hits = list(Path(data_store.__file__).parent.rglob(name))
+    if not hits:
+        raise FileNotFoundError(name)
+    return hits[0]
+
+
+# Distinct real instances of several modalities, all uncompressed (storescu proposes only those).
+E2E_FILES = {
+    "MR_small.dcm": "mri",
+    "MR-SIEMENS-DICOM-WithOverlays.dcm": "mri",
+    "CT_small.dcm": "other",
+    "RG3_UNCR.dcm": "xray",
+    "RG1_UNCI.dcm": "xray",
+}
+
+
+def e2e_files() -> dict[Path, str]:
+    return {pydicom_file(name): modality for name, modality in E2E_FILES.items()}
+
+
+def sop_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)

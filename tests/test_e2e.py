@@ -1,0 +1,118 @@
+"""The clinical path end to end, with real parts only.
+
+dcmtk's storescu pushes DICOM over a real association to the listener; a real Celery worker
+consumes real messages (Redis, or the embedded SQLite broker under ``cbmir serve``); a real gRPC
+client asks the query service, over a socket, for similar cases.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import grpc
+import pytest
+
+from services.client import SearchClient
+from tests import support
+
+pytestmark = pytest.mark.integration
+
+
+def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
+    uids = {support.sop_uid(path): modality for path, modality in files.items()}
+    for path, modality in files.items():
+        uid = support.sop_uid(path)
+        by_uid = client.search(sop_instance_uid=uid, k=3)
+        assert by_uid.hits[0].sop_instance_uid == uid
+        assert by_uid.hits[0].distance == pytest.approx(0.0, abs=1e-4)
+        by_bytes = client.search(dicom=path.read_bytes(), k=3)  # the same file sent as a query
+        assert by_bytes.hits[0].sop_instance_uid == uid
+        assert by_bytes.hits[0].distance == pytest.approx(0.0, abs=1e-3)
+        assert list(h.distance for h in by_uid.hits) == sorted(h.distance for h in by_uid.hits)
+    # The modality filter keeps exactly the asked modality, across every indexed instance.
+    for wanted in ("xray", "mri", "other"):
+        expected = {uid for uid, modality in uids.items() if modality == wanted}
+        hits = client.search(sop_instance_uid=next(iter(uids)), k=50, modalities=[wanted]).hits
+        assert {h.sop_instance_uid for h in hits} == expected
+    stats = client.stats()
+    assert stats.total == len(files)
+    assert stats.quarantined == 0
+
+
+def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):
+    files = support.e2e_files()
+    query, grpc_port = support.start_query(redis_env)
+    procs.append(query)
+    scp, dicom_port = support.start_scp(redis_env)
+    procs.append(scp)
+    worker = support.start_worker(redis_env, grpc_port)
+    procs.append(worker)
+
+    support.storescu(dicom_port, list(files))
+    client = SearchClient(f"127.0.0.1:{grpc_port}")
+    support.wait_until(lambda: client.stats().total == len(files), 120, "all instances indexed")
+    _assert_self_nearest_and_filters(client, files)
+    # Everything indexed moved from the spool's incoming folder to the archive.
+    assert not list((redis_env_data := support.Path(redis_env["CBMIR_DATA_DIR"])).joinpath("spool", "incoming").iterdir())
+    assert len(list(redis_env_data.joinpath("archive").iterdir())) == len(files)
+    # A resent instance replaces its earlier copy: still one point.
+    support.storescu(dicom_port, [next(iter(files))])
+    support.wait_until(lambda: client.stats().pending == 0, 60, "resend processed")
+    assert client.stats().total == len(files)
+
+
+def test_same_path_under_cbmir_serve_without_redis(data_dir, procs, need_dcmtk):
+    files = support.e2e_files()
+    env = support.base_env(data_dir)
+    serve = support.Proc(
+        "serve",
+        [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        env,
+    )
+    procs.append(serve)
+    ready = serve.wait_for(r"cbmir serve: ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
+    dicom_port, grpc_port = int(ready.group(1)), int(ready.group(2))
+    support.storescu(dicom_port, list(files))
+    client = SearchClient(f"127.0.0.1:{grpc_port}")
+    support.wait_until(lambda: client.stats().total == len(files), 180, "all instances indexed")
+    _assert_self_nearest_and_filters(client, files)
+    assert "sqla+sqlite" in serve.output()  # the embedded broker, no Redis
+    serve.stop()
+    assert serve.process.returncode == 0
+
+
+def test_worker_killed_mid_task_loses_nothing(redis_env, procs, need_dcmtk):
+    """SIGKILL the worker while its task is inside the upsert; a new worker finishes the job.
+
+    The index owner is paused (SIGSTOP) so the worker is provably in the middle of the task when
+    it dies; acks_late + the broker's visibility timeout bring the message back.
+    """
+    env = dict(redis_env, CBMIR_VISIBILITY_TIMEOUT_S="5", CBMIR_RETRY_BACKOFF_S="0.5")
+    path = support.pydicom_file("MR_small.dcm")
+    uid = support.sop_uid(path)
+    query, grpc_port = support.start_query(env)
+    procs.append(query)
+    scp, dicom_port = support.start_scp(env)
+    procs.append(scp)
+    worker = support.start_worker(env, grpc_port)
+    procs.append(worker)
+
+    query.signal(signal.SIGSTOP)
+    support.storescu(dicom_port, [path])  # acknowledged: from here on it must not be lost
+    worker.wait_for(r"Task cbmir\.embed_instance\[.*\] received", timeout_s=60)
+    spooled = support.Path(env["CBMIR_DATA_DIR"]) / "spool" / "incoming" / f"{uid}.dcm"
+    support.wait_until(lambda: "indexed" not in worker.output() and spooled.exists(), 5, "task in flight")
+    worker.signal(signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    assert not re.search(r"indexed .*\.dcm", worker.output())
+    query.signal(signal.SIGCONT)
+
+    replacement = support.start_worker(env, grpc_port)
+    procs.append(replacement)
+    client = SearchClient(f"127.0.0.1:{grpc_port}")
+    support.wait_until(lambda: client.stats().total == 1, 90, "redelivered task indexed")
+    hit = client.search(sop_instance_uid=uid, k=1).hits[0]
+    assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
+    assert not spooled.exists()
