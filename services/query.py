@@ -79,12 +79,21 @@ def _guarded(method):
 class QueryEngine:
     """Turns a query (DICOM, picture, or UID) into a vector and searches the index."""
 
-    def __init__(self, index: VectorIndex, encoder: OnnxEncoder, spool: Spool, limits: DecodeLimits, collection: str):
+    def __init__(self, index: VectorIndex, encoder: OnnxEncoder, spool: Spool, limits: DecodeLimits):
         self.index = index
         self.encoder = encoder
         self.spool = spool
         self.limits = limits
-        self.collection = collection
+        self.collection: str | None = None
+        self._lock = threading.Lock()
+
+    def ready_collection(self) -> str:
+        """The collection, created on first use; raises BackendUnavailable while the store is down."""
+        if self.collection is None:
+            with self._lock:
+                if self.collection is None:
+                    self.collection = self.index.ensure_collection(self.encoder.dim, self.encoder.version)
+        return self.collection
 
     def _embed_image(self, image: np.ndarray) -> np.ndarray:
         return self.encoder.embed(to_model_input(image, self.encoder.contract)[None])[0]
@@ -121,6 +130,7 @@ class QueryEngine:
             if value not in PB_TO_MODALITY:
                 raise InvalidInput(f"unknown modality value {value} in modalities")
             modalities.append(PB_TO_MODALITY[value])
+        self.ready_collection()
         vector, query_modality, study = self.query_vector(request)
         exclude = study if request.exclude_same_study else None
         if request.exclude_same_study and not study:
@@ -133,6 +143,7 @@ class QueryEngine:
         )
 
     def stats(self) -> search_pb2.GetIndexStatsResponse:
+        self.ready_collection()
         counts = self.index.counts_by_modality()
         reasons = self.spool.quarantine_counts()
         return search_pb2.GetIndexStatsResponse(
@@ -178,7 +189,8 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
 class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
     """Workers' upserts into the embedded index this process owns."""
 
-    def __init__(self, index: VectorIndex, model_version: str, dim: int):
+    def __init__(self, engine: QueryEngine, index: VectorIndex, model_version: str, dim: int):
+        self._engine = engine
         self._index = index
         self._model_version = model_version
         self._dim = dim
@@ -195,6 +207,7 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
             if len(point.vector) != self._dim:
                 raise InvalidInput(f"vector of {len(point.vector)} values, index holds {self._dim}")
             points.append(IndexPoint(point.point_id, list(point.vector), json.loads(point.payload_json)))
+        self._engine.ready_collection()
         self._index.upsert(points)
         return index_writer_pb2.UpsertPointsResponse(upserted=len(points))
 
@@ -206,11 +219,14 @@ class QueryServer:
         self.settings = settings
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
-        self.collection = self.index.ensure_collection(self.encoder.dim, self.encoder.version)
         limits = DecodeLimits(
             max_rows=settings.decode.max_rows, max_columns=settings.decode.max_columns, max_frames=settings.decode.max_frames
         )
-        self.engine = QueryEngine(self.index, self.encoder, Spool(settings.layout), limits, self.collection)
+        self.engine = QueryEngine(self.index, self.encoder, Spool(settings.layout), limits)
+        try:
+            self.engine.ready_collection()
+        except BackendUnavailable as exc:  # keep serving: calls answer UNAVAILABLE until it is back
+            logger.error("index backend unavailable at start: %s", exc)
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
@@ -223,7 +239,7 @@ class QueryServer:
         services = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
         if settings.index.embedded:
             index_writer_pb2_grpc.add_IndexWriterServicer_to_server(
-                IndexWriterServicer(self.index, self.encoder.version, self.encoder.dim), self._server
+                IndexWriterServicer(self.engine, self.index, self.encoder.version, self.encoder.dim), self._server
             )
             services.append(index_writer_pb2.DESCRIPTOR.services_by_name["IndexWriter"].full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -238,7 +254,7 @@ class QueryServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "gRPC query service on %s:%d (collection %s, model %s on %s, index %s)",
-            self.settings.host, self.port, self.collection, self.encoder.version, self.encoder.providers[0],
+            self.settings.host, self.port, self.engine.collection, self.encoder.version, self.encoder.providers[0],
             "embedded" if self.settings.index.embedded else "server",
         )
         return self.port

@@ -77,7 +77,10 @@ class Spool:
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder itself is what failed
             raise StorageError(f"cannot write {final.name} into {final.parent}: {exc.strerror or exc}") from exc
         return final
 

@@ -1,0 +1,134 @@
+"""The DICOM listener's answers over real associations: success, failure statuses, allowlist."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, Verification
+
+from tests import support
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def listener(data_dir, procs, redis_env):
+    def start(**extra):
+        env = dict(redis_env, **extra)
+        proc, port = support.start_scp(env)
+        procs.append(proc)
+        return proc, port
+
+    return start
+
+
+def _send_raw(port: int, path: Path, calling: str = "PYNETDICOM") -> int:
+    """Send a file's bytes as they are (pynetdicom reads the meta, sends the dataset unparsed)."""
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=calling)
+    meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CBMIR")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _mr_with(tmp_path: Path, name: str, mutate) -> Path:
+    ds = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
+    mutate(ds)
+    out = tmp_path / name
+    ds.save_as(out, enforce_file_format=False)
+    return out
+
+
+def test_echo_and_store_success(listener, need_dcmtk, data_dir):
+    _, port = listener()
+    echo = subprocess.run(["echoscu", "-aec", "CBMIR", "127.0.0.1", str(port)], capture_output=True, text=True)
+    assert echo.returncode == 0, echo.stderr
+    path = support.pydicom_file("MR_small.dcm")
+    support.storescu(port, [path])
+    assert (data_dir / "spool" / "incoming" / f"{support.sop_uid(path)}.dcm").read_bytes()[128:132] == b"DICM"
+
+
+def test_unparseable_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir):
+    _, port = listener()
+    good = _mr_with(tmp_path, "good.dcm", lambda ds: None)
+    header = pydicom.dcmread(good, stop_before_pixels=True).file_meta
+    # Keep the file meta; the dataset is one tag that claims a 32 KB value, then stops.
+    buffer = BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, header, enforce_standard=True)
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2")
+    status = _send_raw(port, broken)
+    assert status == 0xC210
+    reasons = [json.loads(p.read_text()) for p in (data_dir / "quarantine").glob("*.reason.json")]
+    assert [r["stage"] for r in reasons] == ["listener"]
+    assert reasons[0]["reason"] == "unreadable"
+    assert not list((data_dir / "spool" / "incoming").iterdir())
+
+
+def test_dataset_disagreeing_with_request_gets_a900(listener, tmp_path):
+    _, port = listener()
+
+    def mismatch(ds):
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request's UID
+
+    path = _mr_with(tmp_path, "mismatch.dcm", mismatch)
+    assert _send_raw(port, path) == 0xA900
+
+
+def test_unwritable_spool_gets_out_of_resources(listener, need_dcmtk, data_dir):
+    _, port = listener()
+    tmp = data_dir / "spool" / "tmp"
+    shutil.rmtree(tmp)
+    tmp.write_text("not a folder")  # every durable write now fails
+    result = support.storescu(port, [support.pydicom_file("MR_small.dcm")], check=False)
+    # dcmtk names 0xA700 "Refused: OutOfResources"
+    assert "refused: outofresources" in (result.stdout + result.stderr).lower()
+    assert not list((data_dir / "spool" / "incoming").iterdir())
+
+
+def test_allowlist_rejects_unknown_calling_ae(listener, need_dcmtk, data_dir):
+    proc, port = listener(CBMIR_ALLOWED_AE_TITLES="PACS1, PACS2")
+    path = support.pydicom_file("MR_small.dcm")
+    refused = support.storescu(port, [path], calling_aet="INTRUDER", check=False)
+    assert refused.returncode != 0
+    assert "rejected" in (refused.stdout + refused.stderr).lower()
+    assert not list((data_dir / "spool" / "incoming").iterdir())
+    support.storescu(port, [path], calling_aet="PACS2")
+    assert len(list((data_dir / "spool" / "incoming").iterdir())) == 1
+    assert "allow all" not in proc.output()
+
+
+def test_empty_allowlist_warns_at_start(listener):
+    proc, _ = listener()
+    assert "CBMIR_ALLOWED_AE_TITLES is empty" in proc.output()
+
+
+def test_non_image_sop_class_is_rejected_at_negotiation(listener):
+    _, port = listener()
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CBMIR")
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+    assoc.release()
+    assert "1.2.840.10008.5.1.4.1.1.88.11" in rejected
+    assert str(MRImageStorage) in accepted

@@ -1,0 +1,126 @@
+"""The gRPC query service over a socket: status codes for bad requests, health, reflection."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from services.client import SearchClient
+from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2
+from tests import support
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def query(data_dir, procs):
+    env = support.base_env(data_dir)
+    proc, port = support.start_query(env)
+    procs.append(proc)
+    client = SearchClient(f"127.0.0.1:{port}")
+    yield client, port, proc
+    client.close()
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(sop_instance_uid="1.2.3", k=1001), "k must be between 1 and 1000"),
+        (dict(), "names no query"),
+        (dict(dicom=b"this is not DICOM at all" * 10), ""),
+        (dict(image=b"\x89PNG\r\n\x1a\n broken", image_modality="xray"), ""),
+        (dict(image=_png()), "image.modality must be set"),
+        (dict(image=_png(), image_modality="xray", exclude_same_study=True), "exclude_same_study"),
+        (dict(sop_instance_uid="   "), "sop_instance_uid is empty"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(query, kwargs, fragment):
+    client, _, _ = query
+    code, details = _code(lambda: client.search(**kwargs))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert fragment in details
+    assert "Traceback" not in details
+
+
+def test_unknown_modality_enum_is_invalid_argument(query):
+    _, port, _ = query
+    from services.grpc_gen.cbmir.v1 import search_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = search_pb2_grpc.SimilarCasesStub(channel)
+        request = search_pb2.SearchSimilarRequest(sop_instance_uid="1.2.3", modalities=[42])
+        code, details = _code(lambda: stub.SearchSimilar(request, timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown modality" in details
+
+
+def test_unknown_uid_is_not_found(query):
+    client, _, _ = query
+    code, details = _code(lambda: client.search(sop_instance_uid="1.2.826.0.1.999"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "1.2.826.0.1.999" in details
+
+
+def test_png_query_on_empty_index_returns_no_hits(query):
+    client, _, _ = query
+    response = client.search(image=_png(), image_modality="xray", k=5)
+    assert list(response.hits) == []
+    assert response.query_modality == search_pb2.MODALITY_XRAY
+
+
+def test_health_and_reflection(query):
+    _, port, _ = query
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "cbmir.v1.SimilarCases"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {"cbmir.v1.SimilarCases", "cbmir.v1.IndexWriter", "grpc.health.v1.Health"} <= names
+
+
+def test_index_writer_refuses_another_model_version(query):
+    client, port, _ = query
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        writer = index_writer_pb2_grpc.IndexWriterStub(channel)
+        request = index_writer_pb2.UpsertPointsRequest(
+            model_version="some-other-model",
+            points=[index_writer_pb2.IndexedPoint(point_id="6f1c4a5e-0000-5000-8000-000000000001", vector=[0.0] * 4,
+                                                  payload_json=json.dumps({"modality": "xray"}))],
+        )
+        code, details = _code(lambda: writer.UpsertPoints(request, timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "reindex" in details
+    assert client.stats().total == 0
+
+
+def test_backend_down_is_unavailable(data_dir, procs):
+    """With a Qdrant server configured but unreachable, the service runs and answers UNAVAILABLE."""
+    env = support.base_env(data_dir, QDRANT_URL=f"http://127.0.0.1:{support.free_port()}")
+    proc, port = support.start_query(env)
+    procs.append(proc)
+    client = SearchClient(f"127.0.0.1:{port}")
+    for call in (lambda: client.search(sop_instance_uid="1.2.3"), client.stats):
+        code, details = _code(call)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert "Traceback" not in details
+    assert proc.process.poll() is None
