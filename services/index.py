@@ -156,11 +156,14 @@ class EdgeIndex(VectorIndex):
                 elif dim is not None:
                     config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
                     shard = qe.EdgeShard.create(str(path), config)
+                    (self._root / "shards" / f"{collection}.json").write_text(json.dumps({"dim": dim}))
                     for field in INDEXED_FIELDS:
                         shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
                 else:
                     raise NotFound(f"collection {collection} does not exist")
-            except RuntimeError as exc:
+            except (NotFound, ConfigError):
+                raise
+            except Exception as exc:  # the engine raises plain Exception
                 if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
                     raise BackendUnavailable(
                         f"the embedded index at {path} is open in another process; one process owns it "
@@ -183,8 +186,8 @@ class EdgeIndex(VectorIndex):
                 current = collection_name(self._alias, model_version)
                 self._open(current, dim)
                 self.switch_alias(current)
-            shard = self._open(current)
-            size = _edge_dim(shard)
+            self._open(current)
+            size = self._collection_dim(current)
             if size is not None and size != dim:
                 raise ConfigError(
                     f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
@@ -195,6 +198,12 @@ class EdgeIndex(VectorIndex):
     def create_collection(self, collection: str, dim: int) -> None:
         """A fresh collection beside the current one (for a reindex)."""
         self._open(collection, dim)
+
+    def _collection_dim(self, collection: str) -> int | None:
+        try:
+            return int(json.loads((self._root / "shards" / f"{collection}.json").read_text())["dim"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
@@ -275,18 +284,6 @@ def _as_vector(vector) -> list[float]:
     if isinstance(vector, dict):  # named vectors: the default one is ""
         vector = next(iter(vector.values()))
     return [float(x) for x in vector]
-
-
-def _edge_dim(shard) -> int | None:
-    try:
-        info = shard.info()
-        config = getattr(info, "config", None)
-        vectors = config.vectors() if config is not None else None
-        if vectors:
-            return int(next(iter(vectors.values())).size())
-    except Exception:
-        return None
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

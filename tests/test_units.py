@@ -1,0 +1,152 @@
+"""Fast checks of the adapters: settings, spool, batcher, index stores against numpy."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from services.config import ListenerSettings, WorkerSettings
+from services.errors import ConfigError, NotFound, StorageError
+from services.index import EdgeIndex, IndexPoint, QdrantServerIndex, point_id
+from services.spool import Spool, spool_name_for
+from workers.batching import MicroBatcher
+
+
+def test_settings_defaults_and_errors(tmp_path):
+    s = ListenerSettings.from_env({"CBMIR_DATA_DIR": str(tmp_path)})
+    assert (s.ae_title, s.port, s.allowed_ae_titles) == ("CBMIR", 11112, frozenset())
+    assert s.broker.url.startswith("sqla+sqlite:///") and s.broker.embedded
+    assert ListenerSettings.from_env({"CBMIR_ALLOWED_AE_TITLES": " A, B ,,"}).allowed_ae_titles == {"A", "B"}
+    with pytest.raises(ConfigError, match="CBMIR_DICOM_PORT must be an integer"):
+        ListenerSettings.from_env({"CBMIR_DICOM_PORT": "eleven"})
+    with pytest.raises(ConfigError, match="1..16"):
+        ListenerSettings.from_env({"CBMIR_AE_TITLE": "A" * 17})
+    w = WorkerSettings.from_env({"CBMIR_BROKER_URL": "redis://h:6379/0", "CBMIR_VISIBILITY_TIMEOUT_S": "30"})
+    assert w.broker.transport_options()["visibility_timeout"] == 30
+    assert w.index.embedded and w.decode.frames == "middle"
+    with pytest.raises(ConfigError, match="CBMIR_FRAMES"):
+        WorkerSettings.from_env({"CBMIR_FRAMES": "some"})
+
+
+def test_spool_names_are_safe():
+    assert spool_name_for("1.2.840.113619.2.1") == "1.2.840.113619.2.1.dcm"
+    for hostile in ("../../etc/passwd", "", "1.2.3/../../x", "1." * 40):
+        name = spool_name_for(hostile)
+        assert "/" not in name and name.startswith("x") and name.endswith(".dcm")
+
+
+def test_spool_lifecycle_never_loses_a_copy(tmp_path):
+    from services.config import DataLayout
+
+    spool = Spool(DataLayout(tmp_path))
+    path = spool.store("1.2.3.dcm", b"first")
+    assert spool.store("1.2.3.dcm", b"second") == path and path.read_bytes() == b"second"  # idempotent replace
+    assert spool.pending() == [path]
+    archived = spool.archive("1.2.3.dcm")
+    assert archived.read_bytes() == b"second" and not path.exists()
+    spool.store("1.2.4.dcm", b"bad")
+    kept = spool.quarantine(spool.incoming_path("1.2.4.dcm"), reason="undecodable", detail="why", stage="worker")
+    assert kept.read_bytes() == b"bad"
+    assert json.loads(kept.with_name(kept.name + ".reason.json").read_text())["reason"] == "undecodable"
+    assert spool.quarantine_counts() == {"undecodable": 1}
+    outside = tmp_path / "dropped.png"
+    outside.write_bytes(b"x")
+    spool.quarantine(outside, reason="not-dicom", detail="", stage="watcher")
+    assert outside.exists()  # someone else's file is copied, never moved away from them
+    assert spool.requeue_quarantined("1.2.4.dcm").read_bytes() == b"bad"
+    with pytest.raises(StorageError):
+        spool.archive("../escape.dcm")
+    assert not list(spool.layout.spool_tmp.iterdir())
+
+
+def test_batcher_groups_concurrent_callers_and_returns_their_rows():
+    calls = []
+
+    def double(batch):
+        calls.append(len(batch))
+        time.sleep(0.02)
+        return batch * 2
+
+    batcher = MicroBatcher(double, max_batch=8, max_wait_s=0.05)
+    results = {}
+
+    def submit(i):
+        results[i] = batcher.submit(np.full((1, 3), i, dtype=np.float32))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert all(np.array_equal(results[i], np.full((1, 3), 2 * i)) for i in range(8))
+    assert sum(calls) == 8 and max(calls) > 1 and max(calls) <= 8
+
+
+def test_batcher_hands_errors_to_every_caller():
+    batcher = MicroBatcher(lambda batch: (_ for _ in ()).throw(ValueError("boom")), 4, 0.0)
+    with pytest.raises(ValueError, match="boom"):
+        batcher.submit(np.zeros((1, 2)))
+    batcher.close()
+
+
+@pytest.mark.parametrize("store", ["edge", "qdrant-local"])
+def test_index_matches_numpy_brute_force(tmp_path, store):
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    modalities = np.array(["xray", "mri", "oct", "eeg"])[rng.integers(0, 4, 300)]
+    index = EdgeIndex(tmp_path, "t") if store == "edge" else QdrantServerIndex("t", path=tmp_path)
+    with pytest.raises(NotFound):
+        index.find_sop("1.2.3")
+    index.ensure_collection(8, "v1")
+    index.upsert([
+        IndexPoint(point_id(f"1.2.{i}"), vectors[i], {"modality": str(modalities[i]), "sop_instance_uid": f"1.2.{i}",
+                                                     "study_instance_uid": f"9.{i % 7}"})
+        for i in range(300)
+    ])
+    for q in range(0, 300, 37):
+        distances = np.linalg.norm(vectors - vectors[q], axis=1)
+        hits = index.search(vectors[q], 10)
+        assert [h.payload["sop_instance_uid"] for h in hits] == [f"1.2.{i}" for i in np.argsort(distances)[:10]]
+        assert np.allclose([h.distance for h in hits], np.sort(distances)[:10], atol=1e-4)
+        mask = (modalities == "mri") & (np.arange(300) % 7 != q % 7)
+        filtered = index.search(vectors[q], 5, ["mri"], exclude_study=f"9.{q % 7}")
+        expected = np.where(mask)[0][np.argsort(distances[mask])[:5]]
+        assert [h.payload["sop_instance_uid"] for h in filtered] == [f"1.2.{i}" for i in expected]
+    assert sum(index.counts_by_modality().values()) == 300
+    with pytest.raises(ConfigError, match="reindex"):
+        index.ensure_collection(16, "v2")
+    vector, payload = index.find_sop("1.2.5")
+    assert np.allclose(vector, vectors[5]) and payload["modality"] == modalities[5]
+    index.close()
+
+
+def test_edge_index_has_one_owner(tmp_path):
+    from services.errors import BackendUnavailable
+
+    first = EdgeIndex(tmp_path, "t")
+    first.ensure_collection(4, "v1")
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        message = pool.apply(_open_in_other_process, (str(tmp_path),))
+    first.close()
+    assert "another process" in message
+    del BackendUnavailable
+
+
+def _open_in_other_process(path: str) -> str:
+    from pathlib import Path
+
+    from services.errors import BackendUnavailable
+
+    try:
+        EdgeIndex(Path(path), "t").ensure_collection(4, "v1")
+    except BackendUnavailable as exc:
+        return str(exc)
+    return "opened"
