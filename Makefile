@@ -1,0 +1,24 @@
+# The two commands a fresh machine needs (see README):
+#   make demo   - set up, then run the whole path on an embedded default and print similar cases
+#   make test   - set up what the tests talk to, then run the test suite
+.PHONY: demo test protos check-protos bench
+
+demo:
+	./scripts/bootstrap
+	.venv/bin/cbmir demo
+
+test:
+	./scripts/bootstrap --test
+	.venv/bin/pytest -q
+
+protos:
+	PYTHON=.venv/bin/python ./scripts/gen-protos
+
+# CI: the committed stubs must be exactly what proto/ generates.
+check-protos: protos
+	git diff --exit-code -- services/grpc_gen || (echo "generated stubs drift from proto/: run 'make protos' and commit"; exit 1)
+	test -z "$$(git status --porcelain -- services/grpc_gen)"
+
+bench:
+	.venv/bin/python benchmarks/search.py --quick
+	.venv/bin/python benchmarks/ingest.py --quick

@@ -1,0 +1,194 @@
+"""``cbmir demo``: the whole clinical path on this machine, with real parts.
+
+1. starts ``cbmir serve`` (listener + Celery worker + gRPC query service; embedded broker and
+   index, no servers needed);
+2. pushes real DICOM over a real association: the image files of the ``pydicom`` and
+   ``pydicom-data`` packages, plus DICOM built from ``../shared/data`` when it exists;
+3. waits until everything is indexed (or quarantined, with its reason);
+4. asks the gRPC service for similar cases and prints queries and hits as a table;
+5. stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from services.client import MODALITY_LABELS, SearchClient, stats_dict
+from services.errors import CbmirError
+
+logger = logging.getLogger(__name__)
+
+MAX_PACKAGE_FILES = 60
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
+def package_dicom_files() -> list[Path]:
+    """Image DICOM files shipped in pydicom and pydicom-data (read locally, never downloaded)."""
+    import pydicom
+
+    from services.dicom import read_header
+    from services.scp import accepted_storage_classes
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
+    try:
+        import data_store
+
+        roots.append(Path(data_store.__file__).parent)
+    except ImportError:
+        print("demo: pydicom-data is not installed; using pydicom's own files only")
+    accepted = set(map(str, accepted_storage_classes().values()))
+    chosen, seen = [], set()
+    for root in roots:
+        for path in sorted(root.rglob("*.dcm")):
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            try:
+                header = read_header(path)
+            except CbmirError:
+                continue
+            if header.sop_class_uid not in accepted or header.sop_instance_uid in seen:
+                continue
+            seen.add(header.sop_instance_uid)
+            chosen.append(path)
+    return chosen[:MAX_PACKAGE_FILES]
+
+
+def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict]]:
+    """Build DICOM from ../shared/data (train rows to index, test rows to query), if it exists."""
+    from services.dicomize import UidFactory, default_source_dir, dicomize_row, read_manifest
+
+    source = default_source_dir()
+    if not (source / "manifest.csv").exists():
+        print("demo: no ../shared/data here; using the DICOM files of the pydicom packages")
+        return [], {}
+    rows = read_manifest(source)
+    picked: list[dict] = []
+    for modality in ("xray", "mri", "oct", "eeg"):
+        for split, count in (("train", per_modality), ("test", 2)):
+            # spread over the labels so queries have something to find
+            candidates = [r for r in rows if r["modality"] == modality and r["split"] == split]
+            labels = sorted({r["label"] for r in candidates})
+            for i in range(count):
+                label_rows = [r for r in candidates if r["label"] == labels[i % len(labels)]]
+                if i // len(labels) < len(label_rows):
+                    picked.append(label_rows[i // len(labels)])
+    uids = UidFactory(seed=7)
+    files, labels = [], {}
+    for i, row in enumerate(tqdm(picked, desc="building DICOM from shared data", unit="obj")):
+        path = dicomize_row(row, source, out_dir / f"{i:04d}.dcm", uids=uids)
+        files.append(path)
+        labels[str(path)] = row
+    return files, labels
+
+
+def run_demo(args) -> int:
+    from services.dicom import read_header
+    from services.scu import send_files
+
+    work = Path(args.data_dir).resolve() if args.data_dir else Path(tempfile.mkdtemp(prefix="cbmir-demo-"))
+    data_dir, build_dir = work / "data", work / "built"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"demo: working in {work}")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
+         "--grpc-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    log = open(work / "serve.log", "w")
+    try:
+        ready = None
+        for line in serve.stdout:
+            log.write(line)
+            if match := re.search(r"cbmir serve: ready dicom=([^:]+):(\d+) ae=(\S+) grpc=(\S+)", line):
+                ready = match
+                break
+        if ready is None:
+            print("demo: cbmir serve failed to start; see", work / "serve.log", file=sys.stderr)
+            return 1
+        _drain(serve, log)
+        host, dicom_port, ae_title, grpc_target = ready.group(1), int(ready.group(2)), ready.group(3), ready.group(4)
+        print(f"demo: serving DICOM {ae_title}@{host}:{dicom_port}, gRPC {grpc_target}")
+
+        package_files = package_dicom_files()
+        shared_files, shared_rows = shared_dicom_files(build_dir, args.per_modality)
+        query_files = [p for p in shared_files if shared_rows[str(p)]["split"] == "test"]
+        to_push = package_files + [p for p in shared_files if p not in query_files]
+        with tqdm(total=len(to_push), desc="C-STORE to cbmir", unit="obj") as bar:
+            statuses = send_files(host, dicom_port, to_push, called_ae=ae_title, progress=bar)
+        accepted = sum(1 for s in statuses.values() if s == 0)
+        print(f"demo: pushed {len(to_push)} objects, {accepted} acknowledged")
+
+        client = SearchClient(grpc_target)
+        deadline = time.monotonic() + args.timeout
+        with tqdm(total=accepted, desc="indexing", unit="obj") as bar:
+            while True:
+                stats = client.stats()
+                done = stats.total + stats.quarantined
+                bar.n = min(done, accepted)
+                bar.refresh()
+                if stats.pending == 0 and done >= accepted:
+                    break
+                if time.monotonic() > deadline:
+                    print("demo: timed out waiting for the index", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+        summary = stats_dict(client.stats())
+        print(f"demo: index holds {summary['total']} points {summary['per_modality']}, "
+              f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} (model {summary['model_version']})")
+
+        labels_by_uid = {}
+        for path, row in shared_rows.items():
+            labels_by_uid[read_header(Path(path)).sop_instance_uid] = f"{row['modality']}/{row['label']}"
+        print()
+        print(f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'label':<22} hit SOP Instance UID")
+        print("-" * 130)
+        for path in query_files:
+            row = shared_rows[str(path)]
+            response = client.search(dicom=path.read_bytes(), k=5)
+            _print_hits(f"held-out {row['modality']}/{row['label']} (DICOM)", response.hits, labels_by_uid)
+        uids = [read_header(p).sop_instance_uid for p, s in statuses.items() if s == 0 and p in package_files]
+        for uid in uids[:: max(1, len(uids) // 6)][:6]:
+            response = client.search(sop_instance_uid=uid, k=5)
+            _print_hits(f"indexed {uid[:36]}", response.hits, labels_by_uid)
+        if summary["model_version"].endswith("untrained"):
+            print("\nnote: the shipped encoder is untrained; distances show the path works, not retrieval quality.")
+        client.close()
+        return 0
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        log.close()
+        print("demo: stopped" + ("" if args.data_dir else f"; logs and data in {work}"))
+
+
+def _print_hits(title: str, hits, labels_by_uid: dict) -> None:
+    for rank, hit in enumerate(hits, 1):
+        label = labels_by_uid.get(hit.sop_instance_uid, hit.modality_code)
+        print(f"{title if rank == 1 else '':<46} {rank:>4} {hit.distance:>9.4f}  "
+              f"{MODALITY_LABELS.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}")
+    print()
+
+
+def _drain(process: subprocess.Popen, log) -> None:
+    import threading
+
+    def pump():
+        for line in process.stdout:
+            log.write(line)
+            log.flush()
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+__all__ = ["run_demo", "package_dicom_files", "shared_dicom_files"]

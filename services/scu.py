@@ -1,0 +1,65 @@
+"""Sending DICOM files over a real association (pynetdicom as the SCU).
+
+The demo and the service-level evaluation push files the way a modality or PACS would. Each file
+is sent as stored (its own transfer syntax, dataset bytes unparsed), so nothing is transcoded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, _config
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # presentation contexts one association may propose
+
+
+def _context_key(path: Path) -> tuple[str, str]:
+    meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def send_files(host: str, port: int, files: Iterable[Path], *, called_ae: str = "CBMIR",
+               calling_ae: str = "CBMIR-SCU", progress=None) -> dict[Path, int]:
+    """C-STORE every file; returns each file's DICOM status (-1 when it could not be sent)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    groups: list[tuple[set[tuple[str, str]], list[Path]]] = []
+    statuses: dict[Path, int] = {}
+    for path in map(Path, files):
+        try:
+            key = _context_key(path)
+        except Exception as exc:
+            logger.warning("%s: not sendable (%s)", path.name, exc)
+            statuses[path] = -1
+            continue
+        for contexts, members in groups:
+            if key in contexts or len(contexts) < MAX_CONTEXTS:
+                contexts.add(key)
+                members.append(path)
+                break
+        else:
+            groups.append(({key}, [path]))
+    for contexts, members in groups:
+        ae = AE(ae_title=calling_ae)
+        for sop_class, syntax in sorted(contexts):
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(host, port, ae_title=called_ae)
+        if not assoc.is_established:
+            raise ConnectionError(f"association with {called_ae}@{host}:{port} was not established")
+        try:
+            for path in members:
+                try:
+                    status = assoc.send_c_store(path)
+                    statuses[path] = int(status.Status) if status else -1
+                except Exception as exc:  # e.g. no accepted context for this file
+                    logger.warning("%s: not sent (%s)", path.name, exc)
+                    statuses[path] = -1
+                if progress is not None:
+                    progress.update(1)
+        finally:
+            assoc.release()
+    return statuses
