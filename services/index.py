@@ -69,7 +69,18 @@ class VectorIndex(ABC):
         """Create the versioned collection and point the alias at it if there is none yet."""
 
     @abstractmethod
-    def upsert(self, points: Sequence[IndexPoint]) -> None: ...
+    def create_collection(self, collection: str, dim: int) -> None:
+        """A new, empty collection beside the current one (for a reindex)."""
+
+    @abstractmethod
+    def switch_alias(self, collection: str) -> None:
+        """Point the alias at ``collection`` atomically."""
+
+    @abstractmethod
+    def current_collection(self) -> str | None: ...
+
+    @abstractmethod
+    def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None: ...
 
     @abstractmethod
     def search(
@@ -117,6 +128,7 @@ class EdgeIndex(VectorIndex):
         self._shards: dict[str, object] = {}
         self._dim: int | None = None
         (self._root / "shards").mkdir(parents=True, exist_ok=True)
+        self._owner_lock = _take_owner_lock(self._root)
 
     # aliases ------------------------------------------------------------------------------------
     def _aliases_path(self) -> Path:
@@ -278,6 +290,31 @@ class EdgeIndex(VectorIndex):
                 except Exception:  # closing is best effort
                     logger.exception("closing an edge shard failed")
             self._shards.clear()
+            if self._owner_lock is not None:
+                self._owner_lock.close()  # releases the flock
+                self._owner_lock = None
+
+
+def _take_owner_lock(root: Path):
+    """One process owns the whole embedded index (all shards and the alias file)."""
+    import fcntl
+
+    handle = open(root / ".owner.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise BackendUnavailable(
+            f"the embedded index at {root} is open in another process (pid {owner}); one process owns it "
+            "(the query service) and workers write through it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _as_vector(vector) -> list[float]:

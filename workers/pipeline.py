@@ -6,18 +6,15 @@ Built once per worker process (the ONNX session included) and shared by its task
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from models.preprocess import to_model_input
 from models.runtime import OnnxEncoder
 from services.config import WorkerSettings
 from services.dicom import DecodeLimits, decode_for_embedding
+from services.embedding import index_points, model_inputs
 from services.errors import StorageError
-from services.index import IndexPoint, RemoteIndexWriter, open_index, point_id
+from services.index import RemoteIndexWriter, open_index
 from services.spool import Spool
 from workers.batching import MicroBatcher
 
@@ -76,26 +73,8 @@ class EmbeddingPipeline:
     def embed_and_upsert(self, path: Path) -> int:
         """Decode, preprocess, embed (batched) and upsert; raises cbmir errors."""
         header, frames = decode_for_embedding(path, frames=self.settings.decode.frames, limits=self.limits)
-        inputs = np.stack([to_model_input(frame.image, self.encoder.contract) for frame in frames])
-        vectors = self.batcher.submit(inputs)
-        now = time.time()
-        multi = len(frames) > 1
-        points = []
-        for frame, vector in zip(frames, vectors):
-            payload = {
-                "modality": header.modality,
-                "modality_code": header.modality_code,
-                "study_instance_uid": header.study_instance_uid,
-                "series_instance_uid": header.series_instance_uid,
-                "sop_instance_uid": header.sop_instance_uid,
-                "sop_class_uid": header.sop_class_uid,
-                "frame_number": int(frame.frame_number),
-                "model_version": self.encoder.version,
-                "ingested_at": now,
-                "spool_name": path.name,
-            }
-            pid = point_id(header.sop_instance_uid, frame.frame_number if multi and frame.frame_number > 1 else None)
-            points.append(IndexPoint(pid, vector.tolist(), payload))
+        vectors = self.batcher.submit(model_inputs(frames, self.encoder.contract))
+        points = index_points(header, frames, vectors, model_version=self.encoder.version, spool_name=path.name)
         if self._remote is not None:
             self._remote.upsert(points, self.encoder.version)
         else:
