@@ -1,0 +1,20 @@
+"""The README's configuration table is the settings module's, and its two commands exist."""
+
+from pathlib import Path
+
+from services.config import ENVIRONMENT
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_setting_is_documented_with_its_default():
+    for name, (default, _) in ENVIRONMENT.items():
+        assert f"| `{name}` | {default} |" in README, name
+
+
+def test_readme_gives_exactly_two_setup_commands():
+    block = README.split("## Set up on a fresh machine", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert "\ndemo:" in makefile and "\ntest:" in makefile
