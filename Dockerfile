@@ -43,7 +43,8 @@ COPY . .
 # pyproject.toml names README.md as the long description; never let its absence break the image.
 RUN test -f README.md || echo "# cbmir" > README.md \
  && pip install --no-deps ".[${VARIANT}]" \
- && python -c "import services.cli, workers, models.runtime; from models.runtime import default_model_path; assert default_model_path().is_file()"
+ && cd / \
+ && python -c "import services.cli, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()"
 
 # ---- runtime ---------------------------------------------------------------------------------------
 FROM base-${VARIANT} AS runtime

@@ -25,6 +25,7 @@ What it compares
 Run
     .venv/bin/python benchmarks/index_stores.py --quick     # 30k vectors, < 2 minutes
     .venv/bin/python benchmarks/index_stores.py             # 100k vectors (~5 minutes)
+    .venv/bin/python benchmarks/index_stores.py --skip-local --hnsw-experiment   # + a tuned HNSW row
 """
 
 from __future__ import annotations
@@ -115,6 +116,53 @@ def local_disk_rate(vs: common.VectorSet, points: int, root: Path) -> float:
     return seconds / points
 
 
+class RawEdgeShard:
+    """qdrant-edge with a non-default HNSW config (not what EdgeIndex creates): the ``--hnsw-experiment`` row.
+
+    ``full_scan_threshold`` (KB of vectors) decides when a filtered query stops using exact search over
+    the payload index and walks the HNSW graph instead; 1000 KB is ~5k points of 48 float32, so a
+    1-of-4 modality filter on 100k points (~25k matches) goes through the graph.
+    """
+
+    def __init__(self, path: Path, full_scan_threshold_kb: int):
+        import qdrant_edge as qe
+
+        from services.index import INDEXED_FIELDS
+
+        self._qe = qe
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Euclid),
+            hnsw_config=qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=full_scan_threshold_kb),
+        )
+        self.shard = qe.EdgeShard.create(str(path), config)
+        for name in INDEXED_FIELDS:
+            self.shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+
+    def fill(self, vs: common.VectorSet, n: int) -> float:
+        from services.index import point_id
+
+        qe = self._qe
+        t0 = time.perf_counter()
+        for lo in range(0, n, BATCH):
+            points = [qe.Point(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i))
+                      for i in range(lo, min(n, lo + BATCH))]
+            self.shard.update(qe.UpdateOperation.upsert_points(points))
+            self.shard.flush()
+        return time.perf_counter() - t0
+
+    def search(self, vector, names):
+        qe = self._qe
+        flt = None
+        if names:
+            flt = qe.Filter(must=[qe.FieldCondition(key="modality", match=qe.MatchAny(any=list(names)))])
+        request = qe.QueryRequest(limit=K, query=qe.Query.Nearest(vector), with_payload=True, filter=flt)
+        return [p.payload["sop_instance_uid"] for p in self.shard.query(request)]
+
+    def state(self) -> str:
+        info = self.shard.info()
+        return f"{info.segments_count} segment(s), {info.indexed_vectors_count:,} vectors in HNSW"
+
+
 def edge_state(index) -> str:
     info = index._current().info()
     return f"{info.segments_count} segment(s), {info.indexed_vectors_count:,} vectors in HNSW"
@@ -129,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--disk-points", type=int, help="points for the local-mode on-disk rate (default 500, quick 200)")
     parser.add_argument("--tmpfs", default="/dev/shm", help="where the full local-mode collection is built")
     parser.add_argument("--skip-local", action="store_true", help="leave qdrant-client local mode out")
+    parser.add_argument("--hnsw-experiment", action="store_true",
+                        help="add a qdrant-edge row with full_scan_threshold=1000 KB (filtered queries via HNSW)")
     args = parser.parse_args(argv)
     n = args.vectors or (30_000 if args.quick else 100_000)
     queries = args.queries or (200 if args.quick else 500)
@@ -166,6 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         measure("qdrant-edge (EdgeIndex), after optimize()", index_search(edge), queries, float("nan"),
                 f"optimize {optimize_s:.1f}s; {edge_state(edge)}")
         edge.close()
+
+        if args.hnsw_experiment:
+            raw = RawEdgeShard(root / "edge-fst", 1000)
+            seconds = raw.fill(vs, n)
+            t0 = time.perf_counter()
+            raw.shard.optimize()
+            optimize_s = time.perf_counter() - t0
+            measure("qdrant-edge, full_scan_threshold=1000 KB, optimized", raw.search, queries, seconds,
+                    f"optimize {optimize_s:.1f}s; {raw.state()}")
+            raw.shard.close()
 
         if not args.skip_local:
             tmp = Path(tempfile.mkdtemp(prefix="cbmir-stores-", dir=args.tmpfs))

@@ -48,6 +48,7 @@ import collections
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,31 @@ def fsync_floor_ms(folder: Path, nbytes: int, count: int = 10) -> float:
     return common.median(times) * 1000
 
 
+def dispatch_floor_ms(broker: str, root: Path, count: int = 50) -> float:
+    """Median time of one ``TaskDispatcher.embed`` (Celery ``send_task``), what the handler pays per instance."""
+    from services.config import ListenerSettings
+    from services.dispatch import TaskDispatcher
+
+    queue = f"bench.ingest.{os.getpid()}.dispatch"
+    env = {"CBMIR_DATA_DIR": str(root / "dispatch"), "CBMIR_QUEUE": queue}
+    if broker == "redis":
+        env["CBMIR_BROKER_URL"] = REDIS_URL
+    dispatcher = TaskDispatcher(ListenerSettings.from_env(env).broker)
+    times = []
+    try:
+        for i in range(count + 5):
+            t0 = time.perf_counter()
+            if not dispatcher.embed(f"1.2.3.{i}.dcm"):
+                raise RuntimeError("broker refused the task")
+            times.append(time.perf_counter() - t0)
+    finally:
+        dispatcher.close()
+        if broker == "redis":
+            RedisQueue(queue).cleanup()
+        shutil.rmtree(root / "dispatch", ignore_errors=True)
+    return common.median(times[5:]) * 1000
+
+
 # -- receivers -------------------------------------------------------------------------------------
 def dcmtk_env() -> dict[str, str]:
     return dict(os.environ, TCP_NODELAY="1")
@@ -227,6 +253,23 @@ class CbmirScp(Receiver):
     def stored(self) -> int:
         return sum(1 for _ in self.incoming.iterdir())
 
+    def drain_embedded(self) -> int:
+        """Embedded broker: count and delete the task messages in this listener's SQLite broker."""
+        db = self.data / "broker" / "broker.sqlite"
+        if not db.exists():
+            return 0
+        con = sqlite3.connect(db, timeout=30)
+        try:
+            try:
+                n = con.execute("SELECT count(*) FROM kombu_message").fetchone()[0]
+            except sqlite3.OperationalError:  # no message table yet: nothing was sent
+                return 0
+            con.execute("DELETE FROM kombu_message")
+            con.commit()
+        finally:
+            con.close()
+        return int(n)
+
     def stop(self) -> None:
         self.service.stop()
 
@@ -291,6 +334,9 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
             storescu(warm, receiver)
         if redis_queue:
             redis_queue.drain()
+        for receiver in receivers:
+            if isinstance(receiver, CbmirScp) and broker == "embedded":
+                receiver.drain_embedded()
         for rep in range(reps):
             order = receivers[rep % len(receivers):] + receivers[: rep % len(receivers)]
             for receiver in order:
@@ -301,10 +347,11 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
                 stored = receiver.stored()
                 if stored != count:
                     raise RuntimeError(f"{receiver.name} stored {stored} of {count} objects")
-                if redis_queue and isinstance(receiver, CbmirScp):
-                    sent = redis_queue.drain()
+                if isinstance(receiver, CbmirScp):  # every stored instance must also have reached the broker
+                    sent = redis_queue.drain() if redis_queue else receiver.drain_embedded()
                     if sent != count + len(list(warm.iterdir())):
-                        raise RuntimeError(f"{receiver.name} sent {sent} tasks for {count} + 2 objects")
+                        raise RuntimeError(f"{receiver.name} sent {sent} tasks for {count} + 2 objects "
+                                           f"(broker {broker}):\n" + "".join(receiver.service.tail[-5:]))
                 times[receiver.name].append(elapsed)
                 receiver.prepare()
             print(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{r.name} {count / times[r.name][-1]:.0f}/s"
@@ -315,10 +362,11 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
         if redis_queue:
             redis_queue.cleanup()
     floor = fsync_floor_ms(root / f"fsync-{size_key}", nbytes)
+    send = dispatch_floor_ms(broker, root)
     shutil.rmtree(files, ignore_errors=True)
     shutil.rmtree(root / size_key, ignore_errors=True)
     return {"size": size, "count": count, "nbytes": nbytes, "times": times, "fixed": fixed,
-            "receivers": receivers, "fsync_ms": floor, "reps": reps}
+            "receivers": receivers, "fsync_ms": floor, "dispatch_ms": send, "reps": reps}
 
 
 def report(result: dict) -> dict:
@@ -346,7 +394,8 @@ def report(result: dict) -> dict:
     ours = {name: rate for name, rate in rates.items() if name.startswith("cbmir")}
     best = max(ours, key=ours.get)
     matched = f"cbmir scp pdu={STORESCP_PDU}"
-    print(f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): {result['fsync_ms']:.1f} ms/inst")
+    print(f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): {result['fsync_ms']:.1f} ms/inst; "
+          f"broker send floor (TaskDispatcher.embed): {result['dispatch_ms']:.1f} ms/inst")
     if matched in ours:
         print(f"ratio at matched PDU {STORESCP_PDU}: cbmir/storescp = {ours[matched] / plain:.2f}")
     print(f"fastest listener setting: {best}: ratio {ours[best] / plain:.2f} vs storescp "

@@ -21,7 +21,7 @@ What it compares
     Goal: filtered p99 <= 10 ms at 100k.
 
 Run
-    .venv/bin/python benchmarks/search.py --quick     # < 2 minutes (fewer queries)
+    .venv/bin/python benchmarks/search.py --quick     # < 2 minutes (200 queries per row)
     .venv/bin/python benchmarks/search.py             # 1000 queries per row
     .venv/bin/python benchmarks/search.py --sizes 10000,100000,200000
 """
@@ -117,14 +117,14 @@ def health_floor(target: str, calls: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="300 queries per row (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="200 queries per row (< 2 minutes)")
     parser.add_argument("--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)")
     parser.add_argument("--queries", type=int, help="queries per row (default 1000, quick 300)")
     parser.add_argument("--batch", type=int, default=1000, help="points per UpsertPoints call")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
-    queries = args.queries or (300 if args.quick else 1000)
+    queries = args.queries or (200 if args.quick else 1000)
 
     from models.runtime import OnnxEncoder
     from services.client import SearchClient
