@@ -18,8 +18,6 @@ from PIL import Image
 
 from tests.support import SHARED_DATA, Proc, base_env, start_query, start_worker, wait_until
 
-pytestmark = pytest.mark.integration
-
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
 BONN_HZ = 173.61
@@ -158,6 +156,7 @@ def assert_alive(stack: Stack) -> None:
 # --- tests ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_dicom_png_and_edf_are_indexed_and_found(stack: Stack, tmp_path: Path) -> None:
     from models.eeg import render_eeg_trace
     from services.dicom import decode_for_embedding, read_header
@@ -213,6 +212,7 @@ def test_dicom_png_and_edf_are_indexed_and_found(stack: Stack, tmp_path: Path) -
     assert_alive(stack)
 
 
+@pytest.mark.integration
 def test_slowly_written_file_is_taken_only_when_complete(stack: Stack) -> None:
     picture = synthetic_picture(2, 160)
     data = png_bytes(picture)
@@ -237,6 +237,7 @@ def test_slowly_written_file_is_taken_only_when_complete(stack: Stack) -> None:
     assert not (stack.watch / ".failed").exists()
 
 
+@pytest.mark.integration
 def test_ignored_names_stay(stack: Stack) -> None:
     data = png_bytes(synthetic_picture(3))
     ignored = ["xray/.hidden.png", "xray/copy.png.tmp", "xray/copy.png.partial", "xray/backup.png~",
@@ -249,6 +250,7 @@ def test_ignored_names_stay(stack: Stack) -> None:
         assert (stack.watch / name).exists(), name
 
 
+@pytest.mark.integration
 def test_restart_does_not_reingest(stack: Stack) -> None:
     wait_until(lambda: stack.client.stats().pending == 0, 60, "nothing pending")
     before = {p.name: p.stat().st_ino for p in stack.archive.iterdir()}
@@ -274,6 +276,7 @@ def test_restart_does_not_reingest(stack: Stack) -> None:
     assert hits[0].distance < 1e-4 and hits[0].modality_code == "MR"
 
 
+@pytest.mark.integration
 def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: Path) -> None:
     import importlib.util
 
@@ -312,3 +315,42 @@ def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: 
         assert counted.get(reason, 0) >= 1
     assert stats.total == before.total
     assert_alive(stack)
+
+
+# --- the rules, without processes ----------------------------------------------------------------
+
+
+def test_input_rules() -> None:
+    from services.watcher import detect_kind, folder_modality, is_ignored
+
+    for name in (".x.png", "a/.b/c.dcm", ".processed/xray/a.png", ".failed/a.dcm", "a.png.part", "a.tmp",
+                 "a.dcm.partial", "a.png~"):
+        assert is_ignored(Path(name)), name
+    for name in ("a.png", "xray/b.jpg", "eeg/c.edf", "d", "deep/er/e.dcm"):
+        assert not is_ignored(Path(name)), name
+    dicm = bytes(128) + b"DICM" + bytes(10)
+    assert detect_kind("x.png", dicm) == "dicom"  # content wins over the suffix
+    assert detect_kind("x.dcm", b"\x89PNG\r\n\x1a\n" + bytes(200)) == "png"
+    assert detect_kind("x", b"\xff\xd8\xff\xe0" + bytes(200)) == "jpeg"
+    assert detect_kind("x.dat", b"0       " + bytes(200)) == "edf"
+    assert detect_kind("x.jpeg", b"junk") == "jpeg" and detect_kind("x.EDF", b"junk") == "edf"
+    assert detect_kind("x.dcm", b"junk") == "dicom" and detect_kind("noext", b"junk") == "dicom"
+    assert detect_kind("notes.txt", b"hello") == "unknown"
+    assert [folder_modality(Path(p)) for p in ("xray/a.png", "MRI/b.png", "oct/x/y.png", "eeg/t.png",
+                                               "ct/a.png", "a.png")] == ["CR", "MR", "OPT", "EEG", "OT", "OT"]
+
+
+@pytest.mark.parametrize("signal", ["bonn-like integers", "offset and fractional", "volts-scale"])
+def test_eeg_dataset_keeps_the_signal(signal: str) -> None:
+    from services.dicom import read_eeg_waveform
+    from services.watcher import dataset_bytes, eeg_dataset
+
+    t = np.arange(5000) / 256.0
+    x = {"bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),
+         "offset and fractional": 40000 + 37.25 * np.sin(2 * np.pi * 3 * t),
+         "volts-scale": 2e6 * np.sin(2 * np.pi * 1 * t)}[signal]
+    data = dataset_bytes(eeg_dataset(x, 256.0, digest="ab" * 32, when=0.0))
+    samples, hz = read_eeg_waveform(data)
+    assert hz == pytest.approx(256.0)
+    error = np.abs(samples - x).max()
+    assert error <= (0 if signal == "bonn-like integers" else 1e-4 * max(np.ptp(x), 1)), error
