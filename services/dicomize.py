@@ -266,7 +266,8 @@ def _mri(row, src: Path, ctx: _Context):
     ds.ImagePositionPatient = [0, 0, 0]
     ds.SliceThickness = None
     ds.PatientPosition = None
-    ds.WindowCenter, ds.WindowWidth = 127.5, 256
+    # DICOM linear VOI maps x to (x - (c - 0.5)) / (w - 1) + 0.5: c=128, w=256 is exactly 0..255 -> 0..1
+    ds.WindowCenter, ds.WindowWidth = 128, 256
     return ds
 
 

@@ -18,6 +18,8 @@ from services.errors import CbmirError, InvalidInput
 
 logger = logging.getLogger(__name__)
 
+EMBEDDED_POLL_INTERVAL_S = 0.05
+
 
 class _PipelineHolder:
     """One :class:`~workers.pipeline.EmbeddingPipeline` per process, built on first use."""
@@ -53,6 +55,13 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     if settings.broker.embedded:
         settings.layout.broker.mkdir(parents=True, exist_ok=True)
+        if settings.broker.url.startswith("sqla+"):
+            # kombu polls SQL queues once a second by default, which caps a worker at (threads)
+            # tasks/s. Its SQL transport hands unknown transport options to create_engine, so the
+            # interval is set on the transport class instead.
+            from kombu.transport import sqlalchemy as sql_transport
+
+            sql_transport.Transport.polling_interval = EMBEDDED_POLL_INTERVAL_S
     holder = _PipelineHolder(settings)
     app.cbmir_pipeline = holder  # for the worker's start-up hook
 
