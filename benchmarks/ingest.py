@@ -308,6 +308,21 @@ class RedisQueue:
 
 
 # -- the measurement --------------------------------------------------------------------------------
+def drain_tasks(receiver, redis_queue, expected: int, timeout_s: float = 20.0) -> int:
+    """Count (and delete) the listener's task messages until ``expected`` arrived or time is up.
+
+    The listener answers C-STORE as soon as the object is durable and sends the task from a
+    background thread, so the last tasks reach the broker shortly after storescu returns.
+    """
+    sent, deadline = 0, time.monotonic() + timeout_s
+    while True:
+        sent += redis_queue.drain() if redis_queue else receiver.drain_embedded()
+        if sent >= expected or time.monotonic() > deadline:
+            time.sleep(0.2)  # anything beyond `expected` would be a duplicate: count it too
+            return sent + (redis_queue.drain() if redis_queue else receiver.drain_embedded())
+        time.sleep(0.05)
+
+
 def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: Path, modes) -> dict:
     """Every receiver gets, in each repetition and in rotating order, the 2 warm-up files (the fixed cost:
     storescu start, association) and then all ``count`` files; both runs are timed."""
@@ -332,11 +347,10 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
         for receiver in receivers:  # first association, imports, page cache of the files
             receiver.prepare()
             storescu(warm, receiver)
-        if redis_queue:
-            redis_queue.drain()
+        warm_count = len(list(warm.iterdir()))
         for receiver in receivers:
-            if isinstance(receiver, CbmirScp) and broker == "embedded":
-                receiver.drain_embedded()
+            if isinstance(receiver, CbmirScp):  # the listener sends tasks just after answering
+                drain_tasks(receiver, redis_queue, warm_count)
         for rep in range(reps):
             order = receivers[rep % len(receivers):] + receivers[: rep % len(receivers)]
             for receiver in order:
@@ -348,8 +362,8 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
                 if stored != count:
                     raise RuntimeError(f"{receiver.name} stored {stored} of {count} objects")
                 if isinstance(receiver, CbmirScp):  # every stored instance must also have reached the broker
-                    sent = redis_queue.drain() if redis_queue else receiver.drain_embedded()
-                    if sent != count + len(list(warm.iterdir())):
+                    sent = drain_tasks(receiver, redis_queue, count + warm_count)
+                    if sent != count + warm_count:
                         raise RuntimeError(f"{receiver.name} sent {sent} tasks for {count} + 2 objects "
                                            f"(broker {broker}):\n" + "".join(receiver.service.tail[-5:]))
                 times[receiver.name].append(elapsed)

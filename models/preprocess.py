@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.errors import InvalidInput, UnreadableInput
+from models.errors import InvalidInput, TooLarge, UnreadableInput
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ def decode_image_bytes(data: bytes) -> np.ndarray:
                 raise InvalidInput(f"image too large: {picture.size}")
             picture.load()
             return _pil_to_grey_uint8(picture)
+    except Image.DecompressionBombError as exc:  # not an OSError: Pillow's own guard
+        raise TooLarge(f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableInput(f"cannot decode image bytes: {exc}") from exc
 

@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import signal
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pydicom
 import pynetdicom.sop_class as sop_classes
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config, evt
 from pynetdicom.sop_class import Verification
 
 from services.config import ListenerSettings
+from services.dicom import read_header
 from services.dispatch import TaskDispatcher
 from services.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
 from services.spool import Spool, spool_name_for
@@ -43,13 +49,20 @@ EEG_WAVEFORM_CLASSES = (
 )
 
 
+# pynetdicom's name for OCT B-scan Volume Analysis (1.2.840.10008.5.1.4.1.1.77.1.5.8) is misspelt
+# and has no "Image" in it.
+EXTRA_IMAGE_CLASSES = ("OphthlamicOpticalCoherenceTomographyBscanVolumeAnalysisStorage",)
+
+
 def accepted_storage_classes() -> dict[str, UID]:
     """Every image storage SOP class pynetdicom knows, plus the EEG waveforms (name -> UID)."""
     accepted = {}
     for name in dir(sop_classes):
-        if not name.endswith("Storage"):
+        # DX, mammography and intra-oral classes end in "StorageForPresentation"/"...ForProcessing"
+        if not name.endswith(("Storage", "StorageForPresentation", "StorageForProcessing")):
             continue
-        if ("Image" in name and "PresentationState" not in name) or name in EEG_WAVEFORM_CLASSES:
+        if (("Image" in name and "PresentationState" not in name) or name in EEG_WAVEFORM_CLASSES
+                or name in EXTRA_IMAGE_CLASSES):
             accepted[name] = UID(getattr(sop_classes, name))
     return dict(sorted(accepted.items()))
 
@@ -85,31 +98,74 @@ class ListenerCounters:
                 self.failed += 1
 
 
-class StoreHandler:
-    """``EVT_C_STORE`` handler: parse-check, spool durably, enqueue a reference, answer."""
+class BackgroundDispatch:
+    """Sends tasks from a thread, so the C-STORE response never waits for the broker.
 
-    def __init__(self, spool: Spool, dispatcher: TaskDispatcher, counters: ListenerCounters | None = None):
-        self._spool = spool
+    Safe because the spool, not the broker, is the record: an instance whose task is lost in a
+    crash is still in ``spool/incoming`` and is re-sent when the listener starts.
+    """
+
+    def __init__(self, dispatcher: TaskDispatcher):
         self._dispatcher = dispatcher
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="dispatch", daemon=True)
+        self._thread.start()
+
+    def __call__(self, spool_name: str) -> None:
+        self._queue.put(spool_name)
+
+    def _run(self) -> None:
+        while (name := self._queue.get()) is not None:
+            self._dispatcher.embed(name)
+            self._queue.task_done()
+
+    def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait until everything handed over so far was sent (or put in the backlog)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.drain()
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+
+class StoreHandler:
+    """``EVT_C_STORE`` handler: parse-check, spool durably, hand over a reference, answer.
+
+    pynetdicom streams each received dataset into a temporary file under ``spool/tmp`` (see
+    :meth:`Listener.build_ae`); the handler checks it parses, fsyncs it and renames it into
+    ``spool/incoming`` under its SOP Instance UID. No pixel data passes through Python memory.
+    """
+
+    def __init__(self, spool: Spool, dispatch, counters: ListenerCounters | None = None):
+        self._spool = spool
+        self._dispatch = dispatch
         self.counters = counters or ListenerCounters()
 
     def __call__(self, event) -> int:
         request = event.request
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         name = spool_name_for(sop_instance_uid)
+        streamed = getattr(request, "_dataset_path", None)  # set when pynetdicom streamed to disk
         try:
-            data = event.encoded_dataset(include_meta=True)
+            received = Path(streamed) if streamed else self._spool.write_tmp(name, event.encoded_dataset())
+        except StorageError as exc:
+            logger.warning("C-STORE %s: %s", sop_instance_uid, exc)
+            self.counters.count(False)
+            return dicom_status_for(exc)
         except Exception as exc:  # pynetdicom could not even frame the bytes
             logger.error("C-STORE %s: cannot encode received dataset: %s", sop_instance_uid, exc)
             self.counters.count(False)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            self._check_dataset(event, sop_instance_uid)
-            self._spool.store(name, data)
+            self._check_dataset(received, event, sop_instance_uid)
+            self._spool.adopt(received, name)
         except CbmirError as exc:
             status = dicom_status_for(exc)
             if isinstance(exc, InvalidInput):
-                self._keep_rejected(name, data, exc)
+                self._keep_rejected(received, name, exc)
             logger.warning("C-STORE %s from %s refused with 0x%04X: %s", sop_instance_uid,
                            event.assoc.requestor.ae_title, status, exc)
             self.counters.count(False)
@@ -118,31 +174,54 @@ class StoreHandler:
             logger.exception("C-STORE %s: unexpected failure", sop_instance_uid)
             self.counters.count(False)
             return dicom_status_for(exc)
-        self._dispatcher.embed(name)
+        finally:
+            if not streamed and received.exists():
+                received.unlink(missing_ok=True)  # our own temp copy of a refused object
+        self._dispatch(name)
         self.counters.count(True)
         return STATUS_SUCCESS
 
     @staticmethod
-    def _check_dataset(event, sop_instance_uid: str) -> None:
+    def _check_dataset(received: Path, event, sop_instance_uid: str) -> None:
+        """The header must parse (through the same adapter the workers use, so every stage names a
+        defect alike) and every other element too; large values are skipped, not read."""
+        header = read_header(received)
         try:
-            dataset = event.dataset
-            instance_uid = str(dataset.get("SOPInstanceUID", ""))
-            class_uid = str(dataset.get("SOPClassUID", ""))
+            dataset = pydicom.dcmread(received, defer_size=4096)
+            _check_lengths(received, dataset)  # on the raw elements, before they are converted
+            for _ in dataset.iterall():
+                pass
+        except UnreadableInput:
+            raise
         except Exception as exc:
-            raise UnreadableInput(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
-        if not instance_uid or not class_uid:
-            raise UnreadableInput("dataset has no SOP Instance UID or SOP Class UID")
-        if instance_uid != sop_instance_uid:
+            raise UnreadableInput(f"dataset cannot be parsed: {type(exc).__name__}: {exc}", reason="parse-error") from exc
+        # read_header may take the UIDs from the File Meta; here that meta was made from the request
+        if not dataset.get("SOPInstanceUID") or not dataset.get("SOPClassUID"):
+            raise UnreadableInput("the dataset has no SOP Instance UID or SOP Class UID", reason="missing-uid")
+        if header.sop_instance_uid != sop_instance_uid:
             raise DatasetMismatch("SOP Instance UID in the dataset differs from the C-STORE request")
-        if class_uid != str(event.request.AffectedSOPClassUID):
+        if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
             raise DatasetMismatch("SOP Class UID in the dataset differs from the C-STORE request")
 
-    def _keep_rejected(self, name: str, data: bytes, exc: CbmirError) -> None:
+    def _keep_rejected(self, received: Path, name: str, exc: CbmirError) -> None:
         """A refused object is still kept, with its reason, so nothing received is lost."""
         try:
-            self._spool.quarantine_bytes(name, data, reason=exc.reason, detail=str(exc), stage="listener")
+            self._spool.quarantine(received, reason=exc.reason, detail=str(exc), stage="listener", name=name)
         except StorageError:
             logger.exception("could not keep refused object %s", name)
+
+
+def _check_lengths(path: Path, dataset) -> None:
+    """Every top-level element must end inside the file (pydicom accepts a value cut short at EOF)."""
+    size = path.stat().st_size
+    for tag in dataset.keys():
+        raw = dataset.get_item(tag)
+        length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if length is None or tell is None or length == 0xFFFFFFFF:
+            continue
+        if tell + length > size:
+            raise UnreadableInput(f"element {tag} claims {length} bytes but the dataset ends first",
+                                  reason="truncated")
 
 
 class Listener:
@@ -152,12 +231,17 @@ class Listener:
         self.settings = settings
         self.spool = spool
         self.dispatcher = dispatcher
-        self.handler = StoreHandler(spool, dispatcher)
+        self.dispatch = BackgroundDispatch(dispatcher)
+        self.handler = StoreHandler(spool, self.dispatch)
         self._server = None
         self._stop = threading.Event()
         self._backlog_thread: threading.Thread | None = None
 
     def build_ae(self) -> AE:
+        # Received datasets stream into spool/tmp (same filesystem as incoming/, so the final
+        # rename is atomic). These are process-wide settings of pynetdicom and tempfile: the
+        # listener runs in a process of its own.
+        tempfile.tempdir = str(self.spool.layout.spool_tmp)
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = 32
@@ -179,7 +263,11 @@ class Listener:
         self._server = ae.start_server(
             (self.settings.host, self.settings.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self.handler), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self.handler),
+                (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+                (evt.EVT_CONN_OPEN, self._on_connection),
+            ],
         )
         self.port = self._server.server_address[1]
         pending = self.redispatch_pending()
@@ -207,7 +295,28 @@ class Listener:
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+        self.dispatch.close()
         self.dispatcher.close()
+
+
+    def _on_connection(self, event) -> None:
+        """Per connection: stream to disk only while spool/tmp is writable (else datasets arrive in
+        memory and a failing spool write is answered 0xA700 instead of an aborted association),
+        and shorten pynetdicom's reader delay."""
+        _config.STORE_RECV_CHUNKED_DATASET = self.spool.tmp_writable()
+        _shorten_reader_delay(event)
+
+
+READER_DELAY_S = 0.0002
+
+
+def _shorten_reader_delay(event) -> None:
+    """pynetdicom's socket reader sleeps 1 ms whenever it finds no data, which costs every small
+    instance about a millisecond. 0.2 ms keeps an idle association cheap and removes most of the
+    wait. ``_run_loop_delay`` is pynetdicom 3's private knob; pyproject pins pynetdicom < 4."""
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = READER_DELAY_S
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,38 @@ class Spool:
         """
         return self._write_atomically(data, self.layout.incoming / name)
 
+    def write_tmp(self, name: str, data: bytes) -> Path:
+        """Write ``data`` under spool/tmp (not yet durable; :meth:`adopt` makes it so)."""
+        tmp = self.layout.spool_tmp / f"{name}.{os.getpid()}.{time.monotonic_ns()}.part"
+        try:
+            tmp.write_bytes(data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {name} into {tmp.parent}: {exc.strerror or exc}") from exc
+        return tmp
+
+    def tmp_writable(self) -> bool:
+        """Whether a file can be created in spool/tmp right now."""
+        try:
+            probe = self.layout.spool_tmp / f".probe.{os.getpid()}.{time.monotonic_ns()}"
+            probe.touch()
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
+    def adopt(self, received: Path, name: str) -> Path:
+        """Make a file already written under ``spool/tmp`` durable as ``incoming/<name>``: fsync it,
+        rename it atomically, fsync the folder. No bytes are copied."""
+        final = self.layout.incoming / name
+        try:
+            with open(received, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(received, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot spool {name} into {final.parent}: {exc.strerror or exc}") from exc
+        return final
+
     def store_file(self, source: Path, name: str) -> Path:
         """Copy an existing file into ``incoming/<name>`` durably (the source is left alone)."""
         try:
@@ -116,13 +148,13 @@ class Spool:
             raise StorageError(f"cannot archive {name}: {exc.strerror or exc}") from exc
         return target
 
-    def quarantine(self, source: Path, *, reason: str, detail: str, stage: str) -> Path:
+    def quarantine(self, source: Path, *, reason: str, detail: str, stage: str, name: str | None = None) -> Path:
         """Move ``source`` into quarantine with a reason file; never deletes anything.
 
         The reason file is written first, so a crash in between leaves an object in its old place
         plus a harmless reason file, never an object without its reason.
         """
-        name = source.name
+        name = _plain_name(name) if name else source.name
         target = self.layout.quarantine / name
         if target.exists() and source.resolve() != target.resolve():
             target = self.layout.quarantine / f"{time.time_ns()}-{name}"
@@ -145,11 +177,6 @@ class Spool:
             raise StorageError(f"cannot quarantine {name}: {exc.strerror or exc}") from exc
         logger.warning("quarantined %s at %s: %s (%s)", target.name, stage, reason, detail[:200])
         return target
-
-    def quarantine_bytes(self, name: str, data: bytes, *, reason: str, detail: str, stage: str) -> Path:
-        """Keep bytes that never made it into the spool (e.g. unparseable at the listener)."""
-        tmp_target = self._write_atomically(data, self.layout.spool_tmp / f"q-{time.time_ns()}-{name}")
-        return self.quarantine(tmp_target, reason=reason, detail=detail, stage=stage)
 
     def requeue_quarantined(self, name: str) -> Path:
         """Move a quarantined object back to incoming (after a fix); its reason file is kept as history."""

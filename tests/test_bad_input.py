@@ -85,7 +85,7 @@ def listener_only_cases(out: Path) -> list[dict]:
          "File Meta (so the request) names another SOP Instance UID than the dataset"),
         ("class_mismatch.dcm", _mr(sop_class=CT_IMAGE), 0xA900, "dataset-mismatch",
          "request says MR Image Storage, the dataset says CT Image Storage"),
-        ("dataset_without_uid.dcm", _mr(dataset_uid=None), 0xC210, "unreadable",
+        ("dataset_without_uid.dcm", _mr(dataset_uid=None), 0xC210, "missing-uid",
          "the dataset has no SOP Instance UID (the File Meta has one)"),
     ]
     for name, data, *_ in cases:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import shutil
 import subprocess
 from io import BytesIO
@@ -64,20 +65,30 @@ def test_echo_and_store_success(listener, need_dcmtk, data_dir):
     assert (data_dir / "spool" / "incoming" / f"{support.sop_uid(path)}.dcm").read_bytes()[128:132] == b"DICM"
 
 
-def test_unparseable_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir):
+def _element(group: int, element: int, vr: bytes, value: bytes, claimed: int | None = None) -> bytes:
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value) if claimed is None else claimed) + value
+
+
+def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir):
+    """Valid UIDs, then an element that claims 100 bytes and has 4: the dataset ends too early."""
     _, port = listener()
-    good = _mr_with(tmp_path, "good.dcm", lambda ds: None)
-    header = pydicom.dcmread(good, stop_before_pixels=True).file_meta
-    # Keep the file meta; the dataset is one tag that claims a 32 KB value, then stops.
+    meta = pydicom.dataset.FileMetaDataset()
+    uid = generate_uid()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, uid
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
     buffer = BytesIO()
-    pydicom.filewriter.write_file_meta_info(buffer, header, enforce_standard=True)
+    pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
+    body = (_element(0x0008, 0x0016, b"UI", str(MRImageStorage).encode()) + _element(0x0008, 0x0018, b"UI", uid.encode())
+            + _element(0x0020, 0x000D, b"UI", generate_uid().encode())
+            + _element(0x0020, 0x000E, b"UI", generate_uid().encode())
+            + _element(0x0010, 0x0010, b"PN", b"Doe", claimed=100))
     broken = tmp_path / "broken.dcm"
-    broken.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2")
-    status = _send_raw(port, broken)
-    assert status == 0xC210
+    broken.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
+    assert _send_raw(port, broken) == 0xC210
     reasons = [json.loads(p.read_text()) for p in (data_dir / "quarantine").glob("*.reason.json")]
-    assert [r["stage"] for r in reasons] == ["listener"]
-    assert reasons[0]["reason"] == "unreadable"
+    assert [(r["stage"], r["name"]) for r in reasons] == [("listener", f"{uid}.dcm")]
+    assert reasons[0]["reason"] in ("truncated", "parse-error")
     assert not list((data_dir / "spool" / "incoming").iterdir())
 
 
@@ -132,3 +143,33 @@ def test_non_image_sop_class_is_rejected_at_negotiation(listener):
     assoc.release()
     assert "1.2.840.10008.5.1.4.1.1.88.11" in rejected
     assert str(MRImageStorage) in accepted
+
+
+def test_every_clinical_storage_class_is_offered():
+    from services.scp import accepted_storage_classes
+
+    uids = set(map(str, accepted_storage_classes().values()))
+    for uid in (
+        "1.2.840.10008.5.1.4.1.1.1",        # CR
+        "1.2.840.10008.5.1.4.1.1.1.1",      # DX for presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",    # DX for processing
+        "1.2.840.10008.5.1.4.1.1.4",        # MR
+        "1.2.840.10008.5.1.4.1.1.4.1",      # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.77.1.5.4",  # Ophthalmic Tomography
+        "1.2.840.10008.5.1.4.1.1.77.1.5.8",  # OCT B-scan Volume Analysis
+        "1.2.840.10008.5.1.4.1.1.7",        # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.2",      # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",      # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.9.7.1",    # Routine Scalp EEG
+    ):
+        assert uid in uids, uid
+    assert "1.2.840.10008.5.1.4.1.1.88.11" not in uids  # Basic Text SR
+
+
+def test_dx_for_processing_is_accepted_over_a_real_association(listener):
+    _, port = listener()
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="CBMIR")
+    assert assoc.is_established and len(assoc.accepted_contexts) == 1
+    assoc.release()

@@ -35,6 +35,18 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that announces a picture of ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def _png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(buffer, "PNG")
@@ -49,6 +61,7 @@ def _png() -> bytes:
         (dict(dicom=b"this is not DICOM at all" * 10), ""),
         (dict(image=b"\x89PNG\r\n\x1a\n broken", image_modality="xray"), ""),
         (dict(image=_png()), "image.modality must be set"),
+        (dict(image=_png_header(20000, 20000), image_modality="xray"), "image too large"),
         (dict(image=_png(), image_modality="xray", exclude_same_study=True), "exclude_same_study"),
         (dict(sop_instance_uid="   "), "sop_instance_uid is empty"),
     ],
