@@ -18,3 +18,11 @@ def test_readme_gives_exactly_two_setup_commands():
     assert commands == ["make demo", "make test"]
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     assert "\ndemo:" in makefile and "\ntest:" in makefile
+
+
+def test_conformance_lists_exactly_the_accepted_classes():
+    from services.scp import accepted_storage_classes
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
+    listed = set(__import__("re").findall(r"\| `(1\.2\.840\.10008\.5\.1\.4\.1\.1[0-9.]*)` \|", doc))
+    assert listed == set(map(str, accepted_storage_classes().values()))
