@@ -113,9 +113,12 @@ def _modality_filter_values(modalities: Sequence[str]) -> list[str]:
 class EdgeIndex(VectorIndex):
     """The embedded store: ``qdrant-edge-py`` shards under ``<data>/index``.
 
-    ``aliases.json`` maps an alias to a shard folder and is replaced atomically, which makes the
-    alias switch of a reindex atomic. The engine takes an exclusive lock: a second process that
-    opens the same index gets :class:`BackendUnavailable` with a clear message.
+    A collection is one shard per modality (``shards/<collection>/<modality>``): a query filtered
+    by modality scans only that modality's vectors instead of testing a filter on every point,
+    and an unfiltered query merges the per-modality top-k. ``aliases.json`` maps the alias to a
+    collection and is replaced atomically, which makes the alias switch of a reindex atomic. One
+    process owns the whole index (an exclusive lock on ``.owner.lock``): a second one gets
+    :class:`BackendUnavailable` with a clear message.
     """
 
     def __init__(self, root: Path, alias: str):
@@ -125,8 +128,7 @@ class EdgeIndex(VectorIndex):
         self._root = Path(root)
         self._alias = alias
         self._lock = threading.RLock()
-        self._shards: dict[str, object] = {}
-        self._dim: int | None = None
+        self._shards: dict[tuple[str, str], object] = {}
         (self._root / "shards").mkdir(parents=True, exist_ok=True)
         self._owner_lock = _take_owner_lock(self._root)
 
@@ -155,131 +157,145 @@ class EdgeIndex(VectorIndex):
     def current_collection(self) -> str | None:
         return self._aliases().get(self._alias)
 
-    # shards -------------------------------------------------------------------------------------
-    def _open(self, collection: str, dim: int | None = None):
+    # collections and their per-modality shards ----------------------------------------------------
+    def _meta_path(self, collection: str) -> Path:
+        return self._root / "shards" / f"{collection}.json"
+
+    def _collection_dim(self, collection: str) -> int | None:
+        try:
+            return int(json.loads(self._meta_path(collection).read_text())["dim"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def create_collection(self, collection: str, dim: int) -> None:
+        """A new, empty collection (its shards appear with their first points)."""
+        if self._collection_dim(collection) is None:
+            (self._root / "shards" / collection).mkdir(parents=True, exist_ok=True)
+            self._meta_path(collection).write_text(json.dumps({"dim": dim, "partitioned_by": "modality"}))
+
+    def _partitions(self, collection: str) -> list[str]:
+        folder = self._root / "shards" / collection
+        return [m for m in MODALITIES if (folder / m).is_dir()]
+
+    def _shard(self, collection: str, modality: str, create: bool = False):
+        key = (collection, modality)
         with self._lock:
-            if collection in self._shards:
-                return self._shards[collection]
+            if key in self._shards:
+                return self._shards[key]
             qe = self._qe
-            path = self._root / "shards" / collection
+            path = self._root / "shards" / collection / modality
             try:
-                if (path / "edge_config.json").exists() or any(path.glob("*")):
+                if path.is_dir() and any(path.iterdir()):
                     shard = qe.EdgeShard.load(str(path))
-                elif dim is not None:
+                elif create:
+                    dim = self._collection_dim(collection)
+                    if dim is None:
+                        raise NotFound(f"collection {collection} does not exist")
                     config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
                     shard = qe.EdgeShard.create(str(path), config)
-                    (self._root / "shards" / f"{collection}.json").write_text(json.dumps({"dim": dim}))
                     for field in INDEXED_FIELDS:
                         shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
                 else:
-                    raise NotFound(f"collection {collection} does not exist")
+                    return None
             except (NotFound, ConfigError):
                 raise
             except Exception as exc:  # the engine raises plain Exception
-                if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
-                    raise BackendUnavailable(
-                        f"the embedded index at {path} is open in another process; one process owns it "
-                        "(the query service) and workers write through it"
-                    ) from exc
-                raise BackendUnavailable(f"cannot open embedded index {path}: {exc}") from exc
-            self._shards[collection] = shard
+                raise BackendUnavailable(f"cannot open embedded index shard {path}: {exc}") from exc
+            self._shards[key] = shard
             return shard
 
-    def _current(self):
+    def _current(self) -> str:
         collection = self.current_collection()
         if collection is None:
             raise NotFound("the index is empty: no collection has been created yet")
-        return self._open(collection)
+        return collection
 
     def ensure_collection(self, dim: int, model_version: str) -> str:
         with self._lock:
             current = self.current_collection()
             if current is None:
                 current = collection_name(self._alias, model_version)
-                self._open(current, dim)
+                self.create_collection(current, dim)
                 self.switch_alias(current)
-            self._open(current)
             size = self._collection_dim(current)
             if size is not None and size != dim:
                 raise ConfigError(
                     f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
                 )
-            self._dim = dim
             return current
-
-    def create_collection(self, collection: str, dim: int) -> None:
-        """A fresh collection beside the current one (for a reindex)."""
-        self._open(collection, dim)
-
-    def _collection_dim(self, collection: str) -> int | None:
-        try:
-            return int(json.loads((self._root / "shards" / f"{collection}.json").read_text())["dim"])
-        except (OSError, ValueError, KeyError):
-            return None
 
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
             return
         qe = self._qe
-        shard = self._open(collection) if collection else self._current()
-        batch = [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in points]
+        collection = collection or self._current()
+        by_modality: dict[str, list[IndexPoint]] = {}
+        for point in points:
+            modality = point.payload.get("modality", "other")
+            by_modality.setdefault(modality if modality in MODALITIES else "other", []).append(point)
         with self._lock:
-            shard.update(qe.UpdateOperation.upsert_points(batch))
-            shard.flush()
-
-    def _filter(self, modalities: Sequence[str], exclude_study: str | None):
-        qe = self._qe
-        must, must_not = [], []
-        values = _modality_filter_values(modalities)
-        if values:
-            must.append(qe.FieldCondition(key="modality", match=qe.MatchAny(any=values)))
-        if exclude_study:
-            must_not.append(qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study)))
-        if not must and not must_not:
-            return None
-        return qe.Filter(must=must or None, must_not=must_not or None)
+            for modality, group in by_modality.items():
+                shard = self._shard(collection, modality, create=True)
+                shard.update(qe.UpdateOperation.upsert_points(
+                    [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in group]))
+                shard.flush()
+                # an instance re-sent with another modality must not stay in its old partition
+                ids = [p.point_id for p in group]
+                for other in self._partitions(collection):
+                    if other != modality:
+                        stale = self._shard(collection, other)
+                        if stale is not None and stale.retrieve(ids, with_payload=False, with_vector=False):
+                            stale.update(qe.UpdateOperation.delete_points(ids))
+                            stale.flush()
 
     def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
         qe = self._qe
-        shard = self._current()
-        request = qe.QueryRequest(
-            limit=int(k),
-            query=qe.Query.Nearest([float(x) for x in vector]),
-            with_payload=True,
-            filter=self._filter(modalities, exclude_study),
-        )
-        return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)]
+        collection = self._current()
+        wanted = _modality_filter_values(modalities) or MODALITIES
+        flt = None
+        if exclude_study:
+            flt = qe.Filter(must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))])
+        request = qe.QueryRequest(limit=int(k), query=qe.Query.Nearest([float(x) for x in vector]),
+                                  with_payload=True, filter=flt)
+        hits = []
+        for modality in wanted:
+            shard = self._shard(collection, modality)
+            if shard is not None:
+                hits += [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)]
+        hits.sort(key=lambda hit: hit.distance)
+        return hits[: int(k)]
 
     def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
         qe = self._qe
-        shard = self._current()
-        records = shard.retrieve([point_id(sop_instance_uid)], with_payload=True, with_vector=True)
-        if not records:
-            flt = qe.Filter(must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))])
+        collection = self._current()
+        shards = [s for m in self._partitions(collection) if (s := self._shard(collection, m)) is not None]
+        for shard in shards:
+            records = shard.retrieve([point_id(sop_instance_uid)], with_payload=True, with_vector=True)
+            if records:
+                return _as_vector(records[0].vector), dict(records[0].payload or {})
+        flt = qe.Filter(must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))])
+        for shard in shards:  # an object embedded frame by frame: any of its frames
             found, _ = shard.scroll(qe.ScrollRequest(limit=1, filter=flt, with_payload=True, with_vector=True))
-            records = found
-        if not records:
-            raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
-        record = records[0]
-        return list(_as_vector(record.vector)), dict(record.payload or {})
+            if found:
+                return _as_vector(found[0].vector), dict(found[0].payload or {})
+        raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
 
     def counts_by_modality(self) -> dict[str, int]:
         qe = self._qe
-        try:
-            shard = self._current()
-        except NotFound:
+        collection = self.current_collection()
+        if collection is None:
             return {}
         counts = {}
-        for modality in MODALITIES:
-            flt = qe.Filter(must=[qe.FieldCondition(key="modality", match=qe.MatchValue(modality))])
-            n = shard.count(qe.CountRequest(exact=True, filter=flt))
+        for modality in self._partitions(collection):
+            n = self._shard(collection, modality).count(qe.CountRequest(exact=True))
             if n:
                 counts[modality] = int(n)
         return counts
 
     def optimize(self) -> bool:
-        """Build the HNSW graph and merge segments (blocking)."""
-        return bool(self._current().optimize())
+        """Build the HNSW graphs and merge segments (blocking)."""
+        collection = self._current()
+        return any(bool(self._shard(collection, m).optimize()) for m in self._partitions(collection))
 
     def close(self) -> None:
         with self._lock:

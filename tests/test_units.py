@@ -150,3 +150,15 @@ def _open_in_other_process(path: str) -> str:
     except BackendUnavailable as exc:
         return str(exc)
     return "opened"
+
+
+def test_edge_index_moves_a_point_whose_modality_changed(tmp_path):
+    index = EdgeIndex(tmp_path, "t")
+    index.ensure_collection(3, "v1")
+    payload = {"sop_instance_uid": "1.2.9", "study_instance_uid": "9.1"}
+    index.upsert([IndexPoint(point_id("1.2.9"), [0.0, 0.0, 1.0], dict(payload, modality="other"))])
+    index.upsert([IndexPoint(point_id("1.2.9"), [0.0, 0.0, 1.0], dict(payload, modality="xray"))])
+    assert index.counts_by_modality() == {"xray": 1}
+    assert [h.payload["modality"] for h in index.search([0, 0, 1], 5)] == ["xray"]
+    assert index.search([0, 0, 1], 5, ["other"]) == []
+    index.close()
