@@ -192,8 +192,13 @@ class Spool:
     # -- reading ------------------------------------------------------------------------------
     def pending(self) -> list[Path]:
         """Objects received but not yet indexed, oldest first."""
-        files = [p for p in self.layout.incoming.iterdir() if p.is_file()]
-        return sorted(files, key=lambda p: p.stat().st_mtime)
+        dated = []
+        for path in self.layout.incoming.iterdir():
+            try:
+                dated.append((path.stat().st_mtime, path))
+            except FileNotFoundError:
+                continue  # archived or quarantined by a worker while we listed
+        return [path for _, path in sorted(dated)]
 
     def archived(self) -> list[Path]:
         return sorted(p for p in self.layout.archive.iterdir() if p.is_file())
