@@ -46,6 +46,12 @@ def package_dicom_files() -> list[Path]:
         print("demo: pydicom-data is not installed; using pydicom's own files only")
     accepted = set(map(str, accepted_storage_classes().values()))
     chosen, seen = [], set()
+    # Some test files are broken on purpose; pydicom's warnings about them are noise here.
+    import warnings
+
+    warnings.filterwarnings("ignore", module="pydicom")
+    for noisy in ("pydicom", "services.dicom"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     for root in roots:
         for path in sorted(root.rglob("*.dcm")):
             if path.stat().st_size > MAX_FILE_BYTES:
