@@ -343,9 +343,36 @@ def _oct(row, src: Path, ctx: _Context):
     return ds
 
 
-def _eeg(row, src: Path, ctx: _Context):
+def eeg_waveform_group(stored: np.ndarray, sampling_hz, sensitivity, baseline):
+    """One multiplex group with one EEG channel: ``stored`` int16 samples, µV = stored x sensitivity
+    + baseline (UCUM ``uV``, correction factor 1), lead Cz as a nominal source."""
     from pydicom.dataset import Dataset
 
+    group = Dataset()
+    group.WaveformOriginality = "ORIGINAL"
+    group.NumberOfWaveformChannels = 1
+    group.NumberOfWaveformSamples = int(stored.size)
+    group.SamplingFrequency = sampling_hz
+    group.MultiplexGroupLabel = "EEG"
+    channel = Dataset()
+    channel.WaveformChannelNumber = 1
+    channel.ChannelLabel = "EEG"
+    channel.ChannelStatus = "OK"
+    channel.ChannelSourceSequence = [_code("7:1016", "MDC", "Cz")]  # nominal: not in the sources
+    channel.ChannelSensitivity = sensitivity
+    channel.ChannelSensitivityUnitsSequence = [_code("uV", "UCUM", "microvolt")]
+    channel.ChannelSensitivityCorrectionFactor = 1
+    channel.ChannelBaseline = baseline
+    channel.ChannelTimeSkew = 0
+    channel.WaveformBitsStored = 16
+    group.ChannelDefinitionSequence = [channel]
+    group.WaveformBitsAllocated = 16
+    group.WaveformSampleInterpretation = "SS"
+    group.WaveformData = np.ascontiguousarray(stored, dtype="<i2").tobytes()
+    return group
+
+
+def _eeg(row, src: Path, ctx: _Context):
     ds = _common(ROUTINE_SCALP_EEG, "EEG", row, ctx, "EEG", "Routine scalp EEG")
     samples_uv = _load_bonn(src)
     peak = float(np.abs(samples_uv).max()) if samples_uv.size else 0.0
@@ -353,28 +380,7 @@ def _eeg(row, src: Path, ctx: _Context):
     stored = np.round(samples_uv / sensitivity).astype("<i2")
     ds.AcquisitionDateTime = ctx.study_time.strftime("%Y%m%d%H%M%S")
     ds.AcquisitionContextSequence = []
-    group = Dataset()
-    group.WaveformOriginality = "ORIGINAL"
-    group.NumberOfWaveformChannels = 1
-    group.NumberOfWaveformSamples = int(stored.size)
-    group.SamplingFrequency = BONN_SAMPLING_HZ
-    group.MultiplexGroupLabel = "EEG"
-    channel = Dataset()
-    channel.WaveformChannelNumber = 1
-    channel.ChannelLabel = "EEG"
-    channel.ChannelStatus = "OK"
-    channel.ChannelSourceSequence = [_code("7:1016", "MDC", "Cz")]  # nominal: not in the source
-    channel.ChannelSensitivity = sensitivity
-    channel.ChannelSensitivityUnitsSequence = [_code("uV", "UCUM", "microvolt")]
-    channel.ChannelSensitivityCorrectionFactor = 1
-    channel.ChannelBaseline = 0
-    channel.ChannelTimeSkew = 0
-    channel.WaveformBitsStored = 16
-    group.ChannelDefinitionSequence = [channel]
-    group.WaveformBitsAllocated = 16
-    group.WaveformSampleInterpretation = "SS"
-    group.WaveformData = stored.tobytes()
-    ds.WaveformSequence = [group]
+    ds.WaveformSequence = [eeg_waveform_group(stored, BONN_SAMPLING_HZ, sensitivity, 0)]
     return ds
 
 

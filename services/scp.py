@@ -25,7 +25,7 @@ from pathlib import Path
 import pydicom
 import pynetdicom.sop_class as sop_classes
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
 from services.config import ListenerSettings

@@ -41,7 +41,8 @@ def spool_name_for(sop_instance_uid: str, suffix: str = ".dcm") -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40] + suffix
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or new file in ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,7 +76,7 @@ class Spool:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             try:
                 tmp.unlink(missing_ok=True)
@@ -118,7 +119,7 @@ class Spool:
             with open(received, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(received, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             raise StorageError(f"cannot spool {name} into {final.parent}: {exc.strerror or exc}") from exc
         return final
@@ -143,7 +144,7 @@ class Spool:
         source, target = self.incoming_path(name), self.archived_path(name)
         try:
             os.replace(source, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot archive {name}: {exc.strerror or exc}") from exc
         return target
@@ -172,7 +173,7 @@ class Spool:
                 os.replace(source, target)
             else:
                 shutil.copy2(source, target)  # someone else's file (e.g. a watched folder): keep theirs
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot quarantine {name}: {exc.strerror or exc}") from exc
         logger.warning("quarantined %s at %s: %s (%s)", target.name, stage, reason, detail[:200])
@@ -186,7 +187,7 @@ class Spool:
         reason = source.with_name(source.name + REASON_SUFFIX)
         if reason.exists():
             os.replace(reason, reason.with_name(reason.name + f".{int(time.time())}.resolved"))
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     # -- reading ------------------------------------------------------------------------------

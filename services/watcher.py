@@ -64,7 +64,7 @@ import numpy as np
 from services.config import WatcherSettings
 from services.dispatch import TaskDispatcher
 from services.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
-from services.spool import Spool, spool_name_for
+from services.spool import Spool, fsync_dir, spool_name_for
 
 logger = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ def eeg_dataset(samples_uv: np.ndarray, sampling_hz: float, *, digest: str, when
     :mod:`services.dicomize` stores the Bonn corpus); anything else is centred with the channel
     baseline and scaled to use the 16-bit range.
     """
-    from pydicom.dataset import Dataset
-
-    from services.dicomize import _code
+    from services.dicomize import eeg_waveform_group
 
     x = np.asarray(samples_uv, dtype=np.float64).ravel()
     if x.size == 0 or not np.isfinite(x).all():
@@ -219,28 +217,7 @@ def eeg_dataset(samples_uv: np.ndarray, sampling_hz: float, *, digest: str, when
     ds = _common(ROUTINE_SCALP_EEG, "EEG", ctx, "EEG", "Routine scalp EEG (from EDF)")
     ds.AcquisitionDateTime = ctx.study_time.strftime("%Y%m%d%H%M%S")
     ds.AcquisitionContextSequence = []
-    group = Dataset()
-    group.WaveformOriginality = "ORIGINAL"
-    group.NumberOfWaveformChannels = 1
-    group.NumberOfWaveformSamples = int(stored.size)
-    group.SamplingFrequency = _ds_value(sampling_hz)
-    group.MultiplexGroupLabel = "EEG"
-    channel = Dataset()
-    channel.WaveformChannelNumber = 1
-    channel.ChannelLabel = "EEG"
-    channel.ChannelStatus = "OK"
-    channel.ChannelSourceSequence = [_code("7:1016", "MDC", "Cz")]  # nominal, as in dicomize
-    channel.ChannelSensitivity = sensitivity
-    channel.ChannelSensitivityUnitsSequence = [_code("uV", "UCUM", "microvolt")]
-    channel.ChannelSensitivityCorrectionFactor = 1
-    channel.ChannelBaseline = baseline
-    channel.ChannelTimeSkew = 0
-    channel.WaveformBitsStored = 16
-    group.ChannelDefinitionSequence = [channel]
-    group.WaveformBitsAllocated = 16
-    group.WaveformSampleInterpretation = "SS"
-    group.WaveformData = stored.tobytes()
-    ds.WaveformSequence = [group]
+    ds.WaveformSequence = [eeg_waveform_group(stored, _ds_value(sampling_hz), sensitivity, baseline)]
     return ds
 
 
@@ -358,14 +335,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def writer_active(path: Path) -> bool | None:
@@ -606,7 +575,7 @@ class FolderWatcher:
             if target.exists():
                 target = target.with_name(f"{target.stem}.{time.time_ns()}{target.suffix}")
             os.replace(path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             try:
                 info = os.lstat(path)
