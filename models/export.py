@@ -184,6 +184,25 @@ def card_from_checkpoint(ckpt: dict[str, Any], version: str) -> dict[str, Any]:
     }
 
 
+def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The card's summary of a models.evaluate ``metrics.json``."""
+    modality = {k: v for k, v in metrics["modality"].items() if "@" in k}
+    modality["precision@20_per_modality"] = {m: v["precision@20"] for m, v in metrics["modality"]["per_modality"].items()}
+    finding = {m: {k: v for k, v in entry.items()} for m, entry in metrics["finding"].items()}
+    return {"queries": metrics["data"]["queries"], "database": metrics["data"]["database"],
+            "n_queries": metrics["data"]["n_queries"], "n_database": metrics["data"]["n_database"],
+            "manifest_sha256": metrics["data"]["manifest_sha256"], "modality": modality, "finding": finding}
+
+
+def subset_check(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What ``tests/test_models_evaluate.py`` reruns to check the shipped model reproduces."""
+    data = metrics["data"]
+    return {"queries": data["queries"], "database": data["database"], "subset": data["subset"],
+            "manifest_sha256": data["manifest_sha256"],
+            "modality_precision@20": metrics["modality"]["precision@20"],
+            "finding_map@10": {m: v["map@10"] for m, v in metrics["finding"].items() if "map@10" in v}}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="training checkpoint (best.pt) to export")
@@ -193,7 +212,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed for --untrained")
     parser.add_argument("--out", type=Path, required=True, help="output .onnx path")
     parser.add_argument("--version", required=True, help="model version written to the card")
-    parser.add_argument("--metrics", type=Path, help="metrics.json from models.evaluate to put in the card")
+    parser.add_argument("--metrics", type=Path, help="a JSON file to use as the card's metrics section")
+    parser.add_argument("--eval-val", type=Path, help="models.evaluate folder (queries val, database train)")
+    parser.add_argument("--eval-test", type=Path, help="models.evaluate folder (queries test, database train,val)")
+    parser.add_argument("--eval-subset", type=Path,
+                        help="models.evaluate folder of a --subset run, recorded so tests can reproduce it")
     parser.add_argument("--note", default="", help="free text added to the card")
     parser.add_argument("--set-default", action="store_true", help="make it the default model")
 
@@ -225,6 +248,11 @@ def run(args: argparse.Namespace) -> int:
             card = card_from_checkpoint(ckpt, args.version)
         if args.metrics:
             card["metrics"] = json.loads(args.metrics.read_text())
+        for name, folder in (("val", args.eval_val), ("test", args.eval_test)):
+            if folder:
+                card["metrics"][name] = compact_metrics(json.loads((folder / "metrics.json").read_text()))
+        if args.eval_subset:
+            card["metrics"]["subset_check"] = subset_check(json.loads((args.eval_subset / "metrics.json").read_text()))
         if args.note:
             card["note"] = args.note
         write_model(model, contract, args.out, card, set_default=args.set_default)

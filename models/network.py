@@ -25,40 +25,55 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+def _conv_block(c_in: int, c_out: int, stride: int, batchnorm: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not batchnorm)]
+    layers += [nn.BatchNorm2d(c_out)] if batchnorm else []
+    return nn.Sequential(*layers, nn.LeakyReLU(0.2))
 
 
-def _up_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1), nn.LeakyReLU(0.2)
-    )
+def _up_block(c_in: int, c_out: int, batchnorm: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1,
+                                                  bias=not batchnorm)]
+    layers += [nn.BatchNorm2d(c_out)] if batchnorm else []
+    return nn.Sequential(*layers, nn.LeakyReLU(0.2))
 
 
 class PaperAutoencoder(nn.Module):
-    """The paper's convolutional autoencoder with a 48-value latent (see module docstring)."""
+    """The paper's convolutional autoencoder with a 48-value latent (see module docstring).
 
-    def __init__(self, input_size: int = 64, filters: int = 128, latent_dim: int = 48, bottleneck: int = 4):
+    ``widths`` (one per stride-2 stage, default ``filters`` everywhere), ``batchnorm`` and
+    ``normalize`` (L2-normalised embedding, so Euclidean ranking is cosine ranking) exist for the
+    "ours" ladder; the defaults are the paper's network.
+    """
+
+    def __init__(self, input_size: int = 64, filters: int = 128, latent_dim: int = 48, bottleneck: int = 4,
+                 widths: tuple[int, ...] | None = None, batchnorm: bool = False, normalize: bool = False):
         super().__init__()
+        self.normalize = normalize
         depth = int(round(math.log2(input_size / bottleneck)))
         if bottleneck * 2**depth != input_size:
             raise ValueError(f"input_size must be {bottleneck}·2^k, got {input_size}")
         if latent_dim % (bottleneck * bottleneck):
             raise ValueError("latent_dim must be a multiple of bottleneck²")
+        widths = tuple(widths) if widths else (filters,) * depth
+        if len(widths) != depth:
+            raise ValueError(f"need {depth} widths for input {input_size}, got {widths}")
         self.input_size, self.depth, self.latent_dim = input_size, depth, latent_dim
         self.latent_channels = latent_dim // (bottleneck * bottleneck)
-        down = [_conv_block(1 if i == 0 else filters, filters, 2) for i in range(depth)]
-        self.encoder_body = nn.Sequential(*down)
-        self.to_latent = nn.Conv2d(filters, self.latent_channels, 3, padding=1)
-        self.from_latent = _conv_block(self.latent_channels, filters, 1)
-        self.decoder_body = nn.Sequential(*[_up_block(filters, filters) for _ in range(depth - 1)])
-        self.to_image = nn.ConvTranspose2d(filters, 1, 3, stride=2, padding=1, output_padding=1)
+        ins = (1,) + widths[:-1]
+        self.encoder_body = nn.Sequential(*[_conv_block(i, o, 2, batchnorm) for i, o in zip(ins, widths)])
+        self.to_latent = nn.Conv2d(widths[-1], self.latent_channels, 3, padding=1)
+        self.from_latent = _conv_block(self.latent_channels, widths[-1], 1, batchnorm)
+        rev = widths[::-1]
+        self.decoder_body = nn.Sequential(*[_up_block(i, o, batchnorm) for i, o in zip(rev[:-1], rev[1:])])
+        self.to_image = nn.ConvTranspose2d(widths[0], 1, 3, stride=2, padding=1, output_padding=1)
 
     def encode_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(self.encoder_body(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.encode_map(x), 1)
+        z = torch.flatten(self.encode_map(x), 1)
+        return F.normalize(z, dim=1) if self.normalize else z
 
     def decode_map(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.to_image(self.decoder_body(self.from_latent(z))))

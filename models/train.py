@@ -47,9 +47,31 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
              "objective": {"mse": 10.0, "supcon": 1.0}, "sampler": "balanced", "select_by": "val_map",
              "epochs": 15, "batch_size": 112, "fit_whitening": True},
     "resnet": {"arch_kwargs": {"input_size": 64}, "objective": {"ce": 1.0}, "sampler": "balanced",
-               "select_by": "val_map", "epochs": 12, "batch_size": 112},
+               "select_by": "val_map", "epochs": 8, "batch_size": 112},
     "pca": {"arch_kwargs": {"input_size": 64, "n_components": 128}, "objective": {}, "epochs": 0,
             "select_by": "none"},
+}
+_RETRIEVAL = {"objective": {"mse": 100.0, "supcon": 1.0}, "sampler": "balanced", "select_by": "val_map",
+              "batch_size": 112, "epochs": 8}
+_PAPER_BODY_GEM = {"input_size": 64, "widths": [128, 128, 128, 128], "blocks": 0, "batchnorm": False,
+                   "embed_dim": 128, "pooling": "gem"}
+# The "ours" ladder: each step adds one idea from the related work to the last step that was kept
+# (kept = better validation finding-level mAP@10, macro over modalities). See models/README.md.
+_S1 = {"input_size": 64, "normalize": True}
+_S3 = {"input_size": 64, "widths": [32, 64, 128, 256], "batchnorm": True, "normalize": True}
+_S4 = {"input_size": 128, "widths": [32, 64, 128, 256, 256], "batchnorm": True, "normalize": True}
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # 1: the paper's autoencoder + supervised contrastive loss on finding labels, L2-normalised latent
+    "ours-s1-supcon": ("paper", dict(_RETRIEVAL, arch_kwargs=_S1)),
+    # 2: GeM-pooled 128-d head on the same encoder body, decoder from the embedding; the run also
+    #    fits a learned whitening afterwards: best-unwhitened.pt is step 2, best.pt is 2 + whitening
+    "ours-s2-gem": ("ours", dict(_RETRIEVAL, arch_kwargs=_PAPER_BODY_GEM, fit_whitening=True)),
+    # 3: BatchNorm and a widening 32-64-128-256 encoder (and its mirrored decoder), on step 1
+    "ours-s3-bn": ("paper", dict(_RETRIEVAL, arch_kwargs=_S3)),
+    # 4: larger input, 128×128 (one more stride-2 stage keeps the 4×4×3 latent)
+    "ours-s4-input128": ("paper", dict(_RETRIEVAL, arch_kwargs=_S4)),
+    # 5: augmentation (random affine + gamma)
+    "ours-s5-augment": ("paper", dict(_RETRIEVAL, arch_kwargs=_S4, augment=True)),
 }
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"subset": None},
@@ -58,18 +80,26 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
 }
 BASE_CONFIG: dict[str, Any] = {
     "seed": 0, "lr": 1e-3, "lr_decay": 2e-5, "supcon_temperature": 0.1, "augment": False,
-    "fit_whitening": False, "whitening_shrinkage": 0.1, "threads": 2, "patience": None,
+    "fit_whitening": False, "whitening_shrinkage": 0.1, "threads": 1, "patience": None,
+    "channels_last": True,
 }
+# performance-only settings, allowed to change when resuming
+RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last"}
 
 
 def resolve_config(arch: str, size: str, overrides: list[str] | None = None, **explicit: Any) -> dict[str, Any]:
     """Base config <- arch preset <- size preset <- ``--set key=value`` overrides <- explicit args."""
-    if arch not in ARCH_PRESETS:
-        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCH_PRESETS)}")
+    recipe = None
+    if arch in RECIPES:
+        recipe, (arch, recipe_overrides) = arch, RECIPES[arch]
+    elif arch not in ARCH_PRESETS:
+        raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCH_PRESETS) + sorted(RECIPES)}")
     config = copy.deepcopy(BASE_CONFIG)
     config.update(copy.deepcopy(ARCH_PRESETS[arch]))
+    if recipe:
+        config.update(copy.deepcopy(recipe_overrides))
     config.update(copy.deepcopy(SIZE_PRESETS[size]))
-    config["arch"], config["size"] = arch, size
+    config["arch"], config["size"], config["recipe"] = arch, size, recipe
     for item in overrides or []:
         key, _, raw = item.partition("=")
         try:
@@ -222,6 +252,8 @@ class Trainer:
         self.arch_kwargs = arch_kwargs
         self.model = build_model(config["arch"], **arch_kwargs)
         self.summary = describe(self.model)
+        self.memory_format = torch.channels_last if config.get("channels_last") else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.contract = PreprocessContract(input_size=arch_kwargs["input_size"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
@@ -257,9 +289,8 @@ class Trainer:
 
     def resume(self) -> None:
         ckpt = self.torch.load(self.out_dir / "last.pt", map_location="cpu", weights_only=False)
-        ignore = {"threads", "max_minutes", "data"}
-        old = {k: v for k, v in ckpt["config"].items() if k not in ignore}
-        new = {k: v for k, v in self.config.items() if k not in ignore}
+        old = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_KEYS | {"recipe"}}
+        new = {k: v for k, v in self.config.items() if k not in RESUMABLE_KEYS | {"recipe"}}
         if old != new:
             raise SystemExit(f"config differs from the checkpoint's; refusing to resume\nold: {old}\nnew: {new}")
         self.model.load_state_dict(ckpt["model"])
@@ -321,7 +352,7 @@ class Trainer:
         total, terms_sum, n = 0.0, {}, 0
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{config['epochs']}", unit="batch", leave=False)
         for idx in bar:
-            x = torch.from_numpy(self.train_inputs[idx])
+            x = torch.from_numpy(self.train_inputs[idx]).contiguous(memory_format=self.memory_format)
             if config["augment"]:
                 x = augment_batch(x, generator)
             y = torch.from_numpy(self.train_labels[idx])
@@ -426,7 +457,8 @@ def load_training_data(config: dict[str, Any], cache_dir: Path | None = data_mod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="paper", choices=sorted(ARCH_PRESETS), help="model family")
+    parser.add_argument("--arch", default="paper", choices=sorted(ARCH_PRESETS) + sorted(RECIPES),
+                        help="model family, or a named recipe (a step of the 'ours' ladder)")
     parser.add_argument("--config", default="full", choices=sorted(SIZE_PRESETS),
                         help="'small': class-balanced subset, 2 epochs (minutes); 'full': all of train/val")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, config, metrics)")
@@ -439,7 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config entry (JSON value; dotted keys, e.g. arch_kwargs.input_size=96)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch crossing this")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache preprocessed inputs")
 
 
