@@ -41,13 +41,15 @@ def _up_block(c_in: int, c_out: int, batchnorm: bool = False) -> nn.Sequential:
 class PaperAutoencoder(nn.Module):
     """The paper's convolutional autoencoder with a 48-value latent (see module docstring).
 
-    ``widths`` (one per stride-2 stage, default ``filters`` everywhere), ``batchnorm`` and
-    ``normalize`` (L2-normalised embedding, so Euclidean ranking is cosine ranking) exist for the
-    "ours" ladder; the defaults are the paper's network.
+    ``widths`` (one per stride-2 stage, default ``filters`` everywhere), ``batchnorm``,
+    ``blocks`` (residual blocks after each stride-2 conv of the encoder) and ``normalize``
+    (L2-normalised embedding, so Euclidean ranking is cosine ranking) exist for the "ours" ladder;
+    the defaults are the paper's network.
     """
 
     def __init__(self, input_size: int = 64, filters: int = 128, latent_dim: int = 48, bottleneck: int = 4,
-                 widths: tuple[int, ...] | None = None, batchnorm: bool = False, normalize: bool = False):
+                 widths: tuple[int, ...] | None = None, batchnorm: bool = False, normalize: bool = False,
+                 blocks: int = 0):
         super().__init__()
         self.normalize = normalize
         depth = int(round(math.log2(input_size / bottleneck)))
@@ -61,7 +63,11 @@ class PaperAutoencoder(nn.Module):
         self.input_size, self.depth, self.latent_dim = input_size, depth, latent_dim
         self.latent_channels = latent_dim // (bottleneck * bottleneck)
         ins = (1,) + widths[:-1]
-        self.encoder_body = nn.Sequential(*[_conv_block(i, o, 2, batchnorm) for i, o in zip(ins, widths)])
+        stages: list[nn.Module] = []
+        for c_in, c_out in zip(ins, widths):
+            stages.append(_conv_block(c_in, c_out, 2, batchnorm))
+            stages += [ResidualBlock(c_out) for _ in range(blocks)]
+        self.encoder_body = nn.Sequential(*stages)
         self.to_latent = nn.Conv2d(widths[-1], self.latent_channels, 3, padding=1)
         self.from_latent = _conv_block(self.latent_channels, widths[-1], 1, batchnorm)
         rev = widths[::-1]

@@ -70,8 +70,12 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-s3-bn": ("paper", dict(_RETRIEVAL, arch_kwargs=_S3)),
     # 4: larger input, 128×128 (one more stride-2 stage keeps the 4×4×3 latent)
     "ours-s4-input128": ("paper", dict(_RETRIEVAL, arch_kwargs=_S4)),
-    # 5: augmentation (random affine + gamma)
-    "ours-s5-augment": ("paper", dict(_RETRIEVAL, arch_kwargs=_S4, augment=True)),
+    # 5: residual blocks (ResNet basic block after every stride-2 conv of the encoder), on step 3
+    "ours-s5-residual": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1))),
+    # 6: augmentation (random affine ±8°, scale 0.9-1.1, shift ±6 %, gamma 0.8-1.25), on step 5
+    "ours-s6-augment": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), augment=True)),
+    # 7: longer training, 20 instead of 8 epochs, on step 5 (step 6 was not kept)
+    "ours-s7-longer": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20)),
 }
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"subset": None},
