@@ -1,8 +1,8 @@
 """Network definitions (torch; imported by training and export only, never by serving).
 
 Every model has ``encode(x) -> (N, dim)`` (what gets exported) and ``forward(x) ->
-(output, embedding)`` used by training. Architectures: ``paper`` (below), ``ours``
-(:class:`OursAutoencoder`), ``resnet`` (:class:`ResNetClassifier`), ``pca`` (:class:`PcaEncoder`).
+(output, embedding)`` used by training. Architectures: ``paper`` (below; with
+options it is also "ours", see ``models.train.RECIPES``), ``gem`` (:class:`GemAutoencoder`), ``resnet`` (:class:`ResNetClassifier`), ``pca`` (:class:`PcaEncoder`).
 
 ``paper`` -- the convolutional autoencoder of the reference paper:
 
@@ -128,8 +128,8 @@ class Whitening(nn.Module):
         self.fitted.fill_(True)
 
 
-class OursAutoencoder(nn.Module):
-    """Our retrieval autoencoder: a conv encoder, a pooled L2-normalised embedding, a light decoder.
+class GemAutoencoder(nn.Module):
+    """Autoencoder with a GeM-pooled head (step 2 of the "ours" ladder; not kept, see README).
 
     * encoder: per stage [Conv 3×3 stride 2 (+ BatchNorm if ``batchnorm``) + LeakyReLU(0.2), then
       ``blocks`` residual 3×3 conv pairs], widths ``widths``; input S×S -> S/2^len(widths). With
@@ -282,7 +282,7 @@ class EncoderOnly(nn.Module):
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "paper": PaperAutoencoder, "ours": OursAutoencoder, "resnet": ResNetClassifier, "pca": PcaEncoder,
+    "paper": PaperAutoencoder, "gem": GemAutoencoder, "resnet": ResNetClassifier, "pca": PcaEncoder,
 }
 
 

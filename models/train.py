@@ -41,8 +41,8 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     # the paper: MSE autoencoder, Adam 1e-3 with Keras decay 2e-5, best by val loss, 35 epochs
     "paper": {"arch_kwargs": {"input_size": 64}, "objective": {"mse": 1.0}, "sampler": "shuffle",
               "select_by": "val_loss", "epochs": 35, "batch_size": 64},
-    # ours: GeM autoencoder + supervised contrastive on finding labels + whitening
-    "ours": {"arch_kwargs": {"input_size": 64, "widths": [128, 128, 128, 128], "blocks": 0, "batchnorm": False,
+    # GeM autoencoder + supervised contrastive on finding labels + whitening (ladder step 2)
+    "gem": {"arch_kwargs": {"input_size": 64, "widths": [128, 128, 128, 128], "blocks": 0, "batchnorm": False,
                              "embed_dim": 128, "pooling": "gem"},
              "objective": {"mse": 10.0, "supcon": 1.0}, "sampler": "balanced", "select_by": "val_map",
              "epochs": 15, "batch_size": 112, "fit_whitening": True},
@@ -65,7 +65,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-s1-supcon": ("paper", dict(_RETRIEVAL, arch_kwargs=_S1)),
     # 2: GeM-pooled 128-d head on the same encoder body, decoder from the embedding; the run also
     #    fits a learned whitening afterwards: best-unwhitened.pt is step 2, best.pt is 2 + whitening
-    "ours-s2-gem": ("ours", dict(_RETRIEVAL, arch_kwargs=_PAPER_BODY_GEM, fit_whitening=True)),
+    "ours-s2-gem": ("gem", dict(_RETRIEVAL, arch_kwargs=_PAPER_BODY_GEM, fit_whitening=True)),
     # 3: BatchNorm and a widening 32-64-128-256 encoder (and its mirrored decoder), on step 1
     "ours-s3-bn": ("paper", dict(_RETRIEVAL, arch_kwargs=_S3)),
     # 4: larger input, 128×128 (one more stride-2 stage keeps the 4×4×3 latent)
@@ -77,6 +77,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # 7: longer training, 20 instead of 8 epochs, on step 5 (step 6 was not kept)
     "ours-s7-longer": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20)),
 }
+# "ours" = the last kept step of the ladder (what models/weights ships)
+RECIPES["ours"] = RECIPES["ours-s5-residual"]
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"subset": None},
     # a class-balanced subset and 2 epochs: a few minutes on a 2-core CPU
@@ -87,8 +89,9 @@ BASE_CONFIG: dict[str, Any] = {
     "fit_whitening": False, "whitening_shrinkage": 0.1, "threads": 1, "patience": None,
     "channels_last": True,
 }
-# performance-only settings, allowed to change when resuming
-RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last"}
+# settings allowed to change when resuming: performance-only ones, and ``epochs`` (extending a
+# run gives the same result as a longer run from scratch: per-step LR decay, per-epoch seeded batches)
+RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last", "epochs"}
 
 
 def resolve_config(arch: str, size: str, overrides: list[str] | None = None, **explicit: Any) -> dict[str, Any]:

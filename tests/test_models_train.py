@@ -61,9 +61,9 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-5)
 
 
-def test_supcon_objective_trains_ours(tmp_path):
+def test_supcon_objective_trains_gem_with_whitening(tmp_path):
     torch.set_num_threads(2)
-    trainer = make_trainer(tmp_path, arch="ours", epochs=2)
+    trainer = make_trainer(tmp_path, arch="gem", epochs=2)
     trainer.config["arch_kwargs"] = dict(trainer.config["arch_kwargs"])
     assert trainer.fit()
     best = torch.load(tmp_path / "best.pt", weights_only=False)
