@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for spec in args.row:
-        label, _, dirs = spec.partition("=")
+        label, _, dirs = spec.rpartition("=")
         val_dir, _, test_dir = dirs.partition(",")
         rows.append((label, val_dir, test_dir or "-"))
     print(table(rows))

@@ -58,15 +58,15 @@ def resample_to_render_rate(samples_uv: np.ndarray, sampling_hz: float) -> np.nd
         raise InvalidInput(f"invalid sampling rate {sampling_hz!r}")
     x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     if abs(sampling_hz - RENDER_RATE_HZ) < 1e-6:
-        return x[: int(round(DURATION_S * RENDER_RATE_HZ))]
+        return x[: round(DURATION_S * RENDER_RATE_HZ)]
     ratio = sampling_hz / RENDER_RATE_HZ
     if ratio > 1.0:  # anti-alias: moving average over one output sample period
-        width = int(round(ratio))
+        width = round(ratio)
         if width > 1:
             kernel = np.ones(width) / width
             x = np.convolve(np.pad(x, (width // 2, width - 1 - width // 2), mode="edge"), kernel, "valid")
     source_t = np.arange(x.size) / sampling_hz
-    n_out = min(int(round(DURATION_S * RENDER_RATE_HZ)), int(np.floor(source_t[-1] * RENDER_RATE_HZ)) + 1)
+    n_out = min(round(DURATION_S * RENDER_RATE_HZ), int(np.floor(source_t[-1] * RENDER_RATE_HZ)) + 1)
     target_t = np.arange(n_out) / RENDER_RATE_HZ
     return np.interp(target_t, source_t, x)
 
@@ -75,7 +75,7 @@ def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
     """Single-channel EEG (µV) at ``sampling_hz`` -> 256×256 uint8 strip-chart picture."""
     x = resample_to_render_rate(samples_uv, sampling_hz)
     x = x - x.mean()
-    total = int(round(DURATION_S * RENDER_RATE_HZ))
+    total = round(DURATION_S * RENDER_RATE_HZ)
     per_row = int(np.ceil(total / ROWS))
     row_h = HEIGHT // ROWS
     half = (row_h - 1) / 2.0
@@ -86,7 +86,7 @@ def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
         seg = y[row * per_row: (row + 1) * per_row + 1]  # +1: connect to the next strip's start
         if seg.size < 2:
             if seg.size == 1:
-                r = int(round(seg[0]))
+                r = round(seg[0])
                 image[row * row_h + r, 0] = 255
             continue
         # sample i sits at x position i * WIDTH / per_row; column c covers [c, c+1)

@@ -7,7 +7,7 @@ absolute). Queries come from the ``--queries`` splits, the database from the ``-
 splits; an item in both is never its own neighbour. Each query's top ``depth`` database items
 are asked from a :class:`models.retrieval.Retriever`; metrics are defined in
 :mod:`models.metrics`. Writes ``metrics.json``, ``report.md``, ``pr_curves.png``,
-``query_grid.png`` and ``embedding_map.png`` to ``--out``.
+``query_grid.jpg`` and ``embedding_map.png`` to ``--out``.
 
 The ranking step is pluggable. :func:`evaluate_retriever` takes any object with
 ``index(items)`` and ``search(item, k) -> list of database keys`` (optionally
@@ -136,7 +136,7 @@ def _plot_grid(queries, database, rankings: np.ndarray, path: Path, per_modality
             ax.set_title(("query: " if col == 0 else f"#{col}: ") + item.finding, fontsize=7, color=colour)
     fig.suptitle("queries (left) and their top 5 (green: same finding, red: different)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80, pil_kwargs={"quality": 80})
     plt.close(fig)
 
 
@@ -186,8 +186,8 @@ def write_report(path: Path, metrics: dict[str, Any], plots: dict[str, str]) -> 
     model = metrics["model"]
     lines = [f"# Retrieval evaluation: {model.get('name')} {model.get('version')}", ""]
     if not model.get("trained", True):
-        lines += ["> **UNTRAINED MODEL.** Random weights for wiring tests; these numbers are not a "
-                  "retrieval result and must not be reported as one.", ""]
+        lines += [("> **UNTRAINED MODEL.** Random weights for wiring tests; these numbers are not a "
+                   "retrieval result and must not be reported as one."), ""]
     info = metrics["data"]
     lines += [f"- date: {metrics['date']}",
               f"- data: `{info['dir']}` (manifest sha256 `{info['manifest_sha256'][:16]}…`)",
@@ -212,9 +212,9 @@ def write_report(path: Path, metrics: dict[str, Any], plots: dict[str, str]) -> 
         n_text = f"{n}" + (f" (+{skipped} without relevant)" if skipped else "")
         lines.append(f"| {modality} | {n_text} | " + " | ".join(_fmt(entry[f"precision@{k}"]) for k in FINDING_KS)
                      + " | " + " | ".join(_fmt(entry[f"map@{k}"]) for k in FINDING_KS) + " |")
-    lines += ["", "Definitions: see `models/metrics.py` (precision@k = hits/k; recall@k = hits/|relevant "
-              "in database|; accuracy@k = top-k majority vote; AP@k normalised by min(k, R); queries "
-              "whose finding is absent from the database are excluded from finding-level means).", ""]
+    lines += ["", ("Definitions: see `models/metrics.py` (precision@k = hits/k; recall@k = hits/|relevant "
+                   "in database|; accuracy@k = top-k majority vote; AP@k normalised by min(k, R); queries "
+                   "whose finding is absent from the database are excluded from finding-level means)."), ""]
     for title, name in plots.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     path.write_text("\n".join(lines))
@@ -258,7 +258,7 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
                  "n_queries": len(queries), "n_database": len(database)},
         "retriever": type(retriever).__name__,
         "ranking": "exact Euclidean distance (float64), ties by database order",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     })
     plot_files: dict[str, str] = {}
     if plots:
@@ -269,8 +269,8 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
         _plot_pr(curves, out_dir / "pr_curves.png", f"{encoder.card.get('name')}: finding-level PR")
         plot_files["Precision-recall per modality (finding level)"] = "pr_curves.png"
         metrics["pr_curves"] = {"recall": RECALL_GRID.tolist(), **{m: v.tolist() for m, v in curves.items()}}
-        _plot_grid(queries, database, rankings, out_dir / "query_grid.png", seed=seed)
-        plot_files["Queries and their top 5"] = "query_grid.png"
+        _plot_grid(queries, database, rankings, out_dir / "query_grid.jpg", seed=seed)
+        plot_files["Queries and their top 5"] = "query_grid.jpg"
         if own:
             db_emb = retriever.embeddings
         else:

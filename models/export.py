@@ -127,7 +127,7 @@ def write_model(model, contract: PreprocessContract, out_path: str | Path, card:
                      "input": f"{INPUT_NAME}: float32 (N, 1, {contract.input_size}, {contract.input_size})",
                      "output": f"{OUTPUT_NAME}: float32 (N, {card.get('embedding_dim')})",
                      "parity_max_abs_diff": max_diff, "parity_atol": PARITY_ATOL},
-            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         })
         card.setdefault("intended_use", INTENDED_USE)
         card.setdefault("limitations", LIMITATIONS)

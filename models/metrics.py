@@ -106,7 +106,7 @@ def modality_metrics(query_modalities: Sequence[str], ranked_modalities: Sequenc
         per_query[f"precision@{k}"] = precision_at(hits, k)
         per_query[f"recall@{k}"] = recall_at(hits, k, n_relevant)
     result: dict = {name: _mean(values) for name, values in per_query.items()}
-    result["n_queries"] = int(len(query_modalities))
+    result["n_queries"] = len(query_modalities)
     result["per_modality"] = {}
     for modality in sorted(set(query_modalities.tolist())):
         mask = query_modalities == modality

@@ -18,11 +18,12 @@ options it is also "ours", see ``models.train.RECIPES``), ``gem`` (:class:`GemAu
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _conv_block(c_in: int, c_out: int, stride: int, batchnorm: bool = False) -> nn.Sequential:
@@ -52,7 +53,7 @@ class PaperAutoencoder(nn.Module):
                  blocks: int = 0):
         super().__init__()
         self.normalize = normalize
-        depth = int(round(math.log2(input_size / bottleneck)))
+        depth = round(math.log2(input_size / bottleneck))
         if bottleneck * 2**depth != input_size:
             raise ValueError(f"input_size must be {bottleneck}·2^k, got {input_size}")
         if latent_dim % (bottleneck * bottleneck):
@@ -71,7 +72,7 @@ class PaperAutoencoder(nn.Module):
         self.to_latent = nn.Conv2d(widths[-1], self.latent_channels, 3, padding=1)
         self.from_latent = _conv_block(self.latent_channels, widths[-1], 1, batchnorm)
         rev = widths[::-1]
-        self.decoder_body = nn.Sequential(*[_up_block(i, o, batchnorm) for i, o in zip(rev[:-1], rev[1:])])
+        self.decoder_body = nn.Sequential(*[_up_block(i, o, batchnorm) for i, o in itertools.pairwise(rev)])
         self.to_image = nn.ConvTranspose2d(widths[0], 1, 3, stride=2, padding=1, output_padding=1)
 
     def encode_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +231,7 @@ class ResNetClassifier(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages: list[nn.Module] = [ResidualBlock(widths[0], "relu"), ResidualBlock(widths[0], "relu")]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             stages += [DownBlock(c_in, c_out), ResidualBlock(c_out, "relu")]
         self.stages = nn.Sequential(*stages)
         self.classifier = nn.Linear(widths[-1], n_classes)

@@ -69,7 +69,7 @@ class PreprocessContract:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PreprocessContract":
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessContract:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -80,7 +80,7 @@ class PreprocessContract:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "PreprocessContract":
+    def load(cls, path: str | Path) -> PreprocessContract:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

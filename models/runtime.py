@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from models.preprocess import PreprocessContract
 from models.errors import ConfigError, InvalidInput, NotFound
+from models.preprocess import PreprocessContract
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ModelNotFound(NotFound):
 def sidecar_paths(model_path: str | Path) -> tuple[Path, Path]:
     """``(card_path, preprocess_path)`` beside ``<name>.onnx``."""
     path = Path(model_path)
-    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    stem = path.name.removesuffix(".onnx")
     return path.with_name(f"{stem}.card.json"), path.with_name(f"{stem}.preprocess.json")
 
 

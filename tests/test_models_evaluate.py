@@ -85,7 +85,7 @@ def test_run_evaluation_writes_report_and_metrics(data_dir, tmp_path):
         for k in (5, 10, 20):
             assert f"precision@{k}" in saved["finding"][modality] and f"map@{k}" in saved["finding"][modality]
     assert saved["model"]["version"] == metrics["model"]["version"]
-    for name in ("report.md", "pr_curves.png", "query_grid.png", "embedding_map.png"):
+    for name in ("report.md", "pr_curves.png", "query_grid.jpg", "embedding_map.png"):
         assert (tmp_path / name).is_file()
     assert saved["data"]["n_queries"] == 4 and saved["data"]["n_database"] == 6
 

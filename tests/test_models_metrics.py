@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from models.metrics import (average_precision_at, finding_metrics, majority_vote_correct, modality_metrics,
-                            retrieval_metrics)
+from models.metrics import (
+    average_precision_at,
+    finding_metrics,
+    majority_vote_correct,
+    modality_metrics,
+    retrieval_metrics,
+)
 from models.retrieval import rank_euclidean
 
 

@@ -74,8 +74,9 @@ def test_supcon_objective_trains_gem_with_whitening(tmp_path):
 def test_small_config_on_shared_data(tmp_path):
     if not (shared_data_dir() / "manifest.csv").is_file():
         pytest.skip("shared data not available")
-    from models.train import add_arguments, run
     import argparse
+
+    from models.train import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
