@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from models import data as data_mod
+from models.errors import ConfigError
 from models.metrics import finding_metrics
 from models.preprocess import PreprocessContract
 from models.retrieval import rank_euclidean
@@ -76,6 +77,9 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "ours-s6-augment": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), augment=True)),
     # 7: longer training, 20 instead of 8 epochs, on step 5 (step 6 was not kept)
     "ours-s7-longer": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20)),
+    # 8: step 6's augmentation on the pictures only: EEG traces keep their fixed time/amplitude scale
+    "ours-s8-augment-images": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20,
+                                              augment=["xray", "mri", "oct"])),
 }
 # "ours" = the last kept step of the ladder (what models/weights ships)
 RECIPES["ours"] = RECIPES["ours-s7-longer"]
@@ -91,7 +95,31 @@ BASE_CONFIG: dict[str, Any] = {
 }
 # settings allowed to change when resuming: performance-only ones, and ``epochs`` (extending a
 # run gives the same result as a longer run from scratch: per-step LR decay, per-epoch seeded batches)
-RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last", "epochs"}
+RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last", "epochs", "device"}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_torch_device(name: str):
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is a ConfigError."""
+    import torch
+
+    if name not in DEVICES:
+        raise ConfigError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but this torch build sees no CUDA GPU "
+                          f"(torch {torch.__version__}, cuda {torch.version.cuda})")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def model_device(model):
+    """The device holding the model's parameters (or buffers); the CPU for an empty model."""
+    import torch
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def resolve_config(arch: str, size: str, overrides: list[str] | None = None, **explicit: Any) -> dict[str, Any]:
@@ -170,6 +198,20 @@ def augment_batch(x, generator):
     return out.clamp(0, 1).pow(gamma)
 
 
+def augment_selected(x, mask: np.ndarray, generator):
+    """``augment_batch`` on the rows where ``mask`` is true; the other rows are returned untouched."""
+    import torch
+
+    if not mask.any():
+        return x
+    if mask.all():
+        return augment_batch(x, generator)
+    chosen = torch.from_numpy(mask)
+    out = x.clone()
+    out[chosen] = augment_batch(x[chosen], generator).to(x.dtype)
+    return out
+
+
 def compute_loss(model, x, y, config: dict[str, Any]):
     """Weighted sum of the configured objective terms; returns (total, {term: value})."""
     import torch.nn.functional as F
@@ -209,10 +251,12 @@ def embed_tensor(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray
     import torch
 
     model.eval()
+    device = model_device(model)
     out = []
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            out.append(model.encode(torch.from_numpy(inputs[start: start + batch_size])).numpy())
+            batch = torch.from_numpy(inputs[start: start + batch_size]).to(device)
+            out.append(model.encode(batch).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -249,6 +293,10 @@ class Trainer:
         class_index = {c: i for i, c in enumerate(self.classes)}
         self.train_labels = np.array([class_index[r.finding] for r in train_records])
         self.val_labels = np.array([class_index.get(r.finding, -1) for r in val_records])
+        # augment: False, True (every picture) or a list of modalities whose pictures are augmented
+        augment = config["augment"]
+        self.augment_mask = np.array([bool(augment) and (augment is True or r.modality in augment)
+                                      for r in train_records])
         torch.manual_seed(config["seed"])
         arch_kwargs = dict(config["arch_kwargs"])
         if config["arch"] == "resnet":
@@ -260,7 +308,8 @@ class Trainer:
         self.model = build_model(config["arch"], **arch_kwargs)
         self.summary = describe(self.model)
         self.memory_format = torch.channels_last if config.get("channels_last") else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.device = resolve_torch_device(config.get("device", "cpu"))
+        self.model = self.model.to(self.device, memory_format=self.memory_format)
         self.contract = PreprocessContract(input_size=arch_kwargs["input_size"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
@@ -275,8 +324,8 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         torch = self.torch
         with torch.no_grad():
-            dim = int(self.model.encode(self.torch.zeros(1, 1, self.contract.input_size,
-                                                         self.contract.input_size)).shape[1])
+            dim = int(self.model.encode(self.torch.zeros(1, 1, self.contract.input_size, self.contract.input_size,
+                                                         device=self.device)).shape[1])
         return {
             "arch": self.config["arch"], "arch_kwargs": self.arch_kwargs, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
@@ -323,8 +372,8 @@ class Trainer:
             chunks = [c for c in np.array_split(np.arange(len(labels)), max(1, len(labels) // 128)) if len(c)]
             with torch.no_grad():
                 for idx in chunks:
-                    x = torch.from_numpy(self.val_inputs[idx])
-                    y = torch.from_numpy(labels[idx])
+                    x = torch.from_numpy(self.val_inputs[idx]).to(self.device)
+                    y = torch.from_numpy(labels[idx]).to(self.device)
                     loss, terms = compute_loss(self.model, x, y, self.config)
                     losses += loss.item() * len(idx)
                     n += len(idx)
@@ -360,9 +409,9 @@ class Trainer:
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{config['epochs']}", unit="batch", leave=False)
         for idx in bar:
             x = torch.from_numpy(self.train_inputs[idx]).contiguous(memory_format=self.memory_format)
-            if config["augment"]:
-                x = augment_batch(x, generator)
-            y = torch.from_numpy(self.train_labels[idx])
+            x = augment_selected(x, self.augment_mask[idx], generator)
+            x = x.to(self.device, non_blocking=True)
+            y = torch.from_numpy(self.train_labels[idx]).to(self.device)
             loss, terms = compute_loss(self.model, x, y, config)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -384,7 +433,7 @@ class Trainer:
         (self.out_dir / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         started = time.monotonic()
         if self.config["arch"] == "pca":
-            self.model.fit(torch.from_numpy(self.train_inputs))
+            self.model.fit(torch.from_numpy(self.train_inputs).to(self.device))
             self.epoch = 0
             metrics = {"epoch": 0, **self.evaluate_val()}
             self.history.append(metrics)
@@ -423,13 +472,13 @@ class Trainer:
         """Fit the model's whitening on train embeddings, in ``best.pt`` (old one kept as best-unwhitened.pt)."""
         torch = self.torch
         best_path = self.out_dir / "best.pt"
-        ckpt = torch.load(best_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(best_path, map_location=self.device, weights_only=False)
         if ckpt.get("whitened"):
             return
         self.model.load_state_dict(ckpt["model"])
         self.model.eval()
         with torch.no_grad():
-            raw = torch.cat([self.model.raw_embedding(torch.from_numpy(self.train_inputs[i:i + 256]))
+            raw = torch.cat([self.model.raw_embedding(torch.from_numpy(self.train_inputs[i:i + 256]).to(self.device))
                              for i in range(0, len(self.train_inputs), 256)])
         self.model.whiten.fit(raw, shrinkage=self.config["whitening_shrinkage"])
         whitened = dict(ckpt, model=self.model.state_dict(), whitened=True)
@@ -481,15 +530,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache preprocessed inputs")
+    parser.add_argument("--device", default="cpu", choices=DEVICES,
+                        help="where torch trains: the CPU, a CUDA GPU, or auto (CUDA when present)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    try:
+        device = resolve_torch_device(args.device)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("training on %s", device)
     data_dir = args.data or data_mod.shared_data_dir()
     config = resolve_config(args.arch, args.config, args.set, epochs=args.epochs, batch_size=args.batch_size,
-                            seed=args.seed, data=str(Path(data_dir).resolve()), threads=args.threads)
+                            seed=args.seed, data=str(Path(data_dir).resolve()), threads=args.threads,
+                            device=args.device)
     out = Path(args.out)
     if (out / "last.pt").exists() and not args.resume:
         logger.error("%s already holds a run; pass --resume to continue it or choose another --out", out)

@@ -11,7 +11,6 @@ import re
 import signal
 import sys
 
-import grpc
 import pytest
 
 from services.client import SearchClient

@@ -33,3 +33,19 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
     with pytest.raises(ConfigError, match="CUDA"):
         OnnxEncoder(device="cuda")
     assert OnnxEncoder(device="auto").providers == ["CPUExecutionProvider"]
+
+
+@pytest.mark.gpu
+def test_training_step_on_cuda(tmp_path):
+    """`cbmir train --device cuda`: a few optimiser steps on the GPU lower the loss and checkpoint."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA GPU")
+    from tests.test_models_train import make_trainer
+
+    trainer = make_trainer(tmp_path, epochs=3, device="cuda")
+    assert next(trainer.model.parameters()).is_cuda
+    assert trainer.fit()
+    losses = [h["train_loss"] for h in trainer.history]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "best.pt").exists()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import struct
 import shutil
+import struct
 import subprocess
 from io import BytesIO
 from pathlib import Path

@@ -85,3 +85,36 @@ def test_small_config_on_shared_data(tmp_path):
     assert run(args) == 0
     history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_augmentation_can_spare_a_modality(tmp_path):
+    """Step 8's recipe augments the pictures but leaves EEG traces (fixed time/µV scale) untouched."""
+    from models.train import augment_selected
+
+    trainer = make_trainer(tmp_path, augment=["xray"])
+    modalities = np.array([r.modality for r in trainer.train_records])
+    assert trainer.augment_mask.tolist() == (modalities == "xray").tolist()
+    idx = np.arange(len(modalities))
+    x = torch.from_numpy(trainer.train_inputs[idx])
+    out = augment_selected(x, trainer.augment_mask[idx], torch.Generator().manual_seed(0))
+    spared, augmented = ~trainer.augment_mask[idx], trainer.augment_mask[idx]
+    assert torch.equal(out[torch.from_numpy(spared)], x[torch.from_numpy(spared)])
+    assert not torch.allclose(out[torch.from_numpy(augmented)], x[torch.from_numpy(augmented)])
+    assert make_trainer(tmp_path, augment=False).augment_mask.sum() == 0
+    assert make_trainer(tmp_path, augment=True).augment_mask.all()
+
+
+def test_device_choice_is_checked(tmp_path):
+    """--device cuda on a machine without a GPU is a clear error, not a silent CPU run."""
+    from models.errors import ConfigError
+    from models.train import main, resolve_torch_device
+
+    assert resolve_torch_device("cpu").type == "cpu"
+    assert resolve_torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError):
+        resolve_torch_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_torch_device("cuda")
+        assert main(["--arch", "paper", "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+        assert not (tmp_path / "run").exists()
