@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-MODALITIES = ("xray", "mri", "oct", "eeg")
+from models.data import MODALITIES
 
 
 def _cells(folder: str) -> list[str]:

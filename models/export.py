@@ -188,7 +188,7 @@ def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The card's summary of a models.evaluate ``metrics.json``."""
     modality = {k: v for k, v in metrics["modality"].items() if "@" in k}
     modality["precision@20_per_modality"] = {m: v["precision@20"] for m, v in metrics["modality"]["per_modality"].items()}
-    finding = {m: {k: v for k, v in entry.items()} for m, entry in metrics["finding"].items()}
+    finding = {m: dict(entry) for m, entry in metrics["finding"].items()}
     return {"queries": metrics["data"]["queries"], "database": metrics["data"]["database"],
             "n_queries": metrics["data"]["n_queries"], "n_database": metrics["data"]["n_database"],
             "manifest_sha256": metrics["data"]["manifest_sha256"], "modality": modality, "finding": finding}
