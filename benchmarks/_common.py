@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services.vocabulary import DICOM_MODALITY_CODES, TRAINED_MODALITIES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH_MODALITIES = ("xray", "mri", "oct", "eeg")
+BENCH_MODALITIES = TRAINED_MODALITIES
 
 
 # -- statistics and tables -------------------------------------------------------------------------
@@ -95,7 +97,7 @@ class VectorSet:
             "series_instance_uid": f"2.25.8{i // 4}",
             "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
             "modality": modality,
-            "modality_code": {"xray": "CR", "mri": "MR", "oct": "OPT", "eeg": "EEG"}[modality],
+            "modality_code": DICOM_MODALITY_CODES[modality],
             "frame_number": 1,
         }
 

@@ -69,7 +69,7 @@ def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str
 
 def run_queries(client, knn: common.NumpyKnn, vs: common.VectorSet, n: int, queries: int, filtered: bool,
                 seed: int) -> dict:
-    from services.client import MODALITY_NAMES
+    from services.vocabulary import MODALITY_TO_PB
 
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, n, size=queries)
@@ -91,7 +91,7 @@ def run_queries(client, knn: common.NumpyKnn, vs: common.VectorSet, n: int, quer
         truth = [vs.uids[i] for i in knn.exact(query, K, m)]
         found = [hit.sop_instance_uid for hit in response.hits]
         if filtered:
-            wanted = MODALITY_NAMES[names[0]]
+            wanted = MODALITY_TO_PB[names[0]]
             assert all(hit.modality == wanted for hit in response.hits), "filter not applied"
         recalls.append(common.recall(found, truth))
     return {"grpc": grpc_ms, "numpy": numpy_ms, "recall": float(np.mean(recalls))}

@@ -54,6 +54,15 @@ class Record:
         return f"{self.modality}/{self.label}"
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def manifest_sha256(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
 

@@ -247,7 +247,7 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
     metrics, rankings = evaluate_retriever(retriever, queries, database, depth)
     position = {r.key: i for i, r in enumerate(database)}
     query_in_db = [position.get(q.key) for q in queries]
-    from models.export import sha256_file
+    from models.data import sha256_file
 
     metrics.update({
         "model": {"name": encoder.card.get("name"), "version": encoder.version,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from models.data import sha256_file
+from models.errors import CbmirError
 from models.preprocess import PreprocessContract
 from models.runtime import DEFAULT_POINTER, INPUT_NAME, OUTPUT_NAME, WEIGHTS_DIR, sidecar_paths
 
@@ -38,16 +39,10 @@ LIMITATIONS = ("Trained on small public data sets (Kermany CXR/OCT, a brain-tumo
                "Retrieval neighbours carry no diagnostic guarantee.")
 
 
-class ExportError(RuntimeError):
+class ExportError(CbmirError):
     """The exported model failed the checker or the parity check."""
 
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    reason = "export-check-failed"
 
 
 def quiet_exporter_logs() -> None:

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from services.vocabulary import MODALITIES
+
 
 def _cmd_search(args) -> int:
     from services.client import SearchClient, hit_dict
@@ -131,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--file", help="a DICOM file, or a PNG/JPEG (then give its modality)")
     target.add_argument("--uid", help="SOP Instance UID of an indexed instance")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--modality", action="append", default=[], choices=["xray", "mri", "oct", "eeg", "other"],
+    p.add_argument("--modality", action="append", default=[], choices=MODALITIES,
                    help="restrict hits to this modality (repeatable)")
-    p.add_argument("--image-modality", choices=["xray", "mri", "oct", "eeg", "other"],
+    p.add_argument("--image-modality", choices=MODALITIES,
                    help="modality of a PNG/JPEG query (default: the first --modality)")
     p.add_argument("--exclude-same-study", action="store_true")
     p.set_defaults(func=_cmd_search)

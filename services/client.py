@@ -7,10 +7,8 @@ from pathlib import Path
 import grpc
 
 from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
+from services.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
 
-MODALITY_NAMES = {"xray": search_pb2.MODALITY_XRAY, "mri": search_pb2.MODALITY_MRI, "oct": search_pb2.MODALITY_OCT,
-                  "eeg": search_pb2.MODALITY_EEG, "other": search_pb2.MODALITY_OTHER}
-MODALITY_LABELS = {value: key for key, value in MODALITY_NAMES.items()}
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -29,13 +27,13 @@ class SearchClient:
     def search(self, *, dicom: bytes | None = None, image: bytes | None = None, image_modality: str | None = None,
                sop_instance_uid: str | None = None, k: int = 5, modalities=(), exclude_same_study: bool = False):
         request = search_pb2.SearchSimilarRequest(
-            k=k, modalities=[MODALITY_NAMES[m] for m in modalities], exclude_same_study=exclude_same_study
+            k=k, modalities=[MODALITY_TO_PB[m] for m in modalities], exclude_same_study=exclude_same_study
         )
         if dicom is not None:
             request.dicom = dicom
         elif image is not None:
             request.image.data = image
-            request.image.modality = MODALITY_NAMES.get(image_modality or "", search_pb2.MODALITY_UNSPECIFIED)
+            request.image.modality = MODALITY_TO_PB.get(image_modality or "", search_pb2.MODALITY_UNSPECIFIED)
         elif sop_instance_uid is not None:
             request.sop_instance_uid = sop_instance_uid
         return self._stub.SearchSimilar(request, timeout=self._timeout_s)
@@ -59,7 +57,7 @@ def hit_dict(hit) -> dict:
         "study_instance_uid": hit.study_instance_uid,
         "series_instance_uid": hit.series_instance_uid,
         "sop_class_uid": hit.sop_class_uid,
-        "modality": MODALITY_LABELS.get(hit.modality, "unspecified"),
+        "modality": PB_TO_MODALITY.get(hit.modality, "unspecified"),
         "modality_code": hit.modality_code,
         "frame_number": hit.frame_number,
         "distance": round(float(hit.distance), 6),
@@ -69,7 +67,7 @@ def hit_dict(hit) -> dict:
 def stats_dict(stats) -> dict:
     return {
         "total": stats.total,
-        "per_modality": {MODALITY_LABELS.get(m.modality, "unspecified"): m.count for m in stats.per_modality},
+        "per_modality": {PB_TO_MODALITY.get(m.modality, "unspecified"): m.count for m in stats.per_modality},
         "quarantined": stats.quarantined,
         "quarantine_reasons": {r.reason: r.count for r in stats.quarantine_reasons},
         "pending": stats.pending,

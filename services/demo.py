@@ -21,8 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.client import MODALITY_LABELS, SearchClient, stats_dict
+from services.client import SearchClient, stats_dict
 from services.errors import CbmirError
+from services.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ def package_dicom_files() -> list[Path]:
     import pydicom
 
     from services.dicom import read_header
-    from services.scp import accepted_storage_classes
 
     roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
     try:
@@ -44,7 +44,7 @@ def package_dicom_files() -> list[Path]:
         roots.append(Path(data_store.__file__).parent)
     except ImportError:
         print("demo: pydicom-data is not installed; using pydicom's own files only")
-    accepted = set(map(str, accepted_storage_classes().values()))
+    accepted = accepted_sop_class_uids()
     chosen, seen = [], set()
     # Some test files are broken on purpose; pydicom's warnings about them are noise here.
     import warnings
@@ -69,15 +69,16 @@ def package_dicom_files() -> list[Path]:
 
 def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict]]:
     """Build DICOM from ../shared/data (train rows to index, test rows to query), if it exists."""
-    from services.dicomize import UidFactory, default_source_dir, dicomize_row, read_manifest
+    from models.data import shared_data_dir
+    from services.dicomize import UidFactory, dicomize_row, read_manifest
 
-    source = default_source_dir()
+    source = shared_data_dir()
     if not (source / "manifest.csv").exists():
         print("demo: no ../shared/data here; using the DICOM files of the pydicom packages")
         return [], {}
     rows = read_manifest(source)
     picked: list[dict] = []
-    for modality in ("xray", "mri", "oct", "eeg"):
+    for modality in TRAINED_MODALITIES:
         for split, count in (("train", per_modality), ("test", 2)):
             # spread over the labels so queries have something to find
             candidates = [r for r in rows if r["modality"] == modality and r["split"] == split]
@@ -182,7 +183,7 @@ def _print_hits(title: str, hits, labels_by_uid: dict) -> None:
     for rank, hit in enumerate(hits, 1):
         label = labels_by_uid.get(hit.sop_instance_uid, hit.modality_code)
         print(f"{title if rank == 1 else '':<46} {rank:>4} {hit.distance:>9.4f}  "
-              f"{MODALITY_LABELS.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}")
+              f"{PB_TO_MODALITY.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}")
     print()
 
 

@@ -57,6 +57,7 @@ from services.errors import (
     UnreadableInput,
     UnsupportedInput,
 )
+from services.vocabulary import EEG_SOP_CLASSES, MEDIA_STORAGE_DIRECTORY, is_valid_uid, normalize_modality
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -65,55 +66,9 @@ logger = logging.getLogger(__name__)
 
 DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, "Dataset"]
 
-# --- SOP classes and modality normalisation ------------------------------------------------------
-
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-ENHANCED_MR_COLOR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.3"
-OPHTHALMIC_TOMOGRAPHY_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
-OCT_BSCAN_VOLUME_ANALYSIS = "1.2.840.10008.5.1.4.1.1.77.1.5.8"
-ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
-SLEEP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.4"
 JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
-MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-
-XRAY_MODALITY_CODES = frozenset({"CR", "DX", "RG"})
-XRAY_SOP_CLASSES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING})
-MRI_SOP_CLASSES = frozenset({MR_IMAGE, ENHANCED_MR_IMAGE, ENHANCED_MR_COLOR_IMAGE})
-OCT_SOP_CLASSES = frozenset({OPHTHALMIC_TOMOGRAPHY_IMAGE, OCT_BSCAN_VOLUME_ANALYSIS})
-EEG_SOP_CLASSES = frozenset({ROUTINE_SCALP_EEG, SLEEP_EEG})
-
-Modality = Literal["xray", "mri", "oct", "eeg", "other"]
-
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def normalize_modality(modality_code: str | None, sop_class_uid: str | None) -> str:
-    """DICOM Modality + SOP Class UID -> ``xray`` | ``mri`` | ``oct`` | ``eeg`` | ``other``."""
-    code = (modality_code or "").strip().upper()
-    sop = (sop_class_uid or "").strip()
-    if code in XRAY_MODALITY_CODES:
-        return "xray"
-    if code == "MR":
-        return "mri"
-    if code == "OPT":
-        return "oct"
-    if code == "EEG":
-        return "eeg"
-    if sop in XRAY_SOP_CLASSES:
-        return "xray"
-    if sop in MRI_SOP_CLASSES:
-        return "mri"
-    if sop in OCT_SOP_CLASSES:
-        return "oct"
-    if sop in EEG_SOP_CLASSES:
-        return "eeg"
-    return "other"
 
 
 # --- public data types ---------------------------------------------------------------------------
@@ -256,7 +211,7 @@ def _required_uid(ds: Dataset, keyword: str, meta_keyword: str | None = None) ->
     if not uid:
         raise UnreadableInput(f"required attribute {keyword} is missing or empty",
                               reason="missing-uid")
-    if len(uid) > 64 or not _UID_PATTERN.match(uid):
+    if not is_valid_uid(uid):
         raise UnreadableInput(f"{keyword} is not a valid UID (digits and dots, at most 64 chars)",
                               reason="invalid-uid")
     return uid

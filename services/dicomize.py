@@ -32,33 +32,29 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from services.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
+from models.data import shared_data_dir
+from services.dicombuild import InstanceIdentity, base_dataset, coded_entry, eeg_waveform_group, write_dataset
+from services.errors import CbmirError, InvalidInput, UnreadableInput
+from services.vocabulary import (
+    CR_IMAGE,
+    MR_IMAGE,
+    OPHTHALMIC_TOMOGRAPHY_IMAGE,
+    ROUTINE_SCALP_EEG,
+    TRAINED_MODALITIES,
+)
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODALITIES = ("xray", "mri", "oct", "eeg")
 SPLITS = ("train", "val", "test")
 BONN_SAMPLING_HZ = 173.61
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root + .1 (as pydicom writes)
 SIDECAR_FIELDS = ("file", "sop_instance_uid", "sop_class_uid", "study_instance_uid",
                   "series_instance_uid", "patient_id", "modality", "label", "split", "source",
                   "source_path")
 
-CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
-MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
-OPHTHALMIC_TOMOGRAPHY = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
-ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
-
-
-def default_source_dir() -> Path:
-    """The shared data folder: ``CBMIR_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    return Path(os.environ.get("CBMIR_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 # --- identity: UIDs, synthetic patients, dates ---------------------------------------------------
@@ -93,24 +89,11 @@ class UidFactory:
         return "CBMIR-" + hashlib.sha256(f"{salt}|{patient_key}".encode()).hexdigest()[:12].upper()
 
 
-@dataclass(frozen=True)
-class _Context:
-    """Where one row sits: patient, study, series, instance."""
-
-    patient_id: str
-    study_uid: str
-    series_uid: str
-    instance_uid: str
-    frame_of_reference_uid: str
-    study_time: dt.datetime
-    instance_number: int
-
-
-def _context(row: Mapping[str, str], uids: UidFactory, instance_number: int) -> _Context:
+def _identity(row: Mapping[str, str], uids: UidFactory, instance_number: int) -> InstanceIdentity:
     modality = row["modality"]
     patient_key = row.get("patient") or f"file:{row['path']}"
     study_key = ("study", patient_key, modality)
-    return _Context(
+    return InstanceIdentity(
         patient_id=uids.patient_id(patient_key),
         study_uid=uids.uid(*study_key),
         series_uid=uids.uid("series", patient_key, modality),
@@ -122,59 +105,6 @@ def _context(row: Mapping[str, str], uids: UidFactory, instance_number: int) -> 
 
 
 # --- common modules ------------------------------------------------------------------------------
-
-
-def _code(value: str, scheme: str, meaning: str):
-    from pydicom.dataset import Dataset
-
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def _common(sop_class: str, modality_code: str, row: Mapping[str, str], ctx: _Context,
-            study_description: str, series_description: str):
-    """File meta, SOP Common, Patient, General Study/Series/Equipment."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    date, time = ctx.study_time.strftime("%Y%m%d"), ctx.study_time.strftime("%H%M%S")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ctx.instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.file_meta.ImplementationVersionName = "CBMIR_DICOMIZE"
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = ctx.instance_uid
-    ds.StudyDate, ds.StudyTime = date, time
-    ds.SeriesDate, ds.SeriesTime = date, time
-    ds.ContentDate, ds.ContentTime = date, time
-    ds.AccessionNumber = ""
-    ds.Modality = modality_code
-    ds.Manufacturer = "cbmir"
-    ds.InstitutionName = "cbmir synthetic corpus"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = study_description
-    ds.SeriesDescription = series_description
-    ds.ManufacturerModelName = "cbmir dicomize"
-    ds.PatientName = f"CBMIR^{ctx.patient_id[6:]}"
-    ds.PatientID = ctx.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "synthetic patient; no identifiers in the public source"
-    ds.DeviceSerialNumber = "0"
-    ds.SoftwareVersions = "cbmir dicomize 1"
-    ds.StudyInstanceUID = ctx.study_uid
-    ds.SeriesInstanceUID = ctx.series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = ctx.instance_number
-    return ds
 
 
 def _lossy_greyscale_image(ds, pixels: np.ndarray, bits: int, src: Path) -> None:
@@ -235,8 +165,8 @@ def _load_bonn(path: Path) -> np.ndarray:
 # --- per modality --------------------------------------------------------------------------------
 
 
-def _xray(row, src: Path, ctx: _Context):
-    ds = _common(CR_IMAGE, "CR", row, ctx, "Chest X-ray", "Chest radiograph")
+def _xray(row, src: Path, ctx: InstanceIdentity):
+    ds = base_dataset(CR_IMAGE, "CR", ctx, study_description="Chest X-ray", series_description="Chest radiograph")
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = ""
     ds.PatientOrientation = ""
@@ -245,8 +175,8 @@ def _xray(row, src: Path, ctx: _Context):
     return ds
 
 
-def _mri(row, src: Path, ctx: _Context):
-    ds = _common(MR_IMAGE, "MR", row, ctx, "MRI brain", "Brain MR")
+def _mri(row, src: Path, ctx: InstanceIdentity):
+    ds = base_dataset(MR_IMAGE, "MR", ctx, study_description="MRI brain", series_description="Brain MR")
     ds.BodyPartExamined = "BRAIN"
     pixels = _load_greyscale(src).astype(np.uint16)
     _lossy_greyscale_image(ds, pixels, 16, src)
@@ -271,10 +201,10 @@ def _mri(row, src: Path, ctx: _Context):
     return ds
 
 
-def _oct(row, src: Path, ctx: _Context):
+def _oct(row, src: Path, ctx: InstanceIdentity):
     from pydicom.dataset import Dataset
 
-    ds = _common(OPHTHALMIC_TOMOGRAPHY, "OPT", row, ctx, "Retinal OCT", "OCT B-scan")
+    ds = base_dataset(OPHTHALMIC_TOMOGRAPHY_IMAGE, "OPT", ctx, study_description="Retinal OCT", series_description="OCT B-scan")
     pixels = _load_greyscale(src)
     _lossy_greyscale_image(ds, pixels, 8, src)
     date_time = ctx.study_time.strftime("%Y%m%d%H%M%S")
@@ -292,7 +222,7 @@ def _oct(row, src: Path, ctx: _Context):
     ds.AcquisitionContextSequence = []
     # Ocular Region Imaged: the source gives no laterality; "R" is a nominal value
     ds.ImageLaterality = "R"
-    ds.AnatomicRegionSequence = [_code("81745001", "SCT", "Eye")]
+    ds.AnatomicRegionSequence = [coded_entry("81745001", "SCT", "Eye")]
     # Ophthalmic Tomography Acquisition Parameters (type 2 left empty: not in the source)
     for keyword in ("AxialLengthOfTheEye", "HorizontalFieldOfView", "RefractiveStateSequence",
                     "EmmetropicMagnification", "IntraOcularPressure", "PupilDilated"):
@@ -301,7 +231,7 @@ def _oct(row, src: Path, ctx: _Context):
     ds.IlluminationPower = 0
     ds.IlluminationBandwidth = 50
     # Ophthalmic Tomography Parameters
-    ds.AcquisitionDeviceTypeCodeSequence = [_code("392012008", "SCT", "Optical Coherence Tomography Scanner")]
+    ds.AcquisitionDeviceTypeCodeSequence = [coded_entry("392012008", "SCT", "Optical Coherence Tomography Scanner")]
     ds.LightPathFilterTypeStackCodeSequence = []
     ds.DetectorType = "CCD"
     # Multi-frame Functional Groups and Dimension
@@ -324,7 +254,7 @@ def _oct(row, src: Path, ctx: _Context):
     shared.PlaneOrientationSequence = [orientation]
     anatomy = Dataset()
     anatomy.FrameLaterality = "R"
-    anatomy.AnatomicRegionSequence = [_code("81745001", "SCT", "Eye")]
+    anatomy.AnatomicRegionSequence = [coded_entry("81745001", "SCT", "Eye")]
     shared.FrameAnatomySequence = [anatomy]
     ds.SharedFunctionalGroupsSequence = [shared]
     frame = Dataset()
@@ -343,37 +273,8 @@ def _oct(row, src: Path, ctx: _Context):
     return ds
 
 
-def eeg_waveform_group(stored: np.ndarray, sampling_hz, sensitivity, baseline):
-    """One multiplex group with one EEG channel: ``stored`` int16 samples, µV = stored x sensitivity
-    + baseline (UCUM ``uV``, correction factor 1), lead Cz as a nominal source."""
-    from pydicom.dataset import Dataset
-
-    group = Dataset()
-    group.WaveformOriginality = "ORIGINAL"
-    group.NumberOfWaveformChannels = 1
-    group.NumberOfWaveformSamples = int(stored.size)
-    group.SamplingFrequency = sampling_hz
-    group.MultiplexGroupLabel = "EEG"
-    channel = Dataset()
-    channel.WaveformChannelNumber = 1
-    channel.ChannelLabel = "EEG"
-    channel.ChannelStatus = "OK"
-    channel.ChannelSourceSequence = [_code("7:1016", "MDC", "Cz")]  # nominal: not in the sources
-    channel.ChannelSensitivity = sensitivity
-    channel.ChannelSensitivityUnitsSequence = [_code("uV", "UCUM", "microvolt")]
-    channel.ChannelSensitivityCorrectionFactor = 1
-    channel.ChannelBaseline = baseline
-    channel.ChannelTimeSkew = 0
-    channel.WaveformBitsStored = 16
-    group.ChannelDefinitionSequence = [channel]
-    group.WaveformBitsAllocated = 16
-    group.WaveformSampleInterpretation = "SS"
-    group.WaveformData = np.ascontiguousarray(stored, dtype="<i2").tobytes()
-    return group
-
-
-def _eeg(row, src: Path, ctx: _Context):
-    ds = _common(ROUTINE_SCALP_EEG, "EEG", row, ctx, "EEG", "Routine scalp EEG")
+def _eeg(row, src: Path, ctx: InstanceIdentity):
+    ds = base_dataset(ROUTINE_SCALP_EEG, "EEG", ctx, study_description="EEG", series_description="Routine scalp EEG")
     samples_uv = _load_bonn(src)
     peak = float(np.abs(samples_uv).max()) if samples_uv.size else 0.0
     sensitivity = 1.0 if peak <= 32767 else float(np.ceil(peak / 32767 * 1000) / 1000)
@@ -398,22 +299,11 @@ def build_dataset(row: Mapping[str, str], src_dir: str | os.PathLike, *, uids: U
     """
     modality = (row.get("modality") or "").strip()
     if modality not in _BUILDERS:
-        raise InvalidInput(f"unknown manifest modality {modality!r}; expected one of {MODALITIES}")
+        raise InvalidInput(f"unknown manifest modality {modality!r}; expected one of {TRAINED_MODALITIES}")
     if not row.get("path"):
         raise InvalidInput("manifest row has no path")
-    ctx = _context(row, uids or UidFactory(), instance_number)
+    ctx = _identity(row, uids or UidFactory(), instance_number)
     return _BUILDERS[modality](row, Path(src_dir) / row["path"], ctx)
-
-
-def write_dataset(ds, out_path: str | os.PathLike) -> Path:
-    """Write a Part 10 file (preamble, File Meta), creating folders."""
-    out_path = Path(out_path)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(out_path, enforce_file_format=True)
-    except OSError as exc:
-        raise StorageError(f"cannot write {out_path}: {exc.strerror or exc}") from None
-    return out_path
 
 
 def dicomize_row(row: Mapping[str, str], src_dir: str | os.PathLike, out_path: str | os.PathLike, *,
@@ -510,7 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", nargs="?", help="output folder")
     parser.add_argument("--split", dest="splits", action="append", choices=SPLITS,
                         help="split(s) to convert (repeatable; default all)")
-    parser.add_argument("--modality", dest="modalities", action="append", choices=MODALITIES,
+    parser.add_argument("--modality", dest="modalities", action="append", choices=TRAINED_MODALITIES,
                         help="modalities to convert (repeatable; default all)")
     parser.add_argument("--label", dest="labels", action="append", help="labels to convert (repeatable)")
     parser.add_argument("--limit-per-class", type=int, default=None, metavar="N",
@@ -527,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
             print("dicomize: OUT is required", file=sys.stderr)
             return 2
         src, out = None, src
-    src_dir = Path(src) if src else default_source_dir()
+    src_dir = Path(src) if src else shared_data_dir()
     if args.limit_per_class is not None and args.limit_per_class < 1:
         print("dicomize: --limit-per-class must be >= 1", file=sys.stderr)
         return 2

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from services.errors import BackendUnavailable, ConfigError, NotFound
+from services.vocabulary import MODALITIES, OTHER
 
 logger = logging.getLogger(__name__)
 
-MODALITIES = ("xray", "mri", "oct", "eeg", "other")
 INDEXED_FIELDS = ("modality", "sop_instance_uid", "study_instance_uid")
 
 
@@ -231,8 +231,8 @@ class EdgeIndex(VectorIndex):
         collection = collection or self._current()
         by_modality: dict[str, list[IndexPoint]] = {}
         for point in points:
-            modality = point.payload.get("modality", "other")
-            by_modality.setdefault(modality if modality in MODALITIES else "other", []).append(point)
+            modality = point.payload.get("modality", OTHER)
+            by_modality.setdefault(modality if modality in MODALITIES else OTHER, []).append(point)
         with self._lock:
             for modality, group in by_modality.items():
                 shard = self._shard(collection, modality, create=True)

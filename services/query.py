@@ -30,6 +30,7 @@ from services.errors import BackendUnavailable, CbmirError, ConfigError, Invalid
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
 from services.index import IndexPoint, VectorIndex, open_index
 from services.spool import Spool
+from services.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ DEFAULT_K = 5
 MAX_K = 1000
 MAX_QUERY_BYTES = 256 * 1024 * 1024
 
-MODALITY_TO_PB = {
-    "xray": search_pb2.MODALITY_XRAY,
-    "mri": search_pb2.MODALITY_MRI,
-    "oct": search_pb2.MODALITY_OCT,
-    "eeg": search_pb2.MODALITY_EEG,
-    "other": search_pb2.MODALITY_OTHER,
-}
-PB_TO_MODALITY = {value: key for key, value in MODALITY_TO_PB.items()}
 
 
 def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -119,7 +112,7 @@ class QueryEngine:
         if not uid:
             raise InvalidInput("sop_instance_uid is empty")
         vector, payload = self.index.find_sop(uid)
-        return np.asarray(vector, dtype=np.float32), payload.get("modality", "other"), payload.get("study_instance_uid")
+        return np.asarray(vector, dtype=np.float32), payload.get("modality", OTHER), payload.get("study_instance_uid")
 
     def search(self, request) -> search_pb2.SearchSimilarResponse:
         k = request.k or DEFAULT_K
@@ -139,7 +132,7 @@ class QueryEngine:
         return search_pb2.SearchSimilarResponse(
             hits=[_hit_message(hit) for hit in hits],
             model_version=self.encoder.version,
-            query_modality=MODALITY_TO_PB.get(query_modality, search_pb2.MODALITY_OTHER),
+            query_modality=MODALITY_TO_PB.get(query_modality, MODALITY_TO_PB[OTHER]),
         )
 
     def stats(self) -> search_pb2.GetIndexStatsResponse:
@@ -166,7 +159,7 @@ def _hit_message(hit) -> search_pb2.Hit:
         study_instance_uid=payload.get("study_instance_uid", ""),
         series_instance_uid=payload.get("series_instance_uid", ""),
         sop_class_uid=payload.get("sop_class_uid", ""),
-        modality=MODALITY_TO_PB.get(payload.get("modality", "other"), search_pb2.MODALITY_OTHER),
+        modality=MODALITY_TO_PB.get(payload.get("modality", OTHER), MODALITY_TO_PB[OTHER]),
         modality_code=payload.get("modality_code", ""),
         frame_number=int(payload.get("frame_number", 1) or 1),
         distance=float(hit.distance),

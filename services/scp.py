@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
-import pynetdicom.sop_class as sop_classes
-from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
@@ -33,6 +31,7 @@ from services.dicom import read_header
 from services.dispatch import TaskDispatcher
 from services.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
 from services.spool import Spool, spool_name_for
+from services.vocabulary import accepted_storage_classes
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +41,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
-
-EEG_WAVEFORM_CLASSES = (
-    "RoutineScalpElectroencephalogramWaveformStorage",
-    "SleepElectroencephalogramWaveformStorage",
-)
-
-
-# pynetdicom's name for OCT B-scan Volume Analysis (1.2.840.10008.5.1.4.1.1.77.1.5.8) is misspelt
-# and has no "Image" in it.
-EXTRA_IMAGE_CLASSES = ("OphthlamicOpticalCoherenceTomographyBscanVolumeAnalysisStorage",)
-
-
-def accepted_storage_classes() -> dict[str, UID]:
-    """Every image storage SOP class pynetdicom knows, plus the EEG waveforms (name -> UID)."""
-    accepted = {}
-    for name in dir(sop_classes):
-        # DX, mammography and intra-oral classes end in "StorageForPresentation"/"...ForProcessing"
-        if not name.endswith(("Storage", "StorageForPresentation", "StorageForProcessing")):
-            continue
-        if (("Image" in name and "PresentationState" not in name) or name in EEG_WAVEFORM_CLASSES
-                or name in EXTRA_IMAGE_CLASSES):
-            accepted[name] = UID(getattr(sop_classes, name))
-    return dict(sorted(accepted.items()))
-
 
 class DatasetMismatch(InvalidInput):
     """The dataset's SOP class/instance disagrees with the C-STORE request."""

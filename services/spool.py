@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -26,17 +25,17 @@ from pathlib import Path
 
 from services.config import DataLayout
 from services.errors import StorageError
+from services.vocabulary import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 REASON_SUFFIX = ".reason.json"
 
 
 def spool_name_for(sop_instance_uid: str, suffix: str = ".dcm") -> str:
     """The file name for an instance: its SOP Instance UID when that is a valid UID, else a hash."""
     uid = (sop_instance_uid or "").strip()
-    if _UID_PATTERN.match(uid) and len(uid) <= 64:
+    if is_valid_uid(uid):
         return uid + suffix
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40] + suffix
 

@@ -30,7 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from services.scp import accepted_storage_classes
+from services.vocabulary import accepted_storage_classes
 from tests.support import Proc, base_env, start_query, start_scp, start_worker, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,6 +18,7 @@ from PIL import Image
 
 from services import dicomize
 from services.dicom import decode_for_embedding, read_eeg_waveform, read_header
+from services.dicombuild import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -72,8 +73,8 @@ def test_objects_per_modality_and_round_trip(source_dir: Path, tmp_path: Path) -
     assert dict(counts) == {"xray": 3, "mri": 1, "oct": 1, "eeg": 1}
     rows = read_sidecar(out)
     assert [r["file"] for r in rows][:1] == ["xray/normal/a.dcm"]
-    expected_sop = {"xray": dicomize.CR_IMAGE, "mri": dicomize.MR_IMAGE,
-                    "oct": dicomize.OPHTHALMIC_TOMOGRAPHY, "eeg": dicomize.ROUTINE_SCALP_EEG}
+    expected_sop = {"xray": "1.2.840.10008.5.1.4.1.1.1", "mri": "1.2.840.10008.5.1.4.1.1.4",
+                    "oct": "1.2.840.10008.5.1.4.1.1.77.1.5.4", "eeg": "1.2.840.10008.5.1.4.1.1.9.7.1"}
     for row in rows:
         path = out / row["file"]
         ds = pydicom.dcmread(path)
@@ -134,7 +135,7 @@ def test_selection_and_cli(source_dir: Path, tmp_path: Path) -> None:
 def test_build_dataset_from_one_row(source_dir: Path, tmp_path: Path) -> None:
     row = {"path": "oct/cnv/e.jpg", "modality": "oct", "label": "cnv", "split": "test"}
     ds = dicomize.build_dataset(row, source_dir)
-    path = dicomize.write_dataset(ds, tmp_path / "one.dcm")
+    path = write_dataset(ds, tmp_path / "one.dcm")
     assert read_header(path).modality == "oct" and read_header(path).number_of_frames == 1
     eeg_row = {"path": "eeg/seizure/S001.txt", "modality": "eeg"}
     first = dicomize.dicomize_row(eeg_row, source_dir, tmp_path / "eeg1.dcm", seed=5)

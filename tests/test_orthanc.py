@@ -104,6 +104,7 @@ class Orthanc:
 def build_objects(out: Path) -> list[tuple[Path, str, str]]:
     """(file, modality, SOP Instance UID): PER_MODALITY test-split rows of each modality."""
     from services import dicomize
+    from services.dicombuild import write_dataset
 
     rows = dicomize.select_rows(dicomize.read_manifest(SHARED_DATA), splits=["test"])
     chosen, taken = [], {}
@@ -115,7 +116,7 @@ def build_objects(out: Path) -> list[tuple[Path, str, str]]:
     objects = []
     for number, row in enumerate(chosen, 1):
         ds = dicomize.build_dataset(row, SHARED_DATA, uids=uids, instance_number=number)
-        path = dicomize.write_dataset(ds, out / f"{row['modality']}-{number}.dcm")
+        path = write_dataset(ds, out / f"{row['modality']}-{number}.dcm")
         objects.append((path, row["modality"], str(ds.SOPInstanceUID)))
     # one more in Deflated Explicit VR Little Endian: Orthanc 1.10.1 aborts a whole batch if it
     # would have to transcode from deflate, so this also checks that the listener accepts deflate
@@ -126,7 +127,7 @@ def build_objects(out: Path) -> list[tuple[Path, str, str]]:
     ds.PixelData = ds.pixel_array[:, ::-1].tobytes()  # mirrored: its own picture, not a tie
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids.uid("deflated", objects[0][2])
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    path = dicomize.write_dataset(ds, out / "deflated.dcm")
+    path = write_dataset(ds, out / "deflated.dcm")
     objects.append((path, objects[0][1], str(ds.SOPInstanceUID)))
     return objects
 

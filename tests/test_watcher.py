@@ -321,7 +321,8 @@ def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: 
 
 
 def test_input_rules() -> None:
-    from services.watcher import detect_kind, folder_modality, is_ignored
+    from services.converter import detect_kind, folder_modality
+    from services.watcher import is_ignored
 
     for name in (".x.png", "a/.b/c.dcm", ".processed/xray/a.png", ".failed/a.dcm", "a.png.part", "a.tmp",
                  "a.dcm.partial", "a.png~"):
@@ -343,7 +344,8 @@ def test_input_rules() -> None:
 @pytest.mark.parametrize("signal", ["bonn-like integers", "offset and fractional", "volts-scale"])
 def test_eeg_dataset_keeps_the_signal(signal: str) -> None:
     from services.dicom import read_eeg_waveform
-    from services.watcher import dataset_bytes, eeg_dataset
+    from services.converter import eeg_dataset
+    from services.dicombuild import dataset_bytes
 
     t = np.arange(5000) / 256.0
     x = {"bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),

@@ -1,0 +1,105 @@
+"""The shared vocabulary: modality names, their codes in DICOM and in the API, accepted SOP classes.
+
+This is the one place these facts are written down; every other module imports them.
+
+* **Modalities.** The four the encoder is trained on come from the bottom layer
+  (:data:`models.data.MODALITIES`, since ``models/`` imports nothing of ours); ``other`` is
+  everything else an image storage SOP class can carry (CT, US, ...).
+* **In the API** each name is the ``cbmir.v1.Modality`` value ``MODALITY_<NAME>``.
+* **In DICOM** an instance's modality comes from its Modality attribute, else its SOP class
+  (:func:`normalize_modality`); objects cbmir builds itself carry :data:`DICOM_MODALITY_CODES`.
+* **Accepted SOP classes** are every image storage class pynetdicom knows plus the EEG waveforms
+  (:func:`accepted_storage_classes`): what the listener negotiates and the watcher accepts.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from models.data import MODALITIES as TRAINED_MODALITIES
+from services.grpc_gen.cbmir.v1 import search_pb2
+
+OTHER = "other"
+MODALITIES: tuple[str, ...] = (*TRAINED_MODALITIES, OTHER)
+
+# name <-> cbmir.v1.Modality; MODALITY_UNSPECIFIED (0) has no name.
+MODALITY_TO_PB: dict[str, int] = {name: search_pb2.Modality.Value(f"MODALITY_{name.upper()}") for name in MODALITIES}
+PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.items()}
+
+# The DICOM Modality (0008,0060) of objects cbmir builds for each modality (dicomize, the watcher).
+DICOM_MODALITY_CODES: dict[str, str] = {"xray": "CR", "mri": "MR", "oct": "OPT", "eeg": "EEG", OTHER: "OT"}
+
+# --- SOP classes ---------------------------------------------------------------------------------
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+ENHANCED_MR_COLOR_IMAGE = "1.2.840.10008.5.1.4.1.1.4.3"
+OPHTHALMIC_TOMOGRAPHY_IMAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+OCT_BSCAN_VOLUME_ANALYSIS = "1.2.840.10008.5.1.4.1.1.77.1.5.8"
+SECONDARY_CAPTURE_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
+SLEEP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.4"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+XRAY_MODALITY_CODES = frozenset({"CR", "DX", "RG"})
+XRAY_SOP_CLASSES = frozenset({CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING})
+MRI_SOP_CLASSES = frozenset({MR_IMAGE, ENHANCED_MR_IMAGE, ENHANCED_MR_COLOR_IMAGE})
+OCT_SOP_CLASSES = frozenset({OPHTHALMIC_TOMOGRAPHY_IMAGE, OCT_BSCAN_VOLUME_ANALYSIS})
+EEG_SOP_CLASSES = frozenset({ROUTINE_SCALP_EEG, SLEEP_EEG})
+
+# pynetdicom's names of the two EEG waveform classes the listener accepts besides images.
+EEG_WAVEFORM_CLASS_NAMES = (
+    "RoutineScalpElectroencephalogramWaveformStorage",
+    "SleepElectroencephalogramWaveformStorage",
+)
+# pynetdicom's name for OCT B-scan Volume Analysis (1.2.840.10008.5.1.4.1.1.77.1.5.8) is misspelt
+# and has no "Image" in it.
+EXTRA_IMAGE_CLASS_NAMES = ("OphthlamicOpticalCoherenceTomographyBscanVolumeAnalysisStorage",)
+
+
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    return len(uid) <= 64 and bool(_UID_PATTERN.match(uid))
+
+
+def normalize_modality(modality_code: str | None, sop_class_uid: str | None) -> str:
+    """DICOM Modality + SOP Class UID -> one of :data:`MODALITIES` (the code wins over the class)."""
+    code = (modality_code or "").strip().upper()
+    sop = (sop_class_uid or "").strip()
+    if code in XRAY_MODALITY_CODES:
+        return "xray"
+    by_code = {"MR": "mri", "OPT": "oct", "EEG": "eeg"}
+    if code in by_code:
+        return by_code[code]
+    for modality, classes in (("xray", XRAY_SOP_CLASSES), ("mri", MRI_SOP_CLASSES), ("oct", OCT_SOP_CLASSES),
+                              ("eeg", EEG_SOP_CLASSES)):
+        if sop in classes:
+            return modality
+    return OTHER
+
+
+@functools.cache
+def accepted_storage_classes() -> dict[str, str]:
+    """Every image storage SOP class pynetdicom knows, plus the EEG waveforms (name -> UID)."""
+    import pynetdicom.sop_class as sop_classes
+
+    accepted = {}
+    for name in dir(sop_classes):
+        # DX, mammography and intra-oral classes end in "StorageForPresentation"/"...ForProcessing"
+        if not name.endswith(("Storage", "StorageForPresentation", "StorageForProcessing")):
+            continue
+        if (("Image" in name and "PresentationState" not in name) or name in EEG_WAVEFORM_CLASS_NAMES
+                or name in EXTRA_IMAGE_CLASS_NAMES):
+            accepted[name] = str(getattr(sop_classes, name))
+    return dict(sorted(accepted.items()))
+
+
+def accepted_sop_class_uids() -> frozenset[str]:
+    """The UIDs of :func:`accepted_storage_classes`."""
+    return frozenset(accepted_storage_classes().values())
