@@ -44,7 +44,7 @@ COPY . .
 RUN test -f README.md || echo "# cbmir" > README.md \
  && pip install --no-deps ".[${VARIANT}]" \
  && cd / \
- && python -c "import services.cli, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()"
+ && python -c "import services.ops.cli, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()"
 
 # ---- runtime ---------------------------------------------------------------------------------------
 FROM base-${VARIANT} AS runtime

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.vocabulary import DICOM_MODALITY_CODES, TRAINED_MODALITIES
+from services.core.vocabulary import DICOM_MODALITY_CODES, TRAINED_MODALITIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_MODALITIES = TRAINED_MODALITIES

@@ -145,8 +145,8 @@ def fsync_floor_ms(folder: Path, nbytes: int, count: int = 10) -> float:
 
 def dispatch_floor_ms(broker: str, root: Path, count: int = 50) -> float:
     """Median time of one ``TaskDispatcher.embed`` (Celery ``send_task``), what the handler pays per instance."""
-    from services.config import ListenerSettings
-    from services.dispatch import TaskDispatcher
+    from services.core.config import ListenerSettings
+    from services.ingest.dispatch import TaskDispatcher
 
     queue = f"bench.ingest.{os.getpid()}.dispatch"
     env = {"CBMIR_DATA_DIR": str(root / "dispatch"), "CBMIR_QUEUE": queue}
@@ -221,7 +221,7 @@ class StoreScp(Receiver):
 
 def cbmir_argv() -> list[str]:
     script = Path(sys.executable).with_name("cbmir")
-    return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services.cli", "scp"]
+    return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services.ops.cli", "scp"]
 
 
 class CbmirScp(Receiver):

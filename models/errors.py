@@ -5,7 +5,7 @@ raise it while dependencies still point one way: services -> models, workers -> 
 
 Everything raised on purpose inside cbmir derives from :class:`CbmirError`. The edges map these
 classes to their protocol's vocabulary in exactly one place each: DICOM statuses in
-``services/scp.py`` (``dicom_status_for``) and gRPC codes in ``services/query.py``
+``services/ingest/listener.py`` (``dicom_status_for``) and gRPC codes in ``services/query/service.py``
 (``grpc_code_for``). Nothing else inspects exception types to choose a status.
 """
 

@@ -107,13 +107,13 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def start_query(env: dict[str, str]) -> tuple[Proc, int]:
-    proc = Proc("query", [sys.executable, "-m", "services.query"], dict(env, CBMIR_GRPC_PORT="0"))
+    proc = Proc("query", [sys.executable, "-m", "services.query.service"], dict(env, CBMIR_GRPC_PORT="0"))
     port = int(proc.wait_for(r"cbmir query: gRPC on [^:]+:(\d+)").group(1))
     return proc, port
 
 
 def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
-    proc = Proc("scp", [sys.executable, "-m", "services.scp"], dict(env, CBMIR_DICOM_PORT="0"))
+    proc = Proc("scp", [sys.executable, "-m", "services.ingest.listener"], dict(env, CBMIR_DICOM_PORT="0"))
     port = int(proc.wait_for(r"cbmir scp: AE \S+ listening on [^:]+:(\d+)").group(1))
     return proc, port
 

@@ -30,7 +30,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from services.vocabulary import accepted_storage_classes
+from services.core.vocabulary import accepted_storage_classes
 from tests.support import Proc, base_env, start_query, start_scp, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -173,8 +173,8 @@ def find_record(records: list[dict], spool_name: str) -> dict | None:
 
 
 def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path) -> None:
-    from services.client import SearchClient
-    from services.spool import spool_name_for
+    from services.query.client import SearchClient
+    from services.ingest.spool import spool_name_for
 
     corpus = load_corpus_module()
     to_listener, to_watcher = tmp_path / "corpus-listener", tmp_path / "corpus-watcher"
@@ -193,7 +193,7 @@ def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path) -> None:
         scp, dicom_port = start_scp(env)
         procs.append(scp)
         procs.append(start_worker(env, grpc_port))
-        watcher = Proc("watch", [sys.executable, "-m", "services.watcher", str(watch)], env)
+        watcher = Proc("watch", [sys.executable, "-m", "services.ingest.watcher", str(watch)], env)
         procs.append(watcher)
         watcher.wait_for(r"cbmir watch: watching ")
 

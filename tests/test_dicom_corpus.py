@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services import errors
-from services.dicom import DecodeLimits, decode_for_embedding, read_header
+from services.core import errors
+from services.dicom.decode import DecodeLimits, decode_for_embedding, read_header
 
 GENERATOR = Path(__file__).resolve().parent / "corpus" / "malformed.py"
 

@@ -1,4 +1,4 @@
-"""services.dicom: real corpora (WG04, pydicom test files, pydicom-data), display transforms on
+"""services.dicom.decode: real corpora (WG04, pydicom test files, pydicom-data), display transforms on
 hand-built datasets with known answers, multi-frame policy, EEG waveforms, and a fuzz test."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from services.dicom import (
+from services.dicom.decode import (
     DecodedFrame,
     DecodeLimits,
     InstanceHeader,
@@ -27,7 +27,7 @@ from services.dicom import (
     read_eeg_waveform,
     read_header,
 )
-from services.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
+from services.core.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))

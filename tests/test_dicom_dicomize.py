@@ -1,5 +1,5 @@
-"""services.dicomize: objects per modality, grouping, deterministic UIDs, sidecar index, CLI,
-dciodvfy validation and the round trip through services.dicom."""
+"""services.dicom.dicomize: objects per modality, grouping, deterministic UIDs, sidecar index, CLI,
+dciodvfy validation and the round trip through services.dicom.decode."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pydicom
 import pytest
 from PIL import Image
 
-from services import dicomize
-from services.dicom import decode_for_embedding, read_eeg_waveform, read_header
-from services.dicombuild import write_dataset
+from services.dicom import dicomize
+from services.dicom.decode import decode_for_embedding, read_eeg_waveform, read_header
+from services.dicom.build import write_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -127,7 +127,7 @@ def test_selection_and_cli(source_dir: Path, tmp_path: Path) -> None:
                           "--limit-per-class", "1", "--seed", "x"]) == 0
     assert sorted(r["file"] for r in read_sidecar(out)) == ["xray/normal/a.dcm", "xray/viral/b.dcm"]
     assert dicomize.main([]) == 2
-    completed = subprocess.run([sys.executable, "-m", "services.dicomize", "--help"], cwd=REPO,
+    completed = subprocess.run([sys.executable, "-m", "services.dicom.dicomize", "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=60, check=False)
     assert completed.returncode == 0 and "--limit-per-class" in completed.stdout
 

@@ -1,4 +1,4 @@
-"""services.edf: first EEG channel of an EDF file in µV."""
+"""services.dicom.edf: first EEG channel of an EDF file in µV."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.edf import read_edf_signal
-from services.errors import UnreadableInput, UnsupportedInput
+from services.dicom.edf import read_edf_signal
+from services.core.errors import UnreadableInput, UnsupportedInput
 
 highlevel = pytest.importorskip("pyedflib.highlevel")
 

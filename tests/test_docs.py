@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from services.config import ENVIRONMENT
+from services.core.config import ENVIRONMENT
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -21,7 +21,7 @@ def test_readme_gives_exactly_two_setup_commands():
 
 
 def test_conformance_lists_exactly_the_accepted_classes():
-    from services.vocabulary import accepted_storage_classes
+    from services.core.vocabulary import accepted_storage_classes
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
     listed = set(__import__("re").findall(r"\| `(1\.2\.840\.10008\.5\.1\.4\.1\.1[0-9.]*)` \|", doc))

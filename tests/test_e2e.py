@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from services.client import SearchClient
+from services.query.client import SearchClient
 from tests import support
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def test_same_path_under_cbmir_serve_without_redis(data_dir, procs, need_dcmtk):
     env = support.base_env(data_dir)
     serve = support.Proc(
         "serve",
-        [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
         env,
     )
     procs.append(serve)

@@ -146,7 +146,7 @@ def test_non_image_sop_class_is_rejected_at_negotiation(listener):
 
 
 def test_every_clinical_storage_class_is_offered():
-    from services.vocabulary import accepted_storage_classes
+    from services.core.vocabulary import accepted_storage_classes
 
     uids = set(map(str, accepted_storage_classes().values()))
     for uid in (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.runtime import ModelNotFound, OnnxEncoder, default_model_path, sidecar_paths
-from services.errors import ConfigError, InvalidInput
+from services.core.errors import ConfigError, InvalidInput
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from models import eeg
 from models.preprocess import PreprocessContract, decode_image_bytes, to_model_input
-from services.errors import InvalidInput, UnreadableInput
+from services.core.errors import InvalidInput, UnreadableInput
 
 CONTRACT = PreprocessContract(input_size=32)
 

@@ -2,7 +2,7 @@
 
 Orthanc runs on loopback with its own configuration in a temporary folder (non-default HTTP and
 DICOM ports, no remote access, storage in the folder, ``TCP_NODELAY=1``: Debian's Orthanc sends
-with Nagle otherwise). Objects are built by :mod:`services.dicomize` from the shared data,
+with Nagle otherwise). Objects are built by :mod:`services.dicom.dicomize` from the shared data,
 uploaded over REST and sent with ``POST /modalities/cbmir/store``; each must be indexed and found.
 """
 
@@ -103,8 +103,8 @@ class Orthanc:
 
 def build_objects(out: Path) -> list[tuple[Path, str, str]]:
     """(file, modality, SOP Instance UID): PER_MODALITY test-split rows of each modality."""
-    from services import dicomize
-    from services.dicombuild import write_dataset
+    from services.dicom import dicomize
+    from services.dicom.build import write_dataset
 
     rows = dicomize.select_rows(dicomize.read_manifest(SHARED_DATA), splits=["test"])
     chosen, taken = [], {}
@@ -135,7 +135,7 @@ def build_objects(out: Path) -> list[tuple[Path, str, str]]:
 @pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed")
 @pytest.mark.skipif(not (SHARED_DATA / "manifest.csv").exists(), reason="shared data absent")
 def test_orthanc_pushes_every_modality_and_each_is_found(tmp_path: Path) -> None:
-    from services.client import SearchClient
+    from services.query.client import SearchClient
 
     objects = build_objects(tmp_path / "objects")
     assert {modality for _, modality, _ in objects} == {"xray", "mri", "oct", "eeg"}
@@ -167,7 +167,7 @@ def test_orthanc_pushes_every_modality_and_each_is_found(tmp_path: Path) -> None
         archive = tmp_path / "data" / "archive"
         wait_until(lambda: len([p for p in archive.iterdir() if p.is_file()]) == len(objects), 120,
                    f"{len(objects)} objects archived")
-        from services.dicom import read_header
+        from services.dicom.decode import read_header
 
         arrived = {read_header(p).transfer_syntax_uid for p in archive.iterdir()}
         print(f"transfer syntaxes as received from Orthanc: {sorted(arrived)}")

@@ -21,13 +21,13 @@ def test_service_numbers_equal_offline_numbers(data_dir, procs, tmp_path):
     if not (support.SHARED_DATA / "manifest.csv").exists():
         pytest.skip("../shared/data is not present")
     from models.evaluate import run_evaluation
-    from services.evaluate import ServiceRetriever
+    from services.ops.evaluate import ServiceRetriever
 
     subset = 6  # items per finding, for queries and database alike
     offline = run_evaluation(support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "offline",
                              subset=subset, plots=False)
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(data_dir),
+    serve = support.Proc("serve", [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir),
                                    "--dicom-port", "0", "--grpc-port", "0"], env)
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from services.config import ListenerSettings, WorkerSettings
-from services.errors import ConfigError, NotFound, StorageError
+from services.core.config import ListenerSettings, WorkerSettings
+from services.core.errors import ConfigError, NotFound, StorageError
 from services.index import EdgeIndex, IndexPoint, QdrantServerIndex, point_id
-from services.spool import Spool, spool_name_for
+from services.ingest.spool import Spool, spool_name_for
 from workers.batching import MicroBatcher
 
 
@@ -40,7 +40,7 @@ def test_spool_names_are_safe():
 
 
 def test_spool_lifecycle_never_loses_a_copy(tmp_path):
-    from services.config import DataLayout
+    from services.core.config import DataLayout
 
     spool = Spool(DataLayout(tmp_path))
     path = spool.store("1.2.3.dcm", b"first")
@@ -126,7 +126,7 @@ def test_index_matches_numpy_brute_force(tmp_path, store):
 
 
 def test_edge_index_has_one_owner(tmp_path):
-    from services.errors import BackendUnavailable
+    from services.core.errors import BackendUnavailable
 
     first = EdgeIndex(tmp_path, "t")
     first.ensure_collection(4, "v1")
@@ -143,7 +143,7 @@ def test_edge_index_has_one_owner(tmp_path):
 def _open_in_other_process(path: str) -> str:
     from pathlib import Path
 
-    from services.errors import BackendUnavailable
+    from services.core.errors import BackendUnavailable
 
     try:
         EdgeIndex(Path(path), "t").ensure_collection(4, "v1")

@@ -25,7 +25,7 @@ SETTLE_S = 1.0
 
 
 def start_watcher(env: dict[str, str], watch_dir: Path) -> Proc:
-    proc = Proc("watch", [sys.executable, "-m", "services.watcher", str(watch_dir)], env)
+    proc = Proc("watch", [sys.executable, "-m", "services.ingest.watcher", str(watch_dir)], env)
     proc.wait_for(r"cbmir watch: watching ")
     return proc
 
@@ -38,7 +38,7 @@ class Stack:
         self.query, port = start_query(self.env)
         self.worker = start_worker(self.env, port)
         self.watcher = start_watcher(self.env, self.watch)
-        from services.client import SearchClient
+        from services.query.client import SearchClient
 
         self.client = SearchClient(f"127.0.0.1:{port}")
         self.client.wait_ready()
@@ -118,8 +118,8 @@ def write_edf(path: Path, samples_uv: np.ndarray, sampling_hz: float) -> None:
 
 
 def dicom_file(tmp: Path) -> Path:
-    """An MR object built by services.dicomize (from the shared data when present)."""
-    from services import dicomize
+    """An MR object built by services.dicom.dicomize (from the shared data when present)."""
+    from services.dicom import dicomize
 
     row = None
     manifest = SHARED_DATA / "manifest.csv"
@@ -134,7 +134,7 @@ def dicom_file(tmp: Path) -> Path:
 
 
 def archived_headers(stack: Stack) -> dict[str, object]:
-    from services.dicom import read_header
+    from services.dicom.decode import read_header
 
     return {p.name: read_header(p) for p in stack.archive.iterdir() if p.is_file()}
 
@@ -159,7 +159,7 @@ def assert_alive(stack: Stack) -> None:
 @pytest.mark.integration
 def test_dicom_png_and_edf_are_indexed_and_found(stack: Stack, tmp_path: Path) -> None:
     from models.eeg import render_eeg_trace
-    from services.dicom import decode_for_embedding, read_header
+    from services.dicom.decode import decode_for_embedding, read_header
 
     dicom = dicom_file(tmp_path)
     dicom_uid = read_header(dicom).sop_instance_uid
@@ -321,8 +321,8 @@ def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: 
 
 
 def test_input_rules() -> None:
-    from services.converter import detect_kind, folder_modality
-    from services.watcher import is_ignored
+    from services.ingest.convert import detect_kind, folder_modality
+    from services.ingest.watcher import is_ignored
 
     for name in (".x.png", "a/.b/c.dcm", ".processed/xray/a.png", ".failed/a.dcm", "a.png.part", "a.tmp",
                  "a.dcm.partial", "a.png~"):
@@ -343,9 +343,9 @@ def test_input_rules() -> None:
 
 @pytest.mark.parametrize("signal", ["bonn-like integers", "offset and fractional", "volts-scale"])
 def test_eeg_dataset_keeps_the_signal(signal: str) -> None:
-    from services.dicom import read_eeg_waveform
-    from services.converter import eeg_dataset
-    from services.dicombuild import dataset_bytes
+    from services.dicom.decode import read_eeg_waveform
+    from services.ingest.convert import eeg_dataset
+    from services.dicom.build import dataset_bytes
 
     t = np.arange(5000) / 256.0
     x = {"bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),

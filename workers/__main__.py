@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from services.config import WorkerSettings
+from services.core.config import WorkerSettings
 from workers.app import create_app
 
 logger = logging.getLogger(__name__)

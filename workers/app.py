@@ -12,9 +12,9 @@ import threading
 
 from celery import Celery, Task
 
-from services.config import WorkerSettings
-from services.dispatch import EMBED_TASK
-from services.errors import CbmirError, InvalidInput
+from services.core.config import WorkerSettings
+from services.ingest.dispatch import EMBED_TASK
+from services.core.errors import CbmirError, InvalidInput
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.runtime import OnnxEncoder
-from services.config import WorkerSettings
-from services.dicom import DecodeLimits, decode_for_embedding
-from services.embedding import index_points, model_inputs
-from services.errors import StorageError
+from services.core.config import WorkerSettings
+from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.index.points import index_points, model_inputs
+from services.core.errors import StorageError
 from services.index import RemoteIndexWriter, open_index
-from services.spool import Spool
+from services.ingest.spool import Spool
 from workers.batching import MicroBatcher
 
 logger = logging.getLogger(__name__)

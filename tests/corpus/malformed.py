@@ -3,7 +3,7 @@
 ``python tests/corpus/malformed.py OUT_DIR [--max-rows N]`` (or :func:`generate`) writes one file
 per case plus ``index.json``: ``{"limits": {...}, "cases": [{"file", "expected_error",
 "expected_reason", "description"}]}``. ``expected_error`` is a class name from
-``services.errors``; the decoder is called with the ``limits`` recorded in the index. Everything
+``services.core.errors``; the decoder is called with the ``limits`` recorded in the index. Everything
 is built from scratch (no shared data, no PHI): synthetic UIDs, a synthetic patient.
 """
 

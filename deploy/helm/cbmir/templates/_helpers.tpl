@@ -169,7 +169,7 @@ Celery remote-control ping of this pod's worker node (the node name is celery@<p
 - -c
 - >-
   import socket, sys;
-  from services.config import WorkerSettings;
+  from services.core.config import WorkerSettings;
   from workers.app import create_app;
   app = create_app(WorkerSettings.from_env());
   sys.exit(0 if app.control.ping(destination=['celery@' + socket.gethostname()], timeout=5) else 1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
-from services.errors import ConfigError
+from services.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

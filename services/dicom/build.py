@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from services.errors import StorageError
+from services.core.errors import StorageError
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root + .1 (as pydicom writes)
 

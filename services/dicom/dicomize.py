@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from models.data import shared_data_dir
-from services.dicombuild import InstanceIdentity, base_dataset, coded_entry, eeg_waveform_group, write_dataset
-from services.errors import CbmirError, InvalidInput, UnreadableInput
-from services.vocabulary import (
+from services.dicom.build import InstanceIdentity, base_dataset, coded_entry, eeg_waveform_group, write_dataset
+from services.core.errors import CbmirError, InvalidInput, UnreadableInput
+from services.core.vocabulary import (
     CR_IMAGE,
     MR_IMAGE,
     OPHTHALMIC_TOMOGRAPHY_IMAGE,
@@ -434,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.dicomize", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.dicom.dicomize", description=__doc__.splitlines()[0])
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run(parser.parse_args(argv))

@@ -106,18 +106,18 @@ class Supervisor:
 
     def start(self) -> tuple[int, int]:
         o = self.options
-        query = self._child("query", "services.query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
+        query = self._child("query", "services.query.service", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
         query.start()
         query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
         writer = {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}
-        scp = self._child("scp", "services.scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
+        scp = self._child("scp", "services.ingest.listener", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
         scp.start()
         scp.env["CBMIR_DICOM_PORT"] = str(scp.port)
         worker = self._child("worker", "workers", writer, False)
         worker.start()
         self.children = [query, scp, worker]
         if o.watch_dir is not None:
-            watcher = self._child("watch", "services.watcher", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
+            watcher = self._child("watch", "services.ingest.watcher", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
             watcher.start()
             self.children.append(watcher)
         print(f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "

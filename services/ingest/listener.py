@@ -26,12 +26,12 @@ import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
 
-from services.config import ListenerSettings
-from services.dicom import read_header
-from services.dispatch import TaskDispatcher
-from services.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
-from services.spool import Spool, spool_name_for
-from services.vocabulary import accepted_storage_classes
+from services.core.config import ListenerSettings
+from services.dicom.decode import read_header
+from services.ingest.dispatch import TaskDispatcher
+from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
+from services.ingest.spool import Spool, spool_name_for
+from services.core.vocabulary import accepted_storage_classes
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="override CBMIR_DICOM_PORT")
     parser.add_argument("--ae-title", help="override CBMIR_AE_TITLE")
     args = parser.parse_args(argv)
-    from services.logs import configure_logging
+    from services.core.logs import configure_logging
 
     configure_logging()
     settings = ListenerSettings.from_env()

@@ -12,8 +12,8 @@ import threading
 
 from celery import Celery
 
-from services.config import BrokerSettings
-from services.errors import BackendUnavailable
+from services.core.config import BrokerSettings
+from services.core.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 
 from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
-from services.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
+from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
 
 
 

@@ -1,6 +1,6 @@
 """``cbmir evaluate --server HOST:PORT``: the offline evaluation, run through the service.
 
-The database is turned into the DICOM a modality would send (``services/dicomize.py``), pushed
+The database is turned into the DICOM a modality would send (``services/dicom/dicomize.py``), pushed
 over a real association to the listener, embedded by the workers and indexed; each query is
 built the same way and sent as DICOM bytes to ``SearchSimilar`` over gRPC. The metrics come
 from the same code as the offline run (:func:`models.evaluate.run_evaluation` with this
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.client import SearchClient
-from services.errors import ConfigError
+from services.query.client import SearchClient
+from services.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ServiceRetriever:
 
     def __init__(self, grpc_target: str, dicom_host: str, dicom_port: int, *, called_ae: str = "CBMIR",
                  work_dir: Path | None = None, timeout_s: float = 3600.0):
-        from services.dicomize import UidFactory
+        from services.dicom.dicomize import UidFactory
 
         self.client = SearchClient(grpc_target, timeout_s=120)
         self.dicom_host, self.dicom_port, self.called_ae = dicom_host, dicom_port, called_ae
@@ -48,13 +48,13 @@ class ServiceRetriever:
         self._position: dict[str, int] = {}
 
     def _build(self, record, folder: str, number: int) -> Path:
-        from services.dicomize import dicomize_row
+        from services.dicom.dicomize import dicomize_row
 
         return dicomize_row(_row(record), "/", self.work_dir / folder / f"{number:06d}.dcm", uids=self._uids)
 
     def index(self, items: Sequence) -> None:
-        from services.dicom import read_header
-        from services.scu import send_files
+        from services.dicom.decode import read_header
+        from services.dicom.scu import send_files
 
         if self.client.stats().total:
             raise ConfigError("the service's index is not empty; evaluate against an empty index")

@@ -24,13 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
-from services.config import QuerySettings
-from services.dicom import DecodeLimits, decode_for_embedding
-from services.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
+from services.core.config import QuerySettings
+from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
 from services.index import IndexPoint, VectorIndex, open_index
-from services.spool import Spool
-from services.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
+from services.ingest.spool import Spool
+from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from dataclasses import replace
 
-    from services.logs import configure_logging
+    from services.core.logs import configure_logging
 
     configure_logging()
     settings = QuerySettings.from_env()

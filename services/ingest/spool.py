@@ -1,6 +1,6 @@
 """The durable spool: every acknowledged instance lives on disk until it is indexed or quarantined.
 
-Layout under the data directory (see :class:`services.config.DataLayout`)::
+Layout under the data directory (see :class:`services.core.config.DataLayout`)::
 
     spool/tmp/        partial writes (same filesystem, so the final rename is atomic)
     spool/incoming/   received and acknowledged, waiting for a worker
@@ -23,9 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.config import DataLayout
-from services.errors import StorageError
-from services.vocabulary import is_valid_uid
+from services.core.config import DataLayout
+from services.core.errors import StorageError
+from services.core.vocabulary import is_valid_uid
 
 logger = logging.getLogger(__name__)
 

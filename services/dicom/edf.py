@@ -3,7 +3,7 @@
 The channel is the first signal whose label mentions EEG (e.g. ``EEG Fp1-Ref``), else the first
 signal that is not an annotation channel. Physical values are converted to µV from the signal's
 physical dimension (``uV``, ``µV``, ``mV``, ``V``, ``nV``; an empty dimension is taken as µV).
-Only :mod:`services.errors` classes are raised.
+Only :mod:`services.core.errors` classes are raised.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
+from services.core.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from models.preprocess import PreprocessContract, to_model_input
-from services.dicom import DecodedFrame, InstanceHeader
+from services.dicom.decode import DecodedFrame, InstanceHeader
 from services.index import IndexPoint, point_id
 
 

@@ -4,7 +4,7 @@
   header), else by suffix (``.dcm``/``.dicom``/``.dic``/``.ima``/none: DICOM; ``.png``/``.jpg``/
   ``.jpeg``: picture; ``.edf``/``.bdf``: EEG). Anything else is refused as ``unsupported-file-type``.
 * **DICOM** is spooled byte for byte under its SOP Instance UID after a header check. The SOP
-  classes are those the listener negotiates (:func:`services.vocabulary.accepted_storage_classes`);
+  classes are those the listener negotiates (:func:`services.core.vocabulary.accepted_storage_classes`);
   anything else (SR documents, RT plans, ...) is refused with the decoder's reason, as the listener
   would have refused it.
 * **PNG/JPEG** become a Secondary Capture Image object: the picture is reduced to 8-bit luma by
@@ -13,13 +13,13 @@
   stored as MONOCHROME2, so a picture query with the same bytes finds it at distance 0. The modality
   comes from the first folder under the watched folder, because a PNG carries none: ``xray/`` ->
   Modality ``CR``, ``mri/`` -> ``MR``, ``oct/`` -> ``OPT``, ``eeg/`` -> ``EEG``, anything else (or
-  the folder itself) -> ``OT`` (other); see :data:`services.vocabulary.DICOM_MODALITY_CODES`.
+  the folder itself) -> ``OT`` (other); see :data:`services.core.vocabulary.DICOM_MODALITY_CODES`.
   Folder names are compared case-insensitively. Secondary Capture rather than a modality IOD,
   because nothing about the acquisition is known; the Modality attribute carries the folder's
   modality, which is what cbmir indexes by.
 * **EDF/BDF** becomes a Routine Scalp EEG Waveform object holding the channel
-  :func:`services.edf.read_edf_signal` picks (the first EEG channel), in µV at the file's own
-  sampling rate, one multiplex group as in :mod:`services.dicomize`; the worker renders it with the
+  :func:`services.dicom.edf.read_edf_signal` picks (the first EEG channel), in µV at the file's own
+  sampling rate, one multiplex group as in :mod:`services.dicom.dicomize`; the worker renders it with the
   same trace renderer as training.
 * **UIDs.** Converted objects get new UIDs under pydicom's root, derived from the file's SHA-256
   (and the folder modality): a new object for every distinct file, and the same UIDs if the very
@@ -39,10 +39,10 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from models.data import sha256_file
-from services.dicombuild import InstanceIdentity, base_dataset, dataset_bytes, eeg_waveform_group
-from services.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
-from services.spool import spool_name_for
-from services.vocabulary import (
+from services.dicom.build import InstanceIdentity, base_dataset, dataset_bytes, eeg_waveform_group
+from services.core.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
+from services.ingest.spool import spool_name_for
+from services.core.vocabulary import (
     DICOM_MODALITY_CODES,
     OTHER,
     ROUTINE_SCALP_EEG,
@@ -146,7 +146,7 @@ def eeg_dataset(samples_uv: np.ndarray, sampling_hz: float, *, digest: str, when
     """One EEG channel in µV -> Routine Scalp EEG Waveform object (one multiplex group, SS samples).
 
     Integer-valued signals within ±32767 µV are stored exactly with a 1 µV sensitivity (as
-    :mod:`services.dicomize` stores the Bonn corpus); anything else is centred with the channel
+    :mod:`services.dicom.dicomize` stores the Bonn corpus); anything else is centred with the channel
     baseline and scaled to use the 16-bit range.
     """
     x = np.asarray(samples_uv, dtype=np.float64).ravel()
@@ -230,7 +230,7 @@ class FileConverter:
                            reason="unsupported-file-type")
 
     def _dicom(self, path: Path) -> Converted:
-        from services.dicom import decode_for_embedding, read_header
+        from services.dicom.decode import decode_for_embedding, read_header
 
         header = read_header(path)
         if header.sop_class_uid not in self._accepted:
@@ -260,7 +260,7 @@ class FileConverter:
                          f"{kind.upper()} as Secondary Capture, Modality {code}, {ds.SOPInstanceUID}")
 
     def _edf(self, path: Path) -> Converted:
-        from services.edf import read_edf_signal
+        from services.dicom.edf import read_edf_signal
 
         samples_uv, sampling_hz = read_edf_signal(path)
         ds = eeg_dataset(samples_uv, sampling_hz, digest=sha256_file(path), when=path.stat().st_mtime)

@@ -19,13 +19,13 @@ import time
 from tqdm import tqdm
 
 from models.runtime import OnnxEncoder
-from services.config import BrokerSettings, WorkerSettings
-from services.dicom import DecodeLimits, decode_for_embedding
-from services.dispatch import TaskDispatcher
-from services.embedding import index_points, model_inputs
-from services.errors import CbmirError
+from services.core.config import BrokerSettings, WorkerSettings
+from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.ingest.dispatch import TaskDispatcher
+from services.index.points import index_points, model_inputs
+from services.core.errors import CbmirError
 from services.index import collection_name, open_index
-from services.spool import Spool
+from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--requeue-quarantined", nargs="?", const="", metavar="REASON",
                       help="move quarantined objects (optionally only REASON) back and re-send them")
     args = parser.parse_args(argv)
-    from services.logs import configure_logging
+    from services.core.logs import configure_logging
 
     configure_logging()
     settings = WorkerSettings.from_env()

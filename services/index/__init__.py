@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.errors import BackendUnavailable, ConfigError, NotFound
-from services.vocabulary import MODALITIES, OTHER
+from services.core.errors import BackendUnavailable, ConfigError, NotFound
+from services.core.vocabulary import MODALITIES, OTHER
 
 logger = logging.getLogger(__name__)
 
@@ -514,7 +514,7 @@ class RemoteIndexWriter:
 
 
 def open_index(settings) -> VectorIndex:
-    """The index for an :class:`~services.config.IndexSettings` (server URL, else embedded)."""
+    """The index for an :class:`~services.core.config.IndexSettings` (server URL, else embedded)."""
     if settings.qdrant_url:
         return QdrantServerIndex(settings.collection, url=settings.qdrant_url, api_key=settings.qdrant_api_key)
     return EdgeIndex(settings.embedded_path, settings.collection)

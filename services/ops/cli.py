@@ -13,11 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from services.vocabulary import MODALITIES
+from services.core.vocabulary import MODALITIES
 
 
 def _cmd_search(args) -> int:
-    from services.client import SearchClient, hit_dict
+    from services.query.client import SearchClient, hit_dict
 
     client = SearchClient(args.server)
     try:
@@ -36,7 +36,7 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    from services.client import SearchClient, stats_dict
+    from services.query.client import SearchClient, stats_dict
 
     client = SearchClient(args.server)
     try:
@@ -62,8 +62,8 @@ def _cmd_worker(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from services.logs import configure_logging
-    from services.serve import ServeOptions, run
+    from services.core.logs import configure_logging
+    from services.ops.serve import ServeOptions, run
 
     configure_logging()
     options = ServeOptions(
@@ -78,7 +78,7 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from services.demo import run_demo
+    from services.ops.demo import run_demo
 
     return run_demo(args)
 
@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, module, text in (
-        ("scp", "services.scp", "run the DICOM C-STORE listener"),
-        ("query", "services.query", "run the gRPC query service (owns the embedded index)"),
-        ("watch", "services.watcher", "watch a folder for dropped DICOM, PNG/JPEG and EDF files"),
-        ("reindex", "services.reindex", "re-embed the archive into a new collection, then switch the alias"),
+        ("scp", "services.ingest.listener", "run the DICOM C-STORE listener"),
+        ("query", "services.query.service", "run the gRPC query service (owns the embedded index)"),
+        ("watch", "services.ingest.watcher", "watch a folder for dropped DICOM, PNG/JPEG and EDF files"),
+        ("reindex", "services.ops.reindex", "re-embed the archive into a new collection, then switch the alias"),
     ):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "models.train", "train an encoder"),
         ("export", "models.export", "export an encoder to ONNX (checker + parity enforced)"),
         ("evaluate", "models.evaluate", "evaluate retrieval on a manifest"),
-        ("dicomize", "services.dicomize", "build DICOM objects from images and signals"),
+        ("dicomize", "services.dicom.dicomize", "build DICOM objects from images and signals"),
     ):
         p = sub.add_parser(name, help=text)
         p.set_defaults(model_module=module)
@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     # Commands owned by other modules get their full parser from that module.
     if argv and argv[0] in ("train", "export", "evaluate", "dicomize"):
         module = {"train": "models.train", "export": "models.export", "evaluate": "models.evaluate",
-                  "dicomize": "services.dicomize"}[argv[0]]
+                  "dicomize": "services.dicom.dicomize"}[argv[0]]
         if argv[0] == "evaluate" and "--server" in argv:
-            module = "services.evaluate"
+            module = "services.ops.evaluate"
         add_arguments, run = _model_command(module)
         parser = argparse.ArgumentParser(prog=f"cbmir {argv[0]}")
         add_arguments(parser)
-        from services.logs import configure_logging
+        from services.core.logs import configure_logging
 
         configure_logging()
         return int(run(parser.parse_args(argv[1:])) or 0)

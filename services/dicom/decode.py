@@ -25,10 +25,10 @@ they are small manylinux wheels with permissive licences, are the plug-ins pydic
 around (per-frame decoding, documented error messages), and cover every transfer syntax we meet
 except 12-bit lossy JPEG. python-gdcm is one large SWIG binary with a global state, pinned to
 specific Python versions, and would only add that one syntax. 12-bit JPEG Extended
-(1.2.840.10008.1.2.4.51) therefore raises a :class:`~services.errors.DecodeError` that names
+(1.2.840.10008.1.2.4.51) therefore raises a :class:`~services.core.errors.DecodeError` that names
 the transfer syntax and suggests a transcoding (dcmtk's ``dcmdjpeg`` reads those files).
 
-Errors: only :mod:`services.errors` classes leave this module (their ``reason`` is a PHI-free
+Errors: only :mod:`services.core.errors` classes leave this module (their ``reason`` is a PHI-free
 slug): :class:`UnreadableInput` (not DICOM, empty, truncated, missing UIDs or pixel data,
 parse failures), :class:`UnsupportedInput` (SR documents, objects without pixels or waveform,
 non-EEG waveforms), :class:`DecodeError` (no codec, corrupt compressed stream) and
@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Union
 
 import numpy as np
 
-from services.errors import (
+from services.core.errors import (
     CbmirError,
     ConfigError,
     DecodeError,
@@ -57,7 +57,7 @@ from services.errors import (
     UnreadableInput,
     UnsupportedInput,
 )
-from services.vocabulary import EEG_SOP_CLASSES, MEDIA_STORAGE_DIRECTORY, is_valid_uid, normalize_modality
+from services.core.vocabulary import EEG_SOP_CLASSES, MEDIA_STORAGE_DIRECTORY, is_valid_uid, normalize_modality
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -741,7 +741,7 @@ def decode_for_embedding(
     """Header plus display-ready frames of one instance (image or EEG waveform).
 
     ``frames="middle"``: only the central frame ``(n + 1) // 2`` (1-based); ``"all"``: every
-    frame in order. Raises only :mod:`services.errors` classes.
+    frame in order. Raises only :mod:`services.core.errors` classes.
     """
     if frames not in ("middle", "all"):
         raise InvalidInput(f"frames must be 'middle' or 'all', got {frames!r}")

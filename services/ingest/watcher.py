@@ -13,7 +13,7 @@ Input rules (the conformance document lists them too):
   for ``settle_s`` seconds (``--settle``, default 1 s) *and* no process holds it open for writing
   (checked with a Linux read lease where the kernel allows one; elsewhere the settle rule alone).
 * **What happens to it** (DICOM spooled as received, PNG/JPEG and EDF converted into DICOM, under
-  which UIDs) is :mod:`services.converter`'s business.
+  which UIDs) is :mod:`services.ingest.convert`'s business.
 * **After the spool write is durable and the task is sent**, the original moves to
   ``DIR/.processed/<relative path>``; a file that cannot be used (not decodable, unsupported) is
   copied into the quarantine with a reason (``stage: watcher``, counted by ``cbmir stats``) and the
@@ -35,11 +35,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from services.config import WatcherSettings
-from services.dispatch import TaskDispatcher
-from services.converter import FileConverter
-from services.errors import CbmirError, InvalidInput, StorageError
-from services.spool import Spool, fsync_dir
+from services.core.config import WatcherSettings
+from services.ingest.dispatch import TaskDispatcher
+from services.ingest.convert import FileConverter
+from services.core.errors import CbmirError, InvalidInput, StorageError
+from services.ingest.spool import Spool, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                         help="how long size and mtime must stay unchanged before a file is taken (default 1)")
     args = parser.parse_args(argv)
-    from services.logs import configure_logging
+    from services.core.logs import configure_logging
 
     configure_logging()
     settings = WatcherSettings.from_env()

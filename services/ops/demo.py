@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.client import SearchClient, stats_dict
-from services.errors import CbmirError
-from services.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
+from services.query.client import SearchClient, stats_dict
+from services.core.errors import CbmirError
+from services.core.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def package_dicom_files() -> list[Path]:
     """Image DICOM files shipped in pydicom and pydicom-data (read locally, never downloaded)."""
     import pydicom
 
-    from services.dicom import read_header
+    from services.dicom.decode import read_header
 
     roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
     try:
@@ -50,7 +50,7 @@ def package_dicom_files() -> list[Path]:
     import warnings
 
     warnings.filterwarnings("ignore", module="pydicom")
-    for noisy in ("pydicom", "services.dicom"):
+    for noisy in ("pydicom", "services.dicom.decode"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     for root in roots:
         for path in sorted(root.rglob("*.dcm")):
@@ -70,7 +70,7 @@ def package_dicom_files() -> list[Path]:
 def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict]]:
     """Build DICOM from ../shared/data (train rows to index, test rows to query), if it exists."""
     from models.data import shared_data_dir
-    from services.dicomize import UidFactory, dicomize_row, read_manifest
+    from services.dicom.dicomize import UidFactory, dicomize_row, read_manifest
 
     source = shared_data_dir()
     if not (source / "manifest.csv").exists():
@@ -97,15 +97,15 @@ def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], di
 
 
 def run_demo(args) -> int:
-    from services.dicom import read_header
-    from services.scu import send_files
+    from services.dicom.decode import read_header
+    from services.dicom.scu import send_files
 
     work = Path(args.data_dir).resolve() if args.data_dir else Path(tempfile.mkdtemp(prefix="cbmir-demo-"))
     data_dir, build_dir = work / "data", work / "built"
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"demo: working in {work}")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
+        [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
          "--grpc-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
