@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
 
 from services.core.config import ListenerSettings, WorkerSettings
-from services.core.errors import ConfigError, NotFound, StorageError
+from services.core.errors import BackendUnavailable, ConfigError, InvalidInput, NotFound, StorageError
 from services.index import EdgeIndex, IndexPoint, QdrantServerIndex, point_id
 from services.ingest.spool import Spool, spool_name_for
 from workers.batching import MicroBatcher
@@ -161,4 +162,58 @@ def test_edge_index_moves_a_point_whose_modality_changed(tmp_path):
     assert index.counts_by_modality() == {"xray": 1}
     assert [h.payload["modality"] for h in index.search([0, 0, 1], 5)] == ["xray"]
     assert index.search([0, 0, 1], 5, ["other"]) == []
+    index.close()
+
+
+class _FixedStatus(BaseHTTPRequestHandler):
+    """Answers every request with the class's status and a body whose text must not matter."""
+
+    status = 500
+    text = "Not found: collection doesn't exist"  # what a classifier by message text would believe
+
+    def _answer(self) -> None:
+        body = json.dumps({"status": {"error": self.text}, "time": 0.0}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (404, NotFound), (400, InvalidInput), (422, InvalidInput), (401, ConfigError), (403, ConfigError),
+    (409, ConfigError), (418, ConfigError), (429, BackendUnavailable), (500, BackendUnavailable),
+    (503, BackendUnavailable),
+])
+def test_qdrant_server_errors_are_classified_by_status_not_text(status, error):
+    """A real qdrant-client talking HTTP to a server that answers ``status`` with a misleading text."""
+    from http.server import ThreadingHTTPServer
+
+    handler = type("Handler", (_FixedStatus,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = QdrantServerIndex("t", url=f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(error) as raised:
+            index.search([0.0, 1.0], 5)
+        assert type(raised.value) is error
+        assert str(status) in str(raised.value)
+        index.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_qdrant_server_that_does_not_answer_is_unavailable():
+    from services.core.errors import BackendUnavailable
+    from tests.support import free_port
+
+    index = QdrantServerIndex("t", url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(BackendUnavailable):
+        index.search([0.0, 1.0], 5)
     index.close()

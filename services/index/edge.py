@@ -1,0 +1,252 @@
+"""The embedded store: Qdrant's Rust engine in-process (``qdrant-edge-py``), one shard per modality.
+
+WAL, payload indexes and HNSW (after :meth:`EdgeIndex.optimize`) come with the engine. One process
+owns the whole index (the query service); workers write through its ``IndexWriter`` RPC.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.core.errors import BackendUnavailable, ConfigError, NotFound
+from services.core.vocabulary import MODALITIES, OTHER
+from services.index.base import (
+    INDEXED_FIELDS,
+    IndexPoint,
+    SearchHit,
+    VectorIndex,
+    as_vector,
+    collection_name,
+    modality_filter_values,
+    point_id,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeIndex(VectorIndex):
+    """The embedded store: ``qdrant-edge-py`` shards under ``<data>/index``.
+
+    A collection is one shard per modality (``shards/<collection>/<modality>``): a query filtered
+    by modality scans only that modality's vectors instead of testing a filter on every point,
+    and an unfiltered query merges the per-modality top-k. ``aliases.json`` maps the alias to a
+    collection and is replaced atomically, which makes the alias switch of a reindex atomic. One
+    process owns the whole index (an exclusive lock on ``.owner.lock``): a second one gets
+    :class:`BackendUnavailable` with a clear message.
+    """
+
+    def __init__(self, root: Path, alias: str):
+        import qdrant_edge  # noqa: F401  (fail early, clearly, if the engine is missing)
+
+        self._qe = qdrant_edge
+        self._root = Path(root)
+        self._alias = alias
+        self._lock = threading.RLock()
+        self._shards: dict[tuple[str, str], object] = {}
+        (self._root / "shards").mkdir(parents=True, exist_ok=True)
+        self._owner_lock = _take_owner_lock(self._root)
+
+    # aliases ------------------------------------------------------------------------------------
+    def _aliases_path(self) -> Path:
+        return self._root / "aliases.json"
+
+    def _aliases(self) -> dict[str, str]:
+        try:
+            return json.loads(self._aliases_path().read_text())
+        except FileNotFoundError:
+            return {}
+
+    def switch_alias(self, collection: str) -> None:
+        """Point the alias at ``collection`` atomically (write temp, fsync, rename)."""
+        aliases = self._aliases()
+        aliases[self._alias] = collection
+        tmp = self._aliases_path().with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            json.dump(aliases, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self._aliases_path())
+        logger.info("alias %s now points at %s", self._alias, collection)
+
+    def current_collection(self) -> str | None:
+        return self._aliases().get(self._alias)
+
+    # collections and their per-modality shards ----------------------------------------------------
+    def _meta_path(self, collection: str) -> Path:
+        return self._root / "shards" / f"{collection}.json"
+
+    def _collection_dim(self, collection: str) -> int | None:
+        try:
+            return int(json.loads(self._meta_path(collection).read_text())["dim"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def create_collection(self, collection: str, dim: int) -> None:
+        """A new, empty collection (its shards appear with their first points)."""
+        if self._collection_dim(collection) is None:
+            (self._root / "shards" / collection).mkdir(parents=True, exist_ok=True)
+            self._meta_path(collection).write_text(json.dumps({"dim": dim, "partitioned_by": "modality"}))
+
+    def _partitions(self, collection: str) -> list[str]:
+        folder = self._root / "shards" / collection
+        return [m for m in MODALITIES if (folder / m).is_dir()]
+
+    def _shard(self, collection: str, modality: str, create: bool = False):
+        key = (collection, modality)
+        with self._lock:
+            if key in self._shards:
+                return self._shards[key]
+            qe = self._qe
+            path = self._root / "shards" / collection / modality
+            try:
+                if path.is_dir() and any(path.iterdir()):
+                    shard = qe.EdgeShard.load(str(path))
+                elif create:
+                    dim = self._collection_dim(collection)
+                    if dim is None:
+                        raise NotFound(f"collection {collection} does not exist")
+                    config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
+                    shard = qe.EdgeShard.create(str(path), config)
+                    for field in INDEXED_FIELDS:
+                        shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+                else:
+                    return None
+            except (NotFound, ConfigError):
+                raise
+            except Exception as exc:  # the engine raises plain Exception
+                raise BackendUnavailable(f"cannot open embedded index shard {path}: {exc}") from exc
+            self._shards[key] = shard
+            return shard
+
+    def _current(self) -> str:
+        collection = self.current_collection()
+        if collection is None:
+            raise NotFound("the index is empty: no collection has been created yet")
+        return collection
+
+    def ensure_collection(self, dim: int, model_version: str) -> str:
+        with self._lock:
+            current = self.current_collection()
+            if current is None:
+                current = collection_name(self._alias, model_version)
+                self.create_collection(current, dim)
+                self.switch_alias(current)
+            size = self._collection_dim(current)
+            if size is not None and size != dim:
+                raise ConfigError(
+                    f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
+                )
+            return current
+
+    def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
+        if not points:
+            return
+        qe = self._qe
+        collection = collection or self._current()
+        by_modality: dict[str, list[IndexPoint]] = {}
+        for point in points:
+            modality = point.payload.get("modality", OTHER)
+            by_modality.setdefault(modality if modality in MODALITIES else OTHER, []).append(point)
+        with self._lock:
+            for modality, group in by_modality.items():
+                shard = self._shard(collection, modality, create=True)
+                shard.update(qe.UpdateOperation.upsert_points(
+                    [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in group]))
+                shard.flush()
+                # an instance re-sent with another modality must not stay in its old partition
+                ids = [p.point_id for p in group]
+                for other in self._partitions(collection):
+                    if other != modality:
+                        stale = self._shard(collection, other)
+                        if stale is not None and stale.retrieve(ids, with_payload=False, with_vector=False):
+                            stale.update(qe.UpdateOperation.delete_points(ids))
+                            stale.flush()
+
+    def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
+        qe = self._qe
+        collection = self._current()
+        wanted = modality_filter_values(modalities) or MODALITIES
+        flt = None
+        if exclude_study:
+            flt = qe.Filter(must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))])
+        request = qe.QueryRequest(limit=int(k), query=qe.Query.Nearest([float(x) for x in vector]),
+                                  with_payload=True, filter=flt)
+        hits = []
+        for modality in wanted:
+            shard = self._shard(collection, modality)
+            if shard is not None:
+                hits += [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)]
+        hits.sort(key=lambda hit: hit.distance)
+        return hits[: int(k)]
+
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+        qe = self._qe
+        collection = self._current()
+        shards = [s for m in self._partitions(collection) if (s := self._shard(collection, m)) is not None]
+        for shard in shards:
+            records = shard.retrieve([point_id(sop_instance_uid)], with_payload=True, with_vector=True)
+            if records:
+                return as_vector(records[0].vector), dict(records[0].payload or {})
+        flt = qe.Filter(must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))])
+        for shard in shards:  # an object embedded frame by frame: any of its frames
+            found, _ = shard.scroll(qe.ScrollRequest(limit=1, filter=flt, with_payload=True, with_vector=True))
+            if found:
+                return as_vector(found[0].vector), dict(found[0].payload or {})
+        raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
+
+    def counts_by_modality(self) -> dict[str, int]:
+        qe = self._qe
+        collection = self.current_collection()
+        if collection is None:
+            return {}
+        counts = {}
+        for modality in self._partitions(collection):
+            n = self._shard(collection, modality).count(qe.CountRequest(exact=True))
+            if n:
+                counts[modality] = int(n)
+        return counts
+
+    def optimize(self) -> bool:
+        """Build the HNSW graphs and merge segments (blocking)."""
+        collection = self._current()
+        return any(bool(self._shard(collection, m).optimize()) for m in self._partitions(collection))
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception:  # closing is best effort
+                    logger.exception("closing an edge shard failed")
+            self._shards.clear()
+            if self._owner_lock is not None:
+                self._owner_lock.close()  # releases the flock
+                self._owner_lock = None
+
+
+def _take_owner_lock(root: Path):
+    """One process owns the whole embedded index (all shards and the alias file)."""
+
+    handle = open(root / ".owner.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise BackendUnavailable(
+            f"the embedded index at {root} is open in another process (pid {owner}); one process owns it "
+            "(the query service) and workers write through it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
