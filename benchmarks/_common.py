@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.core.processes import stop_process
 from services.core.vocabulary import DICOM_MODALITY_CODES, TRAINED_MODALITIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -200,13 +201,7 @@ class Service:
             self._keep(line)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
 
     def __enter__(self):
         return self

@@ -221,7 +221,7 @@ class StoreScp(Receiver):
 
 def cbmir_argv() -> list[str]:
     script = Path(sys.executable).with_name("cbmir")
-    return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services.ops.cli", "scp"]
+    return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services", "scp"]
 
 
 class CbmirScp(Receiver):

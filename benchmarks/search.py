@@ -10,7 +10,7 @@ What it compares
     of any call.
 
     Everything goes through the real path: the benchmark starts the real query service
-    (``python -m services.query.service`` with ``CBMIR_DATA_DIR`` in a temporary folder and
+    (``cbmir query`` with ``CBMIR_DATA_DIR`` in a temporary folder and
     ``CBMIR_GRPC_PORT=0``), which owns the embedded index (qdrant-edge); fills it through the
     service's ``cbmir.v1.IndexWriter/UpsertPoints`` RPC (:class:`services.index.RemoteIndexWriter`,
     model version read from ``GetIndexStats``, dimension from ``OnnxEncoder().dim``), and queries
@@ -52,7 +52,7 @@ def start_query_service(data_dir: Path) -> common.Service:
                CBMIR_DEVICE="cpu", CBMIR_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
     for name in ("QDRANT_URL", "QDRANT_API_KEY", "CBMIR_COLLECTION"):
         env.pop(name, None)
-    return common.Service([common.python(), "-m", "services.query.service"], env, "cbmir query: gRPC on", "query")
+    return common.Service([common.python(), "-m", "services", "query"], env, "cbmir query: gRPC on", "query")
 
 
 def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str, batch: int) -> float:
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     queries = args.queries or (200 if args.quick else 1000)
 
     from models.runtime import OnnxEncoder
-    from services.query.client import SearchClient
     from services.index import RemoteIndexWriter
+    from services.query.client import SearchClient
 
     dim = OnnxEncoder(device="cpu").dim
     print(f"search benchmark | {common.machine_line()} | dim {dim} | k={K} | {queries} queries per row", flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from services.core.processes import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
+# The installed console script: tests run what users run.
+CBMIR = Path(sys.executable).with_name("cbmir")
 SHARED_DATA = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
 REDIS_URL = os.environ.get("CBMIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -83,13 +86,7 @@ class Proc:
             os.kill(self.process.pid, sig)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process(self.process, timeout_s, group=True)
 
 
 def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -107,13 +104,13 @@ def base_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def start_query(env: dict[str, str]) -> tuple[Proc, int]:
-    proc = Proc("query", [sys.executable, "-m", "services.query.service"], dict(env, CBMIR_GRPC_PORT="0"))
+    proc = Proc("query", [str(CBMIR), "query"], dict(env, CBMIR_GRPC_PORT="0"))
     port = int(proc.wait_for(r"cbmir query: gRPC on [^:]+:(\d+)").group(1))
     return proc, port
 
 
 def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
-    proc = Proc("scp", [sys.executable, "-m", "services.ingest.listener"], dict(env, CBMIR_DICOM_PORT="0"))
+    proc = Proc("scp", [str(CBMIR), "scp"], dict(env, CBMIR_DICOM_PORT="0"))
     port = int(proc.wait_for(r"cbmir scp: AE \S+ listening on [^:]+:(\d+)").group(1))
     return proc, port
 
@@ -121,7 +118,7 @@ def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
 def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
     if query_port is not None:
         env = dict(env, CBMIR_INDEX_WRITER=f"127.0.0.1:{query_port}")
-    proc = Proc("worker", [sys.executable, "-m", "workers"], env)
+    proc = Proc("worker", [str(CBMIR), "worker"], env)
     proc.wait_for(r"celery@\S+ ready|ready\.", timeout_s=90)
     return proc
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +30,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from services.core.vocabulary import accepted_storage_classes
-from tests.support import Proc, base_env, start_query, start_scp, start_worker, wait_until
+from tests.support import CBMIR, Proc, base_env, start_query, start_scp, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,10 +118,8 @@ def _associate(port: int, sop_class: str, transfer_syntax: str):
 
 
 def send(port: int, path: Path) -> dict:
-    """Send one file over its own association; returns what happened and the request's UID."""
-    from pynetdicom import _config
-
-    _config.STORE_SEND_CHUNKED_DATASET = True  # raw bytes from the file, as stored
+    """Send one file over its own association; returns what happened and the request's UID.
+    Raw file bytes, as stored: the caller turns on pynetdicom's chunked send (see the test)."""
     sop_class, sop_instance, syntax = _meta(path)
     payload: Path | Dataset = path
     outcome = {"uid": sop_instance, "how": "raw file bytes"}
@@ -172,10 +169,13 @@ def find_record(records: list[dict], spool_name: str) -> dict | None:
     return None
 
 
-def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path) -> None:
-    from services.query.client import SearchClient
-    from services.ingest.spool import spool_name_for
+def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom import _config
 
+    from services.ingest.spool import spool_name_for
+    from services.query.client import SearchClient
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send() sends raw file bytes
     corpus = load_corpus_module()
     to_listener, to_watcher = tmp_path / "corpus-listener", tmp_path / "corpus-watcher"
     index = json.loads(corpus.generate(to_listener).read_text())
@@ -193,7 +193,7 @@ def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path) -> None:
         scp, dicom_port = start_scp(env)
         procs.append(scp)
         procs.append(start_worker(env, grpc_port))
-        watcher = Proc("watch", [sys.executable, "-m", "services.ingest.watcher", str(watch)], env)
+        watcher = Proc("watch", [str(CBMIR), "watch", str(watch)], env)
         procs.append(watcher)
         watcher.wait_for(r"cbmir watch: watching ")
 

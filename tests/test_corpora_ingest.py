@@ -12,14 +12,13 @@ import collections
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from services.query.client import SearchClient
 from services.dicom.scu import send_files
 from services.ingest.spool import spool_name_for
+from services.query.client import SearchClient
 from tests import support
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,7 +62,7 @@ def _uid(path: Path) -> str | None:
 def test_corpora_through_listener_and_workers(data_dir, procs, tmp_path):
     corpora = _corpora(tmp_path)
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir),
+    serve = support.Proc("serve", [str(support.CBMIR), "serve", "--data-dir", str(data_dir),
                                    "--dicom-port", "0", "--grpc-port", "0"], env)
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from services.core.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
 from services.dicom.decode import (
     DecodedFrame,
     DecodeLimits,
@@ -27,7 +28,6 @@ from services.dicom.decode import (
     read_eeg_waveform,
     read_header,
 )
-from services.core.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,9 @@ import pytest
 from PIL import Image
 
 from services.dicom import dicomize
-from services.dicom.decode import decode_for_embedding, read_eeg_waveform, read_header
 from services.dicom.build import write_dataset
+from services.dicom.decode import decode_for_embedding, read_eeg_waveform, read_header
+from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("CBMIR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -123,11 +123,13 @@ def test_grouping_and_deterministic_uids(source_dir: Path, tmp_path: Path) -> No
 
 def test_selection_and_cli(source_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert dicomize.main([str(source_dir), str(out), "--split", "test", "--modality", "xray",
-                          "--limit-per-class", "1", "--seed", "x"]) == 0
+    from services.ops.cli import main
+
+    assert main(["dicomize", str(source_dir), str(out), "--split", "test", "--modality", "xray",
+                 "--limit-per-class", "1", "--seed", "x"]) == 0
     assert sorted(r["file"] for r in read_sidecar(out)) == ["xray/normal/a.dcm", "xray/viral/b.dcm"]
-    assert dicomize.main([]) == 2
-    completed = subprocess.run([sys.executable, "-m", "services.dicom.dicomize", "--help"], cwd=REPO,
+    assert main(["dicomize"]) == 2
+    completed = subprocess.run([str(support.CBMIR), "dicomize", "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=60, check=False)
     assert completed.returncode == 0 and "--limit-per-class" in completed.stdout
 

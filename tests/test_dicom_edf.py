@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.dicom.edf import read_edf_signal
 from services.core.errors import UnreadableInput, UnsupportedInput
+from services.dicom.edf import read_edf_signal
 
 highlevel = pytest.importorskip("pyedflib.highlevel")
 

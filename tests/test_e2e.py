@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 
 import pytest
 
@@ -67,7 +66,7 @@ def test_same_path_under_cbmir_serve_without_redis(data_dir, procs, need_dcmtk):
     env = support.base_env(data_dir)
     serve = support.Proc(
         "serve",
-        [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
         env,
     )
     procs.append(serve)

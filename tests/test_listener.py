@@ -31,11 +31,17 @@ def listener(data_dir, procs, redis_env):
     return start
 
 
-def _send_raw(port: int, path: Path, calling: str = "PYNETDICOM") -> int:
-    """Send a file's bytes as they are (pynetdicom reads the meta, sends the dataset unparsed)."""
+@pytest.fixture
+def send_raw(monkeypatch):
+    """Send a file's bytes as they are: pynetdicom reads the meta and sends the dataset unparsed.
+    Its switch for that is process-wide, so it is set for this test only."""
     from pynetdicom import _config
 
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    return _send_raw
+
+
+def _send_raw(port: int, path: Path, calling: str = "PYNETDICOM") -> int:
     ae = AE(ae_title=calling)
     meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
     ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
@@ -70,7 +76,7 @@ def _element(group: int, element: int, vr: bytes, value: bytes, claimed: int | N
     return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value) if claimed is None else claimed) + value
 
 
-def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir):
+def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir, send_raw):
     """Valid UIDs, then an element that claims 100 bytes and has 4: the dataset ends too early."""
     _, port = listener()
     meta = pydicom.dataset.FileMetaDataset()
@@ -85,21 +91,63 @@ def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, dat
             + _element(0x0010, 0x0010, b"PN", b"Doe", claimed=100))
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
-    assert _send_raw(port, broken) == 0xC210
+    assert send_raw(port, broken) == 0xC210
     reasons = [json.loads(p.read_text()) for p in (data_dir / "quarantine").glob("*.reason.json")]
     assert [(r["stage"], r["name"]) for r in reasons] == [("listener", f"{uid}.dcm")]
     assert reasons[0]["reason"] in ("truncated", "parse-error")
     assert not list((data_dir / "spool" / "incoming").iterdir())
 
 
-def test_dataset_disagreeing_with_request_gets_a900(listener, tmp_path):
+def test_dataset_disagreeing_with_request_gets_a900(listener, tmp_path, send_raw):
     _, port = listener()
 
     def mismatch(ds):
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # the request's UID
 
     path = _mr_with(tmp_path, "mismatch.dcm", mismatch)
-    assert _send_raw(port, path) == 0xA900
+    assert send_raw(port, path) == 0xA900
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its File Meta Information (preamble, DICM, group 2)."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    group_length = struct.unpack_from("<I", data, 132 + 8)[0]  # (0002,0000) UL: tag, VR, length, value
+    return data[132 + 12 + group_length:]
+
+
+def test_parallel_associations_stream_every_file_byte_for_byte(listener, need_dcmtk, tmp_path, data_dir):
+    """Four storescu processes at once, each with its own MR series of 512 KiB objects: every
+    spooled file holds exactly the dataset that was sent, and nothing is left in spool/tmp."""
+    import numpy as np
+
+    _, port = listener()
+    rng = np.random.default_rng(4)
+    template = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
+    del template[0xFFFCFFFC]  # Data Set Trailing Padding: storescu drops it when it sends
+    senders: list[list[Path]] = []
+    for sender in range(4):
+        files = []
+        for number in range(12):
+            ds = template.copy()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.Rows = ds.Columns = 512
+            ds.PixelData = rng.integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+            path = tmp_path / f"s{sender}-{number:02d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        senders.append(files)
+    env = dict(__import__("os").environ, TCP_NODELAY="1")
+    pushes = [subprocess.Popen(["storescu", "-aec", "CBMIR", "127.0.0.1", str(port), *map(str, files)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for files in senders]
+    outputs = [push.communicate(timeout=300)[0] for push in pushes]
+    assert all(push.returncode == 0 for push in pushes), outputs
+    incoming = data_dir / "spool" / "incoming"
+    for path in (p for files in senders for p in files):
+        spooled = incoming / f"{support.sop_uid(path)}.dcm"
+        assert _dataset_bytes(spooled) == _dataset_bytes(path), path.name
+    assert len(list(incoming.iterdir())) == 48
+    assert not list((data_dir / "spool" / "tmp").iterdir())
 
 
 def test_unwritable_spool_gets_out_of_resources(listener, need_dcmtk, data_dir):

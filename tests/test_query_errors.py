@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from services.query.client import SearchClient
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2
+from services.query.client import SearchClient
 from tests import support
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_dcmtk):
     files = {support.pydicom_file(n): m for n, m in list(support.E2E_FILES.items())[:3]}
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir),
+    serve = support.Proc("serve", [str(support.CBMIR), "serve", "--data-dir", str(data_dir),
                                    "--dicom-port", "0", "--grpc-port", "0"], env)
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
@@ -27,11 +26,11 @@ def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_d
     client.close()
 
     # While the owner runs, the embedded index refuses a second process, and says why.
-    busy = subprocess.run([sys.executable, "-m", "services.ops.cli", "reindex"], env=env, capture_output=True, text=True)
+    busy = subprocess.run([str(support.CBMIR), "reindex"], env=env, capture_output=True, text=True)
     assert busy.returncode == 1 and "another process" in busy.stderr
     serve.stop()
 
-    done = subprocess.run([sys.executable, "-m", "services.ops.cli", "reindex"], env=env, capture_output=True, text=True)
+    done = subprocess.run([str(support.CBMIR), "reindex"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"{len(files)} instance(s) into" in done.stdout
 

@@ -8,7 +8,6 @@ gRPC as DICOM bytes. Every metric must equal the offline numbers for all four mo
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -27,7 +26,7 @@ def test_service_numbers_equal_offline_numbers(data_dir, procs, tmp_path):
     offline = run_evaluation(support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "offline",
                              subset=subset, plots=False)
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir),
+    serve = support.Proc("serve", [str(support.CBMIR), "serve", "--data-dir", str(data_dir),
                                    "--dicom-port", "0", "--grpc-port", "0"], env)
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support import SHARED_DATA, Proc, base_env, start_query, start_worker, wait_until
+from tests.support import CBMIR, SHARED_DATA, Proc, base_env, start_query, start_worker, wait_until
 
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 ROUTINE_SCALP_EEG = "1.2.840.10008.5.1.4.1.1.9.7.1"
@@ -25,7 +24,7 @@ SETTLE_S = 1.0
 
 
 def start_watcher(env: dict[str, str], watch_dir: Path) -> Proc:
-    proc = Proc("watch", [sys.executable, "-m", "services.ingest.watcher", str(watch_dir)], env)
+    proc = Proc("watch", [str(CBMIR), "watch", str(watch_dir)], env)
     proc.wait_for(r"cbmir watch: watching ")
     return proc
 
@@ -343,9 +342,9 @@ def test_input_rules() -> None:
 
 @pytest.mark.parametrize("signal", ["bonn-like integers", "offset and fractional", "volts-scale"])
 def test_eeg_dataset_keeps_the_signal(signal: str) -> None:
+    from services.dicom.build import dataset_bytes
     from services.dicom.decode import read_eeg_waveform
     from services.ingest.convert import eeg_dataset
-    from services.dicom.build import dataset_bytes
 
     t = np.arange(5000) / 256.0
     x = {"bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),

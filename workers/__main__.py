@@ -1,49 +1,50 @@
-"""``python -m workers``: run a Celery embedding worker (what ``cbmir worker`` starts)."""
+"""``python -m workers``: run a Celery embedding worker (what ``cbmir worker`` becomes)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
+from collections.abc import Sequence
 
 from services.core.config import WorkerSettings
-from workers.app import create_app
+from services.core.logs import configure_logging
+from services.ops.cli import add_worker_arguments
+from workers.app import PipelineHolder, create_app
 
 logger = logging.getLogger(__name__)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the settings, the encoder session and the Celery app, then consume until stopped."""
     parser = argparse.ArgumentParser(prog="cbmir worker", description="Run a Celery embedding worker.")
-    parser.add_argument("--concurrency", type=int, help="task threads (default CBMIR_WORKER_CONCURRENCY)")
-    parser.add_argument("--hostname", default=None, help="Celery node name")
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("CBMIR_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_logging()
     settings = WorkerSettings.from_env()
-    app = create_app(settings)
-    # Build the encoder session now, so the provider choice is logged once at start.
-    app.cbmir_pipeline.get()
+    holder = PipelineHolder(settings)
+    app = create_app(settings, holder)
+    holder.get()  # build the encoder session now, so the provider choice is logged once at start
     concurrency = args.concurrency or settings.concurrency
     worker_args = [
         "worker",
         "--pool=threads",
         f"--concurrency={concurrency}",
         f"--queues={settings.broker.queue}",
-        f"--loglevel={os.environ.get('CBMIR_LOG_LEVEL', 'INFO')}",
+        f"--loglevel={logging.getLevelName(logging.getLogger().level)}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
     ]
     if args.hostname:
         worker_args.append(f"--hostname={args.hostname}")
-    logger.info("worker: broker %s, queue %s, %d threads", _redact(settings.broker.url), settings.broker.queue, concurrency)
+    logger.info("worker: broker %s, queue %s, %d threads", _redact(settings.broker.url), settings.broker.queue,
+                concurrency)
     app.worker_main(worker_args)
     return 0
 
 
 def _redact(url: str) -> str:
+    """A broker URL without its credentials."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"

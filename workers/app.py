@@ -12,58 +12,47 @@ import threading
 
 from celery import Celery, Task
 
+from services.core.broker import EMBED_TASK, celery_app
 from services.core.config import WorkerSettings
-from services.ingest.dispatch import EMBED_TASK
 from services.core.errors import CbmirError, InvalidInput
+from workers.pipeline import EmbeddingPipeline
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_POLL_INTERVAL_S = 0.05
 
-
-class _PipelineHolder:
+class PipelineHolder:
     """One :class:`~workers.pipeline.EmbeddingPipeline` per process, built on first use."""
 
     def __init__(self, settings: WorkerSettings):
         self._settings = settings
         self._lock = threading.Lock()
-        self._pipeline = None
+        self._pipeline: EmbeddingPipeline | None = None
 
-    def get(self):
+    def get(self) -> EmbeddingPipeline:
+        """The process's pipeline (the ONNX session is built by the first caller)."""
         if self._pipeline is None:
             with self._lock:
                 if self._pipeline is None:
-                    from workers.pipeline import EmbeddingPipeline
-
                     self._pipeline = EmbeddingPipeline(self._settings)
         return self._pipeline
 
 
-def create_app(settings: WorkerSettings) -> Celery:
-    """Build the worker's Celery app from its settings; registers the task."""
-    app = Celery("cbmir", broker=settings.broker.url, set_as_current=False)
-    app.conf.update(
+def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -> Celery:
+    """Build the worker's Celery app from its settings and register the task.
+
+    ``holder`` gives the task its pipeline; pass one to build the encoder before the worker starts.
+    """
+    app = celery_app(
+        settings.broker,
+        "cbmir",
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=settings.broker.queue,
         task_ignore_result=True,
-        broker_transport_options=settings.broker.transport_options(),
-        broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
-    if settings.broker.embedded:
-        settings.layout.broker.mkdir(parents=True, exist_ok=True)
-        if settings.broker.url.startswith("sqla+"):
-            # kombu polls SQL queues once a second by default, which caps a worker at (threads)
-            # tasks/s. Its SQL transport hands unknown transport options to create_engine, so the
-            # interval is set on the transport class instead.
-            from kombu.transport import sqlalchemy as sql_transport
-
-            sql_transport.Transport.polling_interval = EMBEDDED_POLL_INTERVAL_S
-    holder = _PipelineHolder(settings)
-    app.cbmir_pipeline = holder  # for the worker's start-up hook
+    holder = holder or PipelineHolder(settings)
 
     @app.task(name=EMBED_TASK, bind=True, acks_late=True, max_retries=settings.max_retries)
     def embed_instance(task: Task, spool_name: str) -> dict:

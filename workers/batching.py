@@ -26,7 +26,6 @@ class MicroBatcher:
         self._max_batch = max(1, int(max_batch))
         self._max_wait_s = max(0.0, float(max_wait_s))
         self._queue: queue.Queue[tuple[np.ndarray, Future] | None] = queue.Queue()
-        self.batch_sizes: list[int] = []
         self._thread = threading.Thread(target=self._loop, name="encoder-batcher", daemon=True)
         self._thread.start()
 
@@ -70,7 +69,6 @@ class MicroBatcher:
             for _, future in group:
                 future.set_exception(exc)
             return
-        self.batch_sizes.append(len(outputs))
         start = 0
         for inputs, future in group:
             future.set_result(outputs[start : start + len(inputs)])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from models.runtime import OnnxEncoder
 from services.core.config import WorkerSettings
-from services.dicom.decode import DecodeLimits, decode_for_embedding
-from services.index.points import index_points, model_inputs
 from services.core.errors import StorageError
+from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.index import RemoteIndexWriter, open_index
+from services.index.points import index_points, model_inputs
 from services.ingest.spool import Spool
 from workers.batching import MicroBatcher
 

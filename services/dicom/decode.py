@@ -57,7 +57,12 @@ from services.core.errors import (
     UnreadableInput,
     UnsupportedInput,
 )
-from services.core.vocabulary import EEG_SOP_CLASSES, MEDIA_STORAGE_DIRECTORY, is_valid_uid, normalize_modality
+from services.core.vocabulary import (
+    EEG_SOP_CLASSES,
+    MEDIA_STORAGE_DIRECTORY,
+    is_valid_uid,
+    normalize_modality,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

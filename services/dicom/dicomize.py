@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 from models.data import shared_data_dir
-from services.dicom.build import InstanceIdentity, base_dataset, coded_entry, eeg_waveform_group, write_dataset
 from services.core.errors import CbmirError, InvalidInput, UnreadableInput
 from services.core.vocabulary import (
     CR_IMAGE,
@@ -45,6 +44,13 @@ from services.core.vocabulary import (
     OPHTHALMIC_TOMOGRAPHY_IMAGE,
     ROUTINE_SCALP_EEG,
     TRAINED_MODALITIES,
+)
+from services.dicom.build import (
+    InstanceIdentity,
+    base_dataset,
+    coded_entry,
+    eeg_waveform_group,
+    write_dataset,
 )
 
 logger = logging.getLogger(__name__)
@@ -431,14 +437,3 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{key} {value}" for key, value in sorted(counts.items())) or "nothing selected"
     print(f"dicomize: {summary}; index {sidecar}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.dicom.dicomize", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

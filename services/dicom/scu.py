@@ -1,7 +1,9 @@
 """Sending DICOM files over a real association (pynetdicom as the SCU).
 
 The demo and the service-level evaluation push files the way a modality or PACS would. Each file
-is sent as stored (its own transfer syntax, dataset bytes unparsed), so nothing is transcoded.
+is proposed in its own transfer syntax and sent in it, so nothing is transcoded. (pynetdicom can
+also send a file's dataset bytes unparsed, but only through a process-wide switch,
+``_config.STORE_SEND_CHUNKED_DATASET``; files are read with pydicom instead.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,6 @@ def _context_key(path: Path) -> tuple[str, str]:
 def send_files(host: str, port: int, files: Iterable[Path], *, called_ae: str = "CBMIR",
                calling_ae: str = "CBMIR-SCU", progress=None) -> dict[Path, int]:
     """C-STORE every file; returns each file's DICOM status (-1 when it could not be sent)."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
     groups: list[tuple[set[tuple[str, str]], list[Path]]] = []
     statuses: dict[Path, int] = {}
     for path in map(Path, files):
@@ -53,7 +54,7 @@ def send_files(host: str, port: int, files: Iterable[Path], *, called_ae: str = 
         try:
             for path in members:
                 try:
-                    status = assoc.send_c_store(path)
+                    status = assoc.send_c_store(pydicom.dcmread(path))
                     statuses[path] = int(status.Status) if status else -1
                 except Exception as exc:  # e.g. no accepted context for this file
                     logger.warning("%s: not sent (%s)", path.name, exc)

@@ -39,9 +39,7 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from models.data import sha256_file
-from services.dicom.build import InstanceIdentity, base_dataset, dataset_bytes, eeg_waveform_group
 from services.core.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
-from services.ingest.spool import spool_name_for
 from services.core.vocabulary import (
     DICOM_MODALITY_CODES,
     OTHER,
@@ -50,6 +48,8 @@ from services.core.vocabulary import (
     TRAINED_MODALITIES,
     accepted_sop_class_uids,
 )
+from services.dicom.build import InstanceIdentity, base_dataset, dataset_bytes, eeg_waveform_group
+from services.ingest.spool import spool_name_for
 
 DICOM_SUFFIXES = frozenset({"", ".dcm", ".dicom", ".dic", ".ima"})
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})

@@ -10,39 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery import Celery
-
+from services.core.broker import EMBED_TASK, celery_app
 from services.core.config import BrokerSettings
 from services.core.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)
-
-EMBED_TASK = "cbmir.embed_instance"
-
-
-def celery_client(broker: BrokerSettings) -> Celery:
-    """A Celery app used only to send tasks (no task code is imported)."""
-    app = Celery("cbmir-dispatch", broker=broker.url, set_as_current=False)
-    app.conf.update(
-        broker_transport_options=broker.transport_options(),
-        broker_connection_retry_on_startup=True,
-        task_default_queue=broker.queue,
-    )
-    if broker.embedded:
-        # kombu's SQLAlchemy transport wants the folder of its SQLite file to exist.
-        path = broker.url.split("sqlite:///", 1)[-1]
-        from pathlib import Path
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return app
-
 
 class TaskDispatcher:
     """Sends ``cbmir.embed_instance(spool_name)``; keeps a backlog when the broker is down."""
 
     def __init__(self, broker: BrokerSettings):
         self._broker = broker
-        self._app = celery_client(broker)
+        self._app = celery_app(broker, "cbmir-dispatch")
         self._lock = threading.Lock()
         self._backlog: dict[str, None] = {}
 

@@ -15,23 +15,24 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
-import signal
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification
 
 from services.core.config import ListenerSettings
-from services.dicom.decode import read_header
-from services.ingest.dispatch import TaskDispatcher
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
-from services.ingest.spool import Spool, spool_name_for
+from services.core.processes import wait_for_stop_signal
 from services.core.vocabulary import accepted_storage_classes
+from services.dicom.decode import read_header
+from services.dicom.pynetdicom_ext import SpoolingAssociationServer
+from services.ingest.dispatch import TaskDispatcher
+from services.ingest.spool import Spool, spool_name_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ def dicom_status_for(exc: BaseException) -> int:
     if isinstance(exc, InvalidInput):
         return STATUS_CANNOT_UNDERSTAND
     return STATUS_PROCESSING_FAILURE
-
-
-@dataclass
-class ListenerCounters:
-    stored: int = 0
-    failed: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def count(self, ok: bool) -> None:
-        with self.lock:
-            if ok:
-                self.stored += 1
-            else:
-                self.failed += 1
 
 
 class BackgroundDispatch:
@@ -109,30 +96,29 @@ class BackgroundDispatch:
 class StoreHandler:
     """``EVT_C_STORE`` handler: parse-check, spool durably, hand over a reference, answer.
 
-    pynetdicom streams each received dataset into a temporary file under ``spool/tmp`` (see
-    :meth:`Listener.build_ae`); the handler checks it parses, fsyncs it and renames it into
-    ``spool/incoming`` under its SOP Instance UID. No pixel data passes through Python memory.
+    Each received dataset is streamed into a file under ``spool/tmp`` (see
+    :mod:`services.dicom.pynetdicom_ext`); the handler checks it parses, fsyncs it and renames it
+    into ``spool/incoming`` under its SOP Instance UID. No pixel data passes through Python memory.
+    When the temp folder could not take the file, the dataset arrived in memory and is written
+    here, so a failing spool is answered 0xA700.
     """
 
-    def __init__(self, spool: Spool, dispatch, counters: ListenerCounters | None = None):
+    def __init__(self, spool: Spool, dispatch: Callable[[str], None]):
         self._spool = spool
         self._dispatch = dispatch
-        self.counters = counters or ListenerCounters()
 
-    def __call__(self, event) -> int:
+    def __call__(self, event: evt.Event) -> int:
         request = event.request
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         name = spool_name_for(sop_instance_uid)
-        streamed = getattr(request, "_dataset_path", None)  # set when pynetdicom streamed to disk
+        streamed = event.dataset_path  # None when the dataset arrived in memory
         try:
-            received = Path(streamed) if streamed else self._spool.write_tmp(name, event.encoded_dataset())
+            received = self._received_file(event, streamed, name)
         except StorageError as exc:
             logger.warning("C-STORE %s: %s", sop_instance_uid, exc)
-            self.counters.count(False)
             return dicom_status_for(exc)
         except Exception as exc:  # pynetdicom could not even frame the bytes
             logger.error("C-STORE %s: cannot encode received dataset: %s", sop_instance_uid, exc)
-            self.counters.count(False)
             return STATUS_CANNOT_UNDERSTAND
         try:
             self._check_dataset(received, event, sop_instance_uid)
@@ -143,18 +129,23 @@ class StoreHandler:
                 self._keep_rejected(received, name, exc)
             logger.warning("C-STORE %s from %s refused with 0x%04X: %s", sop_instance_uid,
                            event.assoc.requestor.ae_title, status, exc)
-            self.counters.count(False)
             return status
         except Exception as exc:  # never let a bug drop the association without a status
             logger.exception("C-STORE %s: unexpected failure", sop_instance_uid)
-            self.counters.count(False)
             return dicom_status_for(exc)
         finally:
-            if not streamed and received.exists():
+            if streamed is None and received.exists():
                 received.unlink(missing_ok=True)  # our own temp copy of a refused object
         self._dispatch(name)
-        self.counters.count(True)
         return STATUS_SUCCESS
+
+    def _received_file(self, event: evt.Event, streamed: Path | None, name: str) -> Path:
+        if streamed is None:
+            return self._spool.write_tmp(name, event.encoded_dataset())
+        received = Path(streamed)
+        if not received.exists():  # the stream into spool/tmp failed part-way (e.g. disk full)
+            raise StorageError(f"the dataset could not be written into {received.parent}")
+        return received
 
     @staticmethod
     def _check_dataset(received: Path, event, sop_instance_uid: str) -> None:
@@ -208,15 +199,13 @@ class Listener:
         self.dispatcher = dispatcher
         self.dispatch = BackgroundDispatch(dispatcher)
         self.handler = StoreHandler(spool, self.dispatch)
-        self._server = None
+        self._server: SpoolingAssociationServer | None = None
+        self.port = 0
         self._stop = threading.Event()
         self._backlog_thread: threading.Thread | None = None
 
     def build_ae(self) -> AE:
-        # Received datasets stream into spool/tmp (same filesystem as incoming/, so the final
-        # rename is atomic). These are process-wide settings of pynetdicom and tempfile: the
-        # listener runs in a process of its own.
-        tempfile.tempdir = str(self.spool.layout.spool_tmp)
+        """The Application Entity: accepted contexts, limits, timeouts, calling AE allowlist."""
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = 32
@@ -234,14 +223,14 @@ class Listener:
         return ae
 
     def start(self) -> int:
-        ae = self.build_ae()
-        self._server = ae.start_server(
+        """Bind, re-send what is pending, start the backlog loop; returns the bound port."""
+        self._server = SpoolingAssociationServer.start(
+            self.build_ae(),
             (self.settings.host, self.settings.port),
-            block=False,
+            spool_dir=self.spool.layout.spool_tmp,
             evt_handlers=[
                 (evt.EVT_C_STORE, self.handler),
                 (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-                (evt.EVT_CONN_OPEN, self._on_connection),
             ],
         )
         self.port = self._server.server_address[1]
@@ -274,50 +263,22 @@ class Listener:
         self.dispatcher.close()
 
 
-    def _on_connection(self, event) -> None:
-        """Per connection: stream to disk only while spool/tmp is writable (else datasets arrive in
-        memory and a failing spool write is answered 0xA700 instead of an aborted association),
-        and shorten pynetdicom's reader delay."""
-        _config.STORE_RECV_CHUNKED_DATASET = self.spool.tmp_writable()
-        _shorten_reader_delay(event)
-
-
-READER_DELAY_S = 0.0002
-
-
-def _shorten_reader_delay(event) -> None:
-    """pynetdicom's socket reader sleeps 1 ms whenever it finds no data, which costs every small
-    instance about a millisecond. 0.2 ms keeps an idle association cheap and removes most of the
-    wait. ``_run_loop_delay`` is pynetdicom 3's private knob; pyproject pins pynetdicom < 4."""
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = READER_DELAY_S
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cbmir scp", description="Run the DICOM C-STORE listener.")
-    parser.add_argument("--port", type=int, help="override CBMIR_DICOM_PORT")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir scp``."""
+    parser.add_argument("--port", type=int, help="override CBMIR_DICOM_PORT (0: any free port)")
     parser.add_argument("--ae-title", help="override CBMIR_AE_TITLE")
-    args = parser.parse_args(argv)
-    from services.core.logs import configure_logging
 
-    configure_logging()
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir scp``: listen until SIGINT or SIGTERM."""
     settings = ListenerSettings.from_env()
-    if args.port is not None or args.ae_title:
-        from dataclasses import replace
-
-        settings = replace(settings, port=args.port if args.port is not None else settings.port,
-                           ae_title=args.ae_title or settings.ae_title)
+    if args.port is not None:
+        settings = replace(settings, port=args.port)
+    if args.ae_title:
+        settings = replace(settings, ae_title=args.ae_title)
     listener = Listener(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
     listener.start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{listener.port}", flush=True)
-    stop.wait()
+    wait_for_stop_signal()
     listener.stop()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

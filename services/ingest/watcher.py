@@ -28,17 +28,18 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.core.config import WatcherSettings
-from services.ingest.dispatch import TaskDispatcher
-from services.ingest.convert import FileConverter
 from services.core.errors import CbmirError, InvalidInput, StorageError
+from services.core.processes import wait_for_stop_signal
+from services.ingest.convert import FileConverter
+from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ class FolderWatcher:
         self.converter = FileConverter()
         self.poll_s = poll_s
         self.rescan_s = rescan_s
-        self.counts = {"spooled": 0, "failed": 0}
         self._lock = threading.Lock()
         self._candidates: dict[Path, _Candidate] = {}
         self._awaiting_dispatch: dict[Path, Path] = {}  # spooled, task in the backlog: source -> rel
@@ -270,7 +270,6 @@ class FolderWatcher:
             self._retry_later(path, str(exc))
             return False
         sent = self.dispatcher.embed(converted.spool_name)
-        self.counts["spooled"] += 1
         logger.info("spooled %s as %s (%s)", relative, converted.spool_name, converted.description)
         if not sent:  # in the dispatcher's backlog: the original stays until the task is sent
             self._forget(path)
@@ -285,7 +284,6 @@ class FolderWatcher:
         except StorageError as exc:
             self._retry_later(path, f"cannot quarantine: {exc}")
             return False
-        self.counts["failed"] += 1
         self._move(path, relative, FAILED_DIR)
         return True
 
@@ -320,36 +318,29 @@ class FolderWatcher:
             logger.info("broker back: dispatch backlog flushed")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cbmir watch",
-                                     description="Ingest DICOM, PNG/JPEG and EDF files dropped into a folder.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir watch``."""
     parser.add_argument("dir", metavar="DIR", nargs="?", help="folder to watch (default CBMIR_WATCH_DIR)")
     parser.add_argument("--settle", type=float, default=None, metavar="SECONDS",
                         help="how long size and mtime must stay unchanged before a file is taken (default 1)")
-    args = parser.parse_args(argv)
-    from services.core.logs import configure_logging
 
-    configure_logging()
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir watch``: watch until SIGINT or SIGTERM."""
     settings = WatcherSettings.from_env()
     if args.dir:
         settings = replace(settings, watch_dir=Path(args.dir).expanduser().resolve())
     if args.settle is not None:
         if args.settle < 0:
-            parser.error("--settle must be >= 0")
+            print("cbmir watch: --settle must be >= 0", file=sys.stderr)
+            return 2
         settings = replace(settings, settle_s=args.settle)
     if settings.watch_dir is None:
-        print("cbmir watch: give DIR or set CBMIR_WATCH_DIR", flush=True)
+        print("cbmir watch: give DIR or set CBMIR_WATCH_DIR", file=sys.stderr)
         return 2
     watcher = FolderWatcher(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     watcher.start()
     print(f"cbmir watch: watching {settings.watch_dir}", flush=True)
-    stop.wait()
+    wait_for_stop_signal()
     watcher.stop()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import subprocess
@@ -21,9 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.query.client import SearchClient, stats_dict
 from services.core.errors import CbmirError
+from services.core.processes import stop_process
 from services.core.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
+from services.query.client import SearchClient, stats_dict
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +48,6 @@ def package_dicom_files() -> list[Path]:
         print("demo: pydicom-data is not installed; using pydicom's own files only")
     accepted = accepted_sop_class_uids()
     chosen, seen = [], set()
-    # Some test files are broken on purpose; pydicom's warnings about them are noise here.
-    import warnings
-
-    warnings.filterwarnings("ignore", module="pydicom")
-    for noisy in ("pydicom", "services.dicom.decode"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     for root in roots:
         for path in sorted(root.rglob("*.dcm")):
             if path.stat().st_size > MAX_FILE_BYTES:
@@ -96,7 +92,23 @@ def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], di
     return files, labels
 
 
-def run_demo(args) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir demo``."""
+    parser.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
+    parser.add_argument("--per-modality", type=int, default=12,
+                        help="shared-data images per modality, when ../shared exists")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the index")
+
+
+# Some pydicom test files are broken on purpose; what pydicom and the decoder say about them while
+# the demo picks files is noise in a demo's output (warnings reach logging: see configure_logging).
+QUIET_LOGGERS = ("pydicom", "py.warnings", "services.dicom.decode")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir demo``: serve, push, wait, query, print, stop."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     from services.dicom.decode import read_header
     from services.dicom.scu import send_files
 
@@ -105,7 +117,7 @@ def run_demo(args) -> int:
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"demo: working in {work}")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "services.ops.cli", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
+        [sys.executable, "-m", "services", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
          "--grpc-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
     )
@@ -170,11 +182,7 @@ def run_demo(args) -> int:
         client.close()
         return 0
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve, timeout_s=30)
         log.close()
         print("demo: stopped" + ("" if args.data_dir else f"; logs and data in {work}"))
 
@@ -198,4 +206,3 @@ def _drain(process: subprocess.Popen, log) -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
-__all__ = ["run_demo", "package_dicom_files", "shared_dicom_files"]

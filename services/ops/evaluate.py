@@ -1,4 +1,6 @@
-"""``cbmir evaluate --server HOST:PORT``: the offline evaluation, run through the service.
+"""``cbmir evaluate``: retrieval metrics offline (:mod:`models.evaluate`), or through the service.
+
+With ``--server HOST:PORT`` the offline evaluation runs through the service:
 
 The database is turned into the DICOM a modality would send (``services/dicom/dicomize.py``), pushed
 over a real association to the listener, embedded by the workers and indexed; each query is
@@ -21,8 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from services.query.client import SearchClient
 from services.core.errors import ConfigError
+from services.query.client import SearchClient
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +102,25 @@ class ServiceRetriever:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir evaluate``: the offline ones, plus the service to evaluate through."""
     from models.evaluate import add_arguments as offline_arguments
 
     offline_arguments(parser)
-    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the gRPC query service")
+    parser.add_argument("--server", metavar="HOST:PORT",
+                        help="evaluate through this gRPC query service (C-STORE, workers, gRPC) instead of offline")
     parser.add_argument("--dicom-server", metavar="HOST:PORT",
                         help="the service's DICOM listener (default: the gRPC host, port 11112)")
     parser.add_argument("--ae-title", default="CBMIR", help="called AE title of the listener")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``cbmir evaluate``: offline without ``--server``, else through the service."""
     from models import data as data_mod
+    from models.evaluate import run as run_offline
     from models.evaluate import run_evaluation, summary_line
+
+    if not args.server:
+        return run_offline(args)
 
     dicom = args.dicom_server or f"{args.server.rsplit(':', 1)[0]}:11112"
     host, port = dicom.rsplit(":", 1)

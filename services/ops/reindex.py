@@ -19,12 +19,12 @@ import time
 from tqdm import tqdm
 
 from models.runtime import OnnxEncoder
-from services.core.config import BrokerSettings, WorkerSettings
-from services.dicom.decode import DecodeLimits, decode_for_embedding
-from services.ingest.dispatch import TaskDispatcher
-from services.index.points import index_points, model_inputs
+from services.core.config import WorkerSettings
 from services.core.errors import CbmirError
+from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.index import collection_name, open_index
+from services.index.points import index_points, model_inputs
+from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -76,31 +76,19 @@ def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
             "model_version": encoder.version}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cbmir reindex", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir reindex``."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pending", action="store_true", help="re-send spooled, unindexed instances")
     mode.add_argument("--requeue-quarantined", nargs="?", const="", metavar="REASON",
                       help="move quarantined objects (optionally only REASON) back and re-send them")
-    args = parser.parse_args(argv)
-    from services.core.logs import configure_logging
 
-    configure_logging()
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir reindex``: re-embed the archive, or re-send pending or quarantined instances."""
     settings = WorkerSettings.from_env()
-    spool = Spool(settings.layout)
     if args.pending or args.requeue_quarantined is not None:
-        names = []
-        if args.requeue_quarantined is not None:
-            for entry in spool.quarantine_entries():
-                if not args.requeue_quarantined or entry.reason == args.requeue_quarantined:
-                    names.append(spool.requeue_quarantined(entry.name).name)
-        else:
-            names = [p.name for p in spool.pending()]
-        dispatcher = TaskDispatcher(BrokerSettings.from_env(__import__("os").environ, settings.layout))
-        sent = sum(dispatcher.embed(name) for name in names)
-        dispatcher.close()
-        print(f"cbmir reindex: sent {sent} of {len(names)} instance(s) to the workers")
-        return 0 if sent == len(names) else 1
+        return resend(settings, requeue_reason=args.requeue_quarantined)
     try:
         summary = reindex_archive(settings, batch_size=settings.batch_size)
     except CbmirError as exc:
@@ -113,5 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:
+    """Send the pending instances to the workers again; with ``requeue_reason`` (``""``: any
+    reason) move the quarantined ones back into the spool first and send those."""
+    spool = Spool(settings.layout)
+    if requeue_reason is not None:
+        names = [spool.requeue_quarantined(entry.name).name for entry in spool.quarantine_entries()
+                 if not requeue_reason or entry.reason == requeue_reason]
+    else:
+        names = [path.name for path in spool.pending()]
+    dispatcher = TaskDispatcher(settings.broker)
+    sent = sum(dispatcher.embed(name) for name in names)
+    dispatcher.close()
+    print(f"cbmir reindex: sent {sent} of {len(names)} instance(s) to the workers")
+    return 0 if sent == len(names) else 1

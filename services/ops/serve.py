@@ -9,16 +9,18 @@ pending ones when it starts.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.core.processes import stop_process, wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +73,9 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        """Stop the child (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        if self.process is not None:
+            stop_process(self.process, timeout_s)
 
 
 class Supervisor:
@@ -100,24 +97,24 @@ class Supervisor:
         self.children: list[Child] = []
         self._stop = threading.Event()
 
-    def _child(self, name: str, module: str, extra: dict[str, str], announces: bool) -> Child:
-        env = dict(self.env, **extra)
-        return Child(name, [sys.executable, "-m", module], env, announces)
+    def _child(self, name: str, extra: dict[str, str], announces: bool) -> Child:
+        """``cbmir <name>`` (run as ``python -m services <name>``) with ``extra`` in its environment."""
+        return Child(name, [sys.executable, "-m", "services", name], dict(self.env, **extra), announces)
 
     def start(self) -> tuple[int, int]:
         o = self.options
-        query = self._child("query", "services.query.service", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
+        query = self._child("query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
         query.start()
         query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
         writer = {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}
-        scp = self._child("scp", "services.ingest.listener", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
+        scp = self._child("scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
         scp.start()
         scp.env["CBMIR_DICOM_PORT"] = str(scp.port)
-        worker = self._child("worker", "workers", writer, False)
+        worker = self._child("worker", writer, False)
         worker.start()
         self.children = [query, scp, worker]
         if o.watch_dir is not None:
-            watcher = self._child("watch", "services.ingest.watcher", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
+            watcher = self._child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
             watcher.start()
             self.children.append(watcher)
         print(f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
@@ -144,18 +141,38 @@ class Supervisor:
             child.stop()
 
 
-def run(options: ServeOptions) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir serve`` (defaults from the environment, as the parts would read it)."""
+    parser.add_argument("--data-dir", default=os.environ.get("CBMIR_DATA_DIR", "./var"),
+                        help="spool, archive, quarantine, embedded index and broker (CBMIR_DATA_DIR)")
+    parser.add_argument("--dicom-port", type=int, default=int(os.environ.get("CBMIR_DICOM_PORT", "11112")),
+                        help="DICOM listener port, 0 for any free port (CBMIR_DICOM_PORT)")
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("CBMIR_GRPC_PORT", "50051")),
+                        help="gRPC port, 0 for any free port (CBMIR_GRPC_PORT)")
+    parser.add_argument("--ae-title", default=os.environ.get("CBMIR_AE_TITLE", "CBMIR"),
+                        help="AE title of the listener (CBMIR_AE_TITLE)")
+    parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default loopback)")
+    parser.add_argument("--watch", metavar="DIR", help="also run the file watcher on DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir serve``: start the parts, restart any that dies, stop them all on SIGINT/SIGTERM."""
+    options = ServeOptions(
+        data_dir=Path(args.data_dir).expanduser().resolve(),
+        dicom_port=args.dicom_port,
+        grpc_port=args.grpc_port,
+        ae_title=args.ae_title,
+        host=args.host,
+        watch_dir=Path(args.watch).expanduser().resolve() if args.watch else None,
+    )
     supervisor = Supervisor(options)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         supervisor.start()
     except Exception as exc:
         print(f"cbmir serve: failed to start: {exc}", file=sys.stderr)
         supervisor.stop()
         return 1
-    stop.wait()
+    wait_for_stop_signal()
     print("cbmir serve: stopping", flush=True)
     supervisor.stop()
     return 0

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import grpc
 
-from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
 from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
-
+from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
 
 
 def looks_like_dicom(data: bytes) -> bool:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import threading
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -25,12 +25,13 @@ from grpc_reflection.v1alpha import reflection
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
 from services.core.config import QuerySettings
-from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
+from services.core.processes import wait_for_stop_signal
+from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
+from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
 from services.index import IndexPoint, VectorIndex, open_index
 from services.ingest.spool import Spool
-from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 
 logger = logging.getLogger(__name__)
 
@@ -258,33 +259,18 @@ class QueryServer:
         self.index.close()
 
 
-def serve_until_signalled(server_start, server_stop) -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server_start()
-    stop.wait()
-    server_stop()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``cbmir query``."""
+    parser.add_argument("--port", type=int, help="override CBMIR_GRPC_PORT (0: any free port)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cbmir query", description="Run the gRPC similar-case query service.")
-    parser.add_argument("--port", type=int, help="override CBMIR_GRPC_PORT")
-    args = parser.parse_args(argv)
-    from dataclasses import replace
-
-    from services.core.logs import configure_logging
-
-    configure_logging()
+def run(args: argparse.Namespace) -> int:
+    """``cbmir query``: serve until SIGINT or SIGTERM."""
     settings = QuerySettings.from_env()
     if args.port is not None:
         settings = replace(settings, port=args.port)
     server = QueryServer(settings)
-    serve_until_signalled(
-        lambda: print(f"cbmir query: gRPC on {settings.host}:{server.start()}", flush=True), server.stop
-    )
+    print(f"cbmir query: gRPC on {settings.host}:{server.start()}", flush=True)
+    wait_for_stop_signal()
+    server.stop()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The Celery broker, as every part of cbmir connects to it: the task name and the app settings.
+
+The listener, the watcher and ``cbmir reindex`` send :data:`EMBED_TASK` by name (``services/``
+never imports ``workers/``); the workers register a task under the same name. Both build their
+Celery app with :func:`celery_app`, so both reach the broker the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.transport import sqlalchemy as kombu_sql
+
+from services.core.config import BrokerSettings
+
+EMBED_TASK = "cbmir.embed_instance"
+EMBEDDED_SCHEME = "sqla+"
+
+
+class EmbeddedSQLTransport(kombu_sql.Transport):
+    """kombu's SQLAlchemy transport, polling its queue table every 50 ms instead of every second.
+
+    At kombu's default of one poll a second a worker takes at most (threads) tasks a second.
+    kombu reads ``polling_interval`` from the transport options, but its SQL transport hands every
+    transport option to ``sqlalchemy.create_engine``, which rejects the keyword. So the interval is
+    an attribute of this subclass, which only the Celery apps built by :func:`celery_app` use,
+    instead of being set on kombu's own class for the whole process.
+    """
+
+    polling_interval = 0.05
+
+
+def celery_app(broker: BrokerSettings, name: str, **conf: Any) -> Celery:
+    """A Celery app on ``broker`` (its queue as the default); ``conf`` adds app settings."""
+    url, transport = broker.url, None
+    if url.startswith(EMBEDDED_SCHEME):
+        url, transport = url[len(EMBEDDED_SCHEME):], EmbeddedSQLTransport
+        # kombu's SQLAlchemy transport wants the folder of its SQLite file to exist.
+        if url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery(name, broker=url, set_as_current=False)
+    app.conf.update(
+        broker_transport=transport,
+        broker_transport_options=broker.transport_options(),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=broker.queue,
+        **conf,
+    )
+    return app

@@ -1,0 +1,35 @@
+"""Starting and stopping processes: the one way cbmir stops a child and waits for a stop signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+
+def stop_process(process: subprocess.Popen[str], timeout_s: float = 15.0, *, group: bool = False) -> int:
+    """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit code.
+
+    ``group=True`` kills the child's whole process group at the end (for children started with
+    ``start_new_session=True``), so nothing it started outlives it.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            if group:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait()
+    return process.returncode
+
+
+def wait_for_stop_signal() -> None:
+    """Block the main thread until SIGINT or SIGTERM arrives."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -1,0 +1,250 @@
+"""Where cbmir reaches below pynetdicom's public API: this module only, each reach explained.
+
+pynetdicom 3 (``pynetdicom<4`` in pyproject) offers two things the listener needs only as
+process-wide switches:
+
+* **Streaming a received dataset to disk.** ``_config.STORE_RECV_CHUNKED_DATASET`` is one
+  module-level flag for every association in the process, and the files land in
+  ``tempfile.gettempdir()``. Flipping either at run time races between concurrent associations
+  and changes ``tempfile`` for all code in the process.
+* **The reader's idle sleep.** The DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever no data
+  is waiting, which costs every small instance about a millisecond. The attribute is private.
+
+Instead of switching them globally, :class:`SpoolingAssociationServer` (built through the public
+``AE.make_server(server_class=...)``) hands each association, in
+:meth:`SpoolingRequestHandler.handle`:
+
+* a :class:`SpoolingDIMSEProvider` of its own, which streams each C-STORE-RQ dataset into a new
+  file in the spool's temp folder, decided per message: when that folder cannot take a file the
+  dataset arrives in memory instead, so the handler can answer 0xA700 rather than the
+  association being aborted;
+* a shorter reader delay on its own DUL instance (:data:`READER_DELAY_S`).
+
+The handler finds a streamed dataset through the public ``Event.dataset_path``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socketserver
+import tempfile
+import threading
+from io import BufferedWriter
+from pathlib import Path
+from typing import Any
+
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import evt
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+logger = logging.getLogger(__name__)
+
+# The DUL reader's sleep when no data is waiting (pynetdicom's default is 1 ms). 0.2 ms keeps an
+# idle association cheap and removes most of the wait per small instance.
+READER_DELAY_S = 0.0002
+_WRITE_BUFFER = 1 << 20
+
+# P-DATA message control header (PS3.8 E.2): bit 0 command (1) or dataset (0), bit 1 last fragment.
+_COMMAND, _LAST = 0b01, 0b10
+
+
+class SpoolFile:
+    """The file one streamed dataset goes into, in the form pynetdicom writes to.
+
+    pynetdicom calls ``write()`` per fragment, then ``file.flush()``, and after the handler
+    ``close()`` and ``os.unlink(name)``. Writes are buffered and flushed once, after the last
+    fragment. A failed write (a full disk) removes the partial file and drops the rest, so the
+    handler finds no file and answers 0xA700; the association carries on.
+    """
+
+    def __init__(self, path: Path, handle: BufferedWriter):
+        self.name = str(path)
+        self._handle: BufferedWriter | None = handle
+        self.last_fragment = False
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> SpoolFile:
+        """pynetdicom flushes ``_data_set_file.file`` after every fragment."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        """Append a fragment (dropped once a write has failed)."""
+        if self._handle is not None:
+            try:
+                self._handle.write(data)
+            except OSError as exc:
+                self._abandon(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        """Only after the last fragment: complete the file before the handler reads it."""
+        if self.last_fragment:
+            self.close()
+
+    def close(self) -> None:
+        """Flush and close (idempotent); a failure removes the partial file."""
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        try:
+            handle.close()
+        except OSError as exc:
+            self._abandon(exc)
+
+    def discard(self) -> None:
+        """Drop an incomplete dataset (the connection closed mid-message)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+    def _abandon(self, exc: OSError) -> None:
+        if self.error is None:
+            logger.error("streaming a received dataset into %s failed (%s); the instance will be refused",
+                         Path(self.name).parent, exc.strerror or exc)
+        self.error = exc
+        self.discard()
+
+    @classmethod
+    def open_for(cls, folder: Path, message: C_STORE_RQ, transfer_syntax: str) -> SpoolFile:
+        """A new file in ``folder`` holding the preamble and File Meta of ``message``'s dataset."""
+        fd, name = tempfile.mkstemp(dir=folder, prefix="assoc-", suffix=".part")
+        handle = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        spool_file = cls(Path(name), handle)
+        command = message.command_set
+        handle.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(handle, create_file_meta(
+            sop_class_uid=command.AffectedSOPClassUID,
+            sop_instance_uid=command.AffectedSOPInstanceUID,
+            transfer_syntax=transfer_syntax,
+        ))
+        return spool_file
+
+
+class SpoolingDIMSEProvider(DIMSEServiceProvider):
+    """One association's DIMSE provider that streams C-STORE datasets into ``spool_dir``.
+
+    pynetdicom decodes a message fragment by fragment in ``DIMSEMessage.decode_msg``. A P-DATA
+    primitive may carry several fragments, so this provider passes them on one at a time; right
+    after the fragment that completes a C-STORE-RQ command set it gives the message a
+    :class:`SpoolFile`, and every dataset fragment after that goes into the file. The message
+    attributes it sets (``_data_set_file``, ``_data_set_path``) are the ones pynetdicom's own
+    streaming uses, so the rest of pynetdicom handles the message as a streamed one.
+    """
+
+    def __init__(self, assoc: Any, spool_dir: Path):
+        super().__init__(assoc)
+        self._spool_dir = spool_dir
+        self._lock = threading.Lock()
+        self._open: SpoolFile | None = None
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """Decode a P-DATA primitive fragment by fragment (see the class docstring)."""
+        fragments = list(primitive.presentation_data_value_list)
+        if len(fragments) <= 1:
+            self._receive_fragment(primitive, fragments[0] if fragments else None)
+            return
+        for fragment in fragments:
+            single = P_DATA()
+            single.presentation_data_value_list = [fragment]
+            self._receive_fragment(single, fragment)
+
+    def _receive_fragment(self, primitive: P_DATA, fragment: Any) -> None:
+        header = fragment[1][0] if fragment and fragment[1] else None
+        target = self._open
+        if target is not None and header is not None and not header & _COMMAND and header & _LAST:
+            target.last_fragment = True
+        super().receive_primitive(primitive)
+        if target is not None and target.last_fragment:
+            with self._lock:
+                self._open = None
+        message = self.message
+        if (header is not None and header & _COMMAND and header & _LAST and isinstance(message, C_STORE_RQ)
+                and message._data_set_file is None):
+            # The command set is complete and a dataset follows (else the message would be done).
+            self._start_streaming(message)
+
+    def _start_streaming(self, message: C_STORE_RQ) -> None:
+        syntax = next((str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts
+                       if cx.context_id == message.context_id), None)
+        if syntax is None:
+            return  # pynetdicom answers an unknown context itself
+        try:
+            spool_file = SpoolFile.open_for(self._spool_dir, message, syntax)
+        except OSError as exc:
+            logger.warning("cannot stream into %s (%s); receiving this dataset in memory", self._spool_dir,
+                           exc.strerror or exc)
+            return
+        message._data_set_file = spool_file
+        message._data_set_path = Path(spool_file.name)
+        logger.debug("streaming the dataset of C-STORE message %s into %s", message.command_set.MessageID,
+                     spool_file.name)
+        with self._lock:
+            self._open = spool_file
+
+    def discard_incomplete(self, _event: evt.Event | None = None) -> None:
+        """The connection closed: remove the file of a dataset that never arrived whole."""
+        with self._lock:
+            spool_file, self._open = self._open, None
+        if spool_file is not None:
+            spool_file.discard()
+
+
+class SpoolingRequestHandler(RequestHandler):
+    """Sets up each accepted association with its own spooling DIMSE provider and reader delay."""
+
+    server: SpoolingAssociationServer
+
+    def handle(self) -> None:
+        """As pynetdicom's ``RequestHandler.handle``, with the association adjusted before it starts."""
+        assoc = self._create_association()
+        provider = SpoolingDIMSEProvider(assoc, self.server.spool_dir)
+        assoc.dimse = provider
+        assoc.bind(evt.EVT_CONN_CLOSE, provider.discard_incomplete)
+        # Private in pynetdicom 3, set on this association's own reader only (see the module doc).
+        assoc.dul._run_loop_delay = READER_DELAY_S
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+
+
+class SpoolingAssociationServer(ThreadedAssociationServer):
+    """A threaded association server whose associations stream C-STORE datasets into ``spool_dir``."""
+
+    def __init__(self, ae: ApplicationEntity, address: tuple[str, int], ae_title: str, contexts: list[Any],
+                 ssl_context: Any = None, evt_handlers: list[Any] | None = None, *, spool_dir: Path):
+        self.spool_dir = Path(spool_dir)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
+                         request_handler=SpoolingRequestHandler)
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, ae: ApplicationEntity, address: tuple[str, int], *, spool_dir: Path,
+              evt_handlers: list[Any]) -> SpoolingAssociationServer:
+        """Bind ``address`` and serve in a background thread (what ``AE.start_server`` does)."""
+        server = ae.make_server(address, evt_handlers=evt_handlers, server_class=cls, spool_dir=spool_dir)
+        server._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
+        server._thread.start()
+        return server
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the socket and abort the associations still open.
+
+        pynetdicom's own ``shutdown`` also unregisters the server from ``AE._servers``, which
+        only ``AE.start_server`` registers in; this server was made through ``AE.make_server``.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        for assoc in self.active_associations:
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
