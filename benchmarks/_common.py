@@ -46,7 +46,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str |
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row):
-        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            + " |"
+        )
 
     out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in cells[1:]]
@@ -77,8 +81,10 @@ def machine_line() -> str:
     except OSError:
         pass
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPU ({cpu}) | Python {platform.python_version()}"
-            f" | {platform.system()} {platform.release()} | load avg {load}")
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPU ({cpu}) | Python {platform.python_version()}"
+        f" | {platform.system()} {platform.release()} | load avg {load}"
+    )
 
 
 # -- vectors and exact search ----------------------------------------------------------------------
@@ -168,11 +174,20 @@ def wait_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0.1") -> No
 class Service:
     """A child process that announces its address on stdout (``... HOST:PORT``); stdout is drained."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], announce: str, name: str, timeout_s: float = 120.0):
+    def __init__(
+        self, argv: list[str], env: dict[str, str], announce: str, name: str, timeout_s: float = 120.0
+    ):
         self.name = name
         self.tail: list[str] = []
-        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        bufsize=1, cwd=REPO_ROOT)
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            cwd=REPO_ROOT,
+        )
         self.port: int | None = None
         deadline = time.monotonic() + timeout_s
         pattern = re.compile(re.escape(announce) + r".*:(\d+)\s*$")
@@ -180,8 +195,10 @@ class Service:
             line = self.process.stdout.readline()
             if not line:
                 self.process.wait()
-                raise RuntimeError(f"{name} exited during start (code {self.process.returncode}):\n"
-                                   + "".join(self.tail[-30:]))
+                raise RuntimeError(
+                    f"{name} exited during start (code {self.process.returncode}):\n"
+                    + "".join(self.tail[-30:])
+                )
             self._keep(line)
             match = pattern.search(line)
             if match:

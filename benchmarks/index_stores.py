@@ -59,12 +59,15 @@ def build(index, vs: common.VectorSet, n: int) -> float:
     t0 = time.perf_counter()
     for lo in range(0, n, BATCH):
         hi = min(n, lo + BATCH)
-        index.upsert([IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i)) for i in range(lo, hi)])
+        index.upsert(
+            [IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i)) for i in range(lo, hi)]
+        )
     return time.perf_counter() - t0
 
 
-def latency(search, knn: common.NumpyKnn, vs: common.VectorSet, n: int, queries: int, filtered: bool,
-            seed: int) -> tuple[list[float], float]:
+def latency(
+    search, knn: common.NumpyKnn, vs: common.VectorSet, n: int, queries: int, filtered: bool, seed: int
+) -> tuple[list[float], float]:
     """``search(vector_list, modality_names) -> uids``; returns (ms per query, mean recall@5)."""
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, n, size=queries)
@@ -109,8 +112,12 @@ def local_disk_rate(vs: common.VectorSet, points: int, root: Path) -> float:
     index.ensure_collection(DIM, "bench")
     t0 = time.perf_counter()
     for lo in range(0, points, 100):
-        index.upsert([IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i))
-                      for i in range(lo, min(points, lo + 100))])
+        index.upsert(
+            [
+                IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i))
+                for i in range(lo, min(points, lo + 100))
+            ]
+        )
     seconds = time.perf_counter() - t0
     index.close()
     return seconds / points
@@ -132,7 +139,9 @@ class RawEdgeShard:
         self._qe = qe
         config = qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Euclid),
-            hnsw_config=qe.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=full_scan_threshold_kb),
+            hnsw_config=qe.HnswIndexConfig(
+                m=16, ef_construct=100, full_scan_threshold=full_scan_threshold_kb
+            ),
         )
         self.shard = qe.EdgeShard.create(str(path), config)
         for name in INDEXED_FIELDS:
@@ -144,8 +153,10 @@ class RawEdgeShard:
         qe = self._qe
         t0 = time.perf_counter()
         for lo in range(0, n, BATCH):
-            points = [qe.Point(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i))
-                      for i in range(lo, min(n, lo + BATCH))]
+            points = [
+                qe.Point(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i))
+                for i in range(lo, min(n, lo + BATCH))
+            ]
             self.shard.update(qe.UpdateOperation.upsert_points(points))
             self.shard.flush()
         return time.perf_counter() - t0
@@ -174,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--vectors", type=int, help="vectors (default 100000, quick 30000)")
     parser.add_argument("--queries", type=int, help="queries per fast row (default 500, quick 200)")
     parser.add_argument("--slow-queries", type=int, help="queries per local-mode row (default 30, quick 10)")
-    parser.add_argument("--disk-points", type=int, help="points for the local-mode on-disk rate (default 500, quick 200)")
+    parser.add_argument(
+        "--disk-points", type=int, help="points for the local-mode on-disk rate (default 500, quick 200)"
+    )
     parser.add_argument("--tmpfs", default="/dev/shm", help="where the full local-mode collection is built")
     parser.add_argument("--skip-local", action="store_true", help="leave qdrant-client local mode out")
-    parser.add_argument("--hnsw-experiment", action="store_true",
-                        help="add a qdrant-edge row with full_scan_threshold=1000 KB (filtered queries via HNSW)")
+    parser.add_argument(
+        "--hnsw-experiment",
+        action="store_true",
+        help="add a qdrant-edge row with full_scan_threshold=1000 KB (filtered queries via HNSW)",
+    )
     args = parser.parse_args(argv)
     n = args.vectors or (30_000 if args.quick else 100_000)
     queries = args.queries or (200 if args.quick else 500)
@@ -198,8 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     def measure(label: str, search, count: int, upsert_s, extra: str) -> None:
         t_plain, r_plain = latency(search, knn, vs, n, count, False, 11)
         t_filt, r_filt = latency(search, knn, vs, n, count, True, 12)
-        rows.append([label, upsert_s, common.percentile(t_plain, 50), common.percentile(t_plain, 99),
-                     common.percentile(t_filt, 50), common.percentile(t_filt, 99), r_plain, r_filt, count, extra])
+        rows.append(
+            [
+                label,
+                upsert_s,
+                common.percentile(t_plain, 50),
+                common.percentile(t_plain, 99),
+                common.percentile(t_filt, 50),
+                common.percentile(t_filt, 99),
+                r_plain,
+                r_filt,
+                count,
+                extra,
+            ]
+        )
         print(f"  {label}: p50 {rows[-1][2]:.3f} ms, filtered p50 {rows[-1][4]:.3f} ms", flush=True)
 
     try:
@@ -207,14 +235,27 @@ def main(argv: list[str] | None = None) -> int:
 
         edge = EdgeIndex(root / "edge", "cbmir")
         seconds = build(edge, vs, n)
-        print(f"# edge: {n:,} upserted in {seconds:.1f}s ({n / seconds:,.0f}/s): {edge_state(edge)}", flush=True)
-        measure("qdrant-edge (EdgeIndex), before optimize()", index_search(edge), queries, seconds, edge_state(edge))
+        print(
+            f"# edge: {n:,} upserted in {seconds:.1f}s ({n / seconds:,.0f}/s): {edge_state(edge)}", flush=True
+        )
+        measure(
+            "qdrant-edge (EdgeIndex), before optimize()",
+            index_search(edge),
+            queries,
+            seconds,
+            edge_state(edge),
+        )
         t0 = time.perf_counter()
         changed = edge.optimize()
         optimize_s = time.perf_counter() - t0
         print(f"# edge: optimize() -> {changed} in {optimize_s:.1f}s: {edge_state(edge)}", flush=True)
-        measure("qdrant-edge (EdgeIndex), after optimize()", index_search(edge), queries, float("nan"),
-                f"optimize {optimize_s:.1f}s; {edge_state(edge)}")
+        measure(
+            "qdrant-edge (EdgeIndex), after optimize()",
+            index_search(edge),
+            queries,
+            float("nan"),
+            f"optimize {optimize_s:.1f}s; {edge_state(edge)}",
+        )
         edge.close()
 
         if args.hnsw_experiment:
@@ -223,8 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             raw.shard.optimize()
             optimize_s = time.perf_counter() - t0
-            measure("qdrant-edge, full_scan_threshold=1000 KB, optimized", raw.search, queries, seconds,
-                    f"optimize {optimize_s:.1f}s; {raw.state()}")
+            measure(
+                "qdrant-edge, full_scan_threshold=1000 KB, optimized",
+                raw.search,
+                queries,
+                seconds,
+                f"optimize {optimize_s:.1f}s; {raw.state()}",
+            )
             raw.shard.close()
 
         if not args.skip_local:
@@ -233,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                 local = QdrantServerIndex("cbmir", path=tmp / "local")
                 seconds = build(local, vs, n)
                 print(f"# local mode on tmpfs: {n:,} upserted in {seconds:.1f}s", flush=True)
-                measure("qdrant-client local mode (path on tmpfs)", index_search(local), slow, seconds,
-                        "pure Python; path on tmpfs")
+                measure(
+                    "qdrant-client local mode (path on tmpfs)",
+                    index_search(local),
+                    slow,
+                    seconds,
+                    "pure Python; path on tmpfs",
+                )
                 local.close()
                 t0 = time.perf_counter()
                 local = QdrantServerIndex("cbmir", path=tmp / "local")
@@ -243,17 +294,44 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             per_point = local_disk_rate(vs, disk_points, root)
-            rows.append(["qdrant-client local mode (path on disk)", per_point * n, float("nan"), float("nan"),
-                         float("nan"), float("nan"), float("nan"), float("nan"), 0,
-                         (f"upsert extrapolated from {disk_points} points ({per_point * 1000:.1f} ms/point); "
-                          f"reopen of {n:,} points {reopen_s:.1f}s")])
+            rows.append(
+                [
+                    "qdrant-client local mode (path on disk)",
+                    per_point * n,
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    0,
+                    (
+                        f"upsert extrapolated from {disk_points} points ({per_point * 1000:.1f} ms/point); "
+                        f"reopen of {n:,} points {reopen_s:.1f}s"
+                    ),
+                ]
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(common.table(
-        ["store", f"upsert {n // 1000}k s", "p50 ms", "p99 ms", "filtered p50 ms", "filtered p99 ms", "recall@5",
-         "filtered recall@5", "queries", "notes"],
-        rows, title=f"embedded stores, {n:,} x {DIM} float32, Euclidean, k={K}, filter = 1 of 4 modalities"))
+    print(
+        common.table(
+            [
+                "store",
+                f"upsert {n // 1000}k s",
+                "p50 ms",
+                "p99 ms",
+                "filtered p50 ms",
+                "filtered p99 ms",
+                "recall@5",
+                "filtered recall@5",
+                "queries",
+                "notes",
+            ],
+            rows,
+            title=f"embedded stores, {n:,} x {DIM} float32, Euclidean, k={K}, filter = 1 of 4 modalities",
+        )
+    )
     return 0
 
 

@@ -203,8 +203,13 @@ class StoreScp(Receiver):
             argv.append("+B")
         elif mode == "sync":
             argv += ["--exec-on-reception", "sync #p/#f #p", "--exec-sync"]
-        self.process = subprocess.Popen(argv + [str(self.port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            argv + [str(self.port)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         common.wait_port(self.port)
 
     def prepare(self) -> None:
@@ -232,9 +237,18 @@ class CbmirScp(Receiver):
         self.ae = "CBMIR"
         self.queue = queue
         self.broker = broker
-        env = dict(os.environ, CBMIR_DATA_DIR=str(self.data), CBMIR_DICOM_HOST="127.0.0.1", CBMIR_DICOM_PORT="0",
-                   CBMIR_MAX_PDU=str(pdu), CBMIR_QUEUE=queue, CBMIR_AE_TITLE=self.ae, CBMIR_ALLOWED_AE_TITLES="",
-                   CBMIR_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            CBMIR_DATA_DIR=str(self.data),
+            CBMIR_DICOM_HOST="127.0.0.1",
+            CBMIR_DICOM_PORT="0",
+            CBMIR_MAX_PDU=str(pdu),
+            CBMIR_QUEUE=queue,
+            CBMIR_AE_TITLE=self.ae,
+            CBMIR_ALLOWED_AE_TITLES="",
+            CBMIR_LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+        )
         env.pop("CBMIR_BROKER_URL", None)
         if broker == "redis":
             env["CBMIR_BROKER_URL"] = REDIS_URL
@@ -276,10 +290,24 @@ class CbmirScp(Receiver):
 
 def storescu(folder: Path, receiver: Receiver, timeout_s: float = 600.0) -> float:
     """Send every file in ``folder`` over one association; returns seconds."""
-    argv = ["storescu", "-aet", "BENCH", "-aec", receiver.ae, "-R", "-pdu", str(STORESCP_PDU),
-            "+sd", "127.0.0.1", str(receiver.port), str(folder)]
+    argv = [
+        "storescu",
+        "-aet",
+        "BENCH",
+        "-aec",
+        receiver.ae,
+        "-R",
+        "-pdu",
+        str(STORESCP_PDU),
+        "+sd",
+        "127.0.0.1",
+        str(receiver.port),
+        str(folder),
+    ]
     t0 = time.perf_counter()
-    done = subprocess.run(argv, check=False, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(
+        argv, check=False, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s
+    )
     elapsed = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"storescu to {receiver.name} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -334,8 +362,10 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
     warm.mkdir()
     for path in sorted(files.iterdir())[:2]:
         shutil.copy(path, warm / path.name)
-    print(f"# {size.label}: {count} files of {nbytes / 1e6:.2f} MB made in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    print(
+        f"# {size.label}: {count} files of {nbytes / 1e6:.2f} MB made in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     queue = f"bench.ingest.{os.getpid()}.{size_key}"
     redis_queue = RedisQueue(queue) if broker == "redis" else None
     receivers: list[Receiver] = []
@@ -352,7 +382,7 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
             if isinstance(receiver, CbmirScp):  # the listener sends tasks just after answering
                 drain_tasks(receiver, redis_queue, warm_count)
         for rep in range(reps):
-            order = receivers[rep % len(receivers):] + receivers[: rep % len(receivers)]
+            order = receivers[rep % len(receivers) :] + receivers[: rep % len(receivers)]
             for receiver in order:
                 receiver.prepare()
                 fixed[receiver.name].append(storescu(warm, receiver))
@@ -364,12 +394,17 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
                 if isinstance(receiver, CbmirScp):  # every stored instance must also have reached the broker
                     sent = drain_tasks(receiver, redis_queue, count + warm_count)
                     if sent != count + warm_count:
-                        raise RuntimeError(f"{receiver.name} sent {sent} tasks for {count} + 2 objects "
-                                           f"(broker {broker}):\n" + "".join(receiver.service.tail[-5:]))
+                        raise RuntimeError(
+                            f"{receiver.name} sent {sent} tasks for {count} + 2 objects "
+                            f"(broker {broker}):\n" + "".join(receiver.service.tail[-5:])
+                        )
                 times[receiver.name].append(elapsed)
                 receiver.prepare()
-            print(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{r.name} {count / times[r.name][-1]:.0f}/s"
-                                                      for r in receivers), flush=True)
+            print(
+                f"  rep {rep + 1}/{reps}: "
+                + ", ".join(f"{r.name} {count / times[r.name][-1]:.0f}/s" for r in receivers),
+                flush=True,
+            )
     finally:
         for receiver in receivers:
             receiver.stop()
@@ -379,8 +414,17 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
     send = dispatch_floor_ms(broker, root)
     shutil.rmtree(files, ignore_errors=True)
     shutil.rmtree(root / size_key, ignore_errors=True)
-    return {"size": size, "count": count, "nbytes": nbytes, "times": times, "fixed": fixed,
-            "receivers": receivers, "fsync_ms": floor, "dispatch_ms": send, "reps": reps}
+    return {
+        "size": size,
+        "count": count,
+        "nbytes": nbytes,
+        "times": times,
+        "fixed": fixed,
+        "receivers": receivers,
+        "fsync_ms": floor,
+        "dispatch_ms": send,
+        "reps": reps,
+    }
 
 
 def report(result: dict) -> dict:
@@ -396,32 +440,61 @@ def report(result: dict) -> dict:
     rows = []
     for receiver in result["receivers"]:
         name = receiver.name
-        rows.append([name, receiver.pdu or "unlimited", rates[name], rates[name] * mb,
-                     common.median(times[name]) * 1000 / count, marginal[name], rates[name] / plain,
-                     rates[name] / durable if durable else float("nan")])
-    print(common.table(
-        ["receiver", "max PDU", "inst/s", "MB/s", "ms/inst", "marginal inst/s", "vs storescp",
-         "vs storescp +sync"],
-        rows,
-        title=f"{size.label}: {count} instances, median of {result['reps']} reps, {mb:.2f} MB each",
-    ))
+        rows.append(
+            [
+                name,
+                receiver.pdu or "unlimited",
+                rates[name],
+                rates[name] * mb,
+                common.median(times[name]) * 1000 / count,
+                marginal[name],
+                rates[name] / plain,
+                rates[name] / durable if durable else float("nan"),
+            ]
+        )
+    print(
+        common.table(
+            [
+                "receiver",
+                "max PDU",
+                "inst/s",
+                "MB/s",
+                "ms/inst",
+                "marginal inst/s",
+                "vs storescp",
+                "vs storescp +sync",
+            ],
+            rows,
+            title=f"{size.label}: {count} instances, median of {result['reps']} reps, {mb:.2f} MB each",
+        )
+    )
     ours = {name: rate for name, rate in rates.items() if name.startswith("cbmir")}
     best = max(ours, key=ours.get)
     matched = f"cbmir scp pdu={STORESCP_PDU}"
-    print(f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): {result['fsync_ms']:.1f} ms/inst; "
-          f"broker send floor (TaskDispatcher.embed): {result['dispatch_ms']:.1f} ms/inst")
+    print(
+        f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): {result['fsync_ms']:.1f} ms/inst; "
+        f"broker send floor (TaskDispatcher.embed): {result['dispatch_ms']:.1f} ms/inst"
+    )
     if matched in ours:
         print(f"ratio at matched PDU {STORESCP_PDU}: cbmir/storescp = {ours[matched] / plain:.2f}")
-    print(f"fastest listener setting: {best}: ratio {ours[best] / plain:.2f} vs storescp "
-          f"(goal >= 0.8: {'met' if ours[best] / plain >= 0.8 else 'NOT met'})"
-          + (f", {ours[best] / durable:.2f} vs storescp +sync" if durable else ""))
-    return {"size": size.label, "best": best, "ratio": ours[best] / plain,
-            "ratio_matched": ours.get(matched, float("nan")) / plain,
-            "ratio_durable": ours[best] / durable if durable else float("nan")}
+    print(
+        f"fastest listener setting: {best}: ratio {ours[best] / plain:.2f} vs storescp "
+        f"(goal >= 0.8: {'met' if ours[best] / plain >= 0.8 else 'NOT met'})"
+        + (f", {ours[best] / durable:.2f} vs storescp +sync" if durable else "")
+    )
+    return {
+        "size": size.label,
+        "best": best,
+        "ratio": ours[best] / plain,
+        "ratio_matched": ours.get(matched, float("nan")) / plain,
+        "ratio_durable": ours[best] / durable if durable else float("nan"),
+    }
 
 
 # -- profiling --------------------------------------------------------------------------------------
-def profile(py_spy: str, size_key: str, count: int, pdu: int, broker: str, root: Path, rate: int = 250) -> None:
+def profile(
+    py_spy: str, size_key: str, count: int, pdu: int, broker: str, root: Path, rate: int = 250
+) -> None:
     """Record our listener with py-spy while storescu sends, and print where the time goes."""
     size = SIZES[size_key]
     files = root / f"pfiles-{size_key}"
@@ -431,9 +504,26 @@ def profile(py_spy: str, size_key: str, count: int, pdu: int, broker: str, root:
     receiver = CbmirScp(root / "profile", pdu, broker, queue)
     raw = root / "profile.txt"
     try:
-        recorder = subprocess.Popen([py_spy, "record", "--pid", str(receiver.pid), "--rate", str(rate), "--format",
-                                     "raw", "--threads", "--idle", "--output", str(raw), "--nonblocking"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        recorder = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(receiver.pid),
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "--threads",
+                "--idle",
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         time.sleep(1.5)
         if recorder.poll() is not None:
             raise RuntimeError(f"py-spy could not attach: {recorder.stdout.read()[-1000:]}")
@@ -445,8 +535,10 @@ def profile(py_spy: str, size_key: str, count: int, pdu: int, broker: str, root:
         receiver.stop()
         if redis_queue:
             redis_queue.cleanup()
-    print(f"\nprofile: {size.label}, {count} instances, pdu={pdu or 'unlimited'}, {count / elapsed:.1f} inst/s "
-          f"under py-spy ({rate} Hz, --idle --nonblocking)")
+    print(
+        f"\nprofile: {size.label}, {count} instances, pdu={pdu or 'unlimited'}, {count / elapsed:.1f} inst/s "
+        f"under py-spy ({rate} Hz, --idle --nonblocking)"
+    )
     summarize_profile(raw, rate, count)
     shutil.rmtree(files, ignore_errors=True)
 
@@ -477,18 +569,28 @@ def summarize_profile(raw: Path, rate: int, count: int, top: int = 12) -> None:
         print("  (no samples)")
         return
     per_inst = 1000.0 / rate / count
-    print(common.table(["thread", "ms/inst (wall)"], [[r, totals[r] * per_inst] for r in sorted(totals) if r != "other threads"],
-                       title="wall time per instance by thread (py-spy --idle: sleeping counts)"))
+    print(
+        common.table(
+            ["thread", "ms/inst (wall)"],
+            [[r, totals[r] * per_inst] for r in sorted(totals) if r != "other threads"],
+            title="wall time per instance by thread (py-spy --idle: sleeping counts)",
+        )
+    )
     for role in sorted(totals):
         if role == "other threads":
             continue
         rows = [[where, n * per_inst, 100.0 * n / totals[role]] for where, n in roles[role].most_common(top)]
-        print(common.table(["deepest frame in services/ (else leaf frame): source line", "ms/inst", "% of thread"],
-                           rows, title=role))
+        print(
+            common.table(
+                ["deepest frame in services/ (else leaf frame): source line", "ms/inst", "% of thread"],
+                rows,
+                title=role,
+            )
+        )
 
 
 def _where(frame: str) -> str:
-    """"func (path.py:123)" -> "func path.py:123  <source text>"."""
+    """ "func (path.py:123)" -> "func path.py:123  <source text>"."""
     import linecache
 
     name, _, location = frame.partition(" (")
@@ -507,7 +609,12 @@ def _where(frame: str) -> str:
 def _source_roots() -> list[Path]:
     import sysconfig
 
-    return [common.REPO_ROOT, Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["stdlib"]), Path("/")]
+    return [
+        common.REPO_ROOT,
+        Path(sysconfig.get_paths()["purelib"]),
+        Path(sysconfig.get_paths()["stdlib"]),
+        Path("/"),
+    ]
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -518,8 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count-512", type=int, help="files of 512x512 (default 200, quick 60)")
     parser.add_argument("--count-2048", type=int, help="files of 2048x2048 (default 40, quick 12)")
     parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 3)")
-    parser.add_argument("--pdus", default=",".join(map(str, DEFAULT_PDUS)),
-                        help="CBMIR_MAX_PDU values for our listener (0 = unlimited)")
+    parser.add_argument(
+        "--pdus",
+        default=",".join(map(str, DEFAULT_PDUS)),
+        help="CBMIR_MAX_PDU values for our listener (0 = unlimited)",
+    )
     parser.add_argument("--broker", choices=("redis", "embedded"), default="redis")
     parser.add_argument("--no-bit-preserving", action="store_true", help="skip the storescp +B reference")
     parser.add_argument("--profile", action="store_true", help="also profile our listener with py-spy")
@@ -530,12 +640,17 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("storescu", "storescp"):
         if not shutil.which(tool):
             parser.error(f"{tool} not found: apt-get install dcmtk")
-    counts = {"512": args.count_512 or (60 if args.quick else 200),
-              "2048": args.count_2048 or (12 if args.quick else 40)}
+    counts = {
+        "512": args.count_512 or (60 if args.quick else 200),
+        "2048": args.count_2048 or (12 if args.quick else 40),
+    }
     reps = args.reps or (3 if args.quick else 5)
     pdus = [int(p) for p in args.pdus.split(",") if p.strip()]
-    print(f"ingest benchmark | {common.machine_line()} | broker {args.broker} | storescp {STORESCP_PDU} PDU | "
-          f"reps {reps}", flush=True)
+    print(
+        f"ingest benchmark | {common.machine_line()} | broker {args.broker} | storescp {STORESCP_PDU} PDU | "
+        f"reps {reps}",
+        flush=True,
+    )
     root = Path(tempfile.mkdtemp(prefix="cbmir-ingest-", dir=args.workdir))
     summary = []
     modes = ["plain", "sync"] + ([] if args.no_bit_preserving else ["B"])
@@ -543,11 +658,19 @@ def main(argv: list[str] | None = None) -> int:
         for key in [s.strip() for s in args.sizes.split(",") if s.strip()]:
             result = measure_size(key, counts[key], reps, pdus, args.broker, root, modes)
             summary.append(report(result))
-        print(common.table(
-            ["size", "fastest cbmir setting", "ratio vs storescp", f"ratio at PDU {STORESCP_PDU}",
-             "ratio vs storescp +sync"],
-            [[r["size"], r["best"], r["ratio"], r["ratio_matched"], r["ratio_durable"]] for r in summary],
-            title="summary (goal: ratio vs storescp >= 0.8)"))
+        print(
+            common.table(
+                [
+                    "size",
+                    "fastest cbmir setting",
+                    "ratio vs storescp",
+                    f"ratio at PDU {STORESCP_PDU}",
+                    "ratio vs storescp +sync",
+                ],
+                [[r["size"], r["best"], r["ratio"], r["ratio_matched"], r["ratio_durable"]] for r in summary],
+                title="summary (goal: ratio vs storescp >= 0.8)",
+            )
+        )
         if args.profile:
             for key in [s.strip() for s in args.sizes.split(",") if s.strip()]:
                 profile(args.py_spy, key, counts[key] * 2, args.profile_pdu, args.broker, root)

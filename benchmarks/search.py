@@ -48,8 +48,15 @@ K = 5
 
 
 def start_query_service(data_dir: Path) -> common.Service:
-    env = dict(os.environ, CBMIR_DATA_DIR=str(data_dir), CBMIR_GRPC_HOST="127.0.0.1", CBMIR_GRPC_PORT="0",
-               CBMIR_DEVICE="cpu", CBMIR_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        CBMIR_DATA_DIR=str(data_dir),
+        CBMIR_GRPC_HOST="127.0.0.1",
+        CBMIR_GRPC_PORT="0",
+        CBMIR_DEVICE="cpu",
+        CBMIR_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
     for name in ("QDRANT_URL", "QDRANT_API_KEY", "CBMIR_COLLECTION"):
         env.pop(name, None)
     return common.Service([common.python(), "-m", "services", "query"], env, "cbmir query: gRPC on", "query")
@@ -62,13 +69,16 @@ def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str
     t0 = time.perf_counter()
     for lo in range(start, stop, batch):
         hi = min(stop, lo + batch)
-        points = [IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i)) for i in range(lo, hi)]
+        points = [
+            IndexPoint(point_id(vs.uids[i]), vs.vectors[i].tolist(), vs.payload(i)) for i in range(lo, hi)
+        ]
         writer.upsert(points, model_version)
     return time.perf_counter() - t0
 
 
-def run_queries(client, knn: common.NumpyKnn, vs: common.VectorSet, n: int, queries: int, filtered: bool,
-                seed: int) -> dict:
+def run_queries(
+    client, knn: common.NumpyKnn, vs: common.VectorSet, n: int, queries: int, filtered: bool, seed: int
+) -> dict:
     from services.core.vocabulary import MODALITY_TO_PB
 
     rng = np.random.default_rng(seed)
@@ -118,7 +128,9 @@ def health_floor(target: str, calls: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 queries per row (< 2 minutes)")
-    parser.add_argument("--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)")
+    parser.add_argument(
+        "--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)"
+    )
     parser.add_argument("--queries", type=int, help="queries per row (default 1000, quick 300)")
     parser.add_argument("--batch", type=int, default=1000, help="points per UpsertPoints call")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     from services.query.client import SearchClient
 
     dim = OnnxEncoder(device="cpu").dim
-    print(f"search benchmark | {common.machine_line()} | dim {dim} | k={K} | {queries} queries per row", flush=True)
+    print(
+        f"search benchmark | {common.machine_line()} | dim {dim} | k={K} | {queries} queries per row",
+        flush=True,
+    )
     vs = common.make_vectors(sizes[-1], dim, seed=args.seed)
     data = Path(tempfile.mkdtemp(prefix="cbmir-search-"))
     rows, summary = [], {}
@@ -145,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         filled = 0
         for n in sizes:
             seconds = fill(writer, vs, filled, n, model_version, args.batch)
-            print(f"# upserted {n - filled} points via IndexWriter/UpsertPoints in {seconds:.1f}s "
-                  f"({(n - filled) / seconds:,.0f}/s), index now {client.stats().total}", flush=True)
+            print(
+                f"# upserted {n - filled} points via IndexWriter/UpsertPoints in {seconds:.1f}s "
+                f"({(n - filled) / seconds:,.0f}/s), index now {client.stats().total}",
+                flush=True,
+            )
             filled = n
             knn = common.NumpyKnn(vs.vectors[:n], vs.modalities[:n])
             for filtered in (False, True):
@@ -156,24 +174,44 @@ def main(argv: list[str] | None = None) -> int:
                 n50, n99 = common.percentile(r["numpy"], 50), common.percentile(r["numpy"], 99)
                 rows.append([f"{n:,}", label, g50, g99, n50, n99, g50 / n50, g99 / n99, r["recall"]])
                 summary[(n, filtered)] = g99
-                print(f"  {n:,} {label}: gRPC p50 {g50:.2f} ms p99 {g99:.2f} ms | numpy p50 {n50:.3f} ms | "
-                      f"recall@5 {r['recall']:.3f}", flush=True)
+                print(
+                    f"  {n:,} {label}: gRPC p50 {g50:.2f} ms p99 {g99:.2f} ms | numpy p50 {n50:.3f} ms | "
+                    f"recall@5 {r['recall']:.3f}",
+                    flush=True,
+                )
         floor = health_floor(target, queries)
         writer.close()
         client.close()
     finally:
         service.stop()
         shutil.rmtree(data, ignore_errors=True)
-    print(common.table(
-        ["vectors", "query", "gRPC p50 ms", "gRPC p99 ms", "numpy p50 ms", "numpy p99 ms", "p50 ratio",
-         "p99 ratio", "recall@5"],
-        rows, title=f"SearchSimilar by sop_instance_uid, k={K}, dim {dim}, embedded qdrant-edge (not optimised)"))
-    print(f"gRPC floor (Health/Check on the same server): p50 {common.percentile(floor, 50):.2f} ms, "
-          f"p99 {common.percentile(floor, 99):.2f} ms")
+    print(
+        common.table(
+            [
+                "vectors",
+                "query",
+                "gRPC p50 ms",
+                "gRPC p99 ms",
+                "numpy p50 ms",
+                "numpy p99 ms",
+                "p50 ratio",
+                "p99 ratio",
+                "recall@5",
+            ],
+            rows,
+            title=f"SearchSimilar by sop_instance_uid, k={K}, dim {dim}, embedded qdrant-edge (not optimised)",
+        )
+    )
+    print(
+        f"gRPC floor (Health/Check on the same server): p50 {common.percentile(floor, 50):.2f} ms, "
+        f"p99 {common.percentile(floor, 99):.2f} ms"
+    )
     largest = sizes[-1]
     if (largest, True) in summary:
         p99 = summary[(largest, True)]
-        print(f"goal: filtered p99 <= 10 ms at {largest:,}: {p99:.2f} ms -> {'met' if p99 <= 10 else 'NOT met'}")
+        print(
+            f"goal: filtered p99 <= 10 ms at {largest:,}: {p99:.2f} ms -> {'met' if p99 <= 10 else 'NOT met'}"
+        )
     return 0
 
 

@@ -67,8 +67,9 @@ def manifest_sha256(data_dir: str | Path) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.csv").read_bytes()).hexdigest()
 
 
-def read_manifest(data_dir: str | Path, splits: Iterable[str] | None = None,
-                  modalities: Iterable[str] | None = None) -> list[Record]:
+def read_manifest(
+    data_dir: str | Path, splits: Iterable[str] | None = None, modalities: Iterable[str] | None = None
+) -> list[Record]:
     """Rows of ``<data_dir>/manifest.csv`` (optionally filtered), in file order."""
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.csv"
@@ -84,9 +85,16 @@ def read_manifest(data_dir: str | Path, splits: Iterable[str] | None = None,
             if wanted_modalities is not None and row["modality"] not in wanted_modalities:
                 continue
             path = Path(row["path"])
-            records.append(Record(key=row["path"], path=path if path.is_absolute() else data_dir / path,
-                                  modality=row["modality"], label=row["label"], split=row["split"],
-                                  patient=row.get("patient", "") or ""))
+            records.append(
+                Record(
+                    key=row["path"],
+                    path=path if path.is_absolute() else data_dir / path,
+                    modality=row["modality"],
+                    label=row["label"],
+                    split=row["split"],
+                    patient=row.get("patient", "") or "",
+                )
+            )
     return records
 
 
@@ -98,7 +106,9 @@ def load_picture(path: str | Path, modality: str | None = None) -> np.ndarray:
     return load_image_file(path)
 
 
-def model_inputs(records: Sequence[Record], contract: PreprocessContract, progress: bool = False) -> np.ndarray:
+def model_inputs(
+    records: Sequence[Record], contract: PreprocessContract, progress: bool = False
+) -> np.ndarray:
     """float32 ``(N, 1, S, S)`` inputs for ``records`` (no cache)."""
     size = contract.input_size
     out = np.empty((len(records), 1, size, size), dtype=np.float32)
@@ -112,16 +122,35 @@ def model_inputs(records: Sequence[Record], contract: PreprocessContract, progre
     return out
 
 
-def cached_model_inputs(records: Sequence[Record], contract: PreprocessContract,
-                        cache_dir: str | Path | None = DEFAULT_CACHE_DIR, progress: bool = True) -> np.ndarray:
+def cached_model_inputs(
+    records: Sequence[Record],
+    contract: PreprocessContract,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    progress: bool = True,
+) -> np.ndarray:
     """Like :func:`model_inputs`, memoised in ``cache_dir`` (an ignored folder) as ``.npy``."""
     if cache_dir is None:
         return model_inputs(records, contract, progress)
-    digest = hashlib.sha256(json.dumps({
-        "format": CACHE_FORMAT, "contract": contract.to_dict(),
-        "eeg": [eeg.RENDER_RATE_HZ, eeg.DURATION_S, eeg.AMPLITUDE_UV, eeg.ROWS, eeg.WIDTH, eeg.HEIGHT],
-        "files": [[str(r.path), os.stat(r.path).st_size, int(os.stat(r.path).st_mtime)] for r in records],
-    }, sort_keys=True).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "contract": contract.to_dict(),
+                "eeg": [
+                    eeg.RENDER_RATE_HZ,
+                    eeg.DURATION_S,
+                    eeg.AMPLITUDE_UV,
+                    eeg.ROWS,
+                    eeg.WIDTH,
+                    eeg.HEIGHT,
+                ],
+                "files": [
+                    [str(r.path), os.stat(r.path).st_size, int(os.stat(r.path).st_mtime)] for r in records
+                ],
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:20]
     cache_dir = Path(cache_dir)
     target = cache_dir / f"inputs-{contract.input_size}-{digest}.npy"
     if target.is_file():

@@ -83,7 +83,7 @@ def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
     y = half - np.clip(x / AMPLITUDE_UV, -1.0, 1.0) * half
     image = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
     for row in range(ROWS):
-        seg = y[row * per_row: (row + 1) * per_row + 1]  # +1: connect to the next strip's start
+        seg = y[row * per_row : (row + 1) * per_row + 1]  # +1: connect to the next strip's start
         if seg.size < 2:
             if seg.size == 1:
                 r = round(seg[0])
@@ -104,5 +104,5 @@ def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
         bottom = np.floor(high + 0.5).astype(np.int64)
         rows_idx = np.arange(row_h)[:, None]
         strip = (rows_idx >= top[None, :]) & (rows_idx <= bottom[None, :])
-        image[row * row_h:(row + 1) * row_h, : last_col + 1][strip] = 255
+        image[row * row_h : (row + 1) * row_h, : last_col + 1][strip] = 255
     return image

@@ -42,9 +42,13 @@ METRICS_DEPTH = max(max(MODALITY_KS), max(FINDING_KS))
 RECALL_GRID = np.linspace(0.0, 1.0, 21)
 
 
-def evaluate_retriever(retriever: Retriever, queries: Sequence[data_mod.Record],
-                       database: Sequence[data_mod.Record], depth: int = METRICS_DEPTH,
-                       index: bool = True) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_retriever(
+    retriever: Retriever,
+    queries: Sequence[data_mod.Record],
+    database: Sequence[data_mod.Record],
+    depth: int = METRICS_DEPTH,
+    index: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Index ``database``, search every query, return (metrics, rankings as database indices)."""
     if index:
         retriever.index(list(database))
@@ -52,7 +56,9 @@ def evaluate_retriever(retriever: Retriever, queries: Sequence[data_mod.Record],
     position = {r.key: i for i, r in enumerate(database)}
     if isinstance(retriever, NumpyRetriever) and retriever.keys == [r.key for r in database]:
         # fast path, same result as search_many: indices instead of keys
-        rankings = retriever.search_indices([q.key for q in queries], retriever.embed_items(list(queries)), depth)
+        rankings = retriever.search_indices(
+            [q.key for q in queries], retriever.embed_items(list(queries)), depth
+        )
     else:
         if hasattr(retriever, "search_many"):
             ranked_keys = retriever.search_many(list(queries), depth)
@@ -67,22 +73,27 @@ def evaluate_retriever(retriever: Retriever, queries: Sequence[data_mod.Record],
         if own is not None and (rankings[q] == own).any():
             raise ValueError(f"retriever returned the query itself ({query.key})")
     metrics = retrieval_metrics(
-        [q.modality for q in queries], [q.label for q in queries],
-        [d.modality for d in database], [d.label for d in database],
+        [q.modality for q in queries],
+        [q.label for q in queries],
+        [d.modality for d in database],
+        [d.label for d in database],
         [row[row >= 0][:METRICS_DEPTH] for row in rankings],
         [position.get(q.key) for q in queries],
     )
     return metrics, rankings
 
 
-def pr_curves(queries, database, rankings: np.ndarray, query_in_db: Sequence[int | None]) -> dict[str, np.ndarray]:
+def pr_curves(
+    queries, database, rankings: np.ndarray, query_in_db: Sequence[int | None]
+) -> dict[str, np.ndarray]:
     """Finding-level interpolated precision at ``RECALL_GRID`` per modality (mean over queries)."""
     db_find = np.array([d.finding for d in database])
     counts = {f: int((db_find == f).sum()) for f in set(db_find.tolist())}
     curves: dict[str, list[np.ndarray]] = {}
     for q, query in enumerate(queries):
-        relevant = counts.get(query.finding, 0) - (1 if query_in_db[q] is not None
-                                                   and db_find[query_in_db[q]] == query.finding else 0)
+        relevant = counts.get(query.finding, 0) - (
+            1 if query_in_db[q] is not None and db_find[query_in_db[q]] == query.finding else 0
+        )
         if relevant <= 0:
             continue
         row = rankings[q][rankings[q] >= 0]
@@ -102,8 +113,13 @@ def _plot_pr(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for modality, values in sorted(curves.items()):
         ax.plot(RECALL_GRID, values, marker="o", ms=3, label=modality)
-    ax.set(xlabel="recall (finding level)", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02),
-           title=title)
+    ax.set(
+        xlabel="recall (finding level)",
+        ylabel="interpolated precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=title,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -111,7 +127,9 @@ def _plot_pr(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _plot_grid(queries, database, rankings: np.ndarray, path: Path, per_modality: int = 2, seed: int = 0) -> None:
+def _plot_grid(
+    queries, database, rankings: np.ndarray, path: Path, per_modality: int = 2, seed: int = 0
+) -> None:
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(seed)
@@ -140,8 +158,14 @@ def _plot_grid(queries, database, rankings: np.ndarray, path: Path, per_modality
     plt.close(fig)
 
 
-def _plot_map(embeddings: np.ndarray, findings: Sequence[str], path: Path, method: str, seed: int = 0,
-              max_points: int = 2500) -> str:
+def _plot_map(
+    embeddings: np.ndarray,
+    findings: Sequence[str],
+    path: Path,
+    method: str,
+    seed: int = 0,
+    max_points: int = 2500,
+) -> str:
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(seed)
@@ -186,44 +210,84 @@ def write_report(path: Path, metrics: dict[str, Any], plots: dict[str, str]) -> 
     model = metrics["model"]
     lines = [f"# Retrieval evaluation: {model.get('name')} {model.get('version')}", ""]
     if not model.get("trained", True):
-        lines += [("> **UNTRAINED MODEL.** Random weights for wiring tests; these numbers are not a "
-                   "retrieval result and must not be reported as one."), ""]
+        lines += [
+            (
+                "> **UNTRAINED MODEL.** Random weights for wiring tests; these numbers are not a "
+                "retrieval result and must not be reported as one."
+            ),
+            "",
+        ]
     info = metrics["data"]
-    lines += [f"- date: {metrics['date']}",
-              f"- data: `{info['dir']}` (manifest sha256 `{info['manifest_sha256'][:16]}…`)",
-              f"- queries: {info['n_queries']} from {info['queries']}; database: {info['n_database']} "
-              f"from {info['database']}" + (f"; subset {info['subset']} per finding" if info.get("subset") else ""),
-              f"- retriever: {metrics['retriever']}; model `{model.get('path')}` on {model.get('providers')}",
-              "", "## Modality level (relevant = same modality)", "",
-              "| | " + " | ".join(f"@{k}" for k in MODALITY_KS) + " |",
-              "|---|" + "---|" * len(MODALITY_KS)]
+    lines += [
+        f"- date: {metrics['date']}",
+        f"- data: `{info['dir']}` (manifest sha256 `{info['manifest_sha256'][:16]}…`)",
+        f"- queries: {info['n_queries']} from {info['queries']}; database: {info['n_database']} "
+        f"from {info['database']}" + (f"; subset {info['subset']} per finding" if info.get("subset") else ""),
+        f"- retriever: {metrics['retriever']}; model `{model.get('path')}` on {model.get('providers')}",
+        "",
+        "## Modality level (relevant = same modality)",
+        "",
+        "| | " + " | ".join(f"@{k}" for k in MODALITY_KS) + " |",
+        "|---|" + "---|" * len(MODALITY_KS),
+    ]
     mod = metrics["modality"]
     for name in ("accuracy", "precision", "recall"):
-        lines.append(f"| {name} (%) | " + " | ".join(_fmt(mod[f"{name}@{k}"], True) for k in MODALITY_KS) + " |")
-    lines += ["", "Per modality, precision@20 (%): " + ", ".join(
-        f"{m} {_fmt(v['precision@20'], True)}" for m, v in mod["per_modality"].items()), "",
-        "## Finding level (relevant = same modality and finding, whole database ranked)", "",
-        "| modality | queries | " + " | ".join(f"P@{k}" for k in FINDING_KS) + " | "
-        + " | ".join(f"mAP@{k}" for k in FINDING_KS) + " |",
-        "|---|---|" + "---|" * (2 * len(FINDING_KS))]
+        lines.append(
+            f"| {name} (%) | " + " | ".join(_fmt(mod[f"{name}@{k}"], True) for k in MODALITY_KS) + " |"
+        )
+    lines += [
+        "",
+        "Per modality, precision@20 (%): "
+        + ", ".join(f"{m} {_fmt(v['precision@20'], True)}" for m, v in mod["per_modality"].items()),
+        "",
+        "## Finding level (relevant = same modality and finding, whole database ranked)",
+        "",
+        "| modality | queries | "
+        + " | ".join(f"P@{k}" for k in FINDING_KS)
+        + " | "
+        + " | ".join(f"mAP@{k}" for k in FINDING_KS)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(FINDING_KS)),
+    ]
     for modality, entry in metrics["finding"].items():
         n = entry.get("n_queries", "")
         skipped = entry.get("queries_without_relevant")
         n_text = f"{n}" + (f" (+{skipped} without relevant)" if skipped else "")
-        lines.append(f"| {modality} | {n_text} | " + " | ".join(_fmt(entry[f"precision@{k}"]) for k in FINDING_KS)
-                     + " | " + " | ".join(_fmt(entry[f"map@{k}"]) for k in FINDING_KS) + " |")
-    lines += ["", ("Definitions: see `models/metrics.py` (precision@k = hits/k; recall@k = hits/|relevant "
-                   "in database|; accuracy@k = top-k majority vote; AP@k normalised by min(k, R); queries "
-                   "whose finding is absent from the database are excluded from finding-level means)."), ""]
+        lines.append(
+            f"| {modality} | {n_text} | "
+            + " | ".join(_fmt(entry[f"precision@{k}"]) for k in FINDING_KS)
+            + " | "
+            + " | ".join(_fmt(entry[f"map@{k}"]) for k in FINDING_KS)
+            + " |"
+        )
+    lines += [
+        "",
+        (
+            "Definitions: see `models/metrics.py` (precision@k = hits/k; recall@k = hits/|relevant "
+            "in database|; accuracy@k = top-k majority vote; AP@k normalised by min(k, R); queries "
+            "whose finding is absent from the database are excluded from finding-level means)."
+        ),
+        "",
+    ]
     for title, name in plots.items():
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     path.write_text("\n".join(lines))
 
 
-def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_splits: Sequence[str],
-                   out_dir: str | Path, model_path: str | Path | None = None, device: str = "auto",
-                   retriever: Retriever | None = None, subset: int | None = None, seed: int = 0,
-                   plots: bool = True, map_method: str = "tsne", pr_depth: int | None = None) -> dict[str, Any]:
+def run_evaluation(
+    data_dir: str | Path,
+    query_splits: Sequence[str],
+    database_splits: Sequence[str],
+    out_dir: str | Path,
+    model_path: str | Path | None = None,
+    device: str = "auto",
+    retriever: Retriever | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    plots: bool = True,
+    map_method: str = "tsne",
+    pr_depth: int | None = None,
+) -> dict[str, Any]:
     """Evaluate and write ``metrics.json`` / ``report.md`` / plots; returns the metrics dict."""
     from models.runtime import OnnxEncoder
 
@@ -249,17 +313,31 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
     query_in_db = [position.get(q.key) for q in queries]
     from models.data import sha256_file
 
-    metrics.update({
-        "model": {"name": encoder.card.get("name"), "version": encoder.version,
-                  "trained": bool(encoder.card.get("trained", False)), "path": str(encoder.model_path),
-                  "sha256": sha256_file(encoder.model_path), "providers": encoder.providers, "dim": encoder.dim},
-        "data": {"dir": str(data_dir), "manifest_sha256": data_mod.manifest_sha256(data_dir),
-                 "queries": list(query_splits), "database": list(database_splits), "subset": subset,
-                 "n_queries": len(queries), "n_database": len(database)},
-        "retriever": type(retriever).__name__,
-        "ranking": "exact Euclidean distance (float64), ties by database order",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    })
+    metrics.update(
+        {
+            "model": {
+                "name": encoder.card.get("name"),
+                "version": encoder.version,
+                "trained": bool(encoder.card.get("trained", False)),
+                "path": str(encoder.model_path),
+                "sha256": sha256_file(encoder.model_path),
+                "providers": encoder.providers,
+                "dim": encoder.dim,
+            },
+            "data": {
+                "dir": str(data_dir),
+                "manifest_sha256": data_mod.manifest_sha256(data_dir),
+                "queries": list(query_splits),
+                "database": list(database_splits),
+                "subset": subset,
+                "n_queries": len(queries),
+                "n_database": len(database),
+            },
+            "retriever": type(retriever).__name__,
+            "ranking": "exact Euclidean distance (float64), ties by database order",
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
     plot_files: dict[str, str] = {}
     if plots:
         import matplotlib
@@ -275,7 +353,9 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
             db_emb = retriever.embeddings
         else:
             db_emb = NumpyRetriever(encoder).embed_items(database)
-        used = _plot_map(db_emb, [d.finding for d in database], out_dir / "embedding_map.png", map_method, seed)
+        used = _plot_map(
+            db_emb, [d.finding for d in database], out_dir / "embedding_map.png", map_method, seed
+        )
         plot_files[f"Database embeddings, 2-D map ({used})"] = "embedding_map.png"
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_report(out_dir / "report.md", metrics, plot_files)
@@ -286,32 +366,52 @@ def run_evaluation(data_dir: str | Path, query_splits: Sequence[str], database_s
 def summary_line(metrics: dict[str, Any]) -> str:
     finding = metrics["finding"]
     parts = [f"modality P@20 {100 * metrics['modality']['precision@20']:.2f}%"]
-    parts += [f"{m} mAP@10 {finding[m]['map@10']:.3f}" for m in data_mod.MODALITIES
-              if m in finding and finding[m]["map@10"] is not None]
+    parts += [
+        f"{m} mAP@10 {finding[m]['map@10']:.3f}"
+        for m in data_mod.MODALITIES
+        if m in finding and finding[m]["map@10"] is not None
+    ]
     return ", ".join(parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=None,
-                        help="folder with manifest.csv (default: $CBMIR_SHARED_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with manifest.csv (default: $CBMIR_SHARED_DATA or ../shared/data)",
+    )
     parser.add_argument("--queries", default="test", help="comma-separated query splits (default: test)")
     parser.add_argument("--database", default="train,val", help="comma-separated database splits")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--model", type=Path, default=None, help="ONNX encoder (default: the shipped default)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="ONNX encoder (default: the shipped default)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--subset", type=int, default=None, help="at most N items per finding (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--map", default="tsne", choices=["tsne", "pca"], help="2-D map method")
-    parser.add_argument("--pr-depth", type=int, default=None,
-                        help="ranking depth for PR curves (default: the whole database)")
+    parser.add_argument(
+        "--pr-depth", type=int, default=None, help="ranking depth for PR curves (default: the whole database)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     data_dir = args.data or data_mod.shared_data_dir()
-    metrics = run_evaluation(data_dir, args.queries.split(","), args.database.split(","), args.out,
-                             model_path=args.model, device=args.device, subset=args.subset, seed=args.seed,
-                             plots=not args.no_plots, map_method=args.map, pr_depth=args.pr_depth)
+    metrics = run_evaluation(
+        data_dir,
+        args.queries.split(","),
+        args.database.split(","),
+        args.out,
+        model_path=args.model,
+        device=args.device,
+        subset=args.subset,
+        seed=args.seed,
+        plots=not args.no_plots,
+        map_method=args.map,
+        pr_depth=args.pr_depth,
+    )
     print(summary_line(metrics))
     if not metrics["model"]["trained"]:
         print("WARNING: untrained model; not a retrieval result")

@@ -31,12 +31,16 @@ logger = logging.getLogger(__name__)
 
 PARITY_ATOL = 1e-4
 OPSET = 18
-INTENDED_USE = ("Embedding greyscale medical pictures (chest X-ray, brain MRI, retinal OCT, rendered EEG "
-                "traces) for similar-case retrieval next to a PACS. Research and demonstration use only; "
-                "not a medical device, not for diagnosis.")
-LIMITATIONS = ("Trained on small public data sets (Kermany CXR/OCT, a brain-tumour MRI mix, Bonn EEG); "
-               "other scanners, protocols, body parts or populations are out of distribution. "
-               "Retrieval neighbours carry no diagnostic guarantee.")
+INTENDED_USE = (
+    "Embedding greyscale medical pictures (chest X-ray, brain MRI, retinal OCT, rendered EEG "
+    "traces) for similar-case retrieval next to a PACS. Research and demonstration use only; "
+    "not a medical device, not for diagnosis."
+)
+LIMITATIONS = (
+    "Trained on small public data sets (Kermany CXR/OCT, a brain-tumour MRI mix, Bonn EEG); "
+    "other scanners, protocols, body parts or populations are out of distribution. "
+    "Retrieval neighbours carry no diagnostic guarantee."
+)
 
 
 class ExportError(CbmirError):
@@ -63,9 +67,16 @@ def export_onnx(model, input_size: int, out_path: str | Path, opset: int = OPSET
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"x": {0: batch}}, opset_version=opset, external_data=False,
-            optimize=True, verbose=False,
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=opset,
+            external_data=False,
+            optimize=True,
+            verbose=False,
         )
     program.save(str(out_path), external_data=False)
 
@@ -100,8 +111,9 @@ def check_onnx(model, onnx_path: str | Path, input_size: int, atol: float | None
     return worst
 
 
-def write_model(model, contract: PreprocessContract, out_path: str | Path, card: dict[str, Any],
-                set_default: bool = False) -> dict[str, Any]:
+def write_model(
+    model, contract: PreprocessContract, out_path: str | Path, card: dict[str, Any], set_default: bool = False
+) -> dict[str, Any]:
     """Export, check, and write ``<name>.onnx`` + card + preprocess sidecars atomically."""
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
@@ -116,14 +128,21 @@ def write_model(model, contract: PreprocessContract, out_path: str | Path, card:
         opset = max(o.version for o in onnx.load(str(tmp_onnx)).opset_import if o.domain in ("", "ai.onnx"))
         card = dict(card)
         card.setdefault("name", out_path.name[: -len(".onnx")])
-        card.update({
-            "input_contract": contract.to_dict(),
-            "onnx": {"file": out_path.name, "sha256": sha256_file(tmp_onnx), "opset": opset,
-                     "input": f"{INPUT_NAME}: float32 (N, 1, {contract.input_size}, {contract.input_size})",
-                     "output": f"{OUTPUT_NAME}: float32 (N, {card.get('embedding_dim')})",
-                     "parity_max_abs_diff": max_diff, "parity_atol": PARITY_ATOL},
-            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        })
+        card.update(
+            {
+                "input_contract": contract.to_dict(),
+                "onnx": {
+                    "file": out_path.name,
+                    "sha256": sha256_file(tmp_onnx),
+                    "opset": opset,
+                    "input": f"{INPUT_NAME}: float32 (N, 1, {contract.input_size}, {contract.input_size})",
+                    "output": f"{OUTPUT_NAME}: float32 (N, {card.get('embedding_dim')})",
+                    "parity_max_abs_diff": max_diff,
+                    "parity_atol": PARITY_ATOL,
+                },
+                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+        )
         card.setdefault("intended_use", INTENDED_USE)
         card.setdefault("limitations", LIMITATIONS)
         card_path, contract_path = sidecar_paths(out_path)
@@ -182,20 +201,32 @@ def card_from_checkpoint(ckpt: dict[str, Any], version: str) -> dict[str, Any]:
 def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The card's summary of a models.evaluate ``metrics.json``."""
     modality = {k: v for k, v in metrics["modality"].items() if "@" in k}
-    modality["precision@20_per_modality"] = {m: v["precision@20"] for m, v in metrics["modality"]["per_modality"].items()}
+    modality["precision@20_per_modality"] = {
+        m: v["precision@20"] for m, v in metrics["modality"]["per_modality"].items()
+    }
     finding = {m: dict(entry) for m, entry in metrics["finding"].items()}
-    return {"queries": metrics["data"]["queries"], "database": metrics["data"]["database"],
-            "n_queries": metrics["data"]["n_queries"], "n_database": metrics["data"]["n_database"],
-            "manifest_sha256": metrics["data"]["manifest_sha256"], "modality": modality, "finding": finding}
+    return {
+        "queries": metrics["data"]["queries"],
+        "database": metrics["data"]["database"],
+        "n_queries": metrics["data"]["n_queries"],
+        "n_database": metrics["data"]["n_database"],
+        "manifest_sha256": metrics["data"]["manifest_sha256"],
+        "modality": modality,
+        "finding": finding,
+    }
 
 
 def subset_check(metrics: dict[str, Any]) -> dict[str, Any]:
     """What ``tests/test_models_evaluate.py`` reruns to check the shipped model reproduces."""
     data = metrics["data"]
-    return {"queries": data["queries"], "database": data["database"], "subset": data["subset"],
-            "manifest_sha256": data["manifest_sha256"],
-            "modality_precision@20": metrics["modality"]["precision@20"],
-            "finding_map@10": {m: v["map@10"] for m, v in metrics["finding"].items() if "map@10" in v}}
+    return {
+        "queries": data["queries"],
+        "database": data["database"],
+        "subset": data["subset"],
+        "manifest_sha256": data["manifest_sha256"],
+        "modality_precision@20": metrics["modality"]["precision@20"],
+        "finding_map@10": {m: v["map@10"] for m, v in metrics["finding"].items() if "map@10" in v},
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,9 +240,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", required=True, help="model version written to the card")
     parser.add_argument("--metrics", type=Path, help="a JSON file to use as the card's metrics section")
     parser.add_argument("--eval-val", type=Path, help="models.evaluate folder (queries val, database train)")
-    parser.add_argument("--eval-test", type=Path, help="models.evaluate folder (queries test, database train,val)")
-    parser.add_argument("--eval-subset", type=Path,
-                        help="models.evaluate folder of a --subset run, recorded so tests can reproduce it")
+    parser.add_argument(
+        "--eval-test", type=Path, help="models.evaluate folder (queries test, database train,val)"
+    )
+    parser.add_argument(
+        "--eval-subset",
+        type=Path,
+        help="models.evaluate folder of a --subset run, recorded so tests can reproduce it",
+    )
     parser.add_argument("--note", default="", help="free text added to the card")
     parser.add_argument("--set-default", action="store_true", help="make it the default model")
 
@@ -229,13 +265,25 @@ def run(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 dim = int(model.encode(torch.zeros(1, 1, args.input_size, args.input_size)).shape[1])
             card = {
-                "version": args.version, "trained": False, "embedding_dim": dim,
-                "architecture": {"name": args.arch, "input_size": args.input_size, "summary": describe(model)},
-                "training": {"manifest_sha256": None, "seed": args.seed,
-                             "note": "random initialisation; no training"},
-                "metrics": {}, "date": dt.date.today().isoformat(),
-                "warning": ("UNTRAINED: random weights for wiring and smoke tests only. Its neighbours "
-                            "are meaningless and must never be reported as a retrieval result."),
+                "version": args.version,
+                "trained": False,
+                "embedding_dim": dim,
+                "architecture": {
+                    "name": args.arch,
+                    "input_size": args.input_size,
+                    "summary": describe(model),
+                },
+                "training": {
+                    "manifest_sha256": None,
+                    "seed": args.seed,
+                    "note": "random initialisation; no training",
+                },
+                "metrics": {},
+                "date": dt.date.today().isoformat(),
+                "warning": (
+                    "UNTRAINED: random weights for wiring and smoke tests only. Its neighbours "
+                    "are meaningless and must never be reported as a retrieval result."
+                ),
             }
         else:
             model, ckpt = load_checkpoint(args.checkpoint)
@@ -247,7 +295,9 @@ def run(args: argparse.Namespace) -> int:
             if folder:
                 card["metrics"][name] = compact_metrics(json.loads((folder / "metrics.json").read_text()))
         if args.eval_subset:
-            card["metrics"]["subset_check"] = subset_check(json.loads((args.eval_subset / "metrics.json").read_text()))
+            card["metrics"]["subset_check"] = subset_check(
+                json.loads((args.eval_subset / "metrics.json").read_text())
+            )
         if args.note:
             card["note"] = args.note
         write_model(model, contract, args.out, card, set_default=args.set_default)

@@ -94,15 +94,21 @@ def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if values.size else None
 
 
-def modality_metrics(query_modalities: Sequence[str], ranked_modalities: Sequence[Sequence[str]],
-                     n_relevant: Sequence[int], ks: Sequence[int] = MODALITY_KS) -> dict:
+def modality_metrics(
+    query_modalities: Sequence[str],
+    ranked_modalities: Sequence[Sequence[str]],
+    n_relevant: Sequence[int],
+    ks: Sequence[int] = MODALITY_KS,
+) -> dict:
     """Modality-level accuracy/precision/recall@k, overall and ``per_modality``."""
     query_modalities = np.asarray(query_modalities)
     n_relevant = np.asarray(n_relevant)
     hits = hits_matrix(query_modalities, ranked_modalities, max(ks))
     per_query = {}
     for k in ks:
-        per_query[f"accuracy@{k}"] = majority_vote_correct(query_modalities, ranked_modalities, k).astype(float)
+        per_query[f"accuracy@{k}"] = majority_vote_correct(query_modalities, ranked_modalities, k).astype(
+            float
+        )
         per_query[f"precision@{k}"] = precision_at(hits, k)
         per_query[f"recall@{k}"] = recall_at(hits, k, n_relevant)
     result: dict = {name: _mean(values) for name, values in per_query.items()}
@@ -116,9 +122,13 @@ def modality_metrics(query_modalities: Sequence[str], ranked_modalities: Sequenc
     return result
 
 
-def finding_metrics(query_modalities: Sequence[str], query_findings: Sequence[str],
-                    ranked_findings: Sequence[Sequence[str]], n_relevant: Sequence[int],
-                    ks: Sequence[int] = FINDING_KS) -> dict:
+def finding_metrics(
+    query_modalities: Sequence[str],
+    query_findings: Sequence[str],
+    ranked_findings: Sequence[Sequence[str]],
+    n_relevant: Sequence[int],
+    ks: Sequence[int] = FINDING_KS,
+) -> dict:
     """Finding-level P@k and mAP@k per modality, ``overall`` and ``macro``.
 
     ``query_findings`` / ``ranked_findings`` must be modality-qualified (``"xray/normal"``) so
@@ -152,10 +162,14 @@ def finding_metrics(query_modalities: Sequence[str], query_findings: Sequence[st
     return result
 
 
-def retrieval_metrics(query_modalities: Sequence[str], query_labels: Sequence[str],
-                      database_modalities: Sequence[str], database_labels: Sequence[str],
-                      rankings: Sequence[Sequence[int]], query_in_database: Sequence[int | None] | None = None,
-                      ) -> dict:
+def retrieval_metrics(
+    query_modalities: Sequence[str],
+    query_labels: Sequence[str],
+    database_modalities: Sequence[str],
+    database_labels: Sequence[str],
+    rankings: Sequence[Sequence[int]],
+    query_in_database: Sequence[int | None] | None = None,
+) -> dict:
     """Both levels from index rankings into the database.
 
     ``rankings[q]`` lists database indices, best first, at least 100 deep where the database

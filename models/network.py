@@ -33,8 +33,9 @@ def _conv_block(c_in: int, c_out: int, stride: int, batchnorm: bool = False) -> 
 
 
 def _up_block(c_in: int, c_out: int, batchnorm: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1,
-                                                  bias=not batchnorm)]
+    layers: list[nn.Module] = [
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=not batchnorm)
+    ]
     layers += [nn.BatchNorm2d(c_out)] if batchnorm else []
     return nn.Sequential(*layers, nn.LeakyReLU(0.2))
 
@@ -48,9 +49,17 @@ class PaperAutoencoder(nn.Module):
     the defaults are the paper's network.
     """
 
-    def __init__(self, input_size: int = 64, filters: int = 128, latent_dim: int = 48, bottleneck: int = 4,
-                 widths: tuple[int, ...] | None = None, batchnorm: bool = False, normalize: bool = False,
-                 blocks: int = 0):
+    def __init__(
+        self,
+        input_size: int = 64,
+        filters: int = 128,
+        latent_dim: int = 48,
+        bottleneck: int = 4,
+        widths: tuple[int, ...] | None = None,
+        batchnorm: bool = False,
+        normalize: bool = False,
+        blocks: int = 0,
+    ):
         super().__init__()
         self.normalize = normalize
         depth = round(math.log2(input_size / bottleneck))
@@ -142,11 +151,24 @@ class GemAutoencoder(nn.Module):
       1-channel sigmoid output; the reconstruction target is the input box-resized to 32×32.
     """
 
-    def __init__(self, input_size: int = 64, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
-                 embed_dim: int = 128, pooling: str = "gem", recon_size: int = 32, whitening: bool = True,
-                 batchnorm: bool = True):
+    def __init__(
+        self,
+        input_size: int = 64,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        blocks: int = 1,
+        embed_dim: int = 128,
+        pooling: str = "gem",
+        recon_size: int = 32,
+        whitening: bool = True,
+        batchnorm: bool = True,
+    ):
         super().__init__()
-        self.input_size, self.embed_dim, self.pooling, self.recon_size = input_size, embed_dim, pooling, recon_size
+        self.input_size, self.embed_dim, self.pooling, self.recon_size = (
+            input_size,
+            embed_dim,
+            pooling,
+            recon_size,
+        )
         layers: list[nn.Module] = []
         c_in = 1
         for width in widths:
@@ -170,7 +192,10 @@ class GemAutoencoder(nn.Module):
         self.decoder_in = nn.Linear(embed_dim, 128 * 4 * 4)
         ups, size, ch = [], 4, 128
         while size < recon_size // 2:
-            ups += [nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1), nn.LeakyReLU(0.2)]
+            ups += [
+                nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
+                nn.LeakyReLU(0.2),
+            ]
             ch //= 2
             size *= 2
         ups += [nn.ConvTranspose2d(ch, 1, 3, stride=2, padding=1, output_padding=1)]
@@ -199,8 +224,13 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int, activation: str = "leaky"):
         super().__init__()
         act = nn.LeakyReLU(0.2) if activation == "leaky" else nn.ReLU()
-        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), act,
-                                  nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            act,
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,8 +242,13 @@ class DownBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                                  nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
         self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,11 +260,14 @@ class ResNetClassifier(nn.Module):
     ``widths``, global average pooling, linear classifier. The embedding is the L2-normalised
     penultimate (pooled) feature vector."""
 
-    def __init__(self, input_size: int = 64, widths: tuple[int, ...] = (32, 64, 128, 256), n_classes: int = 14):
+    def __init__(
+        self, input_size: int = 64, widths: tuple[int, ...] = (32, 64, 128, 256), n_classes: int = 14
+    ):
         super().__init__()
         self.input_size = input_size
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, widths[0], 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         stages: list[nn.Module] = [ResidualBlock(widths[0], "relu"), ResidualBlock(widths[0], "relu")]
         for c_in, c_out in itertools.pairwise(widths):
             stages += [DownBlock(c_in, c_out), ResidualBlock(c_out, "relu")]
@@ -283,7 +321,10 @@ class EncoderOnly(nn.Module):
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "paper": PaperAutoencoder, "gem": GemAutoencoder, "resnet": ResNetClassifier, "pca": PcaEncoder,
+    "paper": PaperAutoencoder,
+    "gem": GemAutoencoder,
+    "resnet": ResNetClassifier,
+    "pca": PcaEncoder,
 }
 
 
@@ -299,5 +340,3 @@ def build_model(arch: str, **kwargs) -> nn.Module:
 def describe(model: nn.Module) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     return f"{type(model).__name__} ({n_params / 1e6:.2f} M parameters)"
-
-

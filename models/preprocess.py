@@ -37,8 +37,11 @@ from models.errors import InvalidInput, TooLarge, UnreadableInput
 logger = logging.getLogger(__name__)
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-                  "box": Image.Resampling.BOX}
+RESIZE_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+}
 MAX_PIXELS = 100_000_000
 
 

@@ -39,8 +39,13 @@ class Retriever(Protocol):
     def search(self, item: Record, k: int) -> list[str]: ...
 
 
-def rank_euclidean(queries: np.ndarray, database: np.ndarray, k: int,
-                   exclude: Sequence[int | None] | None = None, block: int = 256) -> np.ndarray:
+def rank_euclidean(
+    queries: np.ndarray,
+    database: np.ndarray,
+    k: int,
+    exclude: Sequence[int | None] | None = None,
+    block: int = 256,
+) -> np.ndarray:
     """Indices ``(Q, min(k, N'))`` of the k nearest database rows per query (float64, stable).
 
     ``exclude[q]`` is a database index never returned for query q (the query itself), or None.
@@ -52,7 +57,7 @@ def rank_euclidean(queries: np.ndarray, database: np.ndarray, k: int,
     depth = max(depth, 0)
     out = np.empty((len(qs), depth), dtype=np.int64)
     for start in range(0, len(qs), block):
-        chunk = qs[start: start + block]
+        chunk = qs[start : start + block]
         dist = db_sq[None, :] - 2.0 * chunk @ db.T + np.einsum("ij,ij->i", chunk, chunk)[:, None]
         np.maximum(dist, 0.0, out=dist)
         if exclude is not None:
@@ -60,7 +65,7 @@ def rank_euclidean(queries: np.ndarray, database: np.ndarray, k: int,
                 if exclude[q] is not None:
                     dist[row, exclude[q]] = np.inf
         order = np.argsort(dist, axis=1, kind="stable")[:, :depth]
-        out[start: start + len(chunk)] = order
+        out[start : start + len(chunk)] = order
     return out
 
 
@@ -84,10 +89,11 @@ class NumpyRetriever:
 
             starts = tqdm(starts, desc="embed", unit="batch", leave=False)
         for start in starts:
-            chunk = items[start: start + self.batch_size]
-            batch = np.stack([to_model_input(load_picture(it.path, it.modality), self.encoder.contract)
-                              for it in chunk])
-            out[start: start + len(chunk)] = self.encoder.embed(batch)
+            chunk = items[start : start + self.batch_size]
+            batch = np.stack(
+                [to_model_input(load_picture(it.path, it.modality), self.encoder.contract) for it in chunk]
+            )
+            out[start : start + len(chunk)] = self.encoder.embed(batch)
         return out
 
     def index_embeddings(self, keys: Sequence[str], embeddings: np.ndarray) -> None:

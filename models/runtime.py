@@ -91,8 +91,9 @@ def choose_providers(device: str) -> list[str]:
 class OnnxEncoder:
     """An exported encoder: ``embed((N,1,S,S) float32) -> (N, dim) float32``."""
 
-    def __init__(self, model_path: str | Path | None = None, device: str = "auto",
-                 intra_op_threads: int | None = None):
+    def __init__(
+        self, model_path: str | Path | None = None, device: str = "auto", intra_op_threads: int | None = None
+    ):
         import onnxruntime as ort
 
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
@@ -105,7 +106,9 @@ class OnnxEncoder:
             options.intra_op_num_threads = intra_op_threads
         requested = choose_providers(device)
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=requested)
+            self.session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=requested
+            )
         except Exception as exc:  # onnxruntime raises its own, unexported exception types
             raise ModelNotFound(f"cannot load ONNX model {self.model_path}: {exc}") from exc
         self.providers: list[str] = list(self.session.get_providers())
@@ -120,8 +123,13 @@ class OnnxEncoder:
             raise ConfigError(f"model input {inputs[0].shape} does not match contract size {size}")
         dim = outputs[0].shape[-1]
         self.dim = int(dim) if isinstance(dim, int) else int(self.card["embedding_dim"])
-        logger.info("loaded encoder %s (version %s, dim %d) on %s", self.model_path.name, self.version,
-                    self.dim, self.providers[0])
+        logger.info(
+            "loaded encoder %s (version %s, dim %d) on %s",
+            self.model_path.name,
+            self.version,
+            self.dim,
+            self.providers[0],
+        )
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -132,8 +140,9 @@ class OnnxEncoder:
         """float32 ``(N, 1, S, S)`` -> float32 ``(N, dim)``."""
         batch = np.asarray(batch)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
-            raise InvalidInput(f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), "
-                               f"got {batch.shape}")
+            raise InvalidInput(
+                f"expected a batch of shape (N, {', '.join(map(str, self.input_shape))}), got {batch.shape}"
+            )
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = np.ascontiguousarray(batch, dtype=np.float32)

@@ -40,22 +40,61 @@ logger = logging.getLogger(__name__)
 
 ARCH_PRESETS: dict[str, dict[str, Any]] = {
     # the paper: MSE autoencoder, Adam 1e-3 with Keras decay 2e-5, best by val loss, 35 epochs
-    "paper": {"arch_kwargs": {"input_size": 64}, "objective": {"mse": 1.0}, "sampler": "shuffle",
-              "select_by": "val_loss", "epochs": 35, "batch_size": 64},
+    "paper": {
+        "arch_kwargs": {"input_size": 64},
+        "objective": {"mse": 1.0},
+        "sampler": "shuffle",
+        "select_by": "val_loss",
+        "epochs": 35,
+        "batch_size": 64,
+    },
     # GeM autoencoder + supervised contrastive on finding labels + whitening (ladder step 2)
-    "gem": {"arch_kwargs": {"input_size": 64, "widths": [128, 128, 128, 128], "blocks": 0, "batchnorm": False,
-                             "embed_dim": 128, "pooling": "gem"},
-             "objective": {"mse": 10.0, "supcon": 1.0}, "sampler": "balanced", "select_by": "val_map",
-             "epochs": 15, "batch_size": 112, "fit_whitening": True},
-    "resnet": {"arch_kwargs": {"input_size": 64}, "objective": {"ce": 1.0}, "sampler": "balanced",
-               "select_by": "val_map", "epochs": 8, "batch_size": 112},
-    "pca": {"arch_kwargs": {"input_size": 64, "n_components": 128}, "objective": {}, "epochs": 0,
-            "select_by": "none"},
+    "gem": {
+        "arch_kwargs": {
+            "input_size": 64,
+            "widths": [128, 128, 128, 128],
+            "blocks": 0,
+            "batchnorm": False,
+            "embed_dim": 128,
+            "pooling": "gem",
+        },
+        "objective": {"mse": 10.0, "supcon": 1.0},
+        "sampler": "balanced",
+        "select_by": "val_map",
+        "epochs": 15,
+        "batch_size": 112,
+        "fit_whitening": True,
+    },
+    "resnet": {
+        "arch_kwargs": {"input_size": 64},
+        "objective": {"ce": 1.0},
+        "sampler": "balanced",
+        "select_by": "val_map",
+        "epochs": 8,
+        "batch_size": 112,
+    },
+    "pca": {
+        "arch_kwargs": {"input_size": 64, "n_components": 128},
+        "objective": {},
+        "epochs": 0,
+        "select_by": "none",
+    },
 }
-_RETRIEVAL = {"objective": {"mse": 100.0, "supcon": 1.0}, "sampler": "balanced", "select_by": "val_map",
-              "batch_size": 112, "epochs": 8}
-_PAPER_BODY_GEM = {"input_size": 64, "widths": [128, 128, 128, 128], "blocks": 0, "batchnorm": False,
-                   "embed_dim": 128, "pooling": "gem"}
+_RETRIEVAL = {
+    "objective": {"mse": 100.0, "supcon": 1.0},
+    "sampler": "balanced",
+    "select_by": "val_map",
+    "batch_size": 112,
+    "epochs": 8,
+}
+_PAPER_BODY_GEM = {
+    "input_size": 64,
+    "widths": [128, 128, 128, 128],
+    "blocks": 0,
+    "batchnorm": False,
+    "embed_dim": 128,
+    "pooling": "gem",
+}
 # The "ours" ladder: each step adds one idea from the related work to the last step that was kept
 # (kept = better validation finding-level mAP@10, macro over modalities). See models/README.md.
 _S1 = {"input_size": 64, "normalize": True}
@@ -78,11 +117,15 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # 7: longer training, 20 instead of 8 epochs, on step 5 (step 6 was not kept)
     "ours-s7-longer": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20)),
     # 8: step 6's augmentation on the pictures only: EEG traces keep their fixed time/amplitude scale
-    "ours-s8-augment-images": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20,
-                                              augment=["xray", "mri", "oct"])),
+    "ours-s8-augment-images": (
+        "paper",
+        dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20, augment=["xray", "mri", "oct"]),
+    ),
     # 9: step 8 trained longer, 30 epochs (it was still improving at epoch 20)
-    "ours-s9-augment-longer": ("paper", dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=30,
-                                              augment=["xray", "mri", "oct"])),
+    "ours-s9-augment-longer": (
+        "paper",
+        dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=30, augment=["xray", "mri", "oct"]),
+    ),
 }
 # "ours" = the last kept step of the ladder (what models/weights ships)
 RECIPES["ours"] = RECIPES["ours-s9-augment-longer"]
@@ -92,8 +135,15 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"subset": {"train": 24, "val": 8}, "epochs": 2},
 }
 BASE_CONFIG: dict[str, Any] = {
-    "seed": 0, "lr": 1e-3, "lr_decay": 2e-5, "supcon_temperature": 0.1, "augment": False,
-    "fit_whitening": False, "whitening_shrinkage": 0.1, "threads": 1, "patience": None,
+    "seed": 0,
+    "lr": 1e-3,
+    "lr_decay": 2e-5,
+    "supcon_temperature": 0.1,
+    "augment": False,
+    "fit_whitening": False,
+    "whitening_shrinkage": 0.1,
+    "threads": 1,
+    "patience": None,
     "channels_last": True,
 }
 # settings allowed to change when resuming: performance-only ones, and ``epochs`` (extending a
@@ -109,8 +159,10 @@ def resolve_torch_device(name: str):
     if name not in DEVICES:
         raise ConfigError(f"device must be one of {DEVICES}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but this torch build sees no CUDA GPU "
-                          f"(torch {torch.__version__}, cuda {torch.version.cuda})")
+        raise ConfigError(
+            "device='cuda' but this torch build sees no CUDA GPU "
+            f"(torch {torch.__version__}, cuda {torch.version.cuda})"
+        )
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -125,7 +177,9 @@ def model_device(model):
     return torch.device("cpu")
 
 
-def resolve_config(arch: str, size: str, overrides: list[str] | None = None, **explicit: Any) -> dict[str, Any]:
+def resolve_config(
+    arch: str, size: str, overrides: list[str] | None = None, **explicit: Any
+) -> dict[str, Any]:
     """Base config <- arch preset <- size preset <- ``--set key=value`` overrides <- explicit args."""
     recipe = None
     if arch in RECIPES:
@@ -233,20 +287,25 @@ def compute_loss(model, x, y, config: dict[str, Any]):
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
-def batch_order(labels: np.ndarray, batch_size: int, sampler: str, rng: np.random.Generator) -> list[np.ndarray]:
+def batch_order(
+    labels: np.ndarray, batch_size: int, sampler: str, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Index batches for one epoch: shuffled, or class-balanced (every class, equal share)."""
     n = len(labels)
     n_batches = max(1, n // batch_size)
     if sampler == "shuffle":
         order = rng.permutation(n)
-        return [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
     classes = np.unique(labels)
     per_class = max(2, batch_size // len(classes))
     pools = {c: np.flatnonzero(labels == c) for c in classes}
     batches = []
     for _ in range(n_batches):
-        batches.append(np.concatenate([rng.choice(pools[c], per_class, replace=len(pools[c]) < per_class)
-                                       for c in classes]))
+        batches.append(
+            np.concatenate(
+                [rng.choice(pools[c], per_class, replace=len(pools[c]) < per_class) for c in classes]
+            )
+        )
     return batches
 
 
@@ -258,30 +317,45 @@ def embed_tensor(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray
     out = []
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
-            batch = torch.from_numpy(inputs[start: start + batch_size]).to(device)
+            batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
             out.append(model.encode(batch).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def validation_map(model, train_inputs, train_records, val_inputs, val_records, k: int = 10) -> dict[str, Any]:
+def validation_map(
+    model, train_inputs, train_records, val_inputs, val_records, k: int = 10
+) -> dict[str, Any]:
     """Finding-level mAP@10 of val queries against the train database (Euclidean on ``encode``)."""
     db = embed_tensor(model, train_inputs)
     qs = embed_tensor(model, val_inputs)
     order = rank_euclidean(qs, db, 20)
     db_find = np.array([r.finding for r in train_records])
     counts = {f: int((db_find == f).sum()) for f in set(db_find.tolist())}
-    result = finding_metrics([r.modality for r in val_records], [r.finding for r in val_records],
-                             [db_find[row].tolist() for row in order],
-                             [counts.get(r.finding, 0) for r in val_records])
-    return {"val_map@10": result["macro"][f"map@{k}"],
-            **{f"val_map@10_{m}": result[m][f"map@{k}"] for m in result if m not in ("overall", "macro")}}
+    result = finding_metrics(
+        [r.modality for r in val_records],
+        [r.finding for r in val_records],
+        [db_find[row].tolist() for row in order],
+        [counts.get(r.finding, 0) for r in val_records],
+    )
+    return {
+        "val_map@10": result["macro"][f"map@{k}"],
+        **{f"val_map@10_{m}": result[m][f"map@{k}"] for m in result if m not in ("overall", "macro")},
+    }
 
 
 class Trainer:
     """One training run in ``out_dir`` (see module docstring)."""
 
-    def __init__(self, config: dict[str, Any], out_dir: str | Path, train_records, train_inputs,
-                 val_records, val_inputs, manifest_sha256: str | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        out_dir: str | Path,
+        train_records,
+        train_inputs,
+        val_records,
+        val_inputs,
+        manifest_sha256: str | None = None,
+    ):
         import torch
 
         from models.network import build_model, describe
@@ -298,8 +372,9 @@ class Trainer:
         self.val_labels = np.array([class_index.get(r.finding, -1) for r in val_records])
         # augment: False, True (every picture) or a list of modalities whose pictures are augmented
         augment = config["augment"]
-        self.augment_mask = np.array([bool(augment) and (augment is True or r.modality in augment)
-                                      for r in train_records])
+        self.augment_mask = np.array(
+            [bool(augment) and (augment is True or r.modality in augment) for r in train_records]
+        )
         torch.manual_seed(config["seed"])
         arch_kwargs = dict(config["arch_kwargs"])
         if config["arch"] == "resnet":
@@ -317,8 +392,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
         decay = config["lr_decay"]
-        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 / (1.0 + decay * step))
-                          if self.optimizer else None)
+        self.scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0 / (1.0 + decay * step))
+            if self.optimizer
+            else None
+        )
         self.epoch, self.step = 0, 0
         self.best_score, self.best_epoch = None, None
         self.history: list[dict[str, Any]] = []
@@ -327,17 +405,36 @@ class Trainer:
     def checkpoint(self) -> dict[str, Any]:
         torch = self.torch
         with torch.no_grad():
-            dim = int(self.model.encode(self.torch.zeros(1, 1, self.contract.input_size, self.contract.input_size,
-                                                         device=self.device)).shape[1])
+            dim = int(
+                self.model.encode(
+                    self.torch.zeros(
+                        1, 1, self.contract.input_size, self.contract.input_size, device=self.device
+                    )
+                ).shape[1]
+            )
         return {
-            "arch": self.config["arch"], "arch_kwargs": self.arch_kwargs, "model": self.model.state_dict(),
+            "arch": self.config["arch"],
+            "arch_kwargs": self.arch_kwargs,
+            "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "epoch": self.epoch, "step": self.step, "best_score": self.best_score, "best_epoch": self.best_epoch,
-            "best_val_loss": self.best_score if self.config["select_by"] == "val_loss" else None, "config": self.config, "contract": self.contract.to_dict(),
-            "embedding_dim": dim, "manifest_sha256": self.manifest_sha256, "classes": self.classes,
-            "summary": self.summary, "history": self.history,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_score if self.config["select_by"] == "val_loss" else None,
+            "config": self.config,
+            "contract": self.contract.to_dict(),
+            "embedding_dim": dim,
+            "manifest_sha256": self.manifest_sha256,
+            "classes": self.classes,
+            "summary": self.summary,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
         }
 
     def save(self, name: str, ckpt: dict[str, Any] | None = None) -> None:
@@ -351,7 +448,9 @@ class Trainer:
         old = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_KEYS | {"recipe"}}
         new = {k: v for k, v in self.config.items() if k not in RESUMABLE_KEYS | {"recipe"}}
         if old != new:
-            raise SystemExit(f"config differs from the checkpoint's; refusing to resume\nold: {old}\nnew: {new}")
+            raise SystemExit(
+                f"config differs from the checkpoint's; refusing to resume\nold: {old}\nnew: {new}"
+            )
         self.model.load_state_dict(ckpt["model"])
         if self.optimizer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -385,8 +484,11 @@ class Trainer:
             result["val_loss"] = losses / max(n, 1)
             result.update({f"val_{k}": v / max(n, 1) for k, v in terms_sum.items()})
         if self.config["select_by"] == "val_map":
-            result.update(validation_map(self.model, self.train_inputs, self.train_records,
-                                         self.val_inputs, self.val_records))
+            result.update(
+                validation_map(
+                    self.model, self.train_inputs, self.train_records, self.val_inputs, self.val_records
+                )
+            )
         return result
 
     def is_better(self, metrics: dict[str, Any]) -> bool:
@@ -426,8 +528,11 @@ class Trainer:
             for key, value in terms.items():
                 terms_sum[key] = terms_sum.get(key, 0.0) + value * len(idx)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        return {"train_loss": total / max(n, 1), **{f"train_{k}": v / max(n, 1) for k, v in terms_sum.items()},
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "train_loss": total / max(n, 1),
+            **{f"train_{k}": v / max(n, 1) for k, v in terms_sum.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     def fit(self, max_minutes: float | None = None) -> bool:
         """Train up to ``config['epochs']``; returns True when finished, False when stopped early."""
@@ -463,9 +568,16 @@ class Trainer:
             if patience and self.best_epoch is not None and self.epoch - self.best_epoch >= patience:
                 logger.info("no improvement for %d epochs; stopping", patience)
                 break
-            if max_minutes and (time.monotonic() - started) / 60 > max_minutes and self.epoch < self.config["epochs"]:
-                logger.info("stopping after epoch %d (--max-minutes %.1f); continue with --resume",
-                            self.epoch, max_minutes)
+            if (
+                max_minutes
+                and (time.monotonic() - started) / 60 > max_minutes
+                and self.epoch < self.config["epochs"]
+            ):
+                logger.info(
+                    "stopping after epoch %d (--max-minutes %.1f); continue with --resume",
+                    self.epoch,
+                    max_minutes,
+                )
                 return False
         if self.config.get("fit_whitening"):
             self.fit_whitening()
@@ -481,12 +593,17 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.model.eval()
         with torch.no_grad():
-            raw = torch.cat([self.model.raw_embedding(torch.from_numpy(self.train_inputs[i:i + 256]).to(self.device))
-                             for i in range(0, len(self.train_inputs), 256)])
+            raw = torch.cat(
+                [
+                    self.model.raw_embedding(torch.from_numpy(self.train_inputs[i : i + 256]).to(self.device))
+                    for i in range(0, len(self.train_inputs), 256)
+                ]
+            )
         self.model.whiten.fit(raw, shrinkage=self.config["whitening_shrinkage"])
         whitened = dict(ckpt, model=self.model.state_dict(), whitened=True)
-        whitened["whitening_val"] = validation_map(self.model, self.train_inputs, self.train_records,
-                                                   self.val_inputs, self.val_records)
+        whitened["whitening_val"] = validation_map(
+            self.model, self.train_inputs, self.train_records, self.val_inputs, self.val_records
+        )
         torch.save(ckpt, self.out_dir / "best-unwhitened.pt")
         self.save("best.pt", whitened)
         logger.info("whitening fitted; val %s", whitened["whitening_val"])
@@ -512,29 +629,51 @@ def load_training_data(config: dict[str, Any], cache_dir: Path | None = data_mod
         val = select_subset(val, subset["val"], config["seed"])
     all_records = train + val
     inputs = data_mod.cached_model_inputs(all_records, contract, cache_dir)
-    return train, inputs[: len(train)], val, inputs[len(train):], data_mod.manifest_sha256(data_dir)
+    return train, inputs[: len(train)], val, inputs[len(train) :], data_mod.manifest_sha256(data_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="paper", choices=sorted(ARCH_PRESETS) + sorted(RECIPES),
-                        help="model family, or a named recipe (a step of the 'ours' ladder)")
-    parser.add_argument("--config", default="full", choices=sorted(SIZE_PRESETS),
-                        help="'small': class-balanced subset, 2 epochs (minutes); 'full': all of train/val")
+    parser.add_argument(
+        "--arch",
+        default="paper",
+        choices=sorted(ARCH_PRESETS) + sorted(RECIPES),
+        help="model family, or a named recipe (a step of the 'ours' ladder)",
+    )
+    parser.add_argument(
+        "--config",
+        default="full",
+        choices=sorted(SIZE_PRESETS),
+        help="'small': class-balanced subset, 2 epochs (minutes); 'full': all of train/val",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, config, metrics)")
-    parser.add_argument("--data", type=Path, default=None, help="data folder with manifest.csv "
-                        "(default: $CBMIR_SHARED_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data folder with manifest.csv (default: $CBMIR_SHARED_DATA or ../shared/data)",
+    )
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry (JSON value; dotted keys, e.g. arch_kwargs.input_size=96)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config entry (JSON value; dotted keys, e.g. arch_kwargs.input_size=96)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch crossing this")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not cache preprocessed inputs")
-    parser.add_argument("--device", default="cpu", choices=DEVICES,
-                        help="where torch trains: the CPU, a CUDA GPU, or auto (CUDA when present)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=DEVICES,
+        help="where torch trains: the CPU, a CUDA GPU, or auto (CUDA when present)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -548,25 +687,44 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logger.info("training on %s", device)
     data_dir = args.data or data_mod.shared_data_dir()
-    config = resolve_config(args.arch, args.config, args.set, epochs=args.epochs, batch_size=args.batch_size,
-                            seed=args.seed, data=str(Path(data_dir).resolve()), threads=args.threads,
-                            device=args.device)
+    config = resolve_config(
+        args.arch,
+        args.config,
+        args.set,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data=str(Path(data_dir).resolve()),
+        threads=args.threads,
+        device=args.device,
+    )
     out = Path(args.out)
     if (out / "last.pt").exists() and not args.resume:
         logger.error("%s already holds a run; pass --resume to continue it or choose another --out", out)
         return 2
     random.seed(config["seed"])
     np.random.seed(config["seed"])
-    train, train_x, val, val_x, sha = load_training_data(config, None if args.no_cache else data_mod.DEFAULT_CACHE_DIR)
-    logger.info("train %d, val %d pictures; config %s", len(train), len(val),
-                hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12])
+    train, train_x, val, val_x, sha = load_training_data(
+        config, None if args.no_cache else data_mod.DEFAULT_CACHE_DIR
+    )
+    logger.info(
+        "train %d, val %d pictures; config %s",
+        len(train),
+        len(val),
+        hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12],
+    )
     trainer = Trainer(config, out, train, train_x, val, val_x, sha)
     logger.info("model: %s", trainer.summary)
     if args.resume and (out / "last.pt").exists():
         trainer.resume()
     finished = trainer.fit(args.max_minutes)
-    logger.info("%s; best epoch %s (score %s) in %s", "finished" if finished else "paused", trainer.best_epoch,
-                trainer.best_score, out / "best.pt")
+    logger.info(
+        "%s; best epoch %s (score %s) in %s",
+        "finished" if finished else "paused",
+        trainer.best_epoch,
+        trainer.best_score,
+        out / "best.pt",
+    )
     return 0 if finished else 3
 
 

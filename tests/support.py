@@ -48,7 +48,12 @@ class Proc:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.process = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
             start_new_session=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()
@@ -75,7 +80,9 @@ class Proc:
                 if remaining <= 0 or (self.process.poll() is not None and seen == len(self.lines)):
                     break
                 self._cond.wait(timeout=min(remaining, 0.5))
-        raise AssertionError(f"{self.name}: no line matching {pattern!r} within {timeout_s}s; output:\n" + self.output())
+        raise AssertionError(
+            f"{self.name}: no line matching {pattern!r} within {timeout_s}s; output:\n" + self.output()
+        )
 
     def output(self) -> str:
         with self._cond:
@@ -123,11 +130,27 @@ def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
     return proc
 
 
-def storescu(port: int, files: list[Path], *, calling_aet: str = "STORESCU", called_aet: str = "CBMIR",
-             check: bool = True) -> subprocess.CompletedProcess:
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    calling_aet: str = "STORESCU",
+    called_aet: str = "CBMIR",
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Push files with dcmtk's storescu (Nagle off, as a PACS admin would set it)."""
     env = dict(os.environ, TCP_NODELAY="1")
-    argv = ["storescu", "-v", "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port), *map(str, files)]
+    argv = [
+        "storescu",
+        "-v",
+        "-aet",
+        calling_aet,
+        "-aec",
+        called_aet,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -80,17 +80,34 @@ def _mr(meta_uid: str | None = None, dataset_uid: str | None = "new", sop_class:
 def listener_only_cases(out: Path) -> list[dict]:
     """Requests the corpus cannot express: dataset and C-STORE request disagree."""
     cases = [
-        ("instance_uid_mismatch.dcm", _mr(meta_uid=generate_uid()), 0xA900, "dataset-mismatch",
-         "File Meta (so the request) names another SOP Instance UID than the dataset"),
-        ("class_mismatch.dcm", _mr(sop_class=CT_IMAGE), 0xA900, "dataset-mismatch",
-         "request says MR Image Storage, the dataset says CT Image Storage"),
-        ("dataset_without_uid.dcm", _mr(dataset_uid=None), 0xC210, "missing-uid",
-         "the dataset has no SOP Instance UID (the File Meta has one)"),
+        (
+            "instance_uid_mismatch.dcm",
+            _mr(meta_uid=generate_uid()),
+            0xA900,
+            "dataset-mismatch",
+            "File Meta (so the request) names another SOP Instance UID than the dataset",
+        ),
+        (
+            "class_mismatch.dcm",
+            _mr(sop_class=CT_IMAGE),
+            0xA900,
+            "dataset-mismatch",
+            "request says MR Image Storage, the dataset says CT Image Storage",
+        ),
+        (
+            "dataset_without_uid.dcm",
+            _mr(dataset_uid=None),
+            0xC210,
+            "missing-uid",
+            "the dataset has no SOP Instance UID (the File Meta has one)",
+        ),
     ]
     for name, data, *_ in cases:
         (out / name).write_bytes(data)
-    return [{"file": name, "expected_status": status, "expected_reason": reason, "description": text}
-            for name, _, status, reason, text in cases]
+    return [
+        {"file": name, "expected_status": status, "expected_reason": reason, "description": text}
+        for name, _, status, reason, text in cases
+    ]
 
 
 # --- a real SCU ----------------------------------------------------------------------------------
@@ -102,8 +119,11 @@ def _meta(path: Path) -> tuple[str, str, str]:
         meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
     except Exception:
         return "", "", ""
-    return (str(meta.get("MediaStorageSOPClassUID", "") or ""), str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
-            str(meta.get("TransferSyntaxUID", "") or ""))
+    return (
+        str(meta.get("MediaStorageSOPClassUID", "") or ""),
+        str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
+        str(meta.get("TransferSyntaxUID", "") or ""),
+    )
 
 
 def _associate(port: int, sop_class: str, transfer_syntax: str):
@@ -147,7 +167,9 @@ def send(port: int, path: Path) -> dict:
         except (ValueError, AttributeError) as exc:
             return dict(outcome, result="client-refused", detail=f"{type(exc).__name__}: {exc}"[:120])
         if "Status" not in status:
-            return dict(outcome, result="no-response", detail="association aborted" if assoc.is_aborted else "")
+            return dict(
+                outcome, result="no-response", detail="association aborted" if assoc.is_aborted else ""
+            )
         return dict(outcome, result="status", status=int(status.Status))
     finally:
         if assoc.is_established:
@@ -169,7 +191,9 @@ def find_record(records: list[dict], spool_name: str) -> dict | None:
     return None
 
 
-def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_malformed_corpus_through_listener_and_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pynetdicom import _config
 
     from services.ingest.spool import spool_name_for
@@ -184,8 +208,14 @@ def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path, monkeypat
     extra = listener_only_cases(to_listener)
 
     data, watch = tmp_path / "data", tmp_path / "in"
-    env = base_env(data, CBMIR_MAX_ROWS=str(limits["max_rows"]), CBMIR_MAX_COLUMNS=str(limits["max_columns"]),
-                   CBMIR_MAX_FRAMES=str(limits["max_frames"]), CBMIR_MAX_RETRIES="1", CBMIR_RETRY_BACKOFF_S="0.5")
+    env = base_env(
+        data,
+        CBMIR_MAX_ROWS=str(limits["max_rows"]),
+        CBMIR_MAX_COLUMNS=str(limits["max_columns"]),
+        CBMIR_MAX_FRAMES=str(limits["max_frames"]),
+        CBMIR_MAX_RETRIES="1",
+        CBMIR_RETRY_BACKOFF_S="0.5",
+    )
     procs: list[Proc] = []
     try:
         query, grpc_port = start_query(env)
@@ -210,10 +240,18 @@ def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path, monkeypat
             results[case["file"]] = dict(send(dicom_port, path), case=case, sop_class=_meta(path)[0])
 
         acknowledged = {name: r for name, r in results.items() if r.get("status") == 0x0000}
-        wait_until(lambda: not any((data / "spool" / "incoming").iterdir()) and all(
-            (data / "archive" / spool_name_for(r["uid"])).exists()
-            or (data / "quarantine" / spool_name_for(r["uid"])).exists() for r in acknowledged.values()),
-            90, "every acknowledged object archived or quarantined")
+        wait_until(
+            lambda: (
+                not any((data / "spool" / "incoming").iterdir())
+                and all(
+                    (data / "archive" / spool_name_for(r["uid"])).exists()
+                    or (data / "quarantine" / spool_name_for(r["uid"])).exists()
+                    for r in acknowledged.values()
+                )
+            ),
+            90,
+            "every acknowledged object archived or quarantined",
+        )
         wait_until(lambda: not any(p.is_file() for p in watch.iterdir()), 60, "the watcher took every file")
         wait_until(lambda: not any((data / "spool" / "incoming").iterdir()), 60, "the spool drained")
 
@@ -273,16 +311,20 @@ def test_malformed_corpus_through_listener_and_watcher(tmp_path: Path, monkeypat
 
         # -- counts, liveness ---------------------------------------------------------------------
         assert stats.quarantined == len(records)
-        assert {q.reason: q.count for q in stats.quarantine_reasons} == dict(Counter(r["reason"] for r in records))
+        assert {q.reason: q.count for q in stats.quarantine_reasons} == dict(
+            Counter(r["reason"] for r in records)
+        )
         assert stats.pending == 0
         indexed = [p for p in (data / "archive").iterdir() if p.is_file()]
         assert stats.total == len(indexed)
         pushed = len(results)
         sent = sum(1 for r in results.values() if r["result"] == "status")
         print("\n".join(table))
-        print(f"listener: pushed {pushed}, C-STORE sent {sent}, acknowledged {len(acknowledged)}, "
-              f"indexed {stats.total}; quarantined in all {stats.quarantined}: "
-              f"{ {q.reason: q.count for q in stats.quarantine_reasons} }")
+        print(
+            f"listener: pushed {pushed}, C-STORE sent {sent}, acknowledged {len(acknowledged)}, "
+            f"indexed {stats.total}; quarantined in all {stats.quarantined}: "
+            f"{ {q.reason: q.count for q in stats.quarantine_reasons} }"
+        )
         time.sleep(0.5)
         for proc in procs:
             assert proc.process.poll() is None, f"{proc.name} died:\n{proc.output()}"

@@ -19,9 +19,12 @@ from tests import support
 pytestmark = pytest.mark.integration
 
 
-def cbmir(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(support.CBMIR), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+def cbmir(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(support.CBMIR), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def test_the_console_script_is_installed() -> None:
@@ -43,8 +46,13 @@ def test_top_level_help_lists_every_command() -> None:
 
 
 def test_python_dash_m_services_is_the_same_command_line() -> None:
-    result = subprocess.run([sys.executable, "-m", "services", "reindex", "--help"], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "reindex", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0 and "--requeue-quarantined" in result.stdout
 
 
@@ -105,17 +113,23 @@ def test_reindex_requeue_quarantined_by_reason(redis_env: dict[str, str], data_d
     assert _queued_tasks(redis_env["CBMIR_QUEUE"]) == [["1.2.4.1.dcm"]]
 
 
-def test_long_running_commands_take_their_flags(redis_env: dict[str, str], data_dir: Path, tmp_path: Path,
-                                                procs: list[support.Proc]) -> None:
-    watch = support.Proc("watch", [str(support.CBMIR), "watch", "--settle", "2", str(tmp_path / "in")], redis_env)
+def test_long_running_commands_take_their_flags(
+    redis_env: dict[str, str], data_dir: Path, tmp_path: Path, procs: list[support.Proc]
+) -> None:
+    watch = support.Proc(
+        "watch", [str(support.CBMIR), "watch", "--settle", "2", str(tmp_path / "in")], redis_env
+    )
     procs.append(watch)
     watch.wait_for(r"cbmir watch: watching ")
     watch.wait_for(r"settle 2\.0 s")
     scp = support.Proc("scp", [str(support.CBMIR), "scp", "--port", "0", "--ae-title", "CLITEST"], redis_env)
     procs.append(scp)
     scp.wait_for(r"cbmir scp: AE CLITEST listening on 127\.0\.0\.1:\d+")
-    worker = support.Proc("worker", [str(support.CBMIR), "worker", "--concurrency", "1", "--hostname",
-                                     "clitest@localhost"], redis_env)
+    worker = support.Proc(
+        "worker",
+        [str(support.CBMIR), "worker", "--concurrency", "1", "--hostname", "clitest@localhost"],
+        redis_env,
+    )
     procs.append(worker)
     worker.wait_for(r"clitest@localhost ready")
     worker.wait_for(r"1 threads", timeout_s=5)

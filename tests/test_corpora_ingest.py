@@ -27,8 +27,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def _corpora(tmp: Path) -> dict[str, list[Path]]:
     import pydicom
 
-    corpora = {"pydicom test files": sorted(p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*")
-                                             if p.is_file())}
+    corpora = {
+        "pydicom test files": sorted(
+            p for p in (Path(pydicom.__file__).parent / "data" / "test_files").rglob("*") if p.is_file()
+        )
+    }
     try:
         import data_store
 
@@ -42,7 +45,9 @@ def _corpora(tmp: Path) -> dict[str, list[Path]]:
             if path.suffix == ".zst":
                 out = tmp / "wg04" / path.parent.name / path.stem
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout)
+                out.write_bytes(
+                    subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+                )
                 files.append(out)
             else:
                 files.append(path)
@@ -54,7 +59,9 @@ def _uid(path: Path) -> str | None:
     import pydicom
 
     try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.MediaStorageSOPInstanceUID)
+        return str(
+            pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.MediaStorageSOPInstanceUID
+        )
     except Exception:
         return None
 
@@ -62,8 +69,11 @@ def _uid(path: Path) -> str | None:
 def test_corpora_through_listener_and_workers(data_dir, procs, tmp_path):
     corpora = _corpora(tmp_path)
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [str(support.CBMIR), "serve", "--data-dir", str(data_dir),
-                                   "--dicom-port", "0", "--grpc-port", "0"], env)
+    serve = support.Proc(
+        "serve",
+        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        env,
+    )
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
     dicom_port, grpc_port = int(ready.group(1)), int(ready.group(2))
@@ -75,8 +85,10 @@ def test_corpora_through_listener_and_workers(data_dir, procs, tmp_path):
     support.wait_until(lambda: client.stats().pending == 0, 600, "the spool drained")
     stats = client.stats()
 
-    quarantine = {json.loads(p.read_text())["name"]: json.loads(p.read_text())
-                  for p in (data_dir / "quarantine").glob("*.reason.json")}
+    quarantine = {
+        json.loads(p.read_text())["name"]: json.loads(p.read_text())
+        for p in (data_dir / "quarantine").glob("*.reason.json")
+    }
     rows = []
     for name, results in statuses.items():
         counts = collections.Counter()
@@ -100,8 +112,11 @@ def test_corpora_through_listener_and_workers(data_dir, procs, tmp_path):
                     # Acknowledged twice under one UID (the corpora repeat UIDs): the later copy
                     # replaced the earlier one, idempotently. Anything else is a loss.
                     assert sum(1 for p, s in results.items() if s == 0 and _uid(p) == uid) > 1 or any(
-                        s == 0 and _uid(p) == uid for other in statuses.values() for p, s in other.items()
-                        if other is not results), f"{path} acknowledged but neither indexed nor quarantined"
+                        s == 0 and _uid(p) == uid
+                        for other in statuses.values()
+                        for p, s in other.items()
+                        if other is not results
+                    ), f"{path} acknowledged but neither indexed nor quarantined"
                     counts["replaced by a resend of its UID"] += 1
             else:
                 counts[f"refused 0x{status:04X}"] += 1

@@ -64,9 +64,16 @@ def base_dataset(sop_class: str = MR_IMAGE, modality: str = "MR") -> Dataset:
     return ds
 
 
-def image_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", frames: int | None = None,
-                  sop_class: str = MR_IMAGE, modality: str = "MR", planar: int | None = None,
-                  raw_bytes: bytes | None = None) -> Dataset:
+def image_dataset(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    frames: int | None = None,
+    sop_class: str = MR_IMAGE,
+    modality: str = "MR",
+    planar: int | None = None,
+    raw_bytes: bytes | None = None,
+) -> Dataset:
     """Native little-endian image; ``pixels`` is (rows, cols), (rows, cols, 3) or with frames first."""
     ds = base_dataset(sop_class, modality)
     colour = photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
@@ -239,8 +246,16 @@ def test_pydicom_data_files_decode_or_raise_cbmir_errors() -> None:
     counts, outcome = survey(pydicom_test_files(own=False))
     print("pydicom-data files:", dict(counts))
     assert counts["decoded"] >= 60
-    for name in ("RG1_UNCI.dcm", "emri_small.dcm", "color3d_jpeg_baseline.dcm", "US1_J2KR.dcm",
-                 "emri_small_RLE.dcm", "OBXXXX1A_rle.dcm", "vlut_04.dcm", "mlut_18.dcm"):
+    for name in (
+        "RG1_UNCI.dcm",
+        "emri_small.dcm",
+        "color3d_jpeg_baseline.dcm",
+        "US1_J2KR.dcm",
+        "emri_small_RLE.dcm",
+        "OBXXXX1A_rle.dcm",
+        "vlut_04.dcm",
+        "mlut_18.dcm",
+    ):
         assert outcome[name] == "decoded", name
 
 
@@ -391,17 +406,23 @@ def test_enhanced_per_frame_rescale_and_window() -> None:
 
 
 def test_header_has_no_patient_data_and_reads_without_pixels(tmp_path: Path) -> None:
-    ds = image_dataset(np.zeros((4, 6), dtype=np.uint8), sop_class="1.2.840.10008.5.1.4.1.1.1",
-                       modality="CR")
+    ds = image_dataset(np.zeros((4, 6), dtype=np.uint8), sop_class="1.2.840.10008.5.1.4.1.1.1", modality="CR")
     path = tmp_path / "cr.dcm"
     ds.save_as(path, enforce_file_format=True)
     for source in (path, str(path), path.read_bytes(), ds):
         header = read_header(source)
         assert header == InstanceHeader(
-            sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
-            modality_code="CR", modality="xray", number_of_frames=1, rows=4, columns=6,
-            transfer_syntax_uid=ExplicitVRLittleEndian)
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            modality_code="CR",
+            modality="xray",
+            number_of_frames=1,
+            rows=4,
+            columns=6,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
         assert "Jane" not in repr(header) and "SECRET" not in repr(header) and "1970" not in repr(header)
     from_network = pydicom.dcmread(path)
     del from_network.file_meta  # as a C-STORE dataset may arrive: no File Meta
@@ -413,14 +434,28 @@ def test_header_has_no_patient_data_and_reads_without_pixels(tmp_path: Path) -> 
         decode_for_embedding(truncated)
 
 
-@pytest.mark.parametrize("code, sop, expected", [
-    ("CR", "", "xray"), ("DX", "", "xray"), ("RG", "", "xray"),
-    ("", "1.2.840.10008.5.1.4.1.1.1.1", "xray"), ("OT", "1.2.840.10008.5.1.4.1.1.1", "xray"),
-    ("MR", "", "mri"), ("", ENHANCED_MR, "mri"), ("OPT", "", "oct"),
-    ("", "1.2.840.10008.5.1.4.1.1.77.1.5.4", "oct"), ("EEG", "", "eeg"), ("", ROUTINE_EEG, "eeg"),
-    ("", "1.2.840.10008.5.1.4.1.1.9.7.4", "eeg"), ("CT", "1.2.840.10008.5.1.4.1.1.2", "other"),
-    ("US", "", "other"), ("MG", "", "other"), (None, None, "other"), ("mr", "", "mri"),
-])
+@pytest.mark.parametrize(
+    "code, sop, expected",
+    [
+        ("CR", "", "xray"),
+        ("DX", "", "xray"),
+        ("RG", "", "xray"),
+        ("", "1.2.840.10008.5.1.4.1.1.1.1", "xray"),
+        ("OT", "1.2.840.10008.5.1.4.1.1.1", "xray"),
+        ("MR", "", "mri"),
+        ("", ENHANCED_MR, "mri"),
+        ("OPT", "", "oct"),
+        ("", "1.2.840.10008.5.1.4.1.1.77.1.5.4", "oct"),
+        ("EEG", "", "eeg"),
+        ("", ROUTINE_EEG, "eeg"),
+        ("", "1.2.840.10008.5.1.4.1.1.9.7.4", "eeg"),
+        ("CT", "1.2.840.10008.5.1.4.1.1.2", "other"),
+        ("US", "", "other"),
+        ("MG", "", "other"),
+        (None, None, "other"),
+        ("mr", "", "mri"),
+    ],
+)
 def test_normalize_modality(code, sop, expected) -> None:
     assert normalize_modality(code, sop) == expected
 
@@ -469,8 +504,15 @@ def test_sr_document_is_unsupported() -> None:
 # --- EEG waveforms -------------------------------------------------------------------------------
 
 
-def eeg_dataset(channels: np.ndarray, *, sampling_hz: float = 173.61, sensitivity: float = 0.5,
-                correction: float = 1.0, baseline: float = 10.0, unit: str = "uV") -> Dataset:
+def eeg_dataset(
+    channels: np.ndarray,
+    *,
+    sampling_hz: float = 173.61,
+    sensitivity: float = 0.5,
+    correction: float = 1.0,
+    baseline: float = 10.0,
+    unit: str = "uV",
+) -> Dataset:
     """Routine Scalp EEG with ``channels`` (n_channels, n_samples) int16 stored values."""
     ds = base_dataset(ROUTINE_EEG, "EEG")
     group = Dataset()
@@ -541,8 +583,14 @@ def fuzz_seeds() -> list[bytes]:
     from pydicom.data import get_testdata_file
 
     seeds = []
-    for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
-                 "emri_small_jpeg_ls_lossless.dcm", "OBXXXX1A_rle.dcm"):
+    for name in (
+        "CT_small.dcm",
+        "MR_small_RLE.dcm",
+        "JPEG2000.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "OBXXXX1A_rle.dcm",
+    ):
         path = get_testdata_file(name)
         if path:
             seeds.append(Path(path).read_bytes())
@@ -569,7 +617,7 @@ def mutated_dicom(draw) -> bytes:
         elif kind == "insert":
             data[position:position] = draw(st.binary(min_size=1, max_size=8))
         elif kind == "delete":
-            del data[position:position + draw(st.integers(1, 16))]
+            del data[position : position + draw(st.integers(1, 16))]
         else:
             del data[position:]
     return bytes(data)

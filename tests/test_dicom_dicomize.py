@@ -73,8 +73,12 @@ def test_objects_per_modality_and_round_trip(source_dir: Path, tmp_path: Path) -
     assert dict(counts) == {"xray": 3, "mri": 1, "oct": 1, "eeg": 1}
     rows = read_sidecar(out)
     assert [r["file"] for r in rows][:1] == ["xray/normal/a.dcm"]
-    expected_sop = {"xray": "1.2.840.10008.5.1.4.1.1.1", "mri": "1.2.840.10008.5.1.4.1.1.4",
-                    "oct": "1.2.840.10008.5.1.4.1.1.77.1.5.4", "eeg": "1.2.840.10008.5.1.4.1.1.9.7.1"}
+    expected_sop = {
+        "xray": "1.2.840.10008.5.1.4.1.1.1",
+        "mri": "1.2.840.10008.5.1.4.1.1.4",
+        "oct": "1.2.840.10008.5.1.4.1.1.77.1.5.4",
+        "eeg": "1.2.840.10008.5.1.4.1.1.9.7.1",
+    }
     for row in rows:
         path = out / row["file"]
         ds = pydicom.dcmread(path)
@@ -115,8 +119,10 @@ def test_grouping_and_deterministic_uids(source_dir: Path, tmp_path: Path) -> No
     assert first["patient_id"] == second["patient_id"] != other["patient_id"]
     assert first["study_instance_uid"] == second["study_instance_uid"] != other["study_instance_uid"]
     assert first["series_instance_uid"] == second["series_instance_uid"]
-    numbers = [pydicom.dcmread(tmp_path / "d" / name).InstanceNumber
-               for name in ("xray/normal/a.dcm", "xray/viral/b.dcm")]
+    numbers = [
+        pydicom.dcmread(tmp_path / "d" / name).InstanceNumber
+        for name in ("xray/normal/a.dcm", "xray/viral/b.dcm")
+    ]
     assert numbers == [1, 2]
     assert len({r["patient_id"] for r in d}) == 5  # P1, P2, and one per file without a patient key
 
@@ -125,12 +131,34 @@ def test_selection_and_cli(source_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     from services.ops.cli import main
 
-    assert main(["dicomize", str(source_dir), str(out), "--split", "test", "--modality", "xray",
-                 "--limit-per-class", "1", "--seed", "x"]) == 0
+    assert (
+        main(
+            [
+                "dicomize",
+                str(source_dir),
+                str(out),
+                "--split",
+                "test",
+                "--modality",
+                "xray",
+                "--limit-per-class",
+                "1",
+                "--seed",
+                "x",
+            ]
+        )
+        == 0
+    )
     assert sorted(r["file"] for r in read_sidecar(out)) == ["xray/normal/a.dcm", "xray/viral/b.dcm"]
     assert main(["dicomize"]) == 2
-    completed = subprocess.run([str(support.CBMIR), "dicomize", "--help"], cwd=REPO,
-                               capture_output=True, text=True, timeout=60, check=False)
+    completed = subprocess.run(
+        [str(support.CBMIR), "dicomize", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert completed.returncode == 0 and "--limit-per-class" in completed.stdout
 
 
@@ -147,8 +175,9 @@ def test_build_dataset_from_one_row(source_dir: Path, tmp_path: Path) -> None:
 
 
 def dciodvfy_lines(path: Path) -> tuple[list[str], list[str]]:
-    completed = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60,
-                               check=False)  # dciodvfy exits non-zero on errors: they are parsed
+    completed = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )  # dciodvfy exits non-zero on errors: they are parsed
     lines = [line.strip() for line in (completed.stdout + completed.stderr).splitlines()]
     return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
 
@@ -158,8 +187,12 @@ def test_dciodvfy_one_object_per_modality(source_dir: Path, tmp_path: Path) -> N
     out = tmp_path / "out"
     dicomize.dicomize(source_dir, out, seed=1)
     report = {}
-    for modality, name in (("xray", "xray/normal/a.dcm"), ("mri", "mri/glioma/d.dcm"),
-                           ("oct", "oct/cnv/e.dcm"), ("eeg", "eeg/seizure/S001.dcm")):
+    for modality, name in (
+        ("xray", "xray/normal/a.dcm"),
+        ("mri", "mri/glioma/d.dcm"),
+        ("oct", "oct/cnv/e.dcm"),
+        ("eeg", "eeg/seizure/S001.dcm"),
+    ):
         path = out / name
         errors, warnings = dciodvfy_lines(path)
         if modality == "eeg" and errors == ["Error - Information Object Not found"]:

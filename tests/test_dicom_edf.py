@@ -14,8 +14,9 @@ highlevel = pytest.importorskip("pyedflib.highlevel")
 
 
 def write_edf(path: Path, labels: list[str], dimension: str, signals: np.ndarray, hz: float = 256) -> None:
-    headers = highlevel.make_signal_headers(labels, dimension=dimension, sample_frequency=hz,
-                                            physical_min=-500, physical_max=500)
+    headers = highlevel.make_signal_headers(
+        labels, dimension=dimension, sample_frequency=hz, physical_min=-500, physical_max=500
+    )
     highlevel.write_edf(str(path), signals, headers)
 
 

@@ -53,7 +53,9 @@ def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):
     support.wait_until(lambda: client.stats().total == len(files), 120, "all instances indexed")
     _assert_self_nearest_and_filters(client, files)
     # Everything indexed moved from the spool's incoming folder to the archive.
-    assert not list((redis_env_data := support.Path(redis_env["CBMIR_DATA_DIR"])).joinpath("spool", "incoming").iterdir())
+    assert not list(
+        (redis_env_data := support.Path(redis_env["CBMIR_DATA_DIR"])).joinpath("spool", "incoming").iterdir()
+    )
     assert len(list(redis_env_data.joinpath("archive").iterdir())) == len(files)
     # A resent instance replaces its earlier copy: still one point.
     support.storescu(dicom_port, [next(iter(files))])

@@ -64,7 +64,9 @@ def _mr_with(tmp_path: Path, name: str, mutate) -> Path:
 
 def test_echo_and_store_success(listener, need_dcmtk, data_dir):
     _, port = listener()
-    echo = subprocess.run(["echoscu", "-aec", "CBMIR", "127.0.0.1", str(port)], capture_output=True, text=True)
+    echo = subprocess.run(
+        ["echoscu", "-aec", "CBMIR", "127.0.0.1", str(port)], capture_output=True, text=True
+    )
     assert echo.returncode == 0, echo.stderr
     path = support.pydicom_file("MR_small.dcm")
     support.storescu(port, [path])
@@ -73,7 +75,12 @@ def test_echo_and_store_success(listener, need_dcmtk, data_dir):
 
 def _element(group: int, element: int, vr: bytes, value: bytes, claimed: int | None = None) -> bytes:
     value += b"\0" * (len(value) % 2)
-    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value) if claimed is None else claimed) + value
+    return (
+        struct.pack("<HH", group, element)
+        + vr
+        + struct.pack("<H", len(value) if claimed is None else claimed)
+        + value
+    )
 
 
 def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, data_dir, send_raw):
@@ -85,10 +92,13 @@ def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, dat
     meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
     buffer = BytesIO()
     pydicom.filewriter.write_file_meta_info(buffer, meta, enforce_standard=True)
-    body = (_element(0x0008, 0x0016, b"UI", str(MRImageStorage).encode()) + _element(0x0008, 0x0018, b"UI", uid.encode())
-            + _element(0x0020, 0x000D, b"UI", generate_uid().encode())
-            + _element(0x0020, 0x000E, b"UI", generate_uid().encode())
-            + _element(0x0010, 0x0010, b"PN", b"Doe", claimed=100))
+    body = (
+        _element(0x0008, 0x0016, b"UI", str(MRImageStorage).encode())
+        + _element(0x0008, 0x0018, b"UI", uid.encode())
+        + _element(0x0020, 0x000D, b"UI", generate_uid().encode())
+        + _element(0x0020, 0x000E, b"UI", generate_uid().encode())
+        + _element(0x0010, 0x0010, b"PN", b"Doe", claimed=100)
+    )
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + body)
     assert send_raw(port, broken) == 0xC210
@@ -113,7 +123,7 @@ def _dataset_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     assert data[128:132] == b"DICM"
     group_length = struct.unpack_from("<I", data, 132 + 8)[0]  # (0002,0000) UL: tag, VR, length, value
-    return data[132 + 12 + group_length:]
+    return data[132 + 12 + group_length :]
 
 
 def test_parallel_associations_stream_every_file_byte_for_byte(listener, need_dcmtk, tmp_path, data_dir):
@@ -138,8 +148,16 @@ def test_parallel_associations_stream_every_file_byte_for_byte(listener, need_dc
             files.append(path)
         senders.append(files)
     env = dict(__import__("os").environ, TCP_NODELAY="1")
-    pushes = [subprocess.Popen(["storescu", "-aec", "CBMIR", "127.0.0.1", str(port), *map(str, files)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for files in senders]
+    pushes = [
+        subprocess.Popen(
+            ["storescu", "-aec", "CBMIR", "127.0.0.1", str(port), *map(str, files)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for files in senders
+    ]
     outputs = [push.communicate(timeout=300)[0] for push in pushes]
     assert all(push.returncode == 0 for push in pushes), outputs
     incoming = data_dir / "spool" / "incoming"
@@ -198,17 +216,17 @@ def test_every_clinical_storage_class_is_offered():
 
     uids = set(map(str, accepted_storage_classes().values()))
     for uid in (
-        "1.2.840.10008.5.1.4.1.1.1",        # CR
-        "1.2.840.10008.5.1.4.1.1.1.1",      # DX for presentation
-        "1.2.840.10008.5.1.4.1.1.1.1.1",    # DX for processing
-        "1.2.840.10008.5.1.4.1.1.4",        # MR
-        "1.2.840.10008.5.1.4.1.1.4.1",      # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.1",  # CR
+        "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+        "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
         "1.2.840.10008.5.1.4.1.1.77.1.5.4",  # Ophthalmic Tomography
         "1.2.840.10008.5.1.4.1.1.77.1.5.8",  # OCT B-scan Volume Analysis
-        "1.2.840.10008.5.1.4.1.1.7",        # Secondary Capture
-        "1.2.840.10008.5.1.4.1.1.7.2",      # Multi-frame Grayscale Byte SC
-        "1.2.840.10008.5.1.4.1.1.7.3",      # Multi-frame Grayscale Word SC
-        "1.2.840.10008.5.1.4.1.1.9.7.1",    # Routine Scalp EEG
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.9.7.1",  # Routine Scalp EEG
     ):
         assert uid in uids, uid
     assert "1.2.840.10008.5.1.4.1.1.88.11" not in uids  # Basic Text SR

@@ -95,7 +95,9 @@ def test_service_style_retriever_matches_numpy_retriever(data_dir):
     from models.runtime import OnnxEncoder
 
     queries, database = read_manifest(data_dir, splits=["test"]), read_manifest(data_dir, splits=["train"])
-    numpy_metrics, numpy_rank = evaluate_retriever(NumpyRetriever(OnnxEncoder(device="cpu")), queries, database)
+    numpy_metrics, numpy_rank = evaluate_retriever(
+        NumpyRetriever(OnnxEncoder(device="cpu")), queries, database
+    )
 
     class KeyOnly:  # exercises the generic (key-returning) path of evaluate_retriever
         def __init__(self):
@@ -126,8 +128,15 @@ def test_default_model_reproduces_its_recorded_subset_numbers(tmp_path):
 
     if reference["manifest_sha256"] != manifest_sha256(shared_data_dir()):
         pytest.skip("shared data differ from the data the reference numbers were measured on")
-    metrics = run_evaluation(shared_data_dir(), reference["queries"], reference["database"], tmp_path,
-                             subset=reference["subset"], plots=False, pr_depth=100)
+    metrics = run_evaluation(
+        shared_data_dir(),
+        reference["queries"],
+        reference["database"],
+        tmp_path,
+        subset=reference["subset"],
+        plots=False,
+        pr_depth=100,
+    )
     for modality, expected in reference["finding_map@10"].items():
         assert metrics["finding"][modality]["map@10"] == pytest.approx(expected, abs=1e-9)
     assert metrics["modality"]["precision@20"] == pytest.approx(reference["modality_precision@20"], abs=1e-9)

@@ -23,15 +23,23 @@ def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     model = PaperAutoencoder(input_size=16).eval()
     path = tmp_path_factory.mktemp("weights") / "tiny.onnx"
-    card = write_model(model, PreprocessContract(input_size=16), path,
-                       {"version": "test-1", "trained": False, "embedding_dim": 48})
+    card = write_model(
+        model,
+        PreprocessContract(input_size=16),
+        path,
+        {"version": "test-1", "trained": False, "embedding_dim": 48},
+    )
     return model, path, card
 
 
 def test_export_is_single_file_with_sidecars(tiny_model):
     _, path, card = tiny_model
     assert path.is_file() and not path.with_name(path.name + ".data").exists()
-    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.card.json", "tiny.onnx", "tiny.preprocess.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "tiny.card.json",
+        "tiny.onnx",
+        "tiny.preprocess.json",
+    ]
     assert card["onnx"]["parity_max_abs_diff"] < 1e-4
     card_path, contract_path = sidecar_paths(path)
     assert json.loads(card_path.read_text())["version"] == "test-1"
@@ -61,8 +69,12 @@ def test_parity_failure_aborts_export(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "PARITY_ATOL", 0.0)
     with pytest.raises(export.ExportError):
-        export.write_model(PaperAutoencoder(input_size=16), PreprocessContract(input_size=16),
-                           tmp_path / "bad.onnx", {"version": "x", "embedding_dim": 48})
+        export.write_model(
+            PaperAutoencoder(input_size=16),
+            PreprocessContract(input_size=16),
+            tmp_path / "bad.onnx",
+            {"version": "x", "embedding_dim": 48},
+        )
     assert not list(tmp_path.glob("bad*"))
 
 
@@ -95,14 +107,25 @@ def test_shipped_default_model_and_cards():
         card_path, contract_path = sidecar_paths(onnx_path)
         card = json.loads(card_path.read_text())
         assert contract_path.is_file()
-        for key in ("version", "architecture", "trained", "input_contract", "metrics", "date",
-                    "intended_use", "limitations", "training"):
+        for key in (
+            "version",
+            "architecture",
+            "trained",
+            "input_contract",
+            "metrics",
+            "date",
+            "intended_use",
+            "limitations",
+            "training",
+        ):
             assert key in card, (onnx_path.name, key)
         assert "manifest_sha256" in card["training"]
         assert onnx_path.stat().st_size < 8 * 2**20
 
 
 def test_serving_modules_do_not_import_torch():
-    code = ("import sys, models.runtime, models.preprocess, models.eeg, models.retrieval, models.metrics; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, models.runtime, models.preprocess, models.eeg, models.retrieval, models.metrics; "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

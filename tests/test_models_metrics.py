@@ -40,9 +40,16 @@ def test_modality_metrics_known_answer():
 
 def test_finding_metrics_skip_queries_without_relevant_items():
     result = finding_metrics(
-        ["oct", "oct", "xray"], ["oct/cnv", "oct/dme", "xray/normal"],
-        [["oct/cnv"] * 5, ["oct/cnv"] * 5, ["xray/viral", "xray/normal", "xray/normal", "oct/cnv", "xray/normal"]],
-        n_relevant=[10, 0, 3], ks=(5,))
+        ["oct", "oct", "xray"],
+        ["oct/cnv", "oct/dme", "xray/normal"],
+        [
+            ["oct/cnv"] * 5,
+            ["oct/cnv"] * 5,
+            ["xray/viral", "xray/normal", "xray/normal", "oct/cnv", "xray/normal"],
+        ],
+        n_relevant=[10, 0, 3],
+        ks=(5,),
+    )
     assert result["oct"]["precision@5"] == 1.0 and result["oct"]["map@5"] == 1.0
     assert result["oct"]["n_queries"] == 1 and result["oct"]["queries_without_relevant"] == 1
     assert result["xray"]["precision@5"] == pytest.approx(3 / 5)

@@ -41,17 +41,22 @@ def test_png_bytes_equal_array():
     assert np.array_equal(to_model_input(decoded, CONTRACT), to_model_input(img, CONTRACT))
 
 
-@pytest.mark.parametrize("convert", [
-    lambda a: a.astype(np.uint16) * 257,            # 16-bit scaled
-    lambda a: a.astype(np.uint16) * 16,             # 12-bit stored in 16 bits
-    lambda a: a.astype(np.float64) / 255.0,         # float display values (VOI output)
-    lambda a: a.astype(np.float32) * 3.5 - 1000.0,  # any linear rescale (e.g. HU-like)
-    lambda a: np.repeat(a[:, :, None], 3, axis=2),  # grey stored as RGB
-    lambda a: np.dstack([a, a, a, np.full_like(a, 128)]),  # RGBA
-])
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda a: a.astype(np.uint16) * 257,  # 16-bit scaled
+        lambda a: a.astype(np.uint16) * 16,  # 12-bit stored in 16 bits
+        lambda a: a.astype(np.float64) / 255.0,  # float display values (VOI output)
+        lambda a: a.astype(np.float32) * 3.5 - 1000.0,  # any linear rescale (e.g. HU-like)
+        lambda a: np.repeat(a[:, :, None], 3, axis=2),  # grey stored as RGB
+        lambda a: np.dstack([a, a, a, np.full_like(a, 128)]),  # RGBA
+    ],
+)
 def test_same_picture_any_dtype_or_layout(convert):
     img = picture()
-    np.testing.assert_allclose(to_model_input(convert(img), CONTRACT), to_model_input(img, CONTRACT), atol=1e-6)
+    np.testing.assert_allclose(
+        to_model_input(convert(img), CONTRACT), to_model_input(img, CONTRACT), atol=1e-6
+    )
 
 
 def test_rgb_array_equals_rgb_png_decoded():
@@ -93,6 +98,7 @@ def test_contract_round_trip(tmp_path):
 
 # -- EEG renderer -----------------------------------------------------------------------------
 
+
 def bonn_like(seed=0, n=4097):
     rng = np.random.default_rng(seed)
     t = np.arange(n) / eeg.BONN_SAMPLING_HZ
@@ -123,10 +129,11 @@ def test_render_independent_of_sampling_rate():
 
 def test_render_fixed_duration():
     x = bonn_like(n=8000)
-    assert np.array_equal(eeg.render_eeg_trace(x, eeg.BONN_SAMPLING_HZ),
-                          eeg.render_eeg_trace(x[:4097], eeg.BONN_SAMPLING_HZ))
+    assert np.array_equal(
+        eeg.render_eeg_trace(x, eeg.BONN_SAMPLING_HZ), eeg.render_eeg_trace(x[:4097], eeg.BONN_SAMPLING_HZ)
+    )
     short = eeg.render_eeg_trace(x[:1000], eeg.BONN_SAMPLING_HZ)
-    assert not short[-eeg.HEIGHT // eeg.ROWS:].any()  # the last strip stays black
+    assert not short[-eeg.HEIGHT // eeg.ROWS :].any()  # the last strip stays black
 
 
 def test_read_bonn_txt(tmp_path):

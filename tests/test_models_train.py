@@ -43,7 +43,10 @@ def test_tiny_training_lowers_the_loss_and_writes_artifacts(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["lr"] == 1e-3 and config["lr_decay"] == 2e-5 and config["objective"] == {"mse": 1.0}
     best = torch.load(tmp_path / "best.pt", weights_only=False)
-    assert best["embedding_dim"] == 48 and best["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert (
+        best["embedding_dim"] == 48
+        and best["best_epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+    )
     # Keras-style decay: lr = lr0 / (1 + decay * iterations)
     assert history[-1]["lr"] == pytest.approx(1e-3 / (1 + 2e-5 * trainer.step))
 
@@ -80,8 +83,22 @@ def test_small_config_on_shared_data(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--arch", "paper", "--config", "small", "--out", str(tmp_path / "run"),
-                              "--set", "subset.train=6", "--set", "subset.val=3", "--epochs", "2"])
+    args = parser.parse_args(
+        [
+            "--arch",
+            "paper",
+            "--config",
+            "small",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "subset.train=6",
+            "--set",
+            "subset.val=3",
+            "--epochs",
+            "2",
+        ]
+    )
     assert run(args) == 0
     history = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and history[1]["train_loss"] < history[0]["train_loss"]

@@ -58,23 +58,40 @@ class Orthanc:
         self.log = root / "orthanc.log"
         env = dict(os.environ, TCP_NODELAY="1")
         self._log_handle = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([ORTHANC, "--no-jobs", str(self.config)], env=env, stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            [ORTHANC, "--no-jobs", str(self.config)],
+            env=env,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until(self._up, 60, "Orthanc's REST API", interval_s=0.3)
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
-            raise AssertionError(f"Orthanc exited ({self.process.returncode}):\n{self.log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"Orthanc exited ({self.process.returncode}):\n{self.log.read_text()[-4000:]}"
+            )
         try:
             self.get("/system")
             return True
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def _request(self, method: str, path: str, body: bytes | None = None,
-                 content_type: str = "application/json", timeout_s: float = 120.0):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method,
-                                         headers={"Content-Type": content_type} if body is not None else {})
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout_s: float = 120.0,
+    ):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=body,
+            method=method,
+            headers={"Content-Type": content_type} if body is not None else {},
+        )
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read() or b"null")
 
@@ -165,8 +182,11 @@ def test_orthanc_pushes_every_modality_and_each_is_found(tmp_path: Path) -> None
             pacs.stop()
 
         archive = tmp_path / "data" / "archive"
-        wait_until(lambda: len([p for p in archive.iterdir() if p.is_file()]) == len(objects), 120,
-                   f"{len(objects)} objects archived")
+        wait_until(
+            lambda: len([p for p in archive.iterdir() if p.is_file()]) == len(objects),
+            120,
+            f"{len(objects)} objects archived",
+        )
         from services.dicom.decode import read_header
 
         arrived = {read_header(p).transfer_syntax_uid for p in archive.iterdir()}
@@ -182,7 +202,10 @@ def test_orthanc_pushes_every_modality_and_each_is_found(tmp_path: Path) -> None
                 by_uid = client.search(sop_instance_uid=uid, k=3).hits
                 assert by_uid[0].sop_instance_uid == uid and by_uid[0].distance < 1e-4, (modality, by_uid)
                 by_bytes = client.search(dicom=path.read_bytes(), k=3).hits
-                assert by_bytes[0].sop_instance_uid == uid and by_bytes[0].distance < 1e-4, (modality, by_bytes)
+                assert by_bytes[0].sop_instance_uid == uid and by_bytes[0].distance < 1e-4, (
+                    modality,
+                    by_bytes,
+                )
         finally:
             client.close()
         assert "refused" not in scp.output()

@@ -107,7 +107,9 @@ def test_health_and_reflection(query):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        replies = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {"cbmir.v1.SimilarCases", "cbmir.v1.IndexWriter", "grpc.health.v1.Health"} <= names
 
@@ -118,8 +120,13 @@ def test_index_writer_refuses_another_model_version(query):
         writer = index_writer_pb2_grpc.IndexWriterStub(channel)
         request = index_writer_pb2.UpsertPointsRequest(
             model_version="some-other-model",
-            points=[index_writer_pb2.IndexedPoint(point_id="6f1c4a5e-0000-5000-8000-000000000001", vector=[0.0] * 4,
-                                                  payload_json=json.dumps({"modality": "xray"}))],
+            points=[
+                index_writer_pb2.IndexedPoint(
+                    point_id="6f1c4a5e-0000-5000-8000-000000000001",
+                    vector=[0.0] * 4,
+                    payload_json=json.dumps({"modality": "xray"}),
+                )
+            ],
         )
         code, details = _code(lambda: writer.UpsertPoints(request, timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "reindex" in details

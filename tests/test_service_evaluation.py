@@ -23,17 +23,34 @@ def test_service_numbers_equal_offline_numbers(data_dir, procs, tmp_path):
     from services.ops.evaluate import ServiceRetriever
 
     subset = 6  # items per finding, for queries and database alike
-    offline = run_evaluation(support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "offline",
-                             subset=subset, plots=False)
+    offline = run_evaluation(
+        support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "offline", subset=subset, plots=False
+    )
     env = support.base_env(data_dir)
-    serve = support.Proc("serve", [str(support.CBMIR), "serve", "--data-dir", str(data_dir),
-                                   "--dicom-port", "0", "--grpc-port", "0"], env)
+    serve = support.Proc(
+        "serve",
+        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        env,
+    )
     procs.append(serve)
     ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
-    retriever = ServiceRetriever(f"127.0.0.1:{ready.group(2)}", "127.0.0.1", int(ready.group(1)),
-                                 work_dir=tmp_path / "dicom", timeout_s=600)
-    service = run_evaluation(support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "service",
-                             subset=subset, plots=False, retriever=retriever, pr_depth=100)
+    retriever = ServiceRetriever(
+        f"127.0.0.1:{ready.group(2)}",
+        "127.0.0.1",
+        int(ready.group(1)),
+        work_dir=tmp_path / "dicom",
+        timeout_s=600,
+    )
+    service = run_evaluation(
+        support.SHARED_DATA,
+        ["test"],
+        ["train", "val"],
+        tmp_path / "service",
+        subset=subset,
+        plots=False,
+        retriever=retriever,
+        pr_depth=100,
+    )
     assert service["retriever"] == "ServiceRetriever"
     assert service["data"]["n_database"] == offline["data"]["n_database"]
     assert set(service["finding"]) >= {"xray", "mri", "oct", "eeg", "overall"}

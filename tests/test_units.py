@@ -45,12 +45,16 @@ def test_spool_lifecycle_never_loses_a_copy(tmp_path):
 
     spool = Spool(DataLayout(tmp_path))
     path = spool.store("1.2.3.dcm", b"first")
-    assert spool.store("1.2.3.dcm", b"second") == path and path.read_bytes() == b"second"  # idempotent replace
+    assert (
+        spool.store("1.2.3.dcm", b"second") == path and path.read_bytes() == b"second"
+    )  # idempotent replace
     assert spool.pending() == [path]
     archived = spool.archive("1.2.3.dcm")
     assert archived.read_bytes() == b"second" and not path.exists()
     spool.store("1.2.4.dcm", b"bad")
-    kept = spool.quarantine(spool.incoming_path("1.2.4.dcm"), reason="undecodable", detail="why", stage="worker")
+    kept = spool.quarantine(
+        spool.incoming_path("1.2.4.dcm"), reason="undecodable", detail="why", stage="worker"
+    )
     assert kept.read_bytes() == b"bad"
     assert json.loads(kept.with_name(kept.name + ".reason.json").read_text())["reason"] == "undecodable"
     assert spool.quarantine_counts() == {"undecodable": 1}
@@ -104,15 +108,26 @@ def test_index_matches_numpy_brute_force(tmp_path, store):
     with pytest.raises(NotFound):
         index.find_sop("1.2.3")
     index.ensure_collection(8, "v1")
-    index.upsert([
-        IndexPoint(point_id(f"1.2.{i}"), vectors[i], {"modality": str(modalities[i]), "sop_instance_uid": f"1.2.{i}",
-                                                     "study_instance_uid": f"9.{i % 7}"})
-        for i in range(300)
-    ])
+    index.upsert(
+        [
+            IndexPoint(
+                point_id(f"1.2.{i}"),
+                vectors[i],
+                {
+                    "modality": str(modalities[i]),
+                    "sop_instance_uid": f"1.2.{i}",
+                    "study_instance_uid": f"9.{i % 7}",
+                },
+            )
+            for i in range(300)
+        ]
+    )
     for q in range(0, 300, 37):
         distances = np.linalg.norm(vectors - vectors[q], axis=1)
         hits = index.search(vectors[q], 10)
-        assert [h.payload["sop_instance_uid"] for h in hits] == [f"1.2.{i}" for i in np.argsort(distances)[:10]]
+        assert [h.payload["sop_instance_uid"] for h in hits] == [
+            f"1.2.{i}" for i in np.argsort(distances)[:10]
+        ]
         assert np.allclose([h.distance for h in hits], np.sort(distances)[:10], atol=1e-4)
         mask = (modalities == "mri") & (np.arange(300) % 7 != q % 7)
         filtered = index.search(vectors[q], 5, ["mri"], exclude_study=f"9.{q % 7}")
@@ -185,11 +200,21 @@ class _FixedStatus(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize(("status", "error"), [
-    (404, NotFound), (400, InvalidInput), (422, InvalidInput), (401, ConfigError), (403, ConfigError),
-    (409, ConfigError), (418, ConfigError), (429, BackendUnavailable), (500, BackendUnavailable),
-    (503, BackendUnavailable),
-])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (404, NotFound),
+        (400, InvalidInput),
+        (422, InvalidInput),
+        (401, ConfigError),
+        (403, ConfigError),
+        (409, ConfigError),
+        (418, ConfigError),
+        (429, BackendUnavailable),
+        (500, BackendUnavailable),
+        (503, BackendUnavailable),
+    ],
+)
 def test_qdrant_server_errors_are_classified_by_status_not_text(status, error):
     """A real qdrant-client talking HTTP to a server that answers ``status`` with a misleading text."""
     from http.server import ThreadingHTTPServer

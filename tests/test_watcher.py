@@ -52,8 +52,10 @@ class Stack:
 
     def quarantine_reasons(self) -> dict[str, str]:
         """quarantined file name -> reason."""
-        return {json.loads(p.read_text())["name"]: json.loads(p.read_text())["reason"]
-                for p in self.quarantine.glob("*.reason.json")}
+        return {
+            json.loads(p.read_text())["name"]: json.loads(p.read_text())["reason"]
+            for p in self.quarantine.glob("*.reason.json")
+        }
 
     def processes(self) -> list[Proc]:
         return [self.query, self.worker, self.watcher]
@@ -106,11 +108,20 @@ def write_edf(path: Path, samples_uv: np.ndarray, sampling_hz: float) -> None:
 
     writer = pyedflib.EdfWriter(str(path), 1, file_type=pyedflib.FILETYPE_EDFPLUS)
     try:
-        writer.setSignalHeader(0, {
-            "label": "EEG Cz-Ref", "dimension": "uV", "sample_frequency": sampling_hz,
-            "physical_max": float(samples_uv.max()), "physical_min": float(samples_uv.min()),
-            "digital_max": 32767, "digital_min": -32768, "transducer": "", "prefilter": "",
-        })
+        writer.setSignalHeader(
+            0,
+            {
+                "label": "EEG Cz-Ref",
+                "dimension": "uV",
+                "sample_frequency": sampling_hz,
+                "physical_max": float(samples_uv.max()),
+                "physical_min": float(samples_uv.min()),
+                "digital_max": 32767,
+                "digital_min": -32768,
+                "transducer": "",
+                "prefilter": "",
+            },
+        )
         writer.writeSamples([np.asarray(samples_uv, dtype=np.float64)])
     finally:
         writer.close()
@@ -179,8 +190,14 @@ def test_dicom_png_and_edf_are_indexed_and_found(stack: Stack, tmp_path: Path) -
     assert partial.exists(), "a .part file must be left alone"
     os.replace(partial, stack.watch / "eeg" / "rec.edf")
 
-    wait_until(lambda: all(processed(stack, r) for r in ("from-pacs.dcm", "xray/chest.png", "eeg/rec.edf"))
-               and len(list(stack.archive.iterdir())) >= 3, 90, "three files indexed and archived")
+    wait_until(
+        lambda: (
+            all(processed(stack, r) for r in ("from-pacs.dcm", "xray/chest.png", "eeg/rec.edf"))
+            and len(list(stack.archive.iterdir())) >= 3
+        ),
+        90,
+        "three files indexed and archived",
+    )
     headers = archived_headers(stack)
     by_class = {h.sop_class_uid: h for h in headers.values()}
     assert dicom_uid in {h.sop_instance_uid for h in headers.values()}
@@ -217,7 +234,7 @@ def test_slowly_written_file_is_taken_only_when_complete(stack: Stack) -> None:
     data = png_bytes(picture)
     target = stack.watch / "xray" / "slow.png"
     target.parent.mkdir(exist_ok=True)
-    chunks = [data[i:i + len(data) // 8 + 1] for i in range(0, len(data), len(data) // 8 + 1)]
+    chunks = [data[i : i + len(data) // 8 + 1] for i in range(0, len(data), len(data) // 8 + 1)]
     before = stack.client.stats().total
     with open(target, "wb") as handle:
         for number, chunk in enumerate(chunks):
@@ -228,8 +245,15 @@ def test_slowly_written_file_is_taken_only_when_complete(stack: Stack) -> None:
             assert target.exists(), f"taken after chunk {number + 1} of {len(chunks)}"
             assert "slow.png" not in stack.quarantine_reasons()
     assert not (stack.watch / ".processed" / "xray" / "slow.png").exists()
-    wait_until(lambda: processed(stack, "xray/slow.png") and stack.client.stats().total == before + 1
-               and stack.client.stats().pending == 0, 60, "slow.png indexed")
+    wait_until(
+        lambda: (
+            processed(stack, "xray/slow.png")
+            and stack.client.stats().total == before + 1
+            and stack.client.stats().pending == 0
+        ),
+        60,
+        "slow.png indexed",
+    )
     hits = stack.client.search(image=data, image_modality="xray", k=1).hits
     assert hits[0].distance < 1e-4  # the whole picture was ingested, not a prefix
     assert "slow.png" not in stack.quarantine_reasons()
@@ -239,8 +263,13 @@ def test_slowly_written_file_is_taken_only_when_complete(stack: Stack) -> None:
 @pytest.mark.integration
 def test_ignored_names_stay(stack: Stack) -> None:
     data = png_bytes(synthetic_picture(3))
-    ignored = ["xray/.hidden.png", "xray/copy.png.tmp", "xray/copy.png.partial", "xray/backup.png~",
-               ".private/x.png"]
+    ignored = [
+        "xray/.hidden.png",
+        "xray/copy.png.tmp",
+        "xray/copy.png.partial",
+        "xray/backup.png~",
+        ".private/x.png",
+    ]
     for name in ignored:
         (stack.watch / name).parent.mkdir(parents=True, exist_ok=True)
         (stack.watch / name).write_bytes(data)
@@ -262,9 +291,15 @@ def test_restart_does_not_reingest(stack: Stack) -> None:
     (stack.watch / "mri").mkdir(exist_ok=True)
     (stack.watch / "mri" / "while-down.png").write_bytes(data)  # arrives while the watcher is down
     stack.watcher = start_watcher(stack.env, stack.watch)
-    wait_until(lambda: processed(stack, "mri/while-down.png") and stack.client.stats().total == total_before + 1
-               and len(list(stack.archive.iterdir())) == len(before) + 1,
-               60, "the file dropped while down is indexed after the restart")
+    wait_until(
+        lambda: (
+            processed(stack, "mri/while-down.png")
+            and stack.client.stats().total == total_before + 1
+            and len(list(stack.archive.iterdir())) == len(before) + 1
+        ),
+        60,
+        "the file dropped while down is indexed after the restart",
+    )
     time.sleep(SETTLE_S * 3)  # give a wrong re-ingest time to happen
     after = {p.name: p.stat().st_ino for p in stack.archive.iterdir()}
     assert {name: after.get(name) for name in before} == before, "an archived object was re-ingested"
@@ -279,7 +314,9 @@ def test_restart_does_not_reingest(stack: Stack) -> None:
 def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: Path) -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("malformed", Path(__file__).parent / "corpus" / "malformed.py")
+    spec = importlib.util.spec_from_file_location(
+        "malformed", Path(__file__).parent / "corpus" / "malformed.py"
+    )
     malformed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(malformed)
     malformed.generate(tmp_path / "corpus")
@@ -297,8 +334,11 @@ def test_broken_files_are_quarantined_with_their_reason(stack: Stack, tmp_path: 
     for name, (data, _) in drops.items():
         (stack.watch / name).parent.mkdir(parents=True, exist_ok=True)
         (stack.watch / name).write_bytes(data)
-    wait_until(lambda: all((stack.watch / ".failed" / name).exists() for name in drops), 60,
-               "broken files moved to .failed")
+    wait_until(
+        lambda: all((stack.watch / ".failed" / name).exists() for name in drops),
+        60,
+        "broken files moved to .failed",
+    )
     reasons = stack.quarantine_reasons()
     for name, (data, reason) in drops.items():
         base = Path(name).name
@@ -323,8 +363,16 @@ def test_input_rules() -> None:
     from services.ingest.convert import detect_kind, folder_modality
     from services.ingest.watcher import is_ignored
 
-    for name in (".x.png", "a/.b/c.dcm", ".processed/xray/a.png", ".failed/a.dcm", "a.png.part", "a.tmp",
-                 "a.dcm.partial", "a.png~"):
+    for name in (
+        ".x.png",
+        "a/.b/c.dcm",
+        ".processed/xray/a.png",
+        ".failed/a.dcm",
+        "a.png.part",
+        "a.tmp",
+        "a.dcm.partial",
+        "a.png~",
+    ):
         assert is_ignored(Path(name)), name
     for name in ("a.png", "xray/b.jpg", "eeg/c.edf", "d", "deep/er/e.dcm"):
         assert not is_ignored(Path(name)), name
@@ -336,8 +384,10 @@ def test_input_rules() -> None:
     assert detect_kind("x.jpeg", b"junk") == "jpeg" and detect_kind("x.EDF", b"junk") == "edf"
     assert detect_kind("x.dcm", b"junk") == "dicom" and detect_kind("noext", b"junk") == "dicom"
     assert detect_kind("notes.txt", b"hello") == "unknown"
-    assert [folder_modality(Path(p)) for p in ("xray/a.png", "MRI/b.png", "oct/x/y.png", "eeg/t.png",
-                                               "ct/a.png", "a.png")] == ["CR", "MR", "OPT", "EEG", "OT", "OT"]
+    assert [
+        folder_modality(Path(p))
+        for p in ("xray/a.png", "MRI/b.png", "oct/x/y.png", "eeg/t.png", "ct/a.png", "a.png")
+    ] == ["CR", "MR", "OPT", "EEG", "OT", "OT"]
 
 
 @pytest.mark.parametrize("signal", ["bonn-like integers", "offset and fractional", "volts-scale"])
@@ -347,9 +397,11 @@ def test_eeg_dataset_keeps_the_signal(signal: str) -> None:
     from services.ingest.convert import eeg_dataset
 
     t = np.arange(5000) / 256.0
-    x = {"bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),
-         "offset and fractional": 40000 + 37.25 * np.sin(2 * np.pi * 3 * t),
-         "volts-scale": 2e6 * np.sin(2 * np.pi * 1 * t)}[signal]
+    x = {
+        "bonn-like integers": np.rint(150 * np.sin(2 * np.pi * 9 * t)),
+        "offset and fractional": 40000 + 37.25 * np.sin(2 * np.pi * 3 * t),
+        "volts-scale": 2e6 * np.sin(2 * np.pi * 1 * t),
+    }[signal]
     data = dataset_bytes(eeg_dataset(x, 256.0, digest="ab" * 32, when=0.0))
     samples, hz = read_eeg_waveform(data)
     assert hz == pytest.approx(256.0)

@@ -37,8 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if args.hostname:
         worker_args.append(f"--hostname={args.hostname}")
-    logger.info("worker: broker %s, queue %s, %d threads", _redact(settings.broker.url), settings.broker.queue,
-                concurrency)
+    logger.info(
+        "worker: broker %s, queue %s, %d threads",
+        _redact(settings.broker.url),
+        settings.broker.queue,
+        concurrency,
+    )
     app.worker_main(worker_args)
     return 0
 

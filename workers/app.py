@@ -69,11 +69,19 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
         except Exception as exc:
             reason = exc.reason if isinstance(exc, CbmirError) else "internal-error"
             if task.request.retries >= task.max_retries:
-                pipeline.quarantine(path, reason, f"after {task.request.retries} retries: {type(exc).__name__}: {exc}")
+                pipeline.quarantine(
+                    path, reason, f"after {task.request.retries} retries: {type(exc).__name__}: {exc}"
+                )
                 return {"status": "quarantined", "spool_name": spool_name, "reason": reason}
-            countdown = min(120.0, settings.retry_backoff_s * (2 ** task.request.retries))
-            logger.warning("%s failed (%s: %s); retry %d in %.1fs", spool_name, type(exc).__name__, exc,
-                           task.request.retries + 1, countdown)
+            countdown = min(120.0, settings.retry_backoff_s * (2**task.request.retries))
+            logger.warning(
+                "%s failed (%s: %s); retry %d in %.1fs",
+                spool_name,
+                type(exc).__name__,
+                exc,
+                task.request.retries + 1,
+                countdown,
+            )
             raise task.retry(exc=exc, countdown=countdown)
         pipeline.archive(spool_name)
         logger.info("indexed %s (%d point%s)", spool_name, points, "" if points == 1 else "s")

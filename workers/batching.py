@@ -49,7 +49,11 @@ class MicroBatcher:
             group, rows = [first], len(first[0])
             while rows < self._max_batch:
                 try:
-                    item = self._queue.get(timeout=self._max_wait_s) if self._max_wait_s else self._queue.get_nowait()
+                    item = (
+                        self._queue.get(timeout=self._max_wait_s)
+                        if self._max_wait_s
+                        else self._queue.get_nowait()
+                    )
                 except queue.Empty:
                     break
                 if item is None:

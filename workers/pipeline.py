@@ -39,7 +39,9 @@ class EmbeddingPipeline:
         self.spool = Spool(settings.layout)
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         logger.info(
-            "worker encoder %s version %s runs on %s", self.encoder.model_path.name, self.encoder.version,
+            "worker encoder %s version %s runs on %s",
+            self.encoder.model_path.name,
+            self.encoder.version,
             self.encoder.providers[0],
         )
         self.batcher = MicroBatcher(self.encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0)
@@ -74,7 +76,9 @@ class EmbeddingPipeline:
         """Decode, preprocess, embed (batched) and upsert; raises cbmir errors."""
         header, frames = decode_for_embedding(path, frames=self.settings.decode.frames, limits=self.limits)
         vectors = self.batcher.submit(model_inputs(frames, self.encoder.contract))
-        points = index_points(header, frames, vectors, model_version=self.encoder.version, spool_name=path.name)
+        points = index_points(
+            header, frames, vectors, model_version=self.encoder.version, spool_name=path.name
+        )
         if self._remote is not None:
             self._remote.upsert(points, self.encoder.version)
         else:

@@ -35,12 +35,12 @@ def celery_app(broker: BrokerSettings, name: str, **conf: Any) -> Celery:
     """A Celery app on ``broker`` (its queue as the default); ``conf`` adds app settings."""
     url, transport = broker.url, None
     if url.startswith(EMBEDDED_SCHEME):
-        url, transport = url[len(EMBEDDED_SCHEME):], EmbeddedSQLTransport
+        url, transport = url[len(EMBEDDED_SCHEME) :], EmbeddedSQLTransport
         # kombu's SQLAlchemy transport wants the folder of its SQLite file to exist.
         if url.startswith("sqlite:///"):
             from pathlib import Path
 
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     app = Celery(name, broker=url, set_as_current=False)
     app.conf.update(
         broker_transport=transport,

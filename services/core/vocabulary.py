@@ -24,7 +24,9 @@ OTHER = "other"
 MODALITIES: tuple[str, ...] = (*TRAINED_MODALITIES, OTHER)
 
 # name <-> cbmir.v1.Modality; MODALITY_UNSPECIFIED (0) has no name.
-MODALITY_TO_PB: dict[str, int] = {name: search_pb2.Modality.Value(f"MODALITY_{name.upper()}") for name in MODALITIES}
+MODALITY_TO_PB: dict[str, int] = {
+    name: search_pb2.Modality.Value(f"MODALITY_{name.upper()}") for name in MODALITIES
+}
 PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.items()}
 
 # The DICOM Modality (0008,0060) of objects cbmir builds for each modality (dicomize, the watcher).
@@ -77,8 +79,12 @@ def normalize_modality(modality_code: str | None, sop_class_uid: str | None) -> 
     by_code = {"MR": "mri", "OPT": "oct", "EEG": "eeg"}
     if code in by_code:
         return by_code[code]
-    for modality, classes in (("xray", XRAY_SOP_CLASSES), ("mri", MRI_SOP_CLASSES), ("oct", OCT_SOP_CLASSES),
-                              ("eeg", EEG_SOP_CLASSES)):
+    for modality, classes in (
+        ("xray", XRAY_SOP_CLASSES),
+        ("mri", MRI_SOP_CLASSES),
+        ("oct", OCT_SOP_CLASSES),
+        ("eeg", EEG_SOP_CLASSES),
+    ):
         if sop in classes:
             return modality
     return OTHER
@@ -94,8 +100,11 @@ def accepted_storage_classes() -> dict[str, str]:
         # DX, mammography and intra-oral classes end in "StorageForPresentation"/"...ForProcessing"
         if not name.endswith(("Storage", "StorageForPresentation", "StorageForProcessing")):
             continue
-        if (("Image" in name and "PresentationState" not in name) or name in EEG_WAVEFORM_CLASS_NAMES
-                or name in EXTRA_IMAGE_CLASS_NAMES):
+        if (
+            ("Image" in name and "PresentationState" not in name)
+            or name in EEG_WAVEFORM_CLASS_NAMES
+            or name in EXTRA_IMAGE_CLASS_NAMES
+        ):
             accepted[name] = str(getattr(sop_classes, name))
     return dict(sorted(accepted.items()))
 

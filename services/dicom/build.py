@@ -42,8 +42,15 @@ def coded_entry(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def base_dataset(sop_class: str, modality_code: str, identity: InstanceIdentity, *, study_description: str,
-                 series_description: str, software: str = "cbmir dicomize") -> Dataset:
+def base_dataset(
+    sop_class: str,
+    modality_code: str,
+    identity: InstanceIdentity,
+    *,
+    study_description: str,
+    series_description: str,
+    software: str = "cbmir dicomize",
+) -> Dataset:
     """File meta, SOP Common, Patient, General Study/Series/Equipment for a new object.
 
     ``software`` names the builder in Manufacturer's Model Name, Software Versions and the
@@ -88,8 +95,9 @@ def base_dataset(sop_class: str, modality_code: str, identity: InstanceIdentity,
     return ds
 
 
-def eeg_waveform_group(stored: np.ndarray, sampling_hz: str | float, sensitivity: str | float,
-                       baseline: str | float) -> Dataset:
+def eeg_waveform_group(
+    stored: np.ndarray, sampling_hz: str | float, sensitivity: str | float, baseline: str | float
+) -> Dataset:
     """One multiplex group with one EEG channel: ``stored`` int16 samples, µV = stored x sensitivity
     + baseline (UCUM ``uV``, correction factor 1), lead Cz as a nominal source."""
     group = Dataset()

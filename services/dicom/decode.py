@@ -185,15 +185,24 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
         try:
             ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
             # Elements are parsed lazily: touch the ones we rely on so a broken VR fails here.
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                            "Modality", "NumberOfFrames", "Rows", "Columns"):
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "StudyInstanceUID",
+                "SeriesInstanceUID",
+                "Modality",
+                "NumberOfFrames",
+                "Rows",
+                "Columns",
+            ):
                 ds.get(keyword)
             ds.file_meta.get("TransferSyntaxUID")
         except CbmirError:
             raise
         except Exception as exc:  # pydicom raises many types for broken files: all mean "unreadable"
-            raise UnreadableInput(f"{what} could not be parsed as DICOM ({_describe(exc)})",
-                                  reason="parse-error") from None
+            raise UnreadableInput(
+                f"{what} could not be parsed as DICOM ({_describe(exc)})", reason="parse-error"
+            ) from None
     return ds
 
 
@@ -214,11 +223,11 @@ def _required_uid(ds: Dataset, keyword: str, meta_keyword: str | None = None) ->
         if uid:
             logger.warning("%s missing from the dataset; using %s of the file meta", keyword, meta_keyword)
     if not uid:
-        raise UnreadableInput(f"required attribute {keyword} is missing or empty",
-                              reason="missing-uid")
+        raise UnreadableInput(f"required attribute {keyword} is missing or empty", reason="missing-uid")
     if not is_valid_uid(uid):
-        raise UnreadableInput(f"{keyword} is not a valid UID (digits and dots, at most 64 chars)",
-                              reason="invalid-uid")
+        raise UnreadableInput(
+            f"{keyword} is not a valid UID (digits and dots, at most 64 chars)", reason="invalid-uid"
+        )
     return uid
 
 
@@ -253,8 +262,7 @@ def _transfer_syntax(ds: Dataset) -> str:
 def _header_from_dataset(ds: Dataset) -> InstanceHeader:
     sop_class_uid = _required_uid(ds, "SOPClassUID", "MediaStorageSOPClassUID")
     if sop_class_uid == MEDIA_STORAGE_DIRECTORY:
-        raise UnsupportedInput("this is a DICOMDIR (media directory), not an instance",
-                               reason="dicomdir")
+        raise UnsupportedInput("this is a DICOMDIR (media directory), not an instance", reason="dicomdir")
     sop_instance_uid = _required_uid(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
     study_uid = _required_uid(ds, "StudyInstanceUID")
     series_uid = _required_uid(ds, "SeriesInstanceUID")
@@ -289,8 +297,9 @@ def read_header(source: DicomSource) -> InstanceHeader:
     except CbmirError:
         raise
     except Exception as exc:
-        raise UnreadableInput(f"cannot read the instance header ({_describe(exc)})",
-                              reason="parse-error") from None
+        raise UnreadableInput(
+            f"cannot read the instance header ({_describe(exc)})", reason="parse-error"
+        ) from None
 
 
 # --- what kind of content ------------------------------------------------------------------------
@@ -315,19 +324,24 @@ def _content_kind(ds: Dataset, header: InstanceHeader) -> str:
     if "WaveformSequence" in ds:
         if is_eeg_class or header.modality == "eeg":
             return "waveform"
-        raise UnsupportedInput(f"{name} is a waveform but not EEG; only EEG waveforms are indexed",
-                               reason="unsupported-waveform")
+        raise UnsupportedInput(
+            f"{name} is a waveform but not EEG; only EEG waveforms are indexed", reason="unsupported-waveform"
+        )
     if is_eeg_class:
-        raise UnreadableInput(f"{name} instance has no Waveform Sequence (5400,0100)",
-                              reason="missing-waveform")
+        raise UnreadableInput(
+            f"{name} instance has no Waveform Sequence (5400,0100)", reason="missing-waveform"
+        )
     if "Image Storage" in name or header.modality in ("xray", "mri", "oct"):
-        raise UnreadableInput(f"{name} instance has no Pixel Data (7FE0,0010)",
-                              reason="missing-pixel-data")
+        raise UnreadableInput(f"{name} instance has no Pixel Data (7FE0,0010)", reason="missing-pixel-data")
     if name.endswith("SR Storage") or header.modality_code == "SR":
-        raise UnsupportedInput(f"{name} is a structured report: it has no image to index",
-                               reason="sr-document")
-    raise UnsupportedInput(f"{name} (modality {header.modality_code or 'unset'}) has neither "
-                           "pixel data nor a waveform; nothing to index", reason="no-image")
+        raise UnsupportedInput(
+            f"{name} is a structured report: it has no image to index", reason="sr-document"
+        )
+    raise UnsupportedInput(
+        f"{name} (modality {header.modality_code or 'unset'}) has neither "
+        "pixel data nor a waveform; nothing to index",
+        reason="no-image",
+    )
 
 
 # --- images --------------------------------------------------------------------------------------
@@ -346,11 +360,13 @@ def _pixel_module(ds: Dataset, header: InstanceHeader) -> _PixelModule:
     keyword = next(k for k in PIXEL_KEYWORDS if k in ds)
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
     if keyword == "PixelData":
-        missing += [k for k in ("PhotometricInterpretation", "PixelRepresentation")
-                    if ds.get(k) in (None, "")]
+        missing += [
+            k for k in ("PhotometricInterpretation", "PixelRepresentation") if ds.get(k) in (None, "")
+        ]
     if missing:
-        raise UnreadableInput(f"Image Pixel module incomplete: {', '.join(missing)} missing",
-                              reason="missing-attribute")
+        raise UnreadableInput(
+            f"Image Pixel module incomplete: {', '.join(missing)} missing", reason="missing-attribute"
+        )
     if header.rows < 1 or header.columns < 1:
         raise UnreadableInput("Rows and Columns must be at least 1", reason="invalid-attribute")
     samples = _int_attr(ds, "SamplesPerPixel", 1)
@@ -360,23 +376,32 @@ def _pixel_module(ds: Dataset, header: InstanceHeader) -> _PixelModule:
     if samples not in (1, 3, 4):
         raise UnreadableInput(f"Samples per Pixel {samples} is invalid", reason="invalid-attribute")
     if bits_allocated not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= bits_allocated:
-        raise UnreadableInput(f"Bits Allocated/Stored {bits_allocated}/{bits_stored} are invalid",
-                              reason="invalid-attribute")
+        raise UnreadableInput(
+            f"Bits Allocated/Stored {bits_allocated}/{bits_stored} are invalid", reason="invalid-attribute"
+        )
     return _PixelModule(samples, photometric, bits_allocated, bits_stored, keyword)
 
 
-def _check_image_limits(header: InstanceHeader, pixels: _PixelModule, n_decoded: int,
-                        limits: DecodeLimits) -> None:
+def _check_image_limits(
+    header: InstanceHeader, pixels: _PixelModule, n_decoded: int, limits: DecodeLimits
+) -> None:
     if header.rows > limits.max_rows or header.columns > limits.max_columns:
-        raise TooLarge(f"image is {header.rows}×{header.columns} pixels; the limit is "
-                       f"{limits.max_rows}×{limits.max_columns}", reason="too-many-pixels")
+        raise TooLarge(
+            f"image is {header.rows}×{header.columns} pixels; the limit is "
+            f"{limits.max_rows}×{limits.max_columns}",
+            reason="too-many-pixels",
+        )
     if header.number_of_frames > limits.max_frames:
-        raise TooLarge(f"instance has {header.number_of_frames} frames; the limit is {limits.max_frames}",
-                       reason="too-many-frames")
+        raise TooLarge(
+            f"instance has {header.number_of_frames} frames; the limit is {limits.max_frames}",
+            reason="too-many-frames",
+        )
     total = header.rows * header.columns * pixels.samples_per_pixel * n_decoded
     if total > limits.max_pixels:
-        raise TooLarge(f"decoding {n_decoded} frame(s) means {total:,} samples; the limit is "
-                       f"{limits.max_pixels:,}", reason="too-many-pixels")
+        raise TooLarge(
+            f"decoding {n_decoded} frame(s) means {total:,} samples; the limit is {limits.max_pixels:,}",
+            reason="too-many-pixels",
+        )
 
 
 def _expected_native_bytes(header: InstanceHeader, pixels: _PixelModule) -> int:
@@ -400,20 +425,23 @@ def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule):
         raise DecodeError(f"no pixel decoder exists for {ts_text}", reason="no-codec") from None
     if not decoder.is_available:
         missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies)
-        raise DecodeError(f"no installed codec can decode {ts_text} (missing {missing or 'plug-ins'})",
-                          reason="no-codec")
+        raise DecodeError(
+            f"no installed codec can decode {ts_text} (missing {missing or 'plug-ins'})", reason="no-codec"
+        )
     if decoder.is_native:
         element = ds[pixels.pixel_keyword]
         value = element.value
         length = len(value) if isinstance(value, (bytes, bytearray)) else None
         if ds[pixels.pixel_keyword].is_undefined_length:
-            raise UnreadableInput(f"pixel data is encapsulated but the transfer syntax is {ts_text}",
-                                  reason="invalid-attribute")
+            raise UnreadableInput(
+                f"pixel data is encapsulated but the transfer syntax is {ts_text}", reason="invalid-attribute"
+            )
         if length is not None and length < _expected_native_bytes(header, pixels):
             raise UnreadableInput(
                 f"pixel data holds {length} bytes but Rows, Columns, frames and Bits Allocated "
                 f"need {_expected_native_bytes(header, pixels)}: the file is truncated or inconsistent",
-                reason="truncated")
+                reason="truncated",
+            )
     return decoder, ts_text
 
 
@@ -492,8 +520,9 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray | None
             item = ds.VOILUTSequence[0]
             nr_entries = int(item.LUTDescriptor[0]) or 65536
             first_map = int(item.LUTDescriptor[1])
-            table = np.asarray(apply_voi(np.arange(first_map, first_map + nr_entries), ds, 0),
-                               dtype=np.float64)
+            table = np.asarray(
+                apply_voi(np.arange(first_map, first_map + nr_entries), ds, 0), dtype=np.float64
+            )
             mapped = np.asarray(apply_voi(values, ds, 0), dtype=np.float64)
             low, high = float(table.min()), float(table.max())
             if high > low:
@@ -532,13 +561,15 @@ def _luma(rgb: np.ndarray, max_value: float) -> np.ndarray:
     return np.clip(grey / max_value, 0.0, 1.0) if max_value > 0 else _min_max(grey)
 
 
-def _display_frame(raw: np.ndarray, photometric: str, ds: Dataset, index: int,
-                   pixels: _PixelModule) -> np.ndarray:
+def _display_frame(
+    raw: np.ndarray, photometric: str, ds: Dataset, index: int, pixels: _PixelModule
+) -> np.ndarray:
     """One decoded frame (as pydicom returns it) -> 2-D float64 in [0, 1]."""
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if raw.ndim != 2:
-            raise DecodeError(f"{photometric} frame decoded to shape {raw.shape}, expected 2-D",
-                              reason="corrupt-pixel-data")
+            raise DecodeError(
+                f"{photometric} frame decoded to shape {raw.shape}, expected 2-D", reason="corrupt-pixel-data"
+            )
         values = raw.astype(np.float64)
         if pixels.pixel_keyword == "PixelData":
             values = _apply_modality(values, ds, index)
@@ -551,33 +582,43 @@ def _display_frame(raw: np.ndarray, photometric: str, ds: Dataset, index: int,
 
         try:
             rgb = apply_color_lut(raw, ds)
-            entries, first = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536, \
-                int(ds.RedPaletteColorLookupTableDescriptor[1])
+            entries, first = (
+                int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536,
+                int(ds.RedPaletteColorLookupTableDescriptor[1]),
+            )
             # normalise by the palette's own largest entry: some writers store 8-bit values
             # in 16-bit tables, so the descriptor's bit depth is not a reliable white point
             palette_max = float(np.max(apply_color_lut(np.arange(first, first + entries), ds)))
         except Exception as exc:
-            raise DecodeError(f"palette colour lookup failed ({_describe(exc)})",
-                              reason="corrupt-palette") from None
+            raise DecodeError(
+                f"palette colour lookup failed ({_describe(exc)})", reason="corrupt-palette"
+            ) from None
         return _luma(rgb, palette_max)
     if photometric.startswith("YBR_FULL") and raw.ndim == 3:
         from pydicom.pixels import convert_color_space
 
         raw = convert_color_space(raw, "YBR_FULL", "RGB")
         photometric = "RGB"
-    if photometric in ("RGB", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422") \
-            and raw.ndim == 3 and raw.shape[-1] == 3:
+    if (
+        photometric in ("RGB", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422")
+        and raw.ndim == 3
+        and raw.shape[-1] == 3
+    ):
         if photometric.startswith("YBR_PARTIAL"):
-            raise UnsupportedInput(f"photometric interpretation {photometric} is not supported",
-                                   reason="unsupported-photometric")
+            raise UnsupportedInput(
+                f"photometric interpretation {photometric} is not supported", reason="unsupported-photometric"
+            )
         return _luma(raw, float(2 ** min(pixels.bits_stored, 32) - 1))
-    raise UnsupportedInput(f"photometric interpretation {photometric or 'unset'} with "
-                           f"{pixels.samples_per_pixel} sample(s) per pixel is not supported",
-                           reason="unsupported-photometric")
+    raise UnsupportedInput(
+        f"photometric interpretation {photometric or 'unset'} with "
+        f"{pixels.samples_per_pixel} sample(s) per pixel is not supported",
+        reason="unsupported-photometric",
+    )
 
 
-def _decode_image(ds: Dataset, header: InstanceHeader, frames: str,
-                  limits: DecodeLimits) -> list[DecodedFrame]:
+def _decode_image(
+    ds: Dataset, header: InstanceHeader, frames: str, limits: DecodeLimits
+) -> list[DecodedFrame]:
     pixels = _pixel_module(ds, header)
     count = header.number_of_frames
     indices = [(count + 1) // 2 - 1] if frames == "middle" else list(range(count))
@@ -594,8 +635,10 @@ def _decode_image(ds: Dataset, header: InstanceHeader, frames: str,
         except BaseException as exc:
             if not _is_codec_panic(exc):
                 raise
-            raise DecodeError(f"frame {index + 1} of {ts_text}: the codec aborted on corrupt data "
-                              f"({_describe(exc)})", reason="corrupt-pixel-data") from None
+            raise DecodeError(
+                f"frame {index + 1} of {ts_text}: the codec aborted on corrupt data ({_describe(exc)})",
+                reason="corrupt-pixel-data",
+            ) from None
         photometric = str(meta.get("photometric_interpretation", pixels.photometric)).upper()
         shown = _display_frame(raw, photometric, ds, index, pixels)
         image = np.ascontiguousarray(np.nan_to_num(shown, nan=0.0), dtype=np.float32)
@@ -608,8 +651,9 @@ def _is_codec_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException"
 
 
-def _codec_error(ts_text: str, header: InstanceHeader, pixels: _PixelModule, index: int,
-                 exc: Exception) -> CbmirError:
+def _codec_error(
+    ts_text: str, header: InstanceHeader, pixels: _PixelModule, index: int, exc: Exception
+) -> CbmirError:
     if header.transfer_syntax_uid == JPEG_EXTENDED_12BIT and pixels.bits_stored > 8:
         return DecodeError(
             f"cannot decode {ts_text} with {pixels.bits_stored}-bit samples: lossy JPEG with more "
@@ -617,18 +661,26 @@ def _codec_error(ts_text: str, header: InstanceHeader, pixels: _PixelModule, ind
             "(pylibjpeg-libjpeg, Pillow). Ask the sender "
             "for JPEG Lossless, JPEG-LS, JPEG 2000 or uncompressed, or transcode the file "
             "(e.g. dcmtk 'dcmdjpeg'); the stored file is kept unchanged",
-            reason="jpeg-12bit-lossy")
+            reason="jpeg-12bit-lossy",
+        )
     if isinstance(exc, MemoryError):
         return TooLarge(f"not enough memory to decode frame {index + 1}", reason="out-of-memory")
-    return DecodeError(f"frame {index + 1} of {ts_text} could not be decoded ({_describe(exc)})",
-                       reason="corrupt-pixel-data")
+    return DecodeError(
+        f"frame {index + 1} of {ts_text} could not be decoded ({_describe(exc)})", reason="corrupt-pixel-data"
+    )
 
 
 # --- waveforms -----------------------------------------------------------------------------------
 
 _WAVEFORM_DTYPES = {
-    (8, "SB"): "i1", (8, "UB"): "u1", (16, "SS"): "i2", (16, "US"): "u2",
-    (32, "SL"): "i4", (32, "UL"): "u4", (64, "SV"): "i8", (64, "UV"): "u8",
+    (8, "SB"): "i1",
+    (8, "UB"): "u1",
+    (16, "SS"): "i2",
+    (16, "US"): "u2",
+    (32, "SL"): "i4",
+    (32, "UL"): "u4",
+    (64, "SV"): "i8",
+    (64, "UV"): "u8",
 }
 _UNITS_TO_UV = {"uv": 1.0, "µv": 1.0, "mv": 1e3, "v": 1e6, "nv": 1e-3}
 
@@ -639,12 +691,22 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
     if not sequence:
         raise UnreadableInput("Waveform Sequence is empty", reason="missing-waveform")
     group = sequence[0]
-    missing = [k for k in ("NumberOfWaveformChannels", "NumberOfWaveformSamples", "SamplingFrequency",
-                           "WaveformBitsAllocated", "WaveformSampleInterpretation", "WaveformData")
-               if group.get(k) in (None, "", b"")]
+    missing = [
+        k
+        for k in (
+            "NumberOfWaveformChannels",
+            "NumberOfWaveformSamples",
+            "SamplingFrequency",
+            "WaveformBitsAllocated",
+            "WaveformSampleInterpretation",
+            "WaveformData",
+        )
+        if group.get(k) in (None, "", b"")
+    ]
     if missing:
-        raise UnreadableInput(f"waveform multiplex group incomplete: {', '.join(missing)} missing",
-                              reason="missing-attribute")
+        raise UnreadableInput(
+            f"waveform multiplex group incomplete: {', '.join(missing)} missing", reason="missing-attribute"
+        )
     channels = _int_attr(group, "NumberOfWaveformChannels", 0)
     samples = _int_attr(group, "NumberOfWaveformSamples", 0)
     bits = _int_attr(group, "WaveformBitsAllocated", 0)
@@ -655,20 +717,26 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
     if sampling_hz is None or sampling_hz <= 0:
         raise UnreadableInput("Sampling Frequency is missing or not positive", reason="invalid-attribute")
     if channels * samples > limits.max_waveform_samples:
-        raise TooLarge(f"waveform has {channels}×{samples} samples; the limit is "
-                       f"{limits.max_waveform_samples:,}", reason="too-many-samples")
+        raise TooLarge(
+            f"waveform has {channels}×{samples} samples; the limit is {limits.max_waveform_samples:,}",
+            reason="too-many-samples",
+        )
     dtype_code = _WAVEFORM_DTYPES.get((bits, interpretation))
     if dtype_code is None:
-        raise DecodeError(f"waveform sample encoding {bits}-bit {interpretation} is not supported",
-                          reason="unsupported-waveform-encoding")
+        raise DecodeError(
+            f"waveform sample encoding {bits}-bit {interpretation} is not supported",
+            reason="unsupported-waveform-encoding",
+        )
     little = _transfer_syntax(ds) != "1.2.840.10008.1.2.2"
     dtype = np.dtype(("<" if little else ">") + dtype_code)
     data = group.WaveformData
     needed = channels * samples * dtype.itemsize
     if not isinstance(data, (bytes, bytearray)) or len(data) < needed:
-        raise UnreadableInput(f"Waveform Data holds {len(data) if data else 0} bytes, "
-                              f"{channels} channels × {samples} samples need {needed}",
-                              reason="truncated")
+        raise UnreadableInput(
+            f"Waveform Data holds {len(data) if data else 0} bytes, "
+            f"{channels} channels × {samples} samples need {needed}",
+            reason="truncated",
+        )
     raw = np.frombuffer(bytes(data[:needed]), dtype=dtype).reshape(samples, channels)[:, 0]
     values = raw.astype(np.float64)
     definitions = group.get("ChannelDefinitionSequence")
@@ -685,8 +753,9 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
             values = values * sensitivity * (correction if correction else 1.0) + baseline
             scale = _UNITS_TO_UV.get(unit.lower()) if unit else 1.0
             if scale is None:
-                raise UnsupportedInput(f"channel sensitivity unit {unit!r} is not a voltage",
-                                       reason="unsupported-waveform-unit")
+                raise UnsupportedInput(
+                    f"channel sensitivity unit {unit!r} is not a voltage", reason="unsupported-waveform-unit"
+                )
             if not unit:
                 logger.warning("EEG channel has no sensitivity unit; assuming µV")
             values = values * scale
@@ -697,37 +766,41 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
     return values, float(sampling_hz)
 
 
-def read_eeg_waveform(source: DicomSource, *,
-                      limits: DecodeLimits | None = None) -> tuple[np.ndarray, float]:
+def read_eeg_waveform(source: DicomSource, *, limits: DecodeLimits | None = None) -> tuple[np.ndarray, float]:
     """First EEG channel of a waveform instance in µV (float64) and the sampling frequency in Hz."""
     limits = limits or DecodeLimits()
     ds = _read_dataset(source, stop_before_pixels=False)
     try:
         header = _header_from_dataset(ds)
         if _content_kind(ds, header) != "waveform":
-            raise UnsupportedInput(f"{_sop_name(header.sop_class_uid)} is not an EEG waveform",
-                                   reason="not-eeg")
+            raise UnsupportedInput(
+                f"{_sop_name(header.sop_class_uid)} is not an EEG waveform", reason="not-eeg"
+            )
         return _waveform_channel_uv(ds, limits)
     except CbmirError:
         raise
     except Exception as exc:
-        raise UnreadableInput(f"waveform could not be read ({_describe(exc)})",
-                              reason="parse-error") from None
+        raise UnreadableInput(
+            f"waveform could not be read ({_describe(exc)})", reason="parse-error"
+        ) from None
 
 
 def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
     try:
         from models.eeg import render_eeg_trace
     except ImportError as exc:
-        raise ConfigError(f"EEG trace renderer models.eeg.render_eeg_trace unavailable ({exc})",
-                          reason="eeg-renderer-missing") from None
+        raise ConfigError(
+            f"EEG trace renderer models.eeg.render_eeg_trace unavailable ({exc})",
+            reason="eeg-renderer-missing",
+        ) from None
     try:
         picture = np.asarray(render_eeg_trace(samples_uv, sampling_hz))
     except CbmirError:
         raise
     except Exception as exc:
-        raise DecodeError(f"EEG trace could not be rendered ({_describe(exc)})",
-                          reason="eeg-render-failed") from None
+        raise DecodeError(
+            f"EEG trace could not be rendered ({_describe(exc)})", reason="eeg-render-failed"
+        ) from None
     if picture.ndim != 2:
         raise DecodeError(f"EEG renderer returned shape {picture.shape}", reason="eeg-render-failed")
     scale = 255.0 if picture.dtype == np.uint8 else max(float(picture.max()), 1.0)
@@ -760,8 +833,9 @@ def decode_for_embedding(
     except CbmirError:
         raise
     except Exception as exc:  # lazily parsed elements can fail on first access
-        raise UnreadableInput(f"instance could not be parsed ({_describe(exc)})",
-                              reason="parse-error") from None
+        raise UnreadableInput(
+            f"instance could not be parsed ({_describe(exc)})", reason="parse-error"
+        ) from None
     if kind == "waveform":
         decoded = [DecodedFrame(frame_number=1, image=_render_eeg(samples_uv, sampling_hz))]
     else:
@@ -772,7 +846,8 @@ def decode_for_embedding(
         except MemoryError:
             raise TooLarge("not enough memory to decode the pixel data", reason="out-of-memory") from None
         except Exception as exc:
-            raise DecodeError(f"pixel data could not be decoded ({_describe(exc)})",
-                              reason="corrupt-pixel-data") from None
+            raise DecodeError(
+                f"pixel data could not be decoded ({_describe(exc)})", reason="corrupt-pixel-data"
+            ) from None
     logger.debug("decoded %s (%s, %d frame(s))", header.sop_instance_uid, header.modality, len(decoded))
     return header, decoded

@@ -57,10 +57,19 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 BONN_SAMPLING_HZ = 173.61
-SIDECAR_FIELDS = ("file", "sop_instance_uid", "sop_class_uid", "study_instance_uid",
-                  "series_instance_uid", "patient_id", "modality", "label", "split", "source",
-                  "source_path")
-
+SIDECAR_FIELDS = (
+    "file",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "patient_id",
+    "modality",
+    "label",
+    "split",
+    "source",
+    "source_path",
+)
 
 
 # --- identity: UIDs, synthetic patients, dates ---------------------------------------------------
@@ -143,8 +152,9 @@ def _load_greyscale(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise UnreadableInput(f"source image missing: {path}", reason="no-such-file") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise UnreadableInput(f"source image unreadable: {path} ({type(exc).__name__})",
-                              reason="not-an-image") from None
+        raise UnreadableInput(
+            f"source image unreadable: {path} ({type(exc).__name__})", reason="not-an-image"
+        ) from None
 
 
 def _compression_ratio(src: Path, pixels: np.ndarray) -> float:
@@ -161,8 +171,9 @@ def _load_bonn(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise UnreadableInput(f"source signal missing: {path}", reason="no-such-file") from None
     except ValueError as exc:
-        raise UnreadableInput(f"not a one-sample-per-line signal file: {path} ({exc})",
-                              reason="not-a-signal") from None
+        raise UnreadableInput(
+            f"not a one-sample-per-line signal file: {path} ({exc})", reason="not-a-signal"
+        ) from None
     if samples.ndim != 1 or samples.size == 0 or not np.isfinite(samples).all():
         raise UnreadableInput(f"expected one finite sample per line in {path}", reason="not-a-signal")
     return samples
@@ -172,7 +183,9 @@ def _load_bonn(path: Path) -> np.ndarray:
 
 
 def _xray(row, src: Path, ctx: InstanceIdentity):
-    ds = base_dataset(CR_IMAGE, "CR", ctx, study_description="Chest X-ray", series_description="Chest radiograph")
+    ds = base_dataset(
+        CR_IMAGE, "CR", ctx, study_description="Chest X-ray", series_description="Chest radiograph"
+    )
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = ""
     ds.PatientOrientation = ""
@@ -210,7 +223,13 @@ def _mri(row, src: Path, ctx: InstanceIdentity):
 def _oct(row, src: Path, ctx: InstanceIdentity):
     from pydicom.dataset import Dataset
 
-    ds = base_dataset(OPHTHALMIC_TOMOGRAPHY_IMAGE, "OPT", ctx, study_description="Retinal OCT", series_description="OCT B-scan")
+    ds = base_dataset(
+        OPHTHALMIC_TOMOGRAPHY_IMAGE,
+        "OPT",
+        ctx,
+        study_description="Retinal OCT",
+        series_description="OCT B-scan",
+    )
     pixels = _load_greyscale(src)
     _lossy_greyscale_image(ds, pixels, 8, src)
     date_time = ctx.study_time.strftime("%Y%m%d%H%M%S")
@@ -230,14 +249,22 @@ def _oct(row, src: Path, ctx: InstanceIdentity):
     ds.ImageLaterality = "R"
     ds.AnatomicRegionSequence = [coded_entry("81745001", "SCT", "Eye")]
     # Ophthalmic Tomography Acquisition Parameters (type 2 left empty: not in the source)
-    for keyword in ("AxialLengthOfTheEye", "HorizontalFieldOfView", "RefractiveStateSequence",
-                    "EmmetropicMagnification", "IntraOcularPressure", "PupilDilated"):
+    for keyword in (
+        "AxialLengthOfTheEye",
+        "HorizontalFieldOfView",
+        "RefractiveStateSequence",
+        "EmmetropicMagnification",
+        "IntraOcularPressure",
+        "PupilDilated",
+    ):
         setattr(ds, keyword, [] if keyword.endswith("Sequence") else None)
     ds.IlluminationWaveLength = 840
     ds.IlluminationPower = 0
     ds.IlluminationBandwidth = 50
     # Ophthalmic Tomography Parameters
-    ds.AcquisitionDeviceTypeCodeSequence = [coded_entry("392012008", "SCT", "Optical Coherence Tomography Scanner")]
+    ds.AcquisitionDeviceTypeCodeSequence = [
+        coded_entry("392012008", "SCT", "Optical Coherence Tomography Scanner")
+    ]
     ds.LightPathFilterTypeStackCodeSequence = []
     ds.DetectorType = "CCD"
     # Multi-frame Functional Groups and Dimension
@@ -280,7 +307,9 @@ def _oct(row, src: Path, ctx: InstanceIdentity):
 
 
 def _eeg(row, src: Path, ctx: InstanceIdentity):
-    ds = base_dataset(ROUTINE_SCALP_EEG, "EEG", ctx, study_description="EEG", series_description="Routine scalp EEG")
+    ds = base_dataset(
+        ROUTINE_SCALP_EEG, "EEG", ctx, study_description="EEG", series_description="Routine scalp EEG"
+    )
     samples_uv = _load_bonn(src)
     peak = float(np.abs(samples_uv).max()) if samples_uv.size else 0.0
     sensitivity = 1.0 if peak <= 32767 else float(np.ceil(peak / 32767 * 1000) / 1000)
@@ -297,8 +326,13 @@ _BUILDERS = {"xray": _xray, "mri": _mri, "oct": _oct, "eeg": _eeg}
 # --- public API ----------------------------------------------------------------------------------
 
 
-def build_dataset(row: Mapping[str, str], src_dir: str | os.PathLike, *, uids: UidFactory | None = None,
-                  instance_number: int = 1):
+def build_dataset(
+    row: Mapping[str, str],
+    src_dir: str | os.PathLike,
+    *,
+    uids: UidFactory | None = None,
+    instance_number: int = 1,
+):
     """One manifest row (``path``, ``modality``, optional ``patient``) -> a pydicom Dataset.
 
     Pass one :class:`UidFactory` for a whole run so rows of a patient share study and series.
@@ -312,8 +346,14 @@ def build_dataset(row: Mapping[str, str], src_dir: str | os.PathLike, *, uids: U
     return _BUILDERS[modality](row, Path(src_dir) / row["path"], ctx)
 
 
-def dicomize_row(row: Mapping[str, str], src_dir: str | os.PathLike, out_path: str | os.PathLike, *,
-                 seed: str | int | None = None, uids: UidFactory | None = None) -> Path:
+def dicomize_row(
+    row: Mapping[str, str],
+    src_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    seed: str | int | None = None,
+    uids: UidFactory | None = None,
+) -> Path:
     """Build one manifest row and write it to ``out_path`` (the demo's one-file entry point)."""
     ds = build_dataset(row, src_dir, uids=uids or UidFactory(seed))
     return write_dataset(ds, out_path)
@@ -333,9 +373,14 @@ def read_manifest(src_dir: str | os.PathLike) -> list[dict[str, str]]:
     return rows
 
 
-def select_rows(rows: Iterable[Mapping[str, str]], *, splits: Sequence[str] | None = None,
-                modalities: Sequence[str] | None = None, labels: Sequence[str] | None = None,
-                limit_per_class: int | None = None) -> list[Mapping[str, str]]:
+def select_rows(
+    rows: Iterable[Mapping[str, str]],
+    *,
+    splits: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    limit_per_class: int | None = None,
+) -> list[Mapping[str, str]]:
     """Filter rows; ``limit_per_class`` keeps the first N per (modality, split, label)."""
     taken: Counter = Counter()
     chosen = []
@@ -359,14 +404,25 @@ def output_name(row: Mapping[str, str]) -> str:
     return str(Path(row["path"]).with_suffix(".dcm"))
 
 
-def dicomize(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-             splits: Sequence[str] | None = None, modalities: Sequence[str] | None = None,
-             labels: Sequence[str] | None = None, limit_per_class: int | None = None,
-             seed: str | int | None = None) -> tuple[Path, Counter]:
+def dicomize(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] | None = None,
+    modalities: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    limit_per_class: int | None = None,
+    seed: str | int | None = None,
+) -> tuple[Path, Counter]:
     """Write the selected rows as DICOM plus ``OUT/manifest.csv``; returns (sidecar, counts)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    rows = select_rows(read_manifest(src_dir), splits=splits, modalities=modalities, labels=labels,
-                       limit_per_class=limit_per_class)
+    rows = select_rows(
+        read_manifest(src_dir),
+        splits=splits,
+        modalities=modalities,
+        labels=labels,
+        limit_per_class=limit_per_class,
+    )
     uids = UidFactory(seed)
     instance_numbers: Counter = Counter()
     counts: Counter = Counter()
@@ -386,12 +442,21 @@ def dicomize(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                 continue
             name = output_name(row)
             write_dataset(ds, out_dir / name)
-            writer.writerow({
-                "file": name, "sop_instance_uid": ds.SOPInstanceUID, "sop_class_uid": ds.SOPClassUID,
-                "study_instance_uid": ds.StudyInstanceUID, "series_instance_uid": ds.SeriesInstanceUID,
-                "patient_id": ds.PatientID, "modality": row["modality"], "label": row.get("label", ""),
-                "split": row.get("split", ""), "source": row.get("source", ""), "source_path": row["path"],
-            })
+            writer.writerow(
+                {
+                    "file": name,
+                    "sop_instance_uid": ds.SOPInstanceUID,
+                    "sop_class_uid": ds.SOPClassUID,
+                    "study_instance_uid": ds.StudyInstanceUID,
+                    "series_instance_uid": ds.SeriesInstanceUID,
+                    "patient_id": ds.PatientID,
+                    "modality": row["modality"],
+                    "label": row.get("label", ""),
+                    "split": row.get("split", ""),
+                    "source": row.get("source", ""),
+                    "source_path": row["path"],
+                }
+            )
             counts[row["modality"]] += 1
     return sidecar, counts
 
@@ -401,18 +466,35 @@ def dicomize(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir dicomize [SRC] OUT``."""
-    parser.add_argument("src", metavar="SRC", nargs="?",
-                        help="folder with manifest.csv (default: the shared data folder)")
+    parser.add_argument(
+        "src", metavar="SRC", nargs="?", help="folder with manifest.csv (default: the shared data folder)"
+    )
     parser.add_argument("out", metavar="OUT", nargs="?", help="output folder")
-    parser.add_argument("--split", dest="splits", action="append", choices=SPLITS,
-                        help="split(s) to convert (repeatable; default all)")
-    parser.add_argument("--modality", dest="modalities", action="append", choices=TRAINED_MODALITIES,
-                        help="modalities to convert (repeatable; default all)")
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        action="append",
+        choices=SPLITS,
+        help="split(s) to convert (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--modality",
+        dest="modalities",
+        action="append",
+        choices=TRAINED_MODALITIES,
+        help="modalities to convert (repeatable; default all)",
+    )
     parser.add_argument("--label", dest="labels", action="append", help="labels to convert (repeatable)")
-    parser.add_argument("--limit-per-class", type=int, default=None, metavar="N",
-                        help="at most N files per (modality, split, label), in manifest order")
-    parser.add_argument("--seed", default=None,
-                        help="derive UIDs and dates from this seed: same source, same UIDs")
+    parser.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N files per (modality, split, label), in manifest order",
+    )
+    parser.add_argument(
+        "--seed", default=None, help="derive UIDs and dates from this seed: same source, same UIDs"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -428,9 +510,15 @@ def run(args: argparse.Namespace) -> int:
         print("dicomize: --limit-per-class must be >= 1", file=sys.stderr)
         return 2
     try:
-        sidecar, counts = dicomize(src_dir, out, splits=args.splits, modalities=args.modalities,
-                                   labels=args.labels, limit_per_class=args.limit_per_class,
-                                   seed=args.seed)
+        sidecar, counts = dicomize(
+            src_dir,
+            out,
+            splits=args.splits,
+            modalities=args.modalities,
+            labels=args.labels,
+            limit_per_class=args.limit_per_class,
+            seed=args.seed,
+        )
     except CbmirError as exc:
         print(f"dicomize: {exc}", file=sys.stderr)
         return 2

@@ -42,38 +42,45 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     try:
         reader = pyedflib.EdfReader(str(path))
     except Exception as exc:  # pyedflib raises OSError and others for anything not EDF
-        raise UnreadableInput(f"{path.name} is not a readable EDF/BDF file ({type(exc).__name__})",
-                              reason="not-edf") from None
+        raise UnreadableInput(
+            f"{path.name} is not a readable EDF/BDF file ({type(exc).__name__})", reason="not-edf"
+        ) from None
     try:
         labels = [str(label) for label in reader.getSignalLabels()]
         channel = _pick_channel(labels)
         sampling_hz = float(reader.getSampleFrequency(channel))
         n_samples = int(reader.getNSamples()[channel])
         if not np.isfinite(sampling_hz) or sampling_hz <= 0:
-            raise UnreadableInput("EDF channel has no positive sampling frequency",
-                                  reason="invalid-attribute")
+            raise UnreadableInput(
+                "EDF channel has no positive sampling frequency", reason="invalid-attribute"
+            )
         if n_samples < 1:
             raise UnreadableInput("EDF channel has no samples", reason="no-samples")
         if n_samples > MAX_SAMPLES:
-            raise TooLarge(f"EDF channel has {n_samples:,} samples; the limit is {MAX_SAMPLES:,}",
-                           reason="too-many-samples")
+            raise TooLarge(
+                f"EDF channel has {n_samples:,} samples; the limit is {MAX_SAMPLES:,}",
+                reason="too-many-samples",
+            )
         dimension = str(reader.getPhysicalDimension(channel)).strip().lower()
         scale = _TO_MICROVOLT.get(dimension)
         if scale is None:
-            raise UnsupportedInput(f"EDF channel unit {dimension!r} is not a voltage",
-                                   reason="unsupported-unit")
+            raise UnsupportedInput(
+                f"EDF channel unit {dimension!r} is not a voltage", reason="unsupported-unit"
+            )
         if not dimension:
             logger.warning("EDF channel has no physical dimension; assuming µV")
         try:
             samples = np.asarray(reader.readSignal(channel), dtype=np.float64) * scale
         except Exception as exc:
-            raise DecodeError(f"EDF samples could not be read ({type(exc).__name__})",
-                              reason="corrupt-signal") from None
+            raise DecodeError(
+                f"EDF samples could not be read ({type(exc).__name__})", reason="corrupt-signal"
+            ) from None
     except CbmirError:
         raise
     except Exception as exc:  # header accessors of a damaged file
-        raise UnreadableInput(f"EDF header of {path.name} is unusable ({type(exc).__name__})",
-                              reason="parse-error") from None
+        raise UnreadableInput(
+            f"EDF header of {path.name} is unusable ({type(exc).__name__})", reason="parse-error"
+        ) from None
     finally:
         reader.close()
     return samples, sampling_hz

@@ -110,8 +110,11 @@ class SpoolFile:
 
     def _abandon(self, exc: OSError) -> None:
         if self.error is None:
-            logger.error("streaming a received dataset into %s failed (%s); the instance will be refused",
-                         Path(self.name).parent, exc.strerror or exc)
+            logger.error(
+                "streaming a received dataset into %s failed (%s); the instance will be refused",
+                Path(self.name).parent,
+                exc.strerror or exc,
+            )
         self.error = exc
         self.discard()
 
@@ -123,11 +126,14 @@ class SpoolFile:
         spool_file = cls(Path(name), handle)
         command = message.command_set
         handle.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(handle, create_file_meta(
-            sop_class_uid=command.AffectedSOPClassUID,
-            sop_instance_uid=command.AffectedSOPInstanceUID,
-            transfer_syntax=transfer_syntax,
-        ))
+        write_file_meta_info(
+            handle,
+            create_file_meta(
+                sop_class_uid=command.AffectedSOPClassUID,
+                sop_instance_uid=command.AffectedSOPInstanceUID,
+                transfer_syntax=transfer_syntax,
+            ),
+        )
         return spool_file
 
 
@@ -169,26 +175,43 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
             with self._lock:
                 self._open = None
         message = self.message
-        if (header is not None and header & _COMMAND and header & _LAST and isinstance(message, C_STORE_RQ)
-                and message._data_set_file is None):
+        if (
+            header is not None
+            and header & _COMMAND
+            and header & _LAST
+            and isinstance(message, C_STORE_RQ)
+            and message._data_set_file is None
+        ):
             # The command set is complete and a dataset follows (else the message would be done).
             self._start_streaming(message)
 
     def _start_streaming(self, message: C_STORE_RQ) -> None:
-        syntax = next((str(cx.transfer_syntax[0]) for cx in self.assoc.accepted_contexts
-                       if cx.context_id == message.context_id), None)
+        syntax = next(
+            (
+                str(cx.transfer_syntax[0])
+                for cx in self.assoc.accepted_contexts
+                if cx.context_id == message.context_id
+            ),
+            None,
+        )
         if syntax is None:
             return  # pynetdicom answers an unknown context itself
         try:
             spool_file = SpoolFile.open_for(self._spool_dir, message, syntax)
         except OSError as exc:
-            logger.warning("cannot stream into %s (%s); receiving this dataset in memory", self._spool_dir,
-                           exc.strerror or exc)
+            logger.warning(
+                "cannot stream into %s (%s); receiving this dataset in memory",
+                self._spool_dir,
+                exc.strerror or exc,
+            )
             return
         message._data_set_file = spool_file
         message._data_set_path = Path(spool_file.name)
-        logger.debug("streaming the dataset of C-STORE message %s into %s", message.command_set.MessageID,
-                     spool_file.name)
+        logger.debug(
+            "streaming the dataset of C-STORE message %s into %s",
+            message.command_set.MessageID,
+            spool_file.name,
+        )
         with self._lock:
             self._open = spool_file
 
@@ -220,16 +243,33 @@ class SpoolingRequestHandler(RequestHandler):
 class SpoolingAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose associations stream C-STORE datasets into ``spool_dir``."""
 
-    def __init__(self, ae: ApplicationEntity, address: tuple[str, int], ae_title: str, contexts: list[Any],
-                 ssl_context: Any = None, evt_handlers: list[Any] | None = None, *, spool_dir: Path):
+    def __init__(
+        self,
+        ae: ApplicationEntity,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: list[Any],
+        ssl_context: Any = None,
+        evt_handlers: list[Any] | None = None,
+        *,
+        spool_dir: Path,
+    ):
         self.spool_dir = Path(spool_dir)
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
-                         request_handler=SpoolingRequestHandler)
+        super().__init__(
+            ae,
+            address,
+            ae_title,
+            contexts,
+            ssl_context,
+            evt_handlers=evt_handlers,
+            request_handler=SpoolingRequestHandler,
+        )
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, ae: ApplicationEntity, address: tuple[str, int], *, spool_dir: Path,
-              evt_handlers: list[Any]) -> SpoolingAssociationServer:
+    def start(
+        cls, ae: ApplicationEntity, address: tuple[str, int], *, spool_dir: Path, evt_handlers: list[Any]
+    ) -> SpoolingAssociationServer:
         """Bind ``address`` and serve in a background thread (what ``AE.start_server`` does)."""
         server = ae.make_server(address, evt_handlers=evt_handlers, server_class=cls, spool_dir=spool_dir)
         server._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)

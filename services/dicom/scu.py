@@ -25,8 +25,15 @@ def _context_key(path: Path) -> tuple[str, str]:
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
 
 
-def send_files(host: str, port: int, files: Iterable[Path], *, called_ae: str = "CBMIR",
-               calling_ae: str = "CBMIR-SCU", progress=None) -> dict[Path, int]:
+def send_files(
+    host: str,
+    port: int,
+    files: Iterable[Path],
+    *,
+    called_ae: str = "CBMIR",
+    calling_ae: str = "CBMIR-SCU",
+    progress=None,
+) -> dict[Path, int]:
     """C-STORE every file; returns each file's DICOM status (-1 when it could not be sent)."""
     groups: list[tuple[set[tuple[str, str]], list[Path]]] = []
     statuses: dict[Path, int] = {}

@@ -43,5 +43,7 @@ __all__ = [
 def open_index(settings: IndexSettings) -> VectorIndex:
     """The index for the settings: the Qdrant server at ``QDRANT_URL``, else the embedded store."""
     if settings.qdrant_url:
-        return QdrantServerIndex(settings.collection, url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+        return QdrantServerIndex(
+            settings.collection, url=settings.qdrant_url, api_key=settings.qdrant_api_key
+        )
     return EdgeIndex(settings.embedded_path, settings.collection)

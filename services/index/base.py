@@ -100,7 +100,6 @@ def modality_filter_values(modalities: Sequence[str]) -> list[str]:
     return sorted(set(modalities))
 
 
-
 def as_vector(vector: Any) -> list[float]:
     """A stored vector as a list of floats (named vectors: the default, unnamed one)."""
     if isinstance(vector, dict):

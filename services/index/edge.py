@@ -114,7 +114,9 @@ class EdgeIndex(VectorIndex):
                     config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
                     shard = qe.EdgeShard.create(str(path), config)
                     for field in INDEXED_FIELDS:
-                        shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+                        shard.update(
+                            qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword)
+                        )
                 else:
                     return None
             except (NotFound, ConfigError):
@@ -156,8 +158,11 @@ class EdgeIndex(VectorIndex):
         with self._lock:
             for modality, group in by_modality.items():
                 shard = self._shard(collection, modality, create=True)
-                shard.update(qe.UpdateOperation.upsert_points(
-                    [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in group]))
+                shard.update(
+                    qe.UpdateOperation.upsert_points(
+                        [qe.Point(p.point_id, [float(x) for x in p.vector], p.payload) for p in group]
+                    )
+                )
                 shard.flush()
                 # an instance re-sent with another modality must not stay in its old partition
                 ids = [p.point_id for p in group]
@@ -174,14 +179,19 @@ class EdgeIndex(VectorIndex):
         wanted = modality_filter_values(modalities) or MODALITIES
         flt = None
         if exclude_study:
-            flt = qe.Filter(must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))])
-        request = qe.QueryRequest(limit=int(k), query=qe.Query.Nearest([float(x) for x in vector]),
-                                  with_payload=True, filter=flt)
+            flt = qe.Filter(
+                must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))]
+            )
+        request = qe.QueryRequest(
+            limit=int(k), query=qe.Query.Nearest([float(x) for x in vector]), with_payload=True, filter=flt
+        )
         hits = []
         for modality in wanted:
             shard = self._shard(collection, modality)
             if shard is not None:
-                hits += [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)]
+                hits += [
+                    SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in shard.query(request)
+                ]
         hits.sort(key=lambda hit: hit.distance)
         return hits[: int(k)]
 
@@ -193,9 +203,13 @@ class EdgeIndex(VectorIndex):
             records = shard.retrieve([point_id(sop_instance_uid)], with_payload=True, with_vector=True)
             if records:
                 return as_vector(records[0].vector), dict(records[0].payload or {})
-        flt = qe.Filter(must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))])
+        flt = qe.Filter(
+            must=[qe.FieldCondition(key="sop_instance_uid", match=qe.MatchValue(sop_instance_uid))]
+        )
         for shard in shards:  # an object embedded frame by frame: any of its frames
-            found, _ = shard.scroll(qe.ScrollRequest(limit=1, filter=flt, with_payload=True, with_vector=True))
+            found, _ = shard.scroll(
+                qe.ScrollRequest(limit=1, filter=flt, with_payload=True, with_vector=True)
+            )
             if found:
                 return as_vector(found[0].vector), dict(found[0].payload or {})
         raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")

@@ -21,8 +21,15 @@ def model_inputs(frames: Sequence[DecodedFrame], contract: PreprocessContract) -
     return np.stack([to_model_input(frame.image, contract) for frame in frames])
 
 
-def index_points(header: InstanceHeader, frames: Sequence[DecodedFrame], vectors: np.ndarray, *,
-                 model_version: str, spool_name: str, ingested_at: float | None = None) -> list[IndexPoint]:
+def index_points(
+    header: InstanceHeader,
+    frames: Sequence[DecodedFrame],
+    vectors: np.ndarray,
+    *,
+    model_version: str,
+    spool_name: str,
+    ingested_at: float | None = None,
+) -> list[IndexPoint]:
     """One point per embedded frame; the point ID is uuid5 of the SOP Instance UID (plus the frame
     number for the second and later frames of an object embedded frame by frame)."""
     now = time.time() if ingested_at is None else ingested_at

@@ -32,7 +32,9 @@ T = TypeVar("T")
 class QdrantServerIndex(VectorIndex):
     """A Qdrant server through qdrant-client (``QDRANT_URL``), or qdrant-client's local path mode."""
 
-    def __init__(self, alias: str, *, url: str | None = None, api_key: str | None = None, path: Path | None = None):
+    def __init__(
+        self, alias: str, *, url: str | None = None, api_key: str | None = None, path: Path | None = None
+    ):
         from qdrant_client import QdrantClient, models
 
         self._models = models
@@ -104,7 +106,9 @@ class QdrantServerIndex(VectorIndex):
         info = self._call(self._client.get_collection, current)
         size = info.config.params.vectors.size
         if size != dim:
-            raise ConfigError(f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex")
+            raise ConfigError(
+                f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
+            )
         return current
 
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
@@ -114,7 +118,10 @@ class QdrantServerIndex(VectorIndex):
         self._call(
             self._client.upsert,
             collection or self._read_target(),
-            points=[models.PointStruct(id=p.point_id, vector=[float(x) for x in p.vector], payload=p.payload) for p in points],
+            points=[
+                models.PointStruct(id=p.point_id, vector=[float(x) for x in p.vector], payload=p.payload)
+                for p in points
+            ],
             wait=True,
         )
 
@@ -125,7 +132,9 @@ class QdrantServerIndex(VectorIndex):
         if values:
             must.append(models.FieldCondition(key="modality", match=models.MatchAny(any=values)))
         if exclude_study:
-            must_not.append(models.FieldCondition(key="study_instance_uid", match=models.MatchValue(value=exclude_study)))
+            must_not.append(
+                models.FieldCondition(key="study_instance_uid", match=models.MatchValue(value=exclude_study))
+            )
         if not must and not must_not:
             return None
         return models.Filter(must=must or None, must_not=must_not or None)
@@ -148,8 +157,16 @@ class QdrantServerIndex(VectorIndex):
         )
         if not records:
             models = self._models
-            flt = models.Filter(must=[models.FieldCondition(key="sop_instance_uid", match=models.MatchValue(value=sop_instance_uid))])
-            records, _ = self._call(self._client.scroll, target, scroll_filter=flt, limit=1, with_payload=True, with_vectors=True)
+            flt = models.Filter(
+                must=[
+                    models.FieldCondition(
+                        key="sop_instance_uid", match=models.MatchValue(value=sop_instance_uid)
+                    )
+                ]
+            )
+            records, _ = self._call(
+                self._client.scroll, target, scroll_filter=flt, limit=1, with_payload=True, with_vectors=True
+            )
         if not records:
             raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
         return as_vector(records[0].vector), dict(records[0].payload or {})
@@ -160,7 +177,9 @@ class QdrantServerIndex(VectorIndex):
             return {}
         counts = {}
         for modality in MODALITIES:
-            flt = models.Filter(must=[models.FieldCondition(key="modality", match=models.MatchValue(value=modality))])
+            flt = models.Filter(
+                must=[models.FieldCondition(key="modality", match=models.MatchValue(value=modality))]
+            )
             n = self._call(self._client.count, self._alias, count_filter=flt, exact=True).count
             if n:
                 counts[modality] = int(n)

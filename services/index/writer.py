@@ -27,7 +27,9 @@ class RemoteIndexWriter:
             model_version=model_version,
             points=[
                 index_writer_pb2.IndexedPoint(
-                    point_id=p.point_id, vector=[float(x) for x in p.vector], payload_json=json.dumps(p.payload)
+                    point_id=p.point_id,
+                    vector=[float(x) for x in p.vector],
+                    payload_json=json.dumps(p.payload),
                 )
                 for p in points
             ],
@@ -38,7 +40,9 @@ class RemoteIndexWriter:
             code = exc.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise ConfigError(f"index owner refused the upsert: {exc.details()}") from exc
-            raise BackendUnavailable(f"index owner at {self._target} unavailable: {code.name} {exc.details()}") from exc
+            raise BackendUnavailable(
+                f"index owner at {self._target} unavailable: {code.name} {exc.details()}"
+            ) from exc
 
     def close(self) -> None:
         """Close the channel."""

@@ -107,24 +107,33 @@ def _identity(digest: str, kind: str, modality_code: str, when: float) -> Instan
     )
 
 
-def _dropped_file_dataset(sop_class: str, modality_code: str, identity: InstanceIdentity, study: str,
-                          series: str) -> Dataset:
-    ds = base_dataset(sop_class, modality_code, identity, study_description=study, series_description=series,
-                      software=SOFTWARE)
+def _dropped_file_dataset(
+    sop_class: str, modality_code: str, identity: InstanceIdentity, study: str, series: str
+) -> Dataset:
+    ds = base_dataset(
+        sop_class,
+        modality_code,
+        identity,
+        study_description=study,
+        series_description=series,
+        software=SOFTWARE,
+    )
     ds.InstitutionName = ""
     ds.DeidentificationMethod = "synthetic patient; the dropped file had no identifiers"
     return ds
 
 
-def picture_dataset(grey: np.ndarray, modality_code: str, *, lossy: bool, digest: str, when: float,
-                    kind: str = "picture") -> Dataset:
+def picture_dataset(
+    grey: np.ndarray, modality_code: str, *, lossy: bool, digest: str, when: float, kind: str = "picture"
+) -> Dataset:
     """8-bit greyscale picture -> Secondary Capture Image object with ``modality_code``."""
     grey = np.ascontiguousarray(grey, dtype=np.uint8)
     if grey.ndim != 2 or min(grey.shape) < 1:
         raise UnreadableInput(f"picture decoded to shape {grey.shape}", reason="not-an-image")
     identity = _identity(digest, kind, modality_code, when)
-    ds = _dropped_file_dataset(SECONDARY_CAPTURE_IMAGE, modality_code, identity, "Dropped picture",
-                               f"cbmir watch ({modality_code})")
+    ds = _dropped_file_dataset(
+        SECONDARY_CAPTURE_IMAGE, modality_code, identity, "Dropped picture", f"cbmir watch ({modality_code})"
+    )
     ds.ConversionType = "WSD"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.PatientOrientation = ""
@@ -167,8 +176,9 @@ def eeg_dataset(samples_uv: np.ndarray, sampling_hz: float, *, digest: str, when
     ds = _dropped_file_dataset(ROUTINE_SCALP_EEG, "EEG", identity, "EEG", "Routine scalp EEG (from EDF)")
     ds.AcquisitionDateTime = identity.study_time.strftime("%Y%m%d%H%M%S")
     ds.AcquisitionContextSequence = []
-    ds.WaveformSequence = [eeg_waveform_group(stored, format_number_as_ds(float(sampling_hz)), sensitivity,
-                                              baseline)]
+    ds.WaveformSequence = [
+        eeg_waveform_group(stored, format_number_as_ds(float(sampling_hz)), sensitivity, baseline)
+    ]
     return ds
 
 
@@ -186,8 +196,9 @@ def _decode_picture(data: bytes) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"picture too large ({exc})", reason="too-many-pixels") from None
     except Exception as exc:  # any other decoder failure still means "not a usable picture"
-        raise UnreadableInput(f"picture could not be decoded ({type(exc).__name__})",
-                              reason="not-an-image") from None
+        raise UnreadableInput(
+            f"picture could not be decoded ({type(exc).__name__})", reason="not-an-image"
+        ) from None
 
 
 # --- one file ------------------------------------------------------------------------------------
@@ -226,8 +237,9 @@ class FileConverter:
             return self._picture(path, relative, kind)
         if kind == "edf":
             return self._edf(path)
-        raise InvalidInput(f"{path.suffix or 'no suffix'}: not DICOM, PNG, JPEG or EDF",
-                           reason="unsupported-file-type")
+        raise InvalidInput(
+            f"{path.suffix or 'no suffix'}: not DICOM, PNG, JPEG or EDF", reason="unsupported-file-type"
+        )
 
     def _dicom(self, path: Path) -> Converted:
         from services.dicom.decode import decode_for_embedding, read_header
@@ -242,30 +254,42 @@ class FileConverter:
             except CbmirError:
                 raise
             except Exception as exc:
-                raise InvalidInput(f"{name} could not be read ({type(exc).__name__})",
-                                   reason="unsupported-sop-class") from None
-            raise InvalidInput(f"{name} is not a storage SOP class the listener accepts",
-                               reason="unsupported-sop-class")
-        return Converted(spool_name_for(header.sop_instance_uid), None,
-                         f"DICOM {header.modality} {header.sop_instance_uid}")
+                raise InvalidInput(
+                    f"{name} could not be read ({type(exc).__name__})", reason="unsupported-sop-class"
+                ) from None
+            raise InvalidInput(
+                f"{name} is not a storage SOP class the listener accepts", reason="unsupported-sop-class"
+            )
+        return Converted(
+            spool_name_for(header.sop_instance_uid),
+            None,
+            f"DICOM {header.modality} {header.sop_instance_uid}",
+        )
 
     def _picture(self, path: Path, relative: Path, kind: str) -> Converted:
         data = _read(path)
         grey = _decode_picture(data)
         digest = hashlib.sha256(data).hexdigest()
         code = folder_modality(relative)
-        ds = picture_dataset(grey, code, lossy=kind == "jpeg", digest=digest, when=path.stat().st_mtime,
-                             kind=kind)
-        return Converted(spool_name_for(ds.SOPInstanceUID), dataset_bytes(ds),
-                         f"{kind.upper()} as Secondary Capture, Modality {code}, {ds.SOPInstanceUID}")
+        ds = picture_dataset(
+            grey, code, lossy=kind == "jpeg", digest=digest, when=path.stat().st_mtime, kind=kind
+        )
+        return Converted(
+            spool_name_for(ds.SOPInstanceUID),
+            dataset_bytes(ds),
+            f"{kind.upper()} as Secondary Capture, Modality {code}, {ds.SOPInstanceUID}",
+        )
 
     def _edf(self, path: Path) -> Converted:
         from services.dicom.edf import read_edf_signal
 
         samples_uv, sampling_hz = read_edf_signal(path)
         ds = eeg_dataset(samples_uv, sampling_hz, digest=sha256_file(path), when=path.stat().st_mtime)
-        return Converted(spool_name_for(ds.SOPInstanceUID), dataset_bytes(ds),
-                         f"EDF as Routine Scalp EEG waveform ({sampling_hz:g} Hz), {ds.SOPInstanceUID}")
+        return Converted(
+            spool_name_for(ds.SOPInstanceUID),
+            dataset_bytes(ds),
+            f"EDF as Routine Scalp EEG waveform ({sampling_hz:g} Hz), {ds.SOPInstanceUID}",
+        )
 
 
 def _read(path: Path) -> bytes:

@@ -16,6 +16,7 @@ from services.core.errors import BackendUnavailable
 
 logger = logging.getLogger(__name__)
 
+
 class TaskDispatcher:
     """Sends ``cbmir.embed_instance(spool_name)``; keeps a backlog when the broker is down."""
 

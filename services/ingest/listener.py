@@ -43,6 +43,7 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
 
+
 class DatasetMismatch(InvalidInput):
     """The dataset's SOP class/instance disagrees with the C-STORE request."""
 
@@ -127,8 +128,13 @@ class StoreHandler:
             status = dicom_status_for(exc)
             if isinstance(exc, InvalidInput):
                 self._keep_rejected(received, name, exc)
-            logger.warning("C-STORE %s from %s refused with 0x%04X: %s", sop_instance_uid,
-                           event.assoc.requestor.ae_title, status, exc)
+            logger.warning(
+                "C-STORE %s from %s refused with 0x%04X: %s",
+                sop_instance_uid,
+                event.assoc.requestor.ae_title,
+                status,
+                exc,
+            )
             return status
         except Exception as exc:  # never let a bug drop the association without a status
             logger.exception("C-STORE %s: unexpected failure", sop_instance_uid)
@@ -160,10 +166,14 @@ class StoreHandler:
         except UnreadableInput:
             raise
         except Exception as exc:
-            raise UnreadableInput(f"dataset cannot be parsed: {type(exc).__name__}: {exc}", reason="parse-error") from exc
+            raise UnreadableInput(
+                f"dataset cannot be parsed: {type(exc).__name__}: {exc}", reason="parse-error"
+            ) from exc
         # read_header may take the UIDs from the File Meta; here that meta was made from the request
         if not dataset.get("SOPInstanceUID") or not dataset.get("SOPClassUID"):
-            raise UnreadableInput("the dataset has no SOP Instance UID or SOP Class UID", reason="missing-uid")
+            raise UnreadableInput(
+                "the dataset has no SOP Instance UID or SOP Class UID", reason="missing-uid"
+            )
         if header.sop_instance_uid != sop_instance_uid:
             raise DatasetMismatch("SOP Instance UID in the dataset differs from the C-STORE request")
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
@@ -186,8 +196,9 @@ def _check_lengths(path: Path, dataset) -> None:
         if length is None or tell is None or length == 0xFFFFFFFF:
             continue
         if tell + length > size:
-            raise UnreadableInput(f"element {tag} claims {length} bytes but the dataset ends first",
-                                  reason="truncated")
+            raise UnreadableInput(
+                f"element {tag} claims {length} bytes but the dataset ends first", reason="truncated"
+            )
 
 
 class Listener:
@@ -218,8 +229,10 @@ class Listener:
         if self.settings.allowed_ae_titles:
             ae.require_calling_aet = sorted(self.settings.allowed_ae_titles)
         else:
-            logger.warning("CBMIR_ALLOWED_AE_TITLES is empty: any calling AE title may store to %s",
-                           self.settings.ae_title)
+            logger.warning(
+                "CBMIR_ALLOWED_AE_TITLES is empty: any calling AE title may store to %s",
+                self.settings.ae_title,
+            )
         return ae
 
     def start(self) -> int:
@@ -235,10 +248,18 @@ class Listener:
         )
         self.port = self._server.server_address[1]
         pending = self.redispatch_pending()
-        self._backlog_thread = threading.Thread(target=self._flush_backlog_loop, name="dispatch-backlog", daemon=True)
+        self._backlog_thread = threading.Thread(
+            target=self._flush_backlog_loop, name="dispatch-backlog", daemon=True
+        )
         self._backlog_thread.start()
-        logger.info("DICOM listener %s on %s:%d (%d storage SOP classes); re-sent %d pending instance(s)",
-                    self.settings.ae_title, self.settings.host, self.port, len(accepted_storage_classes()), pending)
+        logger.info(
+            "DICOM listener %s on %s:%d (%d storage SOP classes); re-sent %d pending instance(s)",
+            self.settings.ae_title,
+            self.settings.host,
+            self.port,
+            len(accepted_storage_classes()),
+            pending,
+        )
         return self.port
 
     def redispatch_pending(self) -> int:

@@ -81,7 +81,9 @@ class Spool:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass  # the folder itself is what failed
-            raise StorageError(f"cannot write {final.name} into {final.parent}: {exc.strerror or exc}") from exc
+            raise StorageError(
+                f"cannot write {final.name} into {final.parent}: {exc.strerror or exc}"
+            ) from exc
         return final
 
     def store(self, name: str, data: bytes) -> Path:
@@ -148,7 +150,9 @@ class Spool:
             raise StorageError(f"cannot archive {name}: {exc.strerror or exc}") from exc
         return target
 
-    def quarantine(self, source: Path, *, reason: str, detail: str, stage: str, name: str | None = None) -> Path:
+    def quarantine(
+        self, source: Path, *, reason: str, detail: str, stage: str, name: str | None = None
+    ) -> Path:
         """Move ``source`` into quarantine with a reason file; never deletes anything.
 
         The reason file is written first, so a crash in between leaves an object in its old place
@@ -168,7 +172,10 @@ class Spool:
         reason_path = target.with_name(target.name + REASON_SUFFIX)
         self._write_atomically(json.dumps(record, indent=2).encode(), reason_path)
         try:
-            if source.parent.resolve() == self.layout.incoming.resolve() or source.parent.resolve() == self.layout.archive.resolve():
+            if (
+                source.parent.resolve() == self.layout.incoming.resolve()
+                or source.parent.resolve() == self.layout.archive.resolve()
+            ):
                 os.replace(source, target)
             else:
                 shutil.copy2(source, target)  # someone else's file (e.g. a watched folder): keep theirs

@@ -95,8 +95,15 @@ class _Candidate:
 class FolderWatcher:
     """Watches ``watch_dir``; :meth:`start` runs the observer and the ingest loop in threads."""
 
-    def __init__(self, settings: WatcherSettings, spool: Spool, dispatcher: TaskDispatcher, *,
-                 poll_s: float = 0.2, rescan_s: float = 10.0):
+    def __init__(
+        self,
+        settings: WatcherSettings,
+        spool: Spool,
+        dispatcher: TaskDispatcher,
+        *,
+        poll_s: float = 0.2,
+        rescan_s: float = 10.0,
+    ):
         if settings.watch_dir is None:
             raise InvalidInput("no folder to watch: give DIR or set CBMIR_WATCH_DIR")
         self.root = Path(settings.watch_dir)
@@ -160,8 +167,9 @@ class FolderWatcher:
             observer.schedule(Handler(), str(self.root), recursive=True)
             observer.start()
         except Exception as exc:  # inotify limits and the like: fall back to periodic scans
-            logger.warning("file events unavailable (%s); scanning %s every %.0f s", exc, self.root,
-                           self.rescan_s)
+            logger.warning(
+                "file events unavailable (%s); scanning %s every %.0f s", exc, self.root, self.rescan_s
+            )
             return
         self._observer = observer
 
@@ -217,7 +225,11 @@ class FolderWatcher:
                 self._forget(path)
                 continue
             if (info.st_size, info.st_mtime_ns) != (candidate.size, candidate.mtime_ns):
-                candidate.size, candidate.mtime_ns, candidate.stable_since = info.st_size, info.st_mtime_ns, now
+                candidate.size, candidate.mtime_ns, candidate.stable_since = (
+                    info.st_size,
+                    info.st_mtime_ns,
+                    now,
+                )
                 continue
             if now - candidate.stable_since < self.settle_s or now < candidate.not_before:
                 continue
@@ -321,8 +333,13 @@ class FolderWatcher:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir watch``."""
     parser.add_argument("dir", metavar="DIR", nargs="?", help="folder to watch (default CBMIR_WATCH_DIR)")
-    parser.add_argument("--settle", type=float, default=None, metavar="SECONDS",
-                        help="how long size and mtime must stay unchanged before a file is taken (default 1)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long size and mtime must stay unchanged before a file is taken (default 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,26 +33,38 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "serve": Command("services.ops.serve", "listener + worker + gRPC on one machine, embedded broker and index"),
+    "serve": Command(
+        "services.ops.serve", "listener + worker + gRPC on one machine, embedded broker and index"
+    ),
     "scp": Command("services.ingest.listener", "run the DICOM C-STORE listener"),
     "watch": Command("services.ingest.watcher", "watch a folder for dropped DICOM, PNG/JPEG and EDF files"),
-    "worker": Command("services.ops.cli", "run a Celery embedding worker", "add_worker_arguments", "run_worker"),
+    "worker": Command(
+        "services.ops.cli", "run a Celery embedding worker", "add_worker_arguments", "run_worker"
+    ),
     "query": Command("services.query.service", "run the gRPC query service (owns the embedded index)"),
-    "search": Command("services.ops.cli", "find similar cases (prints one JSON object per hit)",
-                      "add_search_arguments", "run_search"),
+    "search": Command(
+        "services.ops.cli",
+        "find similar cases (prints one JSON object per hit)",
+        "add_search_arguments",
+        "run_search",
+    ),
     "stats": Command("services.ops.cli", "index statistics as JSON", "add_stats_arguments", "run_stats"),
     "reindex": Command("services.ops.reindex", "re-embed the archive into a new collection, or re-send work"),
     "demo": Command("services.ops.demo", "run the whole path on this machine and print similar cases"),
     "dicomize": Command("services.dicom.dicomize", "build DICOM objects from images and signals"),
     "train": Command("models.train", "train an encoder"),
     "export": Command("models.export", "export an encoder to ONNX (checker + parity enforced)"),
-    "evaluate": Command("services.ops.evaluate", "evaluate retrieval on a manifest, offline or through --server"),
+    "evaluate": Command(
+        "services.ops.evaluate", "evaluate retrieval on a manifest, offline or through --server"
+    ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``cbmir`` parser; only ``command``'s own arguments are loaded (its module imported)."""
-    parser = argparse.ArgumentParser(prog="cbmir", description="Content-based medical image retrieval next to the PACS.")
+    parser = argparse.ArgumentParser(
+        prog="cbmir", description="Content-based medical image retrieval next to the PACS."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec.help, description=spec.help)
@@ -70,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser(command if command in COMMANDS else None)
     except ImportError as exc:
-        print(f"cbmir {command}: this installation lacks {exc.name or exc} "
-              "(see the README for what each command needs)", file=sys.stderr)
+        print(
+            f"cbmir {command}: this installation lacks {exc.name or exc} "
+            "(see the README for what each command needs)",
+            file=sys.stderr,
+        )
         return 2
     args = parser.parse_args(argv)
     configure_logging()
@@ -111,11 +126,21 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--file", help="a DICOM file, or a PNG/JPEG (then give its modality)")
     target.add_argument("--uid", help="SOP Instance UID of an indexed instance")
     parser.add_argument("--k", type=int, default=5, help="hits wanted (1..1000)")
-    parser.add_argument("--modality", action="append", default=[], choices=MODALITIES,
-                        help="restrict hits to this modality (repeatable)")
-    parser.add_argument("--image-modality", choices=MODALITIES,
-                        help="modality of a PNG/JPEG query (default: the first --modality)")
-    parser.add_argument("--exclude-same-study", action="store_true", help="drop hits from the query's own study")
+    parser.add_argument(
+        "--modality",
+        action="append",
+        default=[],
+        choices=MODALITIES,
+        help="restrict hits to this modality (repeatable)",
+    )
+    parser.add_argument(
+        "--image-modality",
+        choices=MODALITIES,
+        help="modality of a PNG/JPEG query (default: the first --modality)",
+    )
+    parser.add_argument(
+        "--exclude-same-study", action="store_true", help="drop hits from the query's own study"
+    )
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -127,12 +152,21 @@ def run_search(args: argparse.Namespace) -> int:
     client = SearchClient(args.server)
     try:
         if args.uid:
-            response = client.search(sop_instance_uid=args.uid, k=args.k, modalities=args.modality,
-                                     exclude_same_study=args.exclude_same_study)
+            response = client.search(
+                sop_instance_uid=args.uid,
+                k=args.k,
+                modalities=args.modality,
+                exclude_same_study=args.exclude_same_study,
+            )
         else:
             image_modality = args.image_modality or (args.modality[0] if args.modality else None)
-            response = client.search_file(Path(args.file), k=args.k, modalities=args.modality,
-                                          image_modality=image_modality, exclude_same_study=args.exclude_same_study)
+            response = client.search_file(
+                Path(args.file),
+                k=args.k,
+                modalities=args.modality,
+                image_modality=image_modality,
+                exclude_same_study=args.exclude_same_study,
+            )
     except grpc.RpcError as exc:
         return _rpc_failure(exc)
     finally:

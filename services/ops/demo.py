@@ -95,8 +95,9 @@ def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], di
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir demo``."""
     parser.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
-    parser.add_argument("--per-modality", type=int, default=12,
-                        help="shared-data images per modality, when ../shared exists")
+    parser.add_argument(
+        "--per-modality", type=int, default=12, help="shared-data images per modality, when ../shared exists"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the index")
 
 
@@ -117,9 +118,22 @@ def run(args: argparse.Namespace) -> int:
     build_dir.mkdir(parents=True, exist_ok=True)
     print(f"demo: working in {work}")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "services", "serve", "--data-dir", str(data_dir), "--dicom-port", "0",
-         "--grpc-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        [
+            sys.executable,
+            "-m",
+            "services",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--dicom-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
     )
     log = open(work / "serve.log", "w")
     try:
@@ -133,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
             print("demo: cbmir serve failed to start; see", work / "serve.log", file=sys.stderr)
             return 1
         _drain(serve, log)
-        host, dicom_port, ae_title, grpc_target = ready.group(1), int(ready.group(2)), ready.group(3), ready.group(4)
+        host, dicom_port, ae_title, grpc_target = (
+            ready.group(1),
+            int(ready.group(2)),
+            ready.group(3),
+            ready.group(4),
+        )
         print(f"demo: serving DICOM {ae_title}@{host}:{dicom_port}, gRPC {grpc_target}")
 
         package_files = package_dicom_files()
@@ -160,14 +179,18 @@ def run(args: argparse.Namespace) -> int:
                     return 1
                 time.sleep(0.5)
         summary = stats_dict(client.stats())
-        print(f"demo: index holds {summary['total']} points {summary['per_modality']}, "
-              f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} (model {summary['model_version']})")
+        print(
+            f"demo: index holds {summary['total']} points {summary['per_modality']}, "
+            f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} (model {summary['model_version']})"
+        )
 
         labels_by_uid = {}
         for path, row in shared_rows.items():
             labels_by_uid[read_header(Path(path)).sop_instance_uid] = f"{row['modality']}/{row['label']}"
         print()
-        print(f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'label':<22} hit SOP Instance UID")
+        print(
+            f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'label':<22} hit SOP Instance UID"
+        )
         print("-" * 130)
         for path in query_files:
             row = shared_rows[str(path)]
@@ -178,7 +201,9 @@ def run(args: argparse.Namespace) -> int:
             response = client.search(sop_instance_uid=uid, k=5)
             _print_hits(f"indexed {uid[:36]}", response.hits, labels_by_uid)
         if summary["model_version"].endswith("untrained"):
-            print("\nnote: the shipped encoder is untrained; distances show the path works, not retrieval quality.")
+            print(
+                "\nnote: the shipped encoder is untrained; distances show the path works, not retrieval quality."
+            )
         client.close()
         return 0
     finally:
@@ -190,8 +215,10 @@ def run(args: argparse.Namespace) -> int:
 def _print_hits(title: str, hits, labels_by_uid: dict) -> None:
     for rank, hit in enumerate(hits, 1):
         label = labels_by_uid.get(hit.sop_instance_uid, hit.modality_code)
-        print(f"{title if rank == 1 else '':<46} {rank:>4} {hit.distance:>9.4f}  "
-              f"{PB_TO_MODALITY.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}")
+        print(
+            f"{title if rank == 1 else '':<46} {rank:>4} {hit.distance:>9.4f}  "
+            f"{PB_TO_MODALITY.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}"
+        )
     print()
 
 
@@ -204,5 +231,3 @@ def _drain(process: subprocess.Popen, log) -> None:
             log.flush()
 
     threading.Thread(target=pump, daemon=True).start()
-
-

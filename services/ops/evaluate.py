@@ -30,15 +30,28 @@ logger = logging.getLogger(__name__)
 
 
 def _row(record) -> dict[str, str]:
-    return {"path": str(Path(record.path).resolve()), "modality": record.modality, "label": record.label,
-            "split": record.split, "patient": record.patient or ""}
+    return {
+        "path": str(Path(record.path).resolve()),
+        "modality": record.modality,
+        "label": record.label,
+        "split": record.split,
+        "patient": record.patient or "",
+    }
 
 
 class ServiceRetriever:
     """A :class:`models.retrieval.Retriever` backed by the running service (ingest + gRPC)."""
 
-    def __init__(self, grpc_target: str, dicom_host: str, dicom_port: int, *, called_ae: str = "CBMIR",
-                 work_dir: Path | None = None, timeout_s: float = 3600.0):
+    def __init__(
+        self,
+        grpc_target: str,
+        dicom_host: str,
+        dicom_port: int,
+        *,
+        called_ae: str = "CBMIR",
+        work_dir: Path | None = None,
+        timeout_s: float = 3600.0,
+    ):
         from services.dicom.dicomize import UidFactory
 
         self.client = SearchClient(grpc_target, timeout_s=120)
@@ -67,7 +80,9 @@ class ServiceRetriever:
             self._position[record.key] = number
             files.append(path)
         with tqdm(total=len(files), desc="C-STORE database", unit="obj") as bar:
-            statuses = send_files(self.dicom_host, self.dicom_port, files, called_ae=self.called_ae, progress=bar)
+            statuses = send_files(
+                self.dicom_host, self.dicom_port, files, called_ae=self.called_ae, progress=bar
+            )
         refused = [p.name for p, s in statuses.items() if s != 0]
         if refused:
             raise ConfigError(f"the listener refused {len(refused)} database objects, e.g. {refused[:3]}")
@@ -78,12 +93,16 @@ class ServiceRetriever:
                 bar.n = stats.total
                 bar.refresh()
                 if stats.quarantined:
-                    raise ConfigError(f"{stats.quarantined} database objects were quarantined: "
-                                      f"{ {r.reason: r.count for r in stats.quarantine_reasons} }")
+                    raise ConfigError(
+                        f"{stats.quarantined} database objects were quarantined: "
+                        f"{ {r.reason: r.count for r in stats.quarantine_reasons} }"
+                    )
                 if stats.total >= len(files) and stats.pending == 0:
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {stats.total} of {len(files)} indexed after {self.timeout_s:.0f}s")
+                    raise TimeoutError(
+                        f"only {stats.total} of {len(files)} indexed after {self.timeout_s:.0f}s"
+                    )
                 time.sleep(1.0)
 
     def search(self, item, k: int) -> list[str]:
@@ -106,10 +125,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.evaluate import add_arguments as offline_arguments
 
     offline_arguments(parser)
-    parser.add_argument("--server", metavar="HOST:PORT",
-                        help="evaluate through this gRPC query service (C-STORE, workers, gRPC) instead of offline")
-    parser.add_argument("--dicom-server", metavar="HOST:PORT",
-                        help="the service's DICOM listener (default: the gRPC host, port 11112)")
+    parser.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="evaluate through this gRPC query service (C-STORE, workers, gRPC) instead of offline",
+    )
+    parser.add_argument(
+        "--dicom-server",
+        metavar="HOST:PORT",
+        help="the service's DICOM listener (default: the gRPC host, port 11112)",
+    )
     parser.add_argument("--ae-title", default="CBMIR", help="called AE title of the listener")
 
 
@@ -126,9 +151,19 @@ def run(args: argparse.Namespace) -> int:
     host, port = dicom.rsplit(":", 1)
     retriever = ServiceRetriever(args.server, host, int(port), called_ae=args.ae_title)
     data_dir = args.data or data_mod.shared_data_dir()
-    metrics = run_evaluation(data_dir, args.queries.split(","), args.database.split(","), args.out,
-                             model_path=args.model, device=args.device, retriever=retriever, subset=args.subset,
-                             seed=args.seed, plots=not args.no_plots, map_method=args.map,
-                             pr_depth=args.pr_depth or 1000)
+    metrics = run_evaluation(
+        data_dir,
+        args.queries.split(","),
+        args.database.split(","),
+        args.out,
+        model_path=args.model,
+        device=args.device,
+        retriever=retriever,
+        subset=args.subset,
+        seed=args.seed,
+        plots=not args.no_plots,
+        map_method=args.map,
+        pr_depth=args.pr_depth or 1000,
+    )
     print(summary_line(metrics))
     return 0

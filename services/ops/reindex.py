@@ -35,7 +35,9 @@ def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
     spool = Spool(settings.layout)
     index = open_index(settings.index)
     encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
-    target = f"{collection_name(settings.index.collection, encoder.version)}--{time.strftime('%Y%m%dT%H%M%S')}"
+    target = (
+        f"{collection_name(settings.index.collection, encoder.version)}--{time.strftime('%Y%m%dT%H%M%S')}"
+    )
     index.create_collection(target, encoder.dim)
     limits = DecodeLimits(settings.decode.max_rows, settings.decode.max_columns, settings.decode.max_frames)
     archived = spool.archived()
@@ -50,8 +52,13 @@ def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
         vectors = encoder.embed(np.concatenate(pending_inputs))
         start, points = 0, []
         for header, frames, name in pending_meta:
-            points += index_points(header, frames, vectors[start : start + len(frames)],
-                                   model_version=encoder.version, spool_name=name)
+            points += index_points(
+                header,
+                frames,
+                vectors[start : start + len(frames)],
+                model_version=encoder.version,
+                spool_name=name,
+            )
             start += len(frames)
         index.upsert(points, collection=target)
         pending_inputs.clear()
@@ -72,16 +79,26 @@ def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
     previous = index.current_collection()
     index.switch_alias(target)
     index.close()
-    return {"collection": target, "previous": previous, "reindexed": done, "failed": failed,
-            "model_version": encoder.version}
+    return {
+        "collection": target,
+        "previous": previous,
+        "reindexed": done,
+        "failed": failed,
+        "model_version": encoder.version,
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir reindex``."""
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pending", action="store_true", help="re-send spooled, unindexed instances")
-    mode.add_argument("--requeue-quarantined", nargs="?", const="", metavar="REASON",
-                      help="move quarantined objects (optionally only REASON) back and re-send them")
+    mode.add_argument(
+        "--requeue-quarantined",
+        nargs="?",
+        const="",
+        metavar="REASON",
+        help="move quarantined objects (optionally only REASON) back and re-send them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
     except CbmirError as exc:
         print(f"cbmir reindex: {exc}", file=sys.stderr)
         return 1
-    print(f"cbmir reindex: {summary['reindexed']} instance(s) into {summary['collection']} "
-          f"(model {summary['model_version']}); alias {settings.index.collection} switched from {summary['previous']}")
+    print(
+        f"cbmir reindex: {summary['reindexed']} instance(s) into {summary['collection']} "
+        f"(model {summary['model_version']}); alias {settings.index.collection} switched from {summary['previous']}"
+    )
     for name, reason in sorted(summary["failed"].items()):
         print(f"  not reindexed: {name}: {reason}")
     return 0
@@ -106,8 +125,11 @@ def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:
     reason) move the quarantined ones back into the spool first and send those."""
     spool = Spool(settings.layout)
     if requeue_reason is not None:
-        names = [spool.requeue_quarantined(entry.name).name for entry in spool.quarantine_entries()
-                 if not requeue_reason or entry.reason == requeue_reason]
+        names = [
+            spool.requeue_quarantined(entry.name).name
+            for entry in spool.quarantine_entries()
+            if not requeue_reason or entry.reason == requeue_reason
+        ]
     else:
         names = [path.name for path in spool.pending()]
     dispatcher = TaskDispatcher(settings.broker)

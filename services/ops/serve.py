@@ -117,8 +117,11 @@ class Supervisor:
             watcher = self._child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
             watcher.start()
             self.children.append(watcher)
-        print(f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
-              f"data={o.data_dir}", flush=True)
+        print(
+            f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
+            f"data={o.data_dir}",
+            flush=True,
+        )
         threading.Thread(target=self._watch_children, name="supervisor", daemon=True).start()
         return scp.port, query.port
 
@@ -143,14 +146,28 @@ class Supervisor:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir serve`` (defaults from the environment, as the parts would read it)."""
-    parser.add_argument("--data-dir", default=os.environ.get("CBMIR_DATA_DIR", "./var"),
-                        help="spool, archive, quarantine, embedded index and broker (CBMIR_DATA_DIR)")
-    parser.add_argument("--dicom-port", type=int, default=int(os.environ.get("CBMIR_DICOM_PORT", "11112")),
-                        help="DICOM listener port, 0 for any free port (CBMIR_DICOM_PORT)")
-    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("CBMIR_GRPC_PORT", "50051")),
-                        help="gRPC port, 0 for any free port (CBMIR_GRPC_PORT)")
-    parser.add_argument("--ae-title", default=os.environ.get("CBMIR_AE_TITLE", "CBMIR"),
-                        help="AE title of the listener (CBMIR_AE_TITLE)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("CBMIR_DATA_DIR", "./var"),
+        help="spool, archive, quarantine, embedded index and broker (CBMIR_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--dicom-port",
+        type=int,
+        default=int(os.environ.get("CBMIR_DICOM_PORT", "11112")),
+        help="DICOM listener port, 0 for any free port (CBMIR_DICOM_PORT)",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=int(os.environ.get("CBMIR_GRPC_PORT", "50051")),
+        help="gRPC port, 0 for any free port (CBMIR_GRPC_PORT)",
+    )
+    parser.add_argument(
+        "--ae-title",
+        default=os.environ.get("CBMIR_AE_TITLE", "CBMIR"),
+        help="AE title of the listener (CBMIR_AE_TITLE)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default loopback)")
     parser.add_argument("--watch", metavar="DIR", help="also run the file watcher on DIR")
 

@@ -23,8 +23,17 @@ class SearchClient:
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
-    def search(self, *, dicom: bytes | None = None, image: bytes | None = None, image_modality: str | None = None,
-               sop_instance_uid: str | None = None, k: int = 5, modalities=(), exclude_same_study: bool = False):
+    def search(
+        self,
+        *,
+        dicom: bytes | None = None,
+        image: bytes | None = None,
+        image_modality: str | None = None,
+        sop_instance_uid: str | None = None,
+        k: int = 5,
+        modalities=(),
+        exclude_same_study: bool = False,
+    ):
         request = search_pb2.SearchSimilarRequest(
             k=k, modalities=[MODALITY_TO_PB[m] for m in modalities], exclude_same_study=exclude_same_study
         )

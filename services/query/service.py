@@ -40,7 +40,6 @@ MAX_K = 1000
 MAX_QUERY_BYTES = 256 * 1024 * 1024
 
 
-
 def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
     """The one place cbmir errors become gRPC status codes."""
     if isinstance(exc, InvalidInput):
@@ -113,7 +112,11 @@ class QueryEngine:
         if not uid:
             raise InvalidInput("sop_instance_uid is empty")
         vector, payload = self.index.find_sop(uid)
-        return np.asarray(vector, dtype=np.float32), payload.get("modality", OTHER), payload.get("study_instance_uid")
+        return (
+            np.asarray(vector, dtype=np.float32),
+            payload.get("modality", OTHER),
+            payload.get("study_instance_uid"),
+        )
 
     def search(self, request) -> search_pb2.SearchSimilarResponse:
         k = request.k or DEFAULT_K
@@ -143,10 +146,13 @@ class QueryEngine:
         return search_pb2.GetIndexStatsResponse(
             total=sum(counts.values()),
             per_modality=[
-                search_pb2.ModalityCount(modality=MODALITY_TO_PB[name], count=count) for name, count in sorted(counts.items())
+                search_pb2.ModalityCount(modality=MODALITY_TO_PB[name], count=count)
+                for name, count in sorted(counts.items())
             ],
             quarantined=sum(reasons.values()),
-            quarantine_reasons=[search_pb2.QuarantineReason(reason=r, count=c) for r, c in sorted(reasons.items())],
+            quarantine_reasons=[
+                search_pb2.QuarantineReason(reason=r, count=c) for r, c in sorted(reasons.items())
+            ],
             model_version=self.encoder.version,
             collection=self.collection,
             pending=len(self.spool.pending()),
@@ -214,7 +220,9 @@ class QueryServer:
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
         limits = DecodeLimits(
-            max_rows=settings.decode.max_rows, max_columns=settings.decode.max_columns, max_frames=settings.decode.max_frames
+            max_rows=settings.decode.max_rows,
+            max_columns=settings.decode.max_columns,
+            max_frames=settings.decode.max_frames,
         )
         self.engine = QueryEngine(self.index, self.encoder, Spool(settings.layout), limits)
         try:
@@ -233,7 +241,8 @@ class QueryServer:
         services = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
         if settings.index.embedded:
             index_writer_pb2_grpc.add_IndexWriterServicer_to_server(
-                IndexWriterServicer(self.engine, self.index, self.encoder.version, self.encoder.dim), self._server
+                IndexWriterServicer(self.engine, self.index, self.encoder.version, self.encoder.dim),
+                self._server,
             )
             services.append(index_writer_pb2.DESCRIPTOR.services_by_name["IndexWriter"].full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -248,7 +257,11 @@ class QueryServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "gRPC query service on %s:%d (collection %s, model %s on %s, index %s)",
-            self.settings.host, self.port, self.engine.collection, self.encoder.version, self.encoder.providers[0],
+            self.settings.host,
+            self.port,
+            self.engine.collection,
+            self.encoder.version,
+            self.encoder.providers[0],
             "embedded" if self.settings.index.embedded else "server",
         )
         return self.port

@@ -44,8 +44,13 @@ def _dataset(sop_class: str, modality: str, transfer_syntax: str = ExplicitVRLit
     return ds
 
 
-def _image(rows: int = 64, columns: int = 64, frames: int | None = None, sop_class: str = MR_IMAGE,
-           modality: str = "MR") -> Dataset:
+def _image(
+    rows: int = 64,
+    columns: int = 64,
+    frames: int | None = None,
+    sop_class: str = MR_IMAGE,
+    modality: str = "MR",
+) -> Dataset:
     ds = _dataset(sop_class, modality)
     ds.Rows, ds.Columns = rows, columns
     ds.SamplesPerPixel = 1
@@ -87,9 +92,9 @@ def _with_wrong_vr(ds: Dataset) -> bytes:
     rows_tag = struct.pack("<HH", 0x0028, 0x0010)
     start = data.index(rows_tag + b"US")
     original = rows_tag + b"US" + struct.pack("<H", 2) + struct.pack("<H", ds.Rows)
-    assert data[start:start + len(original)] == original
+    assert data[start : start + len(original)] == original
     replacement = rows_tag + b"UN" + b"\x00\x00" + struct.pack("<I", 3) + b"abc"
-    return data[:start] + replacement + data[start + len(original):]
+    return data[:start] + replacement + data[start + len(original) :]
 
 
 def _sr_document() -> Dataset:
@@ -138,36 +143,104 @@ def cases(limits: dict[str, int]) -> list[tuple[str, bytes, str, str, str]]:
     too_many_frames = _image(4, 4, frames=limits["max_frames"] + 1)
     return [
         ("zero_bytes.dcm", b"", "UnreadableInput", "empty", "empty file"),
-        ("truncated_in_pixel_data.dcm", good[: len(good) - 3000], "UnreadableInput", "truncated",
-         "file cut inside the native Pixel Data"),
-        ("truncated_in_meta.dcm", good[:150], "UnreadableInput", "missing-uid",
-         "file cut inside the File Meta Information"),
-        ("truncated_before_dicm.dcm", good[:100], "UnreadableInput", "not-dicom",
-         "file cut inside the preamble"),
-        ("no_preamble_no_meta.dcm", _raw_dataset(_image()), "UnreadableInput", "not-dicom",
-         "bare implicit-VR dataset without preamble, 'DICM' or File Meta"),
-        ("not_dicom.png", b"\x89PNG\r\n\x1a\n" + bytes(400), "UnreadableInput", "not-dicom",
-         "a PNG signature, not DICOM"),
-        ("wrong_vr_rows.dcm", _with_wrong_vr(_image()), "UnreadableInput", "parse-error",
-         "Rows (0028,0010) encoded as UN with a 3-byte text value"),
-        ("missing_pixel_data.dcm", _encode(no_pixels), "UnreadableInput", "missing-pixel-data",
-         "MR Image Storage without Pixel Data"),
-        ("missing_sop_instance_uid.dcm", _encode(no_uid, conformant_meta=False), "UnreadableInput",
-         "missing-uid",
-         "no SOP Instance UID anywhere"),
-        ("rows_over_limit.dcm", _encode(too_tall), "TooLarge", "too-many-pixels",
-         f"Rows {limits['max_rows'] + 1} > max_rows {limits['max_rows']}"),
-        ("frames_over_limit.dcm", _encode(too_many_frames), "TooLarge", "too-many-frames",
-         f"{limits['max_frames'] + 1} frames > max_frames {limits['max_frames']}"),
-        ("sr_document.dcm", _encode(_sr_document()), "UnsupportedInput", "sr-document",
-         "Comprehensive SR document"),
-        ("rt_plan.dcm", _encode(_rt_plan()), "UnsupportedInput", "no-image",
-         "RT Plan: a SOP class without pixels or waveform"),
-        ("rle_corrupt_segments.dcm", _encode(_rle_garbage()), "DecodeError",
-         "corrupt-pixel-data",
-         "RLE Lossless with segment offsets pointing past the data"),
-        ("eeg_without_waveform.dcm", _encode(_eeg_without_waveform()), "UnreadableInput",
-         "missing-waveform", "Routine Scalp EEG without a Waveform Sequence"),
+        (
+            "truncated_in_pixel_data.dcm",
+            good[: len(good) - 3000],
+            "UnreadableInput",
+            "truncated",
+            "file cut inside the native Pixel Data",
+        ),
+        (
+            "truncated_in_meta.dcm",
+            good[:150],
+            "UnreadableInput",
+            "missing-uid",
+            "file cut inside the File Meta Information",
+        ),
+        (
+            "truncated_before_dicm.dcm",
+            good[:100],
+            "UnreadableInput",
+            "not-dicom",
+            "file cut inside the preamble",
+        ),
+        (
+            "no_preamble_no_meta.dcm",
+            _raw_dataset(_image()),
+            "UnreadableInput",
+            "not-dicom",
+            "bare implicit-VR dataset without preamble, 'DICM' or File Meta",
+        ),
+        (
+            "not_dicom.png",
+            b"\x89PNG\r\n\x1a\n" + bytes(400),
+            "UnreadableInput",
+            "not-dicom",
+            "a PNG signature, not DICOM",
+        ),
+        (
+            "wrong_vr_rows.dcm",
+            _with_wrong_vr(_image()),
+            "UnreadableInput",
+            "parse-error",
+            "Rows (0028,0010) encoded as UN with a 3-byte text value",
+        ),
+        (
+            "missing_pixel_data.dcm",
+            _encode(no_pixels),
+            "UnreadableInput",
+            "missing-pixel-data",
+            "MR Image Storage without Pixel Data",
+        ),
+        (
+            "missing_sop_instance_uid.dcm",
+            _encode(no_uid, conformant_meta=False),
+            "UnreadableInput",
+            "missing-uid",
+            "no SOP Instance UID anywhere",
+        ),
+        (
+            "rows_over_limit.dcm",
+            _encode(too_tall),
+            "TooLarge",
+            "too-many-pixels",
+            f"Rows {limits['max_rows'] + 1} > max_rows {limits['max_rows']}",
+        ),
+        (
+            "frames_over_limit.dcm",
+            _encode(too_many_frames),
+            "TooLarge",
+            "too-many-frames",
+            f"{limits['max_frames'] + 1} frames > max_frames {limits['max_frames']}",
+        ),
+        (
+            "sr_document.dcm",
+            _encode(_sr_document()),
+            "UnsupportedInput",
+            "sr-document",
+            "Comprehensive SR document",
+        ),
+        (
+            "rt_plan.dcm",
+            _encode(_rt_plan()),
+            "UnsupportedInput",
+            "no-image",
+            "RT Plan: a SOP class without pixels or waveform",
+        ),
+        (
+            "rle_corrupt_segments.dcm",
+            _encode(_rle_garbage()),
+            "DecodeError",
+            "corrupt-pixel-data",
+            "RLE Lossless with segment offsets pointing past the data",
+        ),
+        (
+            "eeg_without_waveform.dcm",
+            _encode(_eeg_without_waveform()),
+            "UnreadableInput",
+            "missing-waveform",
+            "Routine Scalp EEG without a Waveform Sequence",
+        ),
     ]
 
 
@@ -179,8 +252,9 @@ def generate(out_dir: str | Path, limits: dict[str, int] | None = None) -> Path:
     index = {"limits": limits, "cases": []}
     for name, data, error, reason, description in cases(limits):
         (out_dir / name).write_bytes(data)
-        index["cases"].append({"file": name, "expected_error": error, "expected_reason": reason,
-                               "description": description})
+        index["cases"].append(
+            {"file": name, "expected_error": error, "expected_reason": reason, "description": description}
+        )
     path = out_dir / "index.json"
     path.write_text(json.dumps(index, indent=2) + "\n")
     return path
