@@ -48,7 +48,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str |
     def line(row):
         return (
             "| "
-            + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            + " | ".join(
+                c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
             + " |"
         )
 
@@ -82,7 +84,8 @@ def machine_line() -> str:
         pass
     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPU ({cpu}) | Python {platform.python_version()}"
+        f"{time.strftime('%Y-%m-%d %H:%M')} | {os.cpu_count()} CPU ({cpu})"
+        f" | Python {platform.python_version()}"
         f" | {platform.system()} {platform.release()} | load avg {load}"
     )
 

@@ -75,7 +75,7 @@ def latency(
     for row in rows[: min(5, queries)]:
         search(vs.vectors[int(row)].tolist(), [])
     times, recalls = [], []
-    for row, modality in zip(rows, modalities):
+    for row, modality in zip(rows, modalities, strict=True):
         query = vs.vectors[int(row)]
         names = [common.BENCH_MODALITIES[int(modality)]] if filtered else []
         vector = query.tolist()

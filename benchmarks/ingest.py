@@ -144,7 +144,8 @@ def fsync_floor_ms(folder: Path, nbytes: int, count: int = 10) -> float:
 
 
 def dispatch_floor_ms(broker: str, root: Path, count: int = 50) -> float:
-    """Median time of one ``TaskDispatcher.embed`` (Celery ``send_task``), what the handler pays per instance."""
+    """Median time of one ``TaskDispatcher.embed`` (Celery ``send_task``): what the handler pays per
+    instance."""
     from services.core.config import ListenerSettings
     from services.ingest.dispatch import TaskDispatcher
 
@@ -186,8 +187,9 @@ class Receiver:
 
 
 class StoreScp(Receiver):
-    """dcmtk's storescp; mode "plain" (default writing), "B" (+B, bit-preserving) or "sync" (plain, plus a
-    synchronous ``sync FILE DIR`` after each object, before the response: the durability-matched reference)."""
+    """dcmtk's storescp; mode "plain" (default writing), "B" (+B, bit-preserving) or "sync" (plain, plus
+    a synchronous ``sync FILE DIR`` after each object, before the response: the durability-matched
+    reference)."""
 
     MODES: ClassVar[dict[str, str]] = {"plain": "storescp", "B": "storescp +B", "sync": "storescp +sync"}
 
@@ -204,7 +206,7 @@ class StoreScp(Receiver):
         elif mode == "sync":
             argv += ["--exec-on-reception", "sync #p/#f #p", "--exec-sync"]
         self.process = subprocess.Popen(
-            argv + [str(self.port)],
+            [*argv, str(self.port)],
             env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -330,7 +332,7 @@ class RedisQueue:
         return n
 
     def cleanup(self) -> None:
-        keys = [k for k in self.client.scan_iter(match=f"*{self.queue}*")]
+        keys = list(self.client.scan_iter(match=f"*{self.queue}*"))
         if keys:
             self.client.delete(*keys)
 
@@ -472,7 +474,8 @@ def report(result: dict) -> dict:
     best = max(ours, key=ours.get)
     matched = f"cbmir scp pdu={STORESCP_PDU}"
     print(
-        f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): {result['fsync_ms']:.1f} ms/inst; "
+        f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): "
+        f"{result['fsync_ms']:.1f} ms/inst; "
         f"broker send floor (TaskDispatcher.embed): {result['dispatch_ms']:.1f} ms/inst"
     )
     if matched in ours:

@@ -87,7 +87,7 @@ def run_queries(
     for i in range(min(20, queries)):  # warm-up
         client.search(sop_instance_uid=vs.uids[int(rows[i])], k=K)
     grpc_ms, numpy_ms, recalls = [], [], []
-    for row, modality in zip(rows, modalities):
+    for row, modality in zip(rows, modalities, strict=True):
         uid = vs.uids[int(row)]
         names = [common.BENCH_MODALITIES[int(modality)]] if filtered else []
         t0 = time.perf_counter()
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 "recall@5",
             ],
             rows,
-            title=f"SearchSimilar by sop_instance_uid, k={K}, dim {dim}, embedded qdrant-edge (not optimised)",
+            title=f"SearchSimilar by sop_instance_uid, k={K}, dim {dim}, "
+            "embedded qdrant-edge (not optimised)",
         )
     )
     print(

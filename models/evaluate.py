@@ -38,7 +38,7 @@ from models.retrieval import NumpyRetriever, Retriever
 
 logger = logging.getLogger(__name__)
 
-METRICS_DEPTH = max(max(MODALITY_KS), max(FINDING_KS))
+METRICS_DEPTH = max(*MODALITY_KS, *FINDING_KS)
 RECALL_GRID = np.linspace(0.0, 1.0, 21)
 
 
@@ -340,19 +340,16 @@ def run_evaluation(
     )
     plot_files: dict[str, str] = {}
     if plots:
-        import matplotlib
+        import matplotlib as mpl
 
-        matplotlib.use("Agg")
+        mpl.use("Agg")
         curves = pr_curves(queries, database, rankings, query_in_db)
         _plot_pr(curves, out_dir / "pr_curves.png", f"{encoder.card.get('name')}: finding-level PR")
         plot_files["Precision-recall per modality (finding level)"] = "pr_curves.png"
         metrics["pr_curves"] = {"recall": RECALL_GRID.tolist(), **{m: v.tolist() for m, v in curves.items()}}
         _plot_grid(queries, database, rankings, out_dir / "query_grid.jpg", seed=seed)
         plot_files["Queries and their top 5"] = "query_grid.jpg"
-        if own:
-            db_emb = retriever.embeddings
-        else:
-            db_emb = NumpyRetriever(encoder).embed_items(database)
+        db_emb = retriever.embeddings if own else NumpyRetriever(encoder).embed_items(database)
         used = _plot_map(
             db_emb, [d.finding for d in database], out_dir / "embedding_map.png", map_method, seed
         )

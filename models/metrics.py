@@ -45,7 +45,7 @@ FINDING_KS = (5, 10, 20)
 def hits_matrix(query_values: Sequence, ranked_values: Sequence[Sequence], depth: int) -> np.ndarray:
     """bool ``(Q, depth)``: ranked item i of query q has the query's value (padded with False)."""
     hits = np.zeros((len(query_values), depth), dtype=bool)
-    for q, (value, ranked) in enumerate(zip(query_values, ranked_values)):
+    for q, (value, ranked) in enumerate(zip(query_values, ranked_values, strict=True)):
         row = list(ranked[:depth])
         hits[q, : len(row)] = [item == value for item in row]
     return hits
@@ -76,7 +76,7 @@ def average_precision_at(hits: np.ndarray, k: int, n_relevant: np.ndarray) -> np
 def majority_vote_correct(query_values: Sequence, ranked_values: Sequence[Sequence], k: int) -> np.ndarray:
     """bool per query: the most frequent value in the top k is the query's (ties: ranked first)."""
     correct = np.zeros(len(query_values), dtype=bool)
-    for q, (value, ranked) in enumerate(zip(query_values, ranked_values)):
+    for q, (value, ranked) in enumerate(zip(query_values, ranked_values, strict=True)):
         top = list(ranked[:k])
         if not top:
             continue
@@ -178,8 +178,8 @@ def retrieval_metrics(
     None.
     """
     db_mod = np.asarray(database_modalities)
-    db_find = np.asarray([f"{m}/{lab}" for m, lab in zip(database_modalities, database_labels)])
-    q_find = [f"{m}/{lab}" for m, lab in zip(query_modalities, query_labels)]
+    db_find = np.asarray([f"{m}/{lab}" for m, lab in zip(database_modalities, database_labels, strict=True)])
+    q_find = [f"{m}/{lab}" for m, lab in zip(query_modalities, query_labels, strict=True)]
     mod_count = {m: int((db_mod == m).sum()) for m in set(db_mod.tolist())}
     find_count = {f: int((db_find == f).sum()) for f in set(db_find.tolist())}
     n_rel_mod = np.array([mod_count.get(m, 0) for m in query_modalities])

@@ -2,7 +2,8 @@
 
 Every model has ``encode(x) -> (N, dim)`` (what gets exported) and ``forward(x) ->
 (output, embedding)`` used by training. Architectures: ``paper`` (below; with
-options it is also "ours", see ``models.train.RECIPES``), ``gem`` (:class:`GemAutoencoder`), ``resnet`` (:class:`ResNetClassifier`), ``pca`` (:class:`PcaEncoder`).
+options it is also "ours", see ``models.train.RECIPES``), ``gem`` (:class:`GemAutoencoder`),
+``resnet`` (:class:`ResNetClassifier`), ``pca`` (:class:`PcaEncoder`).
 
 ``paper`` -- the convolutional autoencoder of the reference paper:
 
@@ -72,9 +73,9 @@ class PaperAutoencoder(nn.Module):
             raise ValueError(f"need {depth} widths for input {input_size}, got {widths}")
         self.input_size, self.depth, self.latent_dim = input_size, depth, latent_dim
         self.latent_channels = latent_dim // (bottleneck * bottleneck)
-        ins = (1,) + widths[:-1]
+        ins = (1, *widths[:-1])
         stages: list[nn.Module] = []
-        for c_in, c_out in zip(ins, widths):
+        for c_in, c_out in zip(ins, widths, strict=True):
             stages.append(_conv_block(c_in, c_out, 2, batchnorm))
             stages += [ResidualBlock(c_out) for _ in range(blocks)]
         self.encoder_body = nn.Sequential(*stages)
@@ -113,7 +114,8 @@ class GeM(nn.Module):
 
 
 class Whitening(nn.Module):
-    """Learned linear whitening ``(z - mean) @ matrix`` fitted on training embeddings; identity until fitted."""
+    """Learned linear whitening ``(z - mean) @ matrix`` fitted on training embeddings; identity until
+    fitted."""
 
     def __init__(self, dim: int):
         super().__init__()

@@ -116,10 +116,7 @@ def to_model_input(image: np.ndarray, contract: PreprocessContract) -> np.ndarra
         fill = values[finite].min() if finite.any() else 0.0
         values = np.where(finite, values, fill)
     low, high = values.min(), values.max()
-    if high > low:
-        values = (values - low) / (high - low)
-    else:
-        values = np.zeros_like(values)
+    values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     size = contract.input_size
     picture = Image.fromarray(values.astype(np.float32), mode="F")
     if picture.size != (size, size):

@@ -243,7 +243,10 @@ def augment_batch(x, generator):
     import torch.nn.functional as F
 
     n = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
     angle = u(-8, 8) * math.pi / 180
     scale = u(0.9, 1.1)
     tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
@@ -299,14 +302,10 @@ def batch_order(
     classes = np.unique(labels)
     per_class = max(2, batch_size // len(classes))
     pools = {c: np.flatnonzero(labels == c) for c in classes}
-    batches = []
-    for _ in range(n_batches):
-        batches.append(
-            np.concatenate(
-                [rng.choice(pools[c], per_class, replace=len(pools[c]) < per_class) for c in classes]
-            )
-        )
-    return batches
+    return [
+        np.concatenate([rng.choice(pools[c], per_class, replace=len(pools[c]) < per_class) for c in classes])
+        for _ in range(n_batches)
+    ]
 
 
 def embed_tensor(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -584,7 +583,8 @@ class Trainer:
         return True
 
     def fit_whitening(self) -> None:
-        """Fit the model's whitening on train embeddings, in ``best.pt`` (old one kept as best-unwhitened.pt)."""
+        """Fit the model's whitening on train embeddings, in ``best.pt`` (the old one is kept as
+        best-unwhitened.pt)."""
         torch = self.torch
         best_path = self.out_dir / "best.pt"
         ckpt = torch.load(best_path, map_location=self.device, weights_only=False)

@@ -32,7 +32,7 @@ def redis_available(url: str = REDIS_URL) -> bool:
         import redis
 
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means Redis is not usable
         return False
 
 

@@ -62,7 +62,7 @@ def _uid(path: Path) -> str | None:
         return str(
             pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta.MediaStorageSOPInstanceUID
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means the file is skipped
         return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -52,7 +53,5 @@ def test_each_file_raises_its_expected_error(corpus) -> None:
 def test_header_reading_fails_only_with_cbmir_errors(corpus) -> None:
     out, index = corpus
     for case in index["cases"]:
-        try:
+        with contextlib.suppress(errors.CbmirError):
             read_header(out / case["file"])
-        except errors.CbmirError:
-            pass

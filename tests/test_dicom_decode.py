@@ -522,7 +522,7 @@ def eeg_dataset(
     group.NumberOfWaveformSamples = channels.shape[1]
     group.SamplingFrequency = sampling_hz
     definitions = []
-    for index in range(channels.shape[0]):
+    for _ in range(channels.shape[0]):
         definition = Dataset()
         definition.ChannelSensitivity = sensitivity
         definition.ChannelSensitivityCorrectionFactor = correction

@@ -54,7 +54,7 @@ def source_dir(tmp_path: Path) -> Path:
         else:
             shape = (120, 200) if modality == "oct" else (64, 64)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, quality=90)
-        rows.append(dict(zip(FIELDS, (name, modality, label, split, "unit-test", patient, "0"))))
+        rows.append(dict(zip(FIELDS, (name, modality, label, split, "unit-test", patient, "0"), strict=True)))
     with open(src / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
@@ -179,7 +179,7 @@ def dciodvfy_lines(path: Path) -> tuple[list[str], list[str]]:
         ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
     )  # dciodvfy exits non-zero on errors: they are parsed
     lines = [line.strip() for line in (completed.stdout + completed.stderr).splitlines()]
-    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")

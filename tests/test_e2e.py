@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
     uids = {support.sop_uid(path): modality for path, modality in files.items()}
-    for path, modality in files.items():
+    for path in files:
         uid = support.sop_uid(path)
         by_uid = client.search(sop_instance_uid=uid, k=3)
         assert by_uid.hits[0].sop_instance_uid == uid
@@ -28,7 +28,7 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
         by_bytes = client.search(dicom=path.read_bytes(), k=3)  # the same file sent as a query
         assert by_bytes.hits[0].sop_instance_uid == uid
         assert by_bytes.hits[0].distance == pytest.approx(0.0, abs=1e-3)
-        assert list(h.distance for h in by_uid.hits) == sorted(h.distance for h in by_uid.hits)
+        assert [h.distance for h in by_uid.hits] == sorted(h.distance for h in by_uid.hits)
     # The modality filter keeps exactly the asked modality, across every indexed instance.
     for wanted in ("xray", "mri", "other"):
         expected = {uid for uid, modality in uids.items() if modality == wanted}

@@ -37,7 +37,7 @@ def data_dir(tmp_path_factory):
     with open(root / "manifest.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "modality", "label", "split", "source", "patient", "sha256"])
-        writer.writerows(row + ["synthetic", "", ""] for row in rows)
+        writer.writerows([*row, "synthetic", "", ""] for row in rows)
     return root
 
 

@@ -29,7 +29,7 @@ def test_shape_dtype_range_and_determinism():
     img = picture()
     out = to_model_input(img, CONTRACT)
     assert out.shape == (1, 32, 32) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     assert np.array_equal(out, to_model_input(img.copy(), CONTRACT))
 
 

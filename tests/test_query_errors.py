@@ -56,14 +56,14 @@ def _png() -> bytes:
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(sop_instance_uid="1.2.3", k=1001), "k must be between 1 and 1000"),
-        (dict(), "names no query"),
-        (dict(dicom=b"this is not DICOM at all" * 10), ""),
-        (dict(image=b"\x89PNG\r\n\x1a\n broken", image_modality="xray"), ""),
-        (dict(image=_png()), "image.modality must be set"),
-        (dict(image=_png_header(20000, 20000), image_modality="xray"), "image too large"),
-        (dict(image=_png(), image_modality="xray", exclude_same_study=True), "exclude_same_study"),
-        (dict(sop_instance_uid="   "), "sop_instance_uid is empty"),
+        ({"sop_instance_uid": "1.2.3", "k": 1001}, "k must be between 1 and 1000"),
+        ({}, "names no query"),
+        ({"dicom": b"this is not DICOM at all" * 10}, ""),
+        ({"image": b"\x89PNG\r\n\x1a\n broken", "image_modality": "xray"}, ""),
+        ({"image": _png()}, "image.modality must be set"),
+        ({"image": _png_header(20000, 20000), "image_modality": "xray"}, "image too large"),
+        ({"image": _png(), "image_modality": "xray", "exclude_same_study": True}, "exclude_same_study"),
+        ({"sop_instance_uid": "   "}, "sop_instance_uid is empty"),
     ],
 )
 def test_bad_requests_are_invalid_argument(query, kwargs, fragment):

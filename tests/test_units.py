@@ -24,7 +24,7 @@ def test_settings_defaults_and_errors(tmp_path):
     assert ListenerSettings.from_env({"CBMIR_ALLOWED_AE_TITLES": " A, B ,,"}).allowed_ae_titles == {"A", "B"}
     with pytest.raises(ConfigError, match="CBMIR_DICOM_PORT must be an integer"):
         ListenerSettings.from_env({"CBMIR_DICOM_PORT": "eleven"})
-    with pytest.raises(ConfigError, match="1..16"):
+    with pytest.raises(ConfigError, match=r"1\.\.16"):
         ListenerSettings.from_env({"CBMIR_AE_TITLE": "A" * 17})
     w = WorkerSettings.from_env({"CBMIR_BROKER_URL": "redis://h:6379/0", "CBMIR_VISIBILITY_TIMEOUT_S": "30"})
     assert w.broker.transport_options()["visibility_timeout"] == 30

@@ -305,7 +305,7 @@ def test_restart_does_not_reingest(stack: Stack) -> None:
     assert {name: after.get(name) for name in before} == before, "an archived object was re-ingested"
     assert len(after) == len(before) + 1
     done_after = processed_files(stack)
-    assert done_after == sorted(done_before + ["mri/while-down.png"])
+    assert done_after == sorted([*done_before, "mri/while-down.png"])
     hits = stack.client.search(image=data, image_modality="mri", k=1, modalities=["mri"]).hits
     assert hits[0].distance < 1e-4 and hits[0].modality_code == "MR"
 

@@ -82,7 +82,7 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
                 task.request.retries + 1,
                 countdown,
             )
-            raise task.retry(exc=exc, countdown=countdown)
+            raise task.retry(exc=exc, countdown=countdown) from exc
         pipeline.archive(spool_name)
         logger.info("indexed %s (%d point%s)", spool_name, points, "" if points == 1 else "s")
         return {"status": "indexed", "spool_name": spool_name, "points": points}

@@ -69,7 +69,7 @@ class MicroBatcher:
     def _run(self, group: list[tuple[np.ndarray, Future]]) -> None:
         try:
             outputs = self._fn(np.concatenate([inputs for inputs, _ in group], axis=0))
-        except BaseException as exc:  # hand the failure to every caller of this batch
+        except BaseException as exc:  # noqa: BLE001 - hand the failure to every caller of this batch
             for _, future in group:
                 future.set_exception(exc)
             return

@@ -8,9 +8,9 @@ runs at import time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
 
 from services.core.errors import ConfigError
 
@@ -151,7 +151,7 @@ class IndexSettings:
         return not self.qdrant_url
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> "IndexSettings":
+    def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> IndexSettings:
         return cls(
             collection=_env(env, "CBMIR_COLLECTION", "cbmir"),
             qdrant_url=env.get("QDRANT_URL") or None,
@@ -187,7 +187,7 @@ class BrokerSettings:
         return {}
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> "BrokerSettings":
+    def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> BrokerSettings:
         return cls(
             url=_env(env, "CBMIR_BROKER_URL", layout.embedded_broker_url()),
             queue=_env(env, "CBMIR_QUEUE", "cbmir.embed"),
@@ -203,7 +203,7 @@ class ModelSettings:
     device: str
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "ModelSettings":
+    def from_env(cls, env: Mapping[str, str]) -> ModelSettings:
         path = env.get("CBMIR_MODEL_PATH") or None
         return cls(
             model_path=Path(path) if path else None,
@@ -221,7 +221,7 @@ class DecodeSettings:
     max_frames: int
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "DecodeSettings":
+    def from_env(cls, env: Mapping[str, str]) -> DecodeSettings:
         return cls(
             frames=_choice(env, "CBMIR_FRAMES", "middle", ("middle", "all")),
             max_rows=_int(env, "CBMIR_MAX_ROWS", 8192, minimum=1),
@@ -247,7 +247,7 @@ class ListenerSettings:
     max_pdu: int
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ListenerSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ListenerSettings:
         env = os.environ if env is None else env
         layout = _data_layout(env)
         ae_title = _env(env, "CBMIR_AE_TITLE", "CBMIR")
@@ -281,7 +281,7 @@ class WorkerSettings:
     retry_backoff_s: float
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         env = os.environ if env is None else env
         layout = _data_layout(env)
         return cls(
@@ -311,7 +311,7 @@ class QuerySettings:
     max_workers: int
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "QuerySettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> QuerySettings:
         env = os.environ if env is None else env
         layout = _data_layout(env)
         return cls(
@@ -335,7 +335,7 @@ class WatcherSettings:
     settle_s: float = field(default=1.0)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "WatcherSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WatcherSettings:
         env = os.environ if env is None else env
         layout = _data_layout(env)
         watch = env.get("CBMIR_WATCH_DIR") or None

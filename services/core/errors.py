@@ -4,7 +4,7 @@ The classes live in the bottom layer so that ``models/`` can raise them without 
 ``services/``. Import them from here in service and worker code.
 """
 
-from models.errors import (  # noqa: F401
+from models.errors import (
     BackendUnavailable,
     CbmirError,
     ConfigError,

@@ -141,7 +141,7 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            return open(path, "rb"), f"file {path.name}"  # noqa: SIM115 - closed by the caller
+            return open(path, "rb"), f"file {path.name}"
         except FileNotFoundError:
             raise UnreadableInput(f"no such file: {path}", reason="no-such-file") from None
         except IsADirectoryError:
@@ -151,7 +151,7 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
     if hasattr(source, "read"):
         try:
             data = source.read()
-        except Exception as exc:  # a broken stream is unreadable input, whatever it raises
+        except Exception as exc:  # noqa: BLE001 - a broken stream is unreadable input, whatever it raises
             raise UnreadableInput(f"cannot read stream: {_describe(exc)}", reason="io-error") from None
         if not isinstance(data, (bytes, bytearray)):
             raise UnreadableInput("stream did not return bytes", reason="not-dicom")
@@ -199,7 +199,7 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
             ds.file_meta.get("TransferSyntaxUID")
         except CbmirError:
             raise
-        except Exception as exc:  # pydicom raises many types for broken files: all mean "unreadable"
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files: all mean "unreadable"
             raise UnreadableInput(
                 f"{what} could not be parsed as DICOM ({_describe(exc)})", reason="parse-error"
             ) from None
@@ -296,7 +296,7 @@ def read_header(source: DicomSource) -> InstanceHeader:
         return _header_from_dataset(ds)
     except CbmirError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
         raise UnreadableInput(
             f"cannot read the instance header ({_describe(exc)})", reason="parse-error"
         ) from None
@@ -487,7 +487,7 @@ def _apply_modality(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
 
         try:
             return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             logger.warning("ignoring unusable Modality LUT (%s)", _describe(exc))
             return values
     slope = _first_float(item.get("RescaleSlope"))
@@ -528,7 +528,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray | None
             if high > low:
                 return (mapped - low) / (high - low)
             logger.warning("ignoring constant VOI LUT")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             logger.warning("ignoring unusable VOI LUT (%s); trying the window", _describe(exc))
     source = frame_voi if frame_voi is not None else ds
     center = _first_float(source.get("WindowCenter"))
@@ -589,7 +589,7 @@ def _display_frame(
             # normalise by the palette's own largest entry: some writers store 8-bit values
             # in 16-bit tables, so the descriptor's bit depth is not a reliable white point
             palette_max = float(np.max(apply_color_lut(np.arange(first, first + entries), ds)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             raise DecodeError(
                 f"palette colour lookup failed ({_describe(exc)})", reason="corrupt-palette"
             ) from None
@@ -630,7 +630,7 @@ def _decode_image(
             raw, meta = decoder.as_array(ds, index=index, as_rgb=True)
         except CbmirError:
             raise
-        except Exception as exc:  # codec and pydicom errors of any type mean "cannot decode"
+        except Exception as exc:  # noqa: BLE001 - codec and pydicom errors of any type mean "cannot decode"
             raise _codec_error(ts_text, header, pixels, index, exc) from None
         except BaseException as exc:
             if not _is_codec_panic(exc):
@@ -779,7 +779,7 @@ def read_eeg_waveform(source: DicomSource, *, limits: DecodeLimits | None = None
         return _waveform_channel_uv(ds, limits)
     except CbmirError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
         raise UnreadableInput(
             f"waveform could not be read ({_describe(exc)})", reason="parse-error"
         ) from None
@@ -797,7 +797,7 @@ def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
         picture = np.asarray(render_eeg_trace(samples_uv, sampling_hz))
     except CbmirError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
         raise DecodeError(
             f"EEG trace could not be rendered ({_describe(exc)})", reason="eeg-render-failed"
         ) from None
@@ -832,7 +832,7 @@ def decode_for_embedding(
             samples_uv, sampling_hz = _waveform_channel_uv(ds, limits)
     except CbmirError:
         raise
-    except Exception as exc:  # lazily parsed elements can fail on first access
+    except Exception as exc:  # noqa: BLE001 - lazily parsed elements can fail on first access
         raise UnreadableInput(
             f"instance could not be parsed ({_describe(exc)})", reason="parse-error"
         ) from None
@@ -845,7 +845,7 @@ def decode_for_embedding(
             raise
         except MemoryError:
             raise TooLarge("not enough memory to decode the pixel data", reason="out-of-memory") from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             raise DecodeError(
                 f"pixel data could not be decoded ({_describe(exc)})", reason="corrupt-pixel-data"
             ) from None

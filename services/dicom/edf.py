@@ -41,7 +41,7 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
     try:
         reader = pyedflib.EdfReader(str(path))
-    except Exception as exc:  # pyedflib raises OSError and others for anything not EDF
+    except Exception as exc:  # noqa: BLE001 - pyedflib raises OSError and others for anything not EDF
         raise UnreadableInput(
             f"{path.name} is not a readable EDF/BDF file ({type(exc).__name__})", reason="not-edf"
         ) from None
@@ -71,13 +71,13 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
             logger.warning("EDF channel has no physical dimension; assuming µV")
         try:
             samples = np.asarray(reader.readSignal(channel), dtype=np.float64) * scale
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pyedflib raises many types for a damaged file
             raise DecodeError(
                 f"EDF samples could not be read ({type(exc).__name__})", reason="corrupt-signal"
             ) from None
     except CbmirError:
         raise
-    except Exception as exc:  # header accessors of a damaged file
+    except Exception as exc:  # noqa: BLE001 - header accessors of a damaged file
         raise UnreadableInput(
             f"EDF header of {path.name} is unusable ({type(exc).__name__})", reason="parse-error"
         ) from None

@@ -40,7 +40,7 @@ def send_files(
     for path in map(Path, files):
         try:
             key = _context_key(path)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a file pydicom cannot frame is reported, not fatal
             logger.warning("%s: not sendable (%s)", path.name, exc)
             statuses[path] = -1
             continue
@@ -63,7 +63,7 @@ def send_files(
                 try:
                     status = assoc.send_c_store(pydicom.dcmread(path))
                     statuses[path] = int(status.Status) if status else -1
-                except Exception as exc:  # e.g. no accepted context for this file
+                except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this file
                     logger.warning("%s: not sent (%s)", path.name, exc)
                     statuses[path] = -1
                 if progress is not None:

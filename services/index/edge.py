@@ -42,7 +42,7 @@ class EdgeIndex(VectorIndex):
     """
 
     def __init__(self, root: Path, alias: str):
-        import qdrant_edge  # noqa: F401  (fail early, clearly, if the engine is missing)
+        import qdrant_edge
 
         self._qe = qdrant_edge
         self._root = Path(root)
@@ -248,7 +248,7 @@ class EdgeIndex(VectorIndex):
 def _take_owner_lock(root: Path):
     """One process owns the whole embedded index (all shards and the alias file)."""
 
-    handle = open(root / ".owner.lock", "a+")
+    handle = open(root / ".owner.lock", "a+")  # noqa: SIM115 - held open for the owner's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -35,7 +35,7 @@ def index_points(
     now = time.time() if ingested_at is None else ingested_at
     multi = len(frames) > 1
     points = []
-    for frame, vector in zip(frames, vectors):
+    for frame, vector in zip(frames, vectors, strict=True):
         payload = {
             "modality": header.modality,
             "modality_code": header.modality_code,

@@ -195,7 +195,7 @@ def _decode_picture(data: bytes) -> np.ndarray:
         raise TooLarge(str(exc), reason="too-many-pixels") from None
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"picture too large ({exc})", reason="too-many-pixels") from None
-    except Exception as exc:  # any other decoder failure still means "not a usable picture"
+    except Exception as exc:  # noqa: BLE001 - any other decoder failure still means "not a usable picture"
         raise UnreadableInput(
             f"picture could not be decoded ({type(exc).__name__})", reason="not-an-image"
         ) from None
@@ -253,7 +253,7 @@ class FileConverter:
                 decode_for_embedding(path)
             except CbmirError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever the decoder raises, the file is not usable
                 raise InvalidInput(
                     f"{name} could not be read ({type(exc).__name__})", reason="unsupported-sop-class"
                 ) from None

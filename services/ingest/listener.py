@@ -118,7 +118,7 @@ class StoreHandler:
         except StorageError as exc:
             logger.warning("C-STORE %s: %s", sop_instance_uid, exc)
             return dicom_status_for(exc)
-        except Exception as exc:  # pynetdicom could not even frame the bytes
+        except Exception as exc:  # noqa: BLE001 - pynetdicom could not even frame the bytes
             logger.error("C-STORE %s: cannot encode received dataset: %s", sop_instance_uid, exc)
             return STATUS_CANNOT_UNDERSTAND
         try:
@@ -190,7 +190,7 @@ class StoreHandler:
 def _check_lengths(path: Path, dataset) -> None:
     """Every top-level element must end inside the file (pydicom accepts a value cut short at EOF)."""
     size = path.stat().st_size
-    for tag in dataset.keys():
+    for tag in dataset:
         raw = dataset.get_item(tag)
         length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
         if length is None or tell is None or length == 0xFFFFFFFF:

@@ -13,6 +13,7 @@ folder, before anyone is told it happened. Nothing here ever deletes the only co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,10 +78,8 @@ class Spool:
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):  # the folder itself is what failed
                 tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # the folder itself is what failed
             raise StorageError(
                 f"cannot write {final.name} into {final.parent}: {exc.strerror or exc}"
             ) from exc

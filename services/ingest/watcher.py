@@ -166,7 +166,7 @@ class FolderWatcher:
             observer = Observer()
             observer.schedule(Handler(), str(self.root), recursive=True)
             observer.start()
-        except Exception as exc:  # inotify limits and the like: fall back to periodic scans
+        except Exception as exc:  # noqa: BLE001 - inotify limits and the like: fall back to periodic scans
             logger.warning(
                 "file events unavailable (%s); scanning %s every %.0f s", exc, self.root, self.rescan_s
             )

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         text=True,
         bufsize=1,
     )
-    log = open(work / "serve.log", "w")
+    log = open(work / "serve.log", "w")  # noqa: SIM115 - written by a thread until serve stops
     try:
         ready = None
         for line in serve.stdout:
@@ -181,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         summary = stats_dict(client.stats())
         print(
             f"demo: index holds {summary['total']} points {summary['per_modality']}, "
-            f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} (model {summary['model_version']})"
+            f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} "
+            f"(model {summary['model_version']})"
         )
 
         labels_by_uid = {}
@@ -202,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             _print_hits(f"indexed {uid[:36]}", response.hits, labels_by_uid)
         if summary["model_version"].endswith("untrained"):
             print(
-                "\nnote: the shipped encoder is untrained; distances show the path works, not retrieval quality."
+                "\nnote: the shipped encoder is untrained; distances show the path works, "
+                "not retrieval quality."
             )
         client.close()
         return 0

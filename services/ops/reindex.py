@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(
         f"cbmir reindex: {summary['reindexed']} instance(s) into {summary['collection']} "
-        f"(model {summary['model_version']}); alias {settings.index.collection} switched from {summary['previous']}"
+        f"(model {summary['model_version']}); "
+        f"alias {settings.index.collection} switched from {summary['previous']}"
     )
     for name, reason in sorted(summary["failed"].items()):
         print(f"  not reindexed: {name}: {reason}")

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     supervisor = Supervisor(options)
     try:
         supervisor.start()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any start failure stops serve with its message
         print(f"cbmir serve: failed to start: {exc}", file=sys.stderr)
         supervisor.stop()
         return 1

@@ -246,7 +246,7 @@ class QueryServer:
             )
             services.append(index_writer_pb2.DESCRIPTOR.services_by_name["IndexWriter"].full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(services + [reflection.SERVICE_NAME], self._server)
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], self._server)
         self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
             raise BackendUnavailable(f"cannot bind gRPC port {settings.host}:{settings.port}")
