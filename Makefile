@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs (see README):
 #   make demo   - set up, then run the whole path on an embedded default and print similar cases
 #   make test   - set up what the tests talk to, then run the test suite
-.PHONY: demo test protos check-protos bench
+.PHONY: demo test lint protos check-protos bench
 
 demo:
 	./scripts/bootstrap
@@ -10,6 +10,13 @@ demo:
 test:
 	./scripts/bootstrap --test
 	.venv/bin/pytest -q
+
+# CI: lint, format, types and the dependency rule (its contracts are in pyproject.toml).
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 protos:
 	PYTHON=.venv/bin/python ./scripts/gen-protos

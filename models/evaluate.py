@@ -84,7 +84,10 @@ def evaluate_retriever(
 
 
 def pr_curves(
-    queries, database, rankings: np.ndarray, query_in_db: Sequence[int | None]
+    queries: Sequence[data_mod.Record],
+    database: Sequence[data_mod.Record],
+    rankings: np.ndarray,
+    query_in_db: Sequence[int | None],
 ) -> dict[str, np.ndarray]:
     """Finding-level interpolated precision at ``RECALL_GRID`` per modality (mean over queries)."""
     db_find = np.array([d.finding for d in database])
@@ -128,7 +131,12 @@ def _plot_pr(curves: dict[str, np.ndarray], path: Path, title: str) -> None:
 
 
 def _plot_grid(
-    queries, database, rankings: np.ndarray, path: Path, per_modality: int = 2, seed: int = 0
+    queries: Sequence[data_mod.Record],
+    database: Sequence[data_mod.Record],
+    rankings: np.ndarray,
+    path: Path,
+    per_modality: int = 2,
+    seed: int = 0,
 ) -> None:
     import matplotlib.pyplot as plt
 
@@ -173,7 +181,7 @@ def _plot_map(
     if len(idx) > max_points:
         idx = np.sort(rng.choice(idx, max_points, replace=False))
     x = embeddings[idx].astype(np.float64)
-    findings = np.asarray(findings)[idx]
+    finding_of = np.asarray(findings)[idx]
     used = "pca"
     if method == "tsne" and len(x) > 30:
         try:
@@ -189,8 +197,8 @@ def _plot_map(
         points = centred @ vh[:2].T
     fig, ax = plt.subplots(figsize=(8, 6.5))
     cmap = plt.get_cmap("tab20")
-    for i, finding in enumerate(sorted(set(findings.tolist()))):
-        mask = findings == finding
+    for i, finding in enumerate(sorted(set(finding_of.tolist()))):
+        mask = finding_of == finding
         ax.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(i % 20), label=finding)
     ax.set_title(f"embeddings ({used}, {len(x)} points)")
     ax.legend(fontsize=6, markerscale=3, loc="best", ncol=2)
@@ -305,7 +313,6 @@ def run_evaluation(
     encoder = OnnxEncoder(model_path, device=device)
     if not encoder.card.get("trained", False):
         logger.warning("model %s is UNTRAINED: numbers are for wiring checks only", encoder.model_path.name)
-    own = retriever is None
     retriever = retriever or NumpyRetriever(encoder, progress=True)
     depth = len(database) if pr_depth is None else max(pr_depth, METRICS_DEPTH)
     metrics, rankings = evaluate_retriever(retriever, queries, database, depth)
@@ -349,7 +356,11 @@ def run_evaluation(
         metrics["pr_curves"] = {"recall": RECALL_GRID.tolist(), **{m: v.tolist() for m, v in curves.items()}}
         _plot_grid(queries, database, rankings, out_dir / "query_grid.jpg", seed=seed)
         plot_files["Queries and their top 5"] = "query_grid.jpg"
-        db_emb = retriever.embeddings if own else NumpyRetriever(encoder).embed_items(database)
+        db_emb = (
+            retriever.embeddings
+            if isinstance(retriever, NumpyRetriever)
+            else (NumpyRetriever(encoder).embed_items(database))
+        )
         used = _plot_map(
             db_emb, [d.finding for d in database], out_dir / "embedding_map.png", map_method, seed
         )

@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from models.data import sha256_file
 from models.errors import CbmirError
 from models.preprocess import PreprocessContract
 from models.runtime import DEFAULT_POINTER, INPUT_NAME, OUTPUT_NAME, WEIGHTS_DIR, sidecar_paths
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def quiet_exporter_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def export_onnx(model, input_size: int, out_path: str | Path, opset: int = OPSET) -> None:
+def export_onnx(model: nn.Module, input_size: int, out_path: str | Path, opset: int = OPSET) -> None:
     """Trace ``model.encode`` to one self-contained ``.onnx`` file with a dynamic batch axis."""
     import torch
 
@@ -78,15 +81,19 @@ def export_onnx(model, input_size: int, out_path: str | Path, opset: int = OPSET
             optimize=True,
             verbose=False,
         )
+    if program is None:  # only the legacy (dynamo=False) exporter returns nothing
+        raise ExportError("the ONNX exporter returned no program")
     program.save(str(out_path), external_data=False)
 
 
-def check_onnx(model, onnx_path: str | Path, input_size: int, atol: float | None = None) -> float:
+def check_onnx(model: nn.Module, onnx_path: str | Path, input_size: int, atol: float | None = None) -> float:
     """Run the ONNX checker and a torch-vs-onnxruntime parity check; return the max abs diff."""
     atol = PARITY_ATOL if atol is None else atol
     import onnx
     import onnxruntime as ort
     import torch
+
+    from models.network import encode
 
     onnx_path = Path(onnx_path)
     if onnx_path.with_name(onnx_path.name + ".data").exists():
@@ -101,7 +108,7 @@ def check_onnx(model, onnx_path: str | Path, input_size: int, atol: float | None
     for n in (1, 5):
         x = rng.random((n, 1, input_size, input_size), dtype=np.float32)
         with torch.no_grad():
-            expected = model.eval().encode(torch.from_numpy(x)).numpy()
+            expected = encode(model.eval(), torch.from_numpy(x)).numpy()
         (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
         if got.shape != expected.shape:
             raise ExportError(f"shape mismatch: onnx {got.shape} vs torch {expected.shape}")
@@ -112,7 +119,11 @@ def check_onnx(model, onnx_path: str | Path, input_size: int, atol: float | None
 
 
 def write_model(
-    model, contract: PreprocessContract, out_path: str | Path, card: dict[str, Any], set_default: bool = False
+    model: nn.Module,
+    contract: PreprocessContract,
+    out_path: str | Path,
+    card: dict[str, Any],
+    set_default: bool = False,
 ) -> dict[str, Any]:
     """Export, check, and write ``<name>.onnx`` + card + preprocess sidecars atomically."""
     out_path = Path(out_path)
@@ -165,7 +176,7 @@ def set_default_model(onnx_path: str | Path) -> None:
     logger.info("default model is now %s", onnx_path.name)
 
 
-def load_checkpoint(path: str | Path):
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model, checkpoint dict) from a training checkpoint written by ``models.train``."""
     import torch
 
@@ -255,7 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models.network import build_model, describe
+    from models.network import build_model, describe, encode
 
     try:
         if args.untrained:
@@ -263,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
             model = build_model(args.arch, input_size=args.input_size).eval()
             contract = PreprocessContract(input_size=args.input_size)
             with torch.no_grad():
-                dim = int(model.encode(torch.zeros(1, 1, args.input_size, args.input_size)).shape[1])
+                dim = int(encode(model, torch.zeros(1, 1, args.input_size, args.input_size)).shape[1])
             card = {
                 "version": args.version,
                 "trained": False,

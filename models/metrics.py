@@ -35,6 +35,7 @@ over all queries). Finding level also has ``macro`` (mean of the four modality v
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,9 @@ MODALITY_KS = (20, 40, 60, 80, 100)
 FINDING_KS = (5, 10, 20)
 
 
-def hits_matrix(query_values: Sequence, ranked_values: Sequence[Sequence], depth: int) -> np.ndarray:
+def hits_matrix(
+    query_values: Sequence[Any] | np.ndarray, ranked_values: Sequence[Sequence[Any]], depth: int
+) -> np.ndarray:
     """bool ``(Q, depth)``: ranked item i of query q has the query's value (padded with False)."""
     hits = np.zeros((len(query_values), depth), dtype=bool)
     for q, (value, ranked) in enumerate(zip(query_values, ranked_values, strict=True)):
@@ -73,7 +76,9 @@ def average_precision_at(hits: np.ndarray, k: int, n_relevant: np.ndarray) -> np
         return np.where(denom > 0, (precision_i * top).sum(axis=1) / denom, np.nan)
 
 
-def majority_vote_correct(query_values: Sequence, ranked_values: Sequence[Sequence], k: int) -> np.ndarray:
+def majority_vote_correct(
+    query_values: Sequence[Any] | np.ndarray, ranked_values: Sequence[Sequence[Any]], k: int
+) -> np.ndarray:
     """bool per query: the most frequent value in the top k is the query's (ties: ranked first)."""
     correct = np.zeros(len(query_values), dtype=bool)
     for q, (value, ranked) in enumerate(zip(query_values, ranked_values, strict=True)):
@@ -97,25 +102,23 @@ def _mean(values: np.ndarray) -> float | None:
 def modality_metrics(
     query_modalities: Sequence[str],
     ranked_modalities: Sequence[Sequence[str]],
-    n_relevant: Sequence[int],
+    n_relevant: Sequence[int] | np.ndarray,
     ks: Sequence[int] = MODALITY_KS,
-) -> dict:
+) -> dict[str, Any]:
     """Modality-level accuracy/precision/recall@k, overall and ``per_modality``."""
-    query_modalities = np.asarray(query_modalities)
-    n_relevant = np.asarray(n_relevant)
-    hits = hits_matrix(query_modalities, ranked_modalities, max(ks))
+    modality_of = np.asarray(query_modalities)
+    relevant = np.asarray(n_relevant)
+    hits = hits_matrix(modality_of, ranked_modalities, max(ks))
     per_query = {}
     for k in ks:
-        per_query[f"accuracy@{k}"] = majority_vote_correct(query_modalities, ranked_modalities, k).astype(
-            float
-        )
+        per_query[f"accuracy@{k}"] = majority_vote_correct(modality_of, ranked_modalities, k).astype(float)
         per_query[f"precision@{k}"] = precision_at(hits, k)
-        per_query[f"recall@{k}"] = recall_at(hits, k, n_relevant)
-    result: dict = {name: _mean(values) for name, values in per_query.items()}
-    result["n_queries"] = len(query_modalities)
+        per_query[f"recall@{k}"] = recall_at(hits, k, relevant)
+    result: dict[str, Any] = {name: _mean(values) for name, values in per_query.items()}
+    result["n_queries"] = len(modality_of)
     result["per_modality"] = {}
-    for modality in sorted(set(query_modalities.tolist())):
-        mask = query_modalities == modality
+    for modality in sorted(set(modality_of.tolist())):
+        mask = modality_of == modality
         entry = {name: _mean(values[mask]) for name, values in per_query.items()}
         entry["n_queries"] = int(mask.sum())
         result["per_modality"][modality] = entry
@@ -126,34 +129,34 @@ def finding_metrics(
     query_modalities: Sequence[str],
     query_findings: Sequence[str],
     ranked_findings: Sequence[Sequence[str]],
-    n_relevant: Sequence[int],
+    n_relevant: Sequence[int] | np.ndarray,
     ks: Sequence[int] = FINDING_KS,
-) -> dict:
+) -> dict[str, Any]:
     """Finding-level P@k and mAP@k per modality, ``overall`` and ``macro``.
 
     ``query_findings`` / ``ranked_findings`` must be modality-qualified (``"xray/normal"``) so
     that equal labels in different modalities never match.
     """
-    query_modalities = np.asarray(query_modalities)
-    n_relevant = np.asarray(n_relevant)
+    modality_of = np.asarray(query_modalities)
+    relevant = np.asarray(n_relevant)
     hits = hits_matrix(query_findings, ranked_findings, max(ks))
-    eligible = n_relevant > 0
+    eligible = relevant > 0
     per_query = {}
     for k in ks:
         per_query[f"precision@{k}"] = np.where(eligible, precision_at(hits, k), np.nan)
-        per_query[f"map@{k}"] = average_precision_at(hits, k, n_relevant)
+        per_query[f"map@{k}"] = average_precision_at(hits, k, relevant)
 
-    def summary(mask: np.ndarray) -> dict:
+    def summary(mask: np.ndarray) -> dict[str, Any]:
         entry = {name: _mean(values[mask]) for name, values in per_query.items()}
         entry["n_queries"] = int((mask & eligible).sum())
         entry["queries_without_relevant"] = int((mask & ~eligible).sum())
         return entry
 
-    result: dict = {}
-    modalities = sorted(set(query_modalities.tolist()))
+    result: dict[str, Any] = {}
+    modalities = sorted(set(modality_of.tolist()))
     for modality in modalities:
-        result[modality] = summary(query_modalities == modality)
-    result["overall"] = summary(np.ones(len(query_modalities), dtype=bool))
+        result[modality] = summary(modality_of == modality)
+    result["overall"] = summary(np.ones(len(modality_of), dtype=bool))
     macro = {}
     for name in per_query:
         values = [result[m][name] for m in modalities if result[m][name] is not None]
@@ -169,7 +172,7 @@ def retrieval_metrics(
     database_labels: Sequence[str],
     rankings: Sequence[Sequence[int]],
     query_in_database: Sequence[int | None] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Both levels from index rankings into the database.
 
     ``rankings[q]`` lists database indices, best first, at least 100 deep where the database

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,10 @@ class GeM(nn.Module):
 class Whitening(nn.Module):
     """Learned linear whitening ``(z - mean) @ matrix`` fitted on training embeddings; identity until
     fitted."""
+
+    mean: torch.Tensor  # buffers (register_buffer)
+    matrix: torch.Tensor
+    fitted: torch.Tensor
 
     def __init__(self, dim: int):
         super().__init__()
@@ -290,6 +296,9 @@ class ResNetClassifier(nn.Module):
 class PcaEncoder(nn.Module):
     """Raw pixels -> PCA projection (fitted on training inputs) -> L2 norm (cosine ranking)."""
 
+    mean: torch.Tensor  # buffers (register_buffer)
+    components: torch.Tensor
+
     def __init__(self, input_size: int = 64, n_components: int = 128):
         super().__init__()
         self.input_size = input_size
@@ -319,7 +328,14 @@ class EncoderOnly(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(x)
+        return encode(self.model, x)
+
+
+def encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model.encode(x)``: every architecture here has ``encode`` (nn.Module types its attributes
+    as ``Tensor | Module``, so the call goes through this one typed place)."""
+    method = cast(Callable[[torch.Tensor], torch.Tensor], model.encode)
+    return method(x)
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -330,7 +346,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(arch: str, **kwargs) -> nn.Module:
+def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Instantiate a registered architecture by name."""
     try:
         cls = ARCHITECTURES[arch]

@@ -21,13 +21,16 @@ same numbers; float32 distance arithmetic in a vector store may swap exact near-
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from models.data import Record, load_picture
 from models.preprocess import to_model_input
+
+if TYPE_CHECKING:
+    from models.runtime import OnnxEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def rank_euclidean(
 class NumpyRetriever:
     """Offline brute-force retriever over ONNX embeddings (see module docstring)."""
 
-    def __init__(self, encoder, batch_size: int = 64, progress: bool = False):
+    def __init__(self, encoder: OnnxEncoder, batch_size: int = 64, progress: bool = False):
         self.encoder = encoder
         self.batch_size = batch_size
         self.progress = progress
@@ -83,7 +86,7 @@ class NumpyRetriever:
     def embed_items(self, items: Sequence[Record]) -> np.ndarray:
         """Embeddings ``(N, dim)`` of items' pictures through the shared preprocessing."""
         out = np.empty((len(items), self.encoder.dim), dtype=np.float32)
-        starts = range(0, len(items), self.batch_size)
+        starts: Iterable[int] = range(0, len(items), self.batch_size)
         if self.progress:
             from tqdm import tqdm
 

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,10 @@ from models.errors import ConfigError
 from models.metrics import finding_metrics
 from models.preprocess import PreprocessContract
 from models.retrieval import rank_euclidean
+
+if TYPE_CHECKING:  # torch is imported where it is used, so importing this module stays light
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ RESUMABLE_KEYS = {"threads", "max_minutes", "data", "channels_last", "epochs", "
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_torch_device(name: str):
+def resolve_torch_device(name: str) -> torch.device:
     """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` without a GPU is a ConfigError."""
     import torch
 
@@ -168,7 +172,7 @@ def resolve_torch_device(name: str):
     return torch.device(name)
 
 
-def model_device(model):
+def model_device(model: nn.Module) -> torch.device:
     """The device holding the model's parameters (or buffers); the CPU for an empty model."""
     import torch
 
@@ -217,7 +221,7 @@ def select_subset(records: list[data_mod.Record], per_class: int, seed: int) -> 
     return [records[i] for i in keep]
 
 
-def supcon_loss(z, labels, temperature: float):
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020) on L2-normalised embeddings."""
     import torch
     import torch.nn.functional as F
@@ -237,14 +241,14 @@ def supcon_loss(z, labels, temperature: float):
     return -mean_log_prob.mean()
 
 
-def augment_batch(x, generator):
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random affine (scale 0.9-1.1, rotation ±8°, shift ±6%) and gamma 0.8-1.25, per image."""
     import torch
     import torch.nn.functional as F
 
     n = x.shape[0]
 
-    def u(lo, hi):
+    def u(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=generator)
 
     angle = u(-8, 8) * math.pi / 180
@@ -258,7 +262,7 @@ def augment_batch(x, generator):
     return out.clamp(0, 1).pow(gamma)
 
 
-def augment_selected(x, mask: np.ndarray, generator):
+def augment_selected(x: torch.Tensor, mask: np.ndarray, generator: torch.Generator) -> torch.Tensor:
     """``augment_batch`` on the rows where ``mask`` is true; the other rows are returned untouched."""
     import torch
 
@@ -272,7 +276,9 @@ def augment_selected(x, mask: np.ndarray, generator):
     return out
 
 
-def compute_loss(model, x, y, config: dict[str, Any]):
+def compute_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the configured objective terms; returns (total, {term: value})."""
     import torch.nn.functional as F
 
@@ -286,7 +292,7 @@ def compute_loss(model, x, y, config: dict[str, Any]):
         terms["supcon"] = supcon_loss(z, y, config["supcon_temperature"])
     if objective.get("ce"):
         terms["ce"] = F.cross_entropy(output, y)
-    total = sum(objective[name] * value for name, value in terms.items())
+    total: torch.Tensor = sum(objective[name] * value for name, value in terms.items())
     return total, {name: float(value.detach()) for name, value in terms.items()}
 
 
@@ -308,7 +314,8 @@ def batch_order(
     ]
 
 
-def embed_tensor(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def embed_tensor(model: Any, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``model.encode`` of ``inputs`` in batches, on the model's device, as float32 numpy."""
     import torch
 
     model.eval()
@@ -322,7 +329,12 @@ def embed_tensor(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray
 
 
 def validation_map(
-    model, train_inputs, train_records, val_inputs, val_records, k: int = 10
+    model: Any,
+    train_inputs: np.ndarray,
+    train_records: list[data_mod.Record],
+    val_inputs: np.ndarray,
+    val_records: list[data_mod.Record],
+    k: int = 10,
 ) -> dict[str, Any]:
     """Finding-level mAP@10 of val queries against the train database (Euclidean on ``encode``)."""
     db = embed_tensor(model, train_inputs)
@@ -349,10 +361,10 @@ class Trainer:
         self,
         config: dict[str, Any],
         out_dir: str | Path,
-        train_records,
-        train_inputs,
-        val_records,
-        val_inputs,
+        train_records: list[data_mod.Record],
+        train_inputs: np.ndarray,
+        val_records: list[data_mod.Record],
+        val_inputs: np.ndarray,
         manifest_sha256: str | None = None,
     ):
         import torch
@@ -382,11 +394,13 @@ class Trainer:
             if key in arch_kwargs:
                 arch_kwargs[key] = tuple(arch_kwargs[key])
         self.arch_kwargs = arch_kwargs
-        self.model = build_model(config["arch"], **arch_kwargs)
+        # One of models.network.ARCHITECTURES: all have encode(); fit, whiten, raw_embedding per arch.
+        self.model: Any = build_model(config["arch"], **arch_kwargs)
         self.summary = describe(self.model)
         self.memory_format = torch.channels_last if config.get("channels_last") else torch.contiguous_format
         self.device = resolve_torch_device(config.get("device", "cpu"))
-        self.model = self.model.to(self.device, memory_format=self.memory_format)
+        # torch's annotations of Module.to omit the memory_format it accepts
+        self.model = self.model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
         self.contract = PreprocessContract(input_size=arch_kwargs["input_size"])
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
@@ -397,7 +411,8 @@ class Trainer:
             else None
         )
         self.epoch, self.step = 0, 0
-        self.best_score, self.best_epoch = None, None
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
         self.history: list[dict[str, Any]] = []
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -451,7 +466,7 @@ class Trainer:
                 f"config differs from the checkpoint's; refusing to resume\nold: {old}\nnew: {new}"
             )
         self.model.load_state_dict(ckpt["model"])
-        if self.optimizer:
+        if self.optimizer and self.scheduler:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
@@ -468,7 +483,8 @@ class Trainer:
         self.model.eval()
         result: dict[str, Any] = {}
         if self.config["objective"]:
-            losses, terms_sum, n = 0.0, {}, 0
+            losses, n = 0.0, 0
+            terms_sum: dict[str, float] = {}
             labels = np.where(self.val_labels < 0, 0, self.val_labels)
             chunks = [c for c in np.array_split(np.arange(len(labels)), max(1, len(labels) // 128)) if len(c)]
             with torch.no_grad():
@@ -508,8 +524,10 @@ class Trainer:
         rng = np.random.default_rng([config["seed"], self.epoch])
         generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.epoch)
         batches = batch_order(self.train_labels, config["batch_size"], config["sampler"], rng)
+        assert self.optimizer is not None and self.scheduler is not None  # every trained arch has parameters
         self.model.train()
-        total, terms_sum, n = 0.0, {}, 0
+        total, n = 0.0, 0
+        terms_sum: dict[str, float] = {}
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{config['epochs']}", unit="batch", leave=False)
         for idx in bar:
             x = torch.from_numpy(self.train_inputs[idx]).contiguous(memory_format=self.memory_format)
@@ -617,7 +635,9 @@ class Trainer:
         logger.info("epoch %s: %s", metrics.get("epoch"), shown)
 
 
-def load_training_data(config: dict[str, Any], cache_dir: Path | None = data_mod.DEFAULT_CACHE_DIR):
+def load_training_data(
+    config: dict[str, Any], cache_dir: Path | None = data_mod.DEFAULT_CACHE_DIR
+) -> tuple[list[data_mod.Record], np.ndarray, list[data_mod.Record], np.ndarray, str]:
     """(train records, train inputs, val records, val inputs, manifest sha256) per the config."""
     data_dir = Path(config["data"])
     contract = PreprocessContract(input_size=config["arch_kwargs"]["input_size"])

@@ -13,7 +13,7 @@ from models.runtime import OnnxEncoder
 from services.core.config import WorkerSettings
 from services.core.errors import StorageError
 from services.dicom.decode import DecodeLimits, decode_for_embedding
-from services.index import RemoteIndexWriter, open_index
+from services.index import RemoteIndexWriter, VectorIndex, open_index
 from services.index.points import index_points, model_inputs
 from services.ingest.spool import Spool
 from workers.batching import MicroBatcher
@@ -45,21 +45,18 @@ class EmbeddingPipeline:
             self.encoder.providers[0],
         )
         self.batcher = MicroBatcher(self.encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0)
-        self.limits = DecodeLimits(
-            max_rows=settings.decode.max_rows,
-            max_columns=settings.decode.max_columns,
-            max_frames=settings.decode.max_frames,
-        )
+        self.limits = DecodeLimits.from_settings(settings.decode)
+        self._remote: RemoteIndexWriter | None = None
+        self._direct: VectorIndex | None = None
         if settings.index.embedded:
             self._remote = RemoteIndexWriter(settings.index.writer_target)
-            self._direct = None
         else:
-            self._remote = None
             self._direct = open_index(settings.index)
             self._direct.ensure_collection(self.encoder.dim, self.encoder.version)
 
     # ------------------------------------------------------------------------------------------
     def locate(self, spool_name: str) -> Path | None:
+        """The spooled file of a task, or None when it is no longer in incoming."""
         path = self.spool.incoming_path(spool_name)
         return path if path.exists() else None
 
@@ -81,14 +78,16 @@ class EmbeddingPipeline:
         )
         if self._remote is not None:
             self._remote.upsert(points, self.encoder.version)
-        else:
+        elif self._direct is not None:
             self._direct.upsert(points)
         return len(points)
 
     def archive(self, spool_name: str) -> None:
+        """Move the indexed object from incoming to the archive."""
         self.spool.archive(spool_name)
 
     def quarantine(self, path: Path, reason: str, detail: str) -> None:
+        """Keep an object that will not index, with its reason; it never leaves the spool otherwise."""
         try:
             self.spool.quarantine(path, reason=reason, detail=detail, stage="worker")
         except StorageError:

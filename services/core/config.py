@@ -11,10 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, cast
 
 from services.core.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# How multi-frame objects are embedded: the central frame only, or every frame.
+FramePolicy = Literal["middle", "all"]
+
 
 # name -> (default, meaning). The README's configuration table lists exactly these.
 ENVIRONMENT: dict[str, tuple[str, str]] = {
@@ -215,7 +218,7 @@ class ModelSettings:
 class DecodeSettings:
     """Limits and frame policy for turning DICOM into images."""
 
-    frames: str
+    frames: FramePolicy
     max_rows: int
     max_columns: int
     max_frames: int
@@ -223,7 +226,7 @@ class DecodeSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DecodeSettings:
         return cls(
-            frames=_choice(env, "CBMIR_FRAMES", "middle", ("middle", "all")),
+            frames=cast(FramePolicy, _choice(env, "CBMIR_FRAMES", "middle", ("middle", "all"))),
             max_rows=_int(env, "CBMIR_MAX_ROWS", 8192, minimum=1),
             max_columns=_int(env, "CBMIR_MAX_COLUMNS", 8192, minimum=1),
             max_frames=_int(env, "CBMIR_MAX_FRAMES", 2000, minimum=1),
@@ -348,7 +351,6 @@ class WatcherSettings:
 
 __all__ = [
     "ENVIRONMENT",
-    "REPO_ROOT",
     "BrokerSettings",
     "DataLayout",
     "DecodeSettings",

@@ -24,8 +24,8 @@ OTHER = "other"
 MODALITIES: tuple[str, ...] = (*TRAINED_MODALITIES, OTHER)
 
 # name <-> cbmir.v1.Modality; MODALITY_UNSPECIFIED (0) has no name.
-MODALITY_TO_PB: dict[str, int] = {
-    name: search_pb2.Modality.Value(f"MODALITY_{name.upper()}") for name in MODALITIES
+MODALITY_TO_PB: dict[str, search_pb2.Modality] = {
+    name: getattr(search_pb2, f"MODALITY_{name.upper()}") for name in MODALITIES
 }
 PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.items()}
 

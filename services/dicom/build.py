@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from services.core.errors import StorageError
 
@@ -59,10 +59,10 @@ def base_dataset(
     date, time = identity.study_time.strftime("%Y%m%d"), identity.study_time.strftime("%H%M%S")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = identity.instance_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(identity.instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     ds.file_meta.ImplementationVersionName = software.upper().replace(" ", "_")[:16]
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time

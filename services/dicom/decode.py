@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Union
 
 import numpy as np
 
+from services.core.config import DecodeSettings
 from services.core.errors import (
     CbmirError,
     ConfigError,
@@ -66,6 +67,7 @@ from services.core.vocabulary import (
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
+    from pydicom.pixels.decoders.base import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,13 @@ class DecodeLimits:
     max_frames: int = 2000
     max_pixels: int = 100_000_000
     max_waveform_samples: int = 50_000_000
+
+    @classmethod
+    def from_settings(cls, settings: DecodeSettings) -> DecodeLimits:
+        """The limits a component's ``CBMIR_MAX_*`` settings set (the rest at their defaults)."""
+        return cls(
+            max_rows=settings.max_rows, max_columns=settings.max_columns, max_frames=settings.max_frames
+        )
 
 
 @dataclass
@@ -412,7 +421,7 @@ def _expected_native_bytes(header: InstanceHeader, pixels: _PixelModule) -> int:
     return (bits + 7) // 8
 
 
-def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule):
+def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule) -> tuple[Decoder, str]:
     """The pydicom decoder for this transfer syntax, or a DecodeError that says why not."""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
@@ -424,7 +433,7 @@ def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule):
     except NotImplementedError:
         raise DecodeError(f"no pixel decoder exists for {ts_text}", reason="no-codec") from None
     if not decoder.is_available:
-        missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies)
+        missing = "; ".join(decoder.missing_dependencies)  # e.g. "gdcm - requires gdcm>=3.0.10"
         raise DecodeError(
             f"no installed codec can decode {ts_text} (missing {missing or 'plug-ins'})", reason="no-codec"
         )
@@ -627,7 +636,8 @@ def _decode_image(
     decoded = []
     for index in indices:
         try:
-            raw, meta = decoder.as_array(ds, index=index, as_rgb=True)
+            # pydicom 3.0 annotates **kwargs as DecodeOptions rather than Unpack[DecodeOptions]
+            raw, meta = decoder.as_array(ds, index=index, as_rgb=True)  # type: ignore[arg-type]
         except CbmirError:
             raise
         except Exception as exc:  # noqa: BLE001 - codec and pydicom errors of any type mean "cannot decode"

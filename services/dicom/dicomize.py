@@ -31,10 +31,11 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from models.data import shared_data_dir
 from services.core.errors import CbmirError, InvalidInput, UnreadableInput
@@ -122,7 +123,7 @@ def _identity(row: Mapping[str, str], uids: UidFactory, instance_number: int) ->
 # --- common modules ------------------------------------------------------------------------------
 
 
-def _lossy_greyscale_image(ds, pixels: np.ndarray, bits: int, src: Path) -> None:
+def _lossy_greyscale_image(ds: Dataset, pixels: np.ndarray, bits: int, src: Path) -> None:
     """Image Pixel + lossy compression history for a MONOCHROME2 picture from a JPEG."""
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = "converted from a lossy JPEG of a public data set"
@@ -182,7 +183,7 @@ def _load_bonn(path: Path) -> np.ndarray:
 # --- per modality --------------------------------------------------------------------------------
 
 
-def _xray(row, src: Path, ctx: InstanceIdentity):
+def _xray(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     ds = base_dataset(
         CR_IMAGE, "CR", ctx, study_description="Chest X-ray", series_description="Chest radiograph"
     )
@@ -194,7 +195,7 @@ def _xray(row, src: Path, ctx: InstanceIdentity):
     return ds
 
 
-def _mri(row, src: Path, ctx: InstanceIdentity):
+def _mri(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     ds = base_dataset(MR_IMAGE, "MR", ctx, study_description="MRI brain", series_description="Brain MR")
     ds.BodyPartExamined = "BRAIN"
     pixels = _load_greyscale(src).astype(np.uint16)
@@ -220,7 +221,7 @@ def _mri(row, src: Path, ctx: InstanceIdentity):
     return ds
 
 
-def _oct(row, src: Path, ctx: InstanceIdentity):
+def _oct(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     from pydicom.dataset import Dataset
 
     ds = base_dataset(
@@ -306,7 +307,7 @@ def _oct(row, src: Path, ctx: InstanceIdentity):
     return ds
 
 
-def _eeg(row, src: Path, ctx: InstanceIdentity):
+def _eeg(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     ds = base_dataset(
         ROUTINE_SCALP_EEG, "EEG", ctx, study_description="EEG", series_description="Routine scalp EEG"
     )
@@ -320,7 +321,12 @@ def _eeg(row, src: Path, ctx: InstanceIdentity):
     return ds
 
 
-_BUILDERS = {"xray": _xray, "mri": _mri, "oct": _oct, "eeg": _eeg}
+_BUILDERS: dict[str, Callable[[Mapping[str, str], Path, InstanceIdentity], Dataset]] = {
+    "xray": _xray,
+    "mri": _mri,
+    "oct": _oct,
+    "eeg": _eeg,
+}
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -328,11 +334,11 @@ _BUILDERS = {"xray": _xray, "mri": _mri, "oct": _oct, "eeg": _eeg}
 
 def build_dataset(
     row: Mapping[str, str],
-    src_dir: str | os.PathLike,
+    src_dir: str | os.PathLike[str],
     *,
     uids: UidFactory | None = None,
     instance_number: int = 1,
-):
+) -> Dataset:
     """One manifest row (``path``, ``modality``, optional ``patient``) -> a pydicom Dataset.
 
     Pass one :class:`UidFactory` for a whole run so rows of a patient share study and series.
@@ -348,8 +354,8 @@ def build_dataset(
 
 def dicomize_row(
     row: Mapping[str, str],
-    src_dir: str | os.PathLike,
-    out_path: str | os.PathLike,
+    src_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
     *,
     seed: str | int | None = None,
     uids: UidFactory | None = None,
@@ -359,7 +365,7 @@ def dicomize_row(
     return write_dataset(ds, out_path)
 
 
-def read_manifest(src_dir: str | os.PathLike) -> list[dict[str, str]]:
+def read_manifest(src_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
     """Rows of ``SRC/manifest.csv``."""
     path = Path(src_dir) / "manifest.csv"
     try:
@@ -405,8 +411,8 @@ def output_name(row: Mapping[str, str]) -> str:
 
 
 def dicomize(
-    src_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
     *,
     splits: Sequence[str] | None = None,
     modalities: Sequence[str] | None = None,

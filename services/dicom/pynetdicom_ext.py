@@ -31,11 +31,12 @@ import os
 import socketserver
 import tempfile
 import threading
-from io import BufferedWriter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -64,9 +65,9 @@ class SpoolFile:
     handler finds no file and answers 0xA700; the association carries on.
     """
 
-    def __init__(self, path: Path, handle: BufferedWriter):
+    def __init__(self, path: Path, handle: BinaryIO):
         self.name = str(path)
-        self._handle: BufferedWriter | None = handle
+        self._handle: BinaryIO | None = handle
         self.last_fragment = False
         self.error: OSError | None = None
 
@@ -125,15 +126,16 @@ class SpoolFile:
         handle = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
         spool_file = cls(Path(name), handle)
         command = message.command_set
-        handle.write(b"\x00" * 128 + b"DICM")
+        meta = DicomBytesIO()
         write_file_meta_info(
-            handle,
+            meta,
             create_file_meta(
                 sop_class_uid=command.AffectedSOPClassUID,
                 sop_instance_uid=command.AffectedSOPInstanceUID,
-                transfer_syntax=transfer_syntax,
+                transfer_syntax=UID(transfer_syntax),
             ),
         )
+        handle.write(b"\x00" * 128 + b"DICM" + meta.getvalue())
         return spool_file
 
 
@@ -205,7 +207,8 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
                 exc.strerror or exc,
             )
             return
-        message._data_set_file = spool_file
+        # pynetdicom types this as a NamedTemporaryFile; SpoolFile offers what it uses of one.
+        message._data_set_file = spool_file  # type: ignore[assignment]
         message._data_set_path = Path(spool_file.name)
         logger.debug(
             "streaming the dataset of C-STORE message %s into %s",
@@ -272,6 +275,7 @@ class SpoolingAssociationServer(ThreadedAssociationServer):
     ) -> SpoolingAssociationServer:
         """Bind ``address`` and serve in a background thread (what ``AE.start_server`` does)."""
         server = ae.make_server(address, evt_handlers=evt_handlers, server_class=cls, spool_dir=spool_dir)
+        assert isinstance(server, cls)
         server._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
         server._thread.start()
         return server

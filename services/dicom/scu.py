@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def send_files(
     *,
     called_ae: str = "CBMIR",
     calling_ae: str = "CBMIR-SCU",
-    progress=None,
+    progress: tqdm[Any] | None = None,
 ) -> dict[Path, int]:
     """C-STORE every file; returns each file's DICOM status (-1 when it could not be sent)."""
     groups: list[tuple[set[tuple[str, str]], list[Path]]] = []

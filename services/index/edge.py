@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from services.core.errors import BackendUnavailable, ConfigError, NotFound
 from services.core.vocabulary import MODALITIES, OTHER
@@ -48,9 +49,9 @@ class EdgeIndex(VectorIndex):
         self._root = Path(root)
         self._alias = alias
         self._lock = threading.RLock()
-        self._shards: dict[tuple[str, str], object] = {}
+        self._shards: dict[tuple[str, str], Any] = {}  # qdrant_edge.EdgeShard (untyped)
         (self._root / "shards").mkdir(parents=True, exist_ok=True)
-        self._owner_lock = _take_owner_lock(self._root)
+        self._owner_lock: IO[str] | None = _take_owner_lock(self._root)
 
     # aliases ------------------------------------------------------------------------------------
     def _aliases_path(self) -> Path:
@@ -97,7 +98,7 @@ class EdgeIndex(VectorIndex):
         folder = self._root / "shards" / collection
         return [m for m in MODALITIES if (folder / m).is_dir()]
 
-    def _shard(self, collection: str, modality: str, create: bool = False):
+    def _shard(self, collection: str, modality: str, create: bool = False) -> Any:
         key = (collection, modality)
         with self._lock:
             if key in self._shards:
@@ -173,7 +174,13 @@ class EdgeIndex(VectorIndex):
                             stale.update(qe.UpdateOperation.delete_points(ids))
                             stale.flush()
 
-    def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
+    def search(
+        self,
+        vector: Sequence[float],
+        k: int,
+        modalities: Sequence[str] = (),
+        exclude_study: str | None = None,
+    ) -> list[SearchHit]:
         qe = self._qe
         collection = self._current()
         wanted = modality_filter_values(modalities) or MODALITIES
@@ -195,7 +202,7 @@ class EdgeIndex(VectorIndex):
         hits.sort(key=lambda hit: hit.distance)
         return hits[: int(k)]
 
-    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
         qe = self._qe
         collection = self._current()
         shards = [s for m in self._partitions(collection) if (s := self._shard(collection, m)) is not None]
@@ -237,7 +244,7 @@ class EdgeIndex(VectorIndex):
                 try:
                     shard.flush()
                     shard.close()
-                except Exception:  # closing is best effort
+                except Exception:  # closing is best effort, each shard on its own
                     logger.exception("closing an edge shard failed")
             self._shards.clear()
             if self._owner_lock is not None:
@@ -245,9 +252,8 @@ class EdgeIndex(VectorIndex):
                 self._owner_lock = None
 
 
-def _take_owner_lock(root: Path):
+def _take_owner_lock(root: Path) -> IO[str]:
     """One process owns the whole embedded index (all shards and the alias file)."""
-
     handle = open(root / ".owner.lock", "a+")  # noqa: SIM115 - held open for the owner's lifetime
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

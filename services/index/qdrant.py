@@ -104,7 +104,8 @@ class QdrantServerIndex(VectorIndex):
             self.create_collection(current, dim)
             self.switch_alias(current)
         info = self._call(self._client.get_collection, current)
-        size = info.config.params.vectors.size
+        vectors = info.config.params.vectors
+        size = vectors.size if isinstance(vectors, self._models.VectorParams) else None
         if size != dim:
             raise ConfigError(
                 f"collection {current} holds {size}-value vectors but the model makes {dim}: reindex"
@@ -125,9 +126,10 @@ class QdrantServerIndex(VectorIndex):
             wait=True,
         )
 
-    def _filter(self, modalities, exclude_study):
+    def _filter(self, modalities: Sequence[str], exclude_study: str | None) -> Any:
         models = self._models
-        must, must_not = [], []
+        must: list[Any] = []
+        must_not: list[Any] = []
         values = modality_filter_values(modalities)
         if values:
             must.append(models.FieldCondition(key="modality", match=models.MatchAny(any=values)))
@@ -139,7 +141,13 @@ class QdrantServerIndex(VectorIndex):
             return None
         return models.Filter(must=must or None, must_not=must_not or None)
 
-    def search(self, vector, k, modalities=(), exclude_study=None) -> list[SearchHit]:
+    def search(
+        self,
+        vector: Sequence[float],
+        k: int,
+        modalities: Sequence[str] = (),
+        exclude_study: str | None = None,
+    ) -> list[SearchHit]:
         response = self._call(
             self._client.query_points,
             self._read_target(),
@@ -150,7 +158,7 @@ class QdrantServerIndex(VectorIndex):
         )
         return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
 
-    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict]:
+    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
         target = self._read_target()
         records = self._call(
             self._client.retrieve, target, [point_id(sop_instance_uid)], with_payload=True, with_vectors=True

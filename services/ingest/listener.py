@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from services.core.config import ListenerSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
@@ -110,6 +111,7 @@ class StoreHandler:
 
     def __call__(self, event: evt.Event) -> int:
         request = event.request
+        assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         name = spool_name_for(sop_instance_uid)
         streamed = event.dataset_path  # None when the dataset arrived in memory
@@ -154,7 +156,7 @@ class StoreHandler:
         return received
 
     @staticmethod
-    def _check_dataset(received: Path, event, sop_instance_uid: str) -> None:
+    def _check_dataset(received: Path, event: evt.Event, sop_instance_uid: str) -> None:
         """The header must parse (through the same adapter the workers use, so every stage names a
         defect alike) and every other element too; large values are skipped, not read."""
         header = read_header(received)
@@ -187,10 +189,11 @@ class StoreHandler:
             logger.exception("could not keep refused object %s", name)
 
 
-def _check_lengths(path: Path, dataset) -> None:
+def _check_lengths(path: Path, dataset: pydicom.Dataset) -> None:
     """Every top-level element must end inside the file (pydicom accepts a value cut short at EOF)."""
     size = path.stat().st_size
-    for tag in dataset:
+    # keys(), not iteration: iterating a Dataset yields converted elements, get_item the raw ones
+    for tag in dataset.keys():  # noqa: SIM118
         raw = dataset.get_item(tag)
         length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
         if length is None or tell is None or length == 0xFFFFFFFF:

@@ -35,6 +35,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
 from services.core.config import WatcherSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError
 from services.core.processes import wait_for_stop_signal
@@ -118,7 +122,7 @@ class FolderWatcher:
         self._awaiting_dispatch: dict[Path, Path] = {}  # spooled, task in the backlog: source -> rel
         self._stuck: dict[Path, tuple[int, int]] = {}  # handled but could not be moved away
         self._stop = threading.Event()
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._thread: threading.Thread | None = None
 
     # -- discovery ----------------------------------------------------------------------------
@@ -146,16 +150,10 @@ class FolderWatcher:
         return found
 
     def _start_observer(self) -> None:
-        try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:
-            logger.warning("watchdog unavailable; scanning %s every %.0f s", self.root, self.rescan_s)
-            return
         watcher = self
 
         class Handler(FileSystemEventHandler):
-            def on_any_event(self, event):
+            def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.is_directory:
                     return
                 target = getattr(event, "dest_path", "") or event.src_path

@@ -17,14 +17,18 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
 
 from services.core.errors import CbmirError
 from services.core.processes import stop_process
 from services.core.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
+from services.grpc_gen.cbmir.v1 import search_pb2
 from services.query.client import SearchClient, stats_dict
 
 logger = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ def package_dicom_files() -> list[Path]:
     return chosen[:MAX_PACKAGE_FILES]
 
 
-def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict]]:
+def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict[str, str]]]:
     """Build DICOM from ../shared/data (train rows to index, test rows to query), if it exists."""
     from models.data import shared_data_dir
     from services.dicom.dicomize import UidFactory, dicomize_row, read_manifest
@@ -73,7 +77,7 @@ def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], di
         print("demo: no ../shared/data here; using the DICOM files of the pydicom packages")
         return [], {}
     rows = read_manifest(source)
-    picked: list[dict] = []
+    picked: list[dict[str, str]] = []
     for modality in TRAINED_MODALITIES:
         for split, count in (("train", per_modality), ("test", 2)):
             # spread over the labels so queries have something to find
@@ -84,12 +88,13 @@ def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], di
                 if i // len(labels) < len(label_rows):
                     picked.append(label_rows[i // len(labels)])
     uids = UidFactory(seed=7)
-    files, labels = [], {}
+    files: list[Path] = []
+    rows_by_file: dict[str, dict[str, str]] = {}
     for i, row in enumerate(tqdm(picked, desc="building DICOM from shared data", unit="obj")):
         path = dicomize_row(row, source, out_dir / f"{i:04d}.dcm", uids=uids)
         files.append(path)
-        labels[str(path)] = row
-    return files, labels
+        rows_by_file[str(path)] = row
+    return files, rows_by_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         text=True,
         bufsize=1,
     )
+    assert serve.stdout is not None
     log = open(work / "serve.log", "w")  # noqa: SIM115 - written by a thread until serve stops
     try:
         ready = None
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if ready is None:
             print("demo: cbmir serve failed to start; see", work / "serve.log", file=sys.stderr)
             return 1
-        _drain(serve, log)
+        _drain(serve.stdout, log)
         host, dicom_port, ae_title, grpc_target = (
             ready.group(1),
             int(ready.group(2)),
@@ -185,9 +191,10 @@ def run(args: argparse.Namespace) -> int:
             f"(model {summary['model_version']})"
         )
 
-        labels_by_uid = {}
-        for path, row in shared_rows.items():
-            labels_by_uid[read_header(Path(path)).sop_instance_uid] = f"{row['modality']}/{row['label']}"
+        labels_by_uid = {
+            read_header(Path(name)).sop_instance_uid: f"{row['modality']}/{row['label']}"
+            for name, row in shared_rows.items()
+        }
         print()
         print(
             f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'label':<22} hit SOP Instance UID"
@@ -214,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         print("demo: stopped" + ("" if args.data_dir else f"; logs and data in {work}"))
 
 
-def _print_hits(title: str, hits, labels_by_uid: dict) -> None:
+def _print_hits(title: str, hits: Iterable[search_pb2.Hit], labels_by_uid: dict[str, str]) -> None:
     for rank, hit in enumerate(hits, 1):
         label = labels_by_uid.get(hit.sop_instance_uid, hit.modality_code)
         print(
@@ -224,11 +231,11 @@ def _print_hits(title: str, hits, labels_by_uid: dict) -> None:
     print()
 
 
-def _drain(process: subprocess.Popen, log) -> None:
-    import threading
+def _drain(output: IO[str], log: IO[str]) -> None:
+    """Copy the rest of ``output`` into ``log`` from a thread."""
 
-    def pump():
-        for line in process.stdout:
+    def pump() -> None:
+        for line in output:
             log.write(line)
             log.flush()
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.data import Record
 from services.core.errors import ConfigError
 from services.query.client import SearchClient
 
 logger = logging.getLogger(__name__)
 
 
-def _row(record) -> dict[str, str]:
+def _row(record: Record) -> dict[str, str]:
     return {
         "path": str(Path(record.path).resolve()),
         "modality": record.modality,
@@ -62,12 +63,12 @@ class ServiceRetriever:
         self._key_by_uid: dict[str, str] = {}
         self._position: dict[str, int] = {}
 
-    def _build(self, record, folder: str, number: int) -> Path:
+    def _build(self, record: Record, folder: str, number: int) -> Path:
         from services.dicom.dicomize import dicomize_row
 
         return dicomize_row(_row(record), "/", self.work_dir / folder / f"{number:06d}.dcm", uids=self._uids)
 
-    def index(self, items: Sequence) -> None:
+    def index(self, items: Sequence[Record]) -> None:
         from services.dicom.decode import read_header
         from services.dicom.scu import send_files
 
@@ -105,10 +106,10 @@ class ServiceRetriever:
                     )
                 time.sleep(1.0)
 
-    def search(self, item, k: int) -> list[str]:
+    def search(self, item: Record, k: int) -> list[str]:
         return self.search_many([item], k)[0]
 
-    def search_many(self, items: Sequence, k: int) -> list[list[str]]:
+    def search_many(self, items: Sequence[Record], k: int) -> list[list[str]]:
         results = []
         for number, record in enumerate(tqdm(items, desc="gRPC SearchSimilar", unit="query")):
             path = self._build(record, "queries", number)

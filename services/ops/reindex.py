@@ -16,12 +16,13 @@ import logging
 import sys
 import time
 
+import numpy as np
 from tqdm import tqdm
 
 from models.runtime import OnnxEncoder
 from services.core.config import WorkerSettings
 from services.core.errors import CbmirError
-from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, decode_for_embedding
 from services.index import collection_name, open_index
 from services.index.points import index_points, model_inputs
 from services.ingest.dispatch import TaskDispatcher
@@ -39,16 +40,15 @@ def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
         f"{collection_name(settings.index.collection, encoder.version)}--{time.strftime('%Y%m%dT%H%M%S')}"
     )
     index.create_collection(target, encoder.dim)
-    limits = DecodeLimits(settings.decode.max_rows, settings.decode.max_columns, settings.decode.max_frames)
+    limits = DecodeLimits.from_settings(settings.decode)
     archived = spool.archived()
     done, failed = 0, {}
-    pending_inputs, pending_meta = [], []
+    pending_inputs: list[np.ndarray] = []
+    pending_meta: list[tuple[InstanceHeader, list[DecodedFrame], str]] = []
 
-    def flush():
+    def flush() -> None:
         if not pending_inputs:
             return
-        import numpy as np
-
         vectors = encoder.embed(np.concatenate(pending_inputs))
         start, points = 0, []
         for header, frames, name in pending_meta:

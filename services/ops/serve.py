@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from services.core.processes import stop_process, wait_for_stop_signal
 
@@ -42,30 +43,32 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], announces: bool):
         self.name, self.argv, self.env, self.announces = name, argv, env, announces
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[str] | None = None
         self.port: int | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        self.process = subprocess.Popen(
+        self.process = process = subprocess.Popen(
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
+        assert process.stdout is not None
         if self.announces:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                line = self.process.stdout.readline()
+                line = process.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"{self.name} exited during start (code {self.process.wait()})")
+                    raise RuntimeError(f"{self.name} exited during start (code {process.wait()})")
                 sys.stdout.write(f"[{self.name}] {line}")
                 if line.startswith(f"cbmir {self.name}:") and (match := _PORT_LINE.search(line.strip())):
                     self.port = int(match.group(1))
                     break
             else:
                 raise RuntimeError(f"{self.name} did not announce its port within {timeout_s:.0f}s")
-        threading.Thread(target=self._pump, name=f"{self.name}-log", daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(process.stdout,), name=f"{self.name}-log", daemon=True
+        ).start()
 
-    def _pump(self) -> None:
-        process = self.process
-        for line in process.stdout:
+    def _pump(self, output: IO[str]) -> None:
+        for line in output:
             sys.stdout.write(f"[{self.name}] {line}")
         sys.stdout.flush()
 
@@ -123,6 +126,7 @@ class Supervisor:
             flush=True,
         )
         threading.Thread(target=self._watch_children, name="supervisor", daemon=True).start()
+        assert scp.port is not None and query.port is not None  # both announce their port
         return scp.port, query.port
 
     def _watch_children(self) -> None:

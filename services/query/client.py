@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -11,16 +13,20 @@ from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
 
 
 def looks_like_dicom(data: bytes) -> bool:
+    """Whether ``data`` is a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
 class SearchClient:
+    """``SimilarCases`` over one channel; calls raise ``grpc.RpcError`` with the service's status."""
+
     def __init__(self, target: str, timeout_s: float = 30.0):
         self._channel = grpc.insecure_channel(target)
         self._stub = search_pb2_grpc.SimilarCasesStub(self._channel)
         self._timeout_s = timeout_s
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
     def search(
@@ -31,9 +37,10 @@ class SearchClient:
         image_modality: str | None = None,
         sop_instance_uid: str | None = None,
         k: int = 5,
-        modalities=(),
+        modalities: Sequence[str] = (),
         exclude_same_study: bool = False,
-    ):
+    ) -> search_pb2.SearchSimilarResponse:
+        """``SearchSimilar`` by DICOM bytes, picture bytes (with their modality) or an indexed UID."""
         request = search_pb2.SearchSimilarRequest(
             k=k, modalities=[MODALITY_TO_PB[m] for m in modalities], exclude_same_study=exclude_same_study
         )
@@ -44,22 +51,32 @@ class SearchClient:
             request.image.modality = MODALITY_TO_PB.get(image_modality or "", search_pb2.MODALITY_UNSPECIFIED)
         elif sop_instance_uid is not None:
             request.sop_instance_uid = sop_instance_uid
-        return self._stub.SearchSimilar(request, timeout=self._timeout_s)
+        response: search_pb2.SearchSimilarResponse = self._stub.SearchSimilar(
+            request, timeout=self._timeout_s
+        )
+        return response
 
-    def search_file(self, path: Path, **kwargs):
+    def search_file(self, path: Path, **kwargs: Any) -> search_pb2.SearchSimilarResponse:
+        """:meth:`search` with a file's bytes, as DICOM or as a picture by its content."""
         data = Path(path).read_bytes()
         if looks_like_dicom(data):
             return self.search(dicom=data, **kwargs)
         return self.search(image=data, **kwargs)
 
-    def stats(self):
-        return self._stub.GetIndexStats(search_pb2.GetIndexStatsRequest(), timeout=self._timeout_s)
+    def stats(self) -> search_pb2.GetIndexStatsResponse:
+        """``GetIndexStats``."""
+        response: search_pb2.GetIndexStatsResponse = self._stub.GetIndexStats(
+            search_pb2.GetIndexStatsRequest(), timeout=self._timeout_s
+        )
+        return response
 
     def close(self) -> None:
+        """Close the channel."""
         self._channel.close()
 
 
-def hit_dict(hit) -> dict:
+def hit_dict(hit: search_pb2.Hit) -> dict[str, Any]:
+    """A hit as a JSON-ready dict (modality by name)."""
     return {
         "sop_instance_uid": hit.sop_instance_uid,
         "study_instance_uid": hit.study_instance_uid,
@@ -72,7 +89,8 @@ def hit_dict(hit) -> dict:
     }
 
 
-def stats_dict(stats) -> dict:
+def stats_dict(stats: search_pb2.GetIndexStatsResponse) -> dict[str, Any]:
+    """Index statistics as a JSON-ready dict (modalities by name)."""
     return {
         "total": stats.total,
         "per_modality": {PB_TO_MODALITY.get(m.modality, "unspecified"): m.count for m in stats.per_modality},

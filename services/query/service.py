@@ -11,11 +11,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import replace
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -30,7 +33,7 @@ from services.core.processes import wait_for_stop_signal
 from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
-from services.index import IndexPoint, VectorIndex, open_index
+from services.index import IndexPoint, SearchHit, VectorIndex, open_index
 from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -53,10 +56,18 @@ def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _guarded(method):
+Servicer = TypeVar("Servicer")
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+def _guarded(
+    method: Callable[[Servicer, Request, grpc.ServicerContext], Response],
+) -> Callable[[Servicer, Request, grpc.ServicerContext], Response]:
     """Run an RPC; turn any exception into a status with a one-line message, never a traceback."""
 
-    def wrapper(self, request, context):
+    @functools.wraps(method)
+    def wrapper(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
         try:
             return method(self, request, context)
         except CbmirError as exc:
@@ -65,7 +76,6 @@ def _guarded(method):
             logger.exception("%s failed", method.__name__)
             context.abort(grpc_code_for(exc), f"internal error ({type(exc).__name__}); see the service log")
 
-    wrapper.__name__ = method.__name__
     return wrapper
 
 
@@ -91,7 +101,7 @@ class QueryEngine:
     def _embed_image(self, image: np.ndarray) -> np.ndarray:
         return self.encoder.embed(to_model_input(image, self.encoder.contract)[None])[0]
 
-    def query_vector(self, request) -> tuple[np.ndarray, str, str | None]:
+    def query_vector(self, request: search_pb2.SearchSimilarRequest) -> tuple[np.ndarray, str, str | None]:
         """Returns (vector, query modality, query study UID or None)."""
         kind = request.WhichOneof("query")
         if kind is None:
@@ -118,7 +128,8 @@ class QueryEngine:
             payload.get("study_instance_uid"),
         )
 
-    def search(self, request) -> search_pb2.SearchSimilarResponse:
+    def search(self, request: search_pb2.SearchSimilarRequest) -> search_pb2.SearchSimilarResponse:
+        """Validate the request, embed or look up the query, search the index."""
         k = request.k or DEFAULT_K
         if not 1 <= k <= MAX_K:
             raise InvalidInput(f"k must be between 1 and {MAX_K}, got {k}")
@@ -140,6 +151,7 @@ class QueryEngine:
         )
 
     def stats(self) -> search_pb2.GetIndexStatsResponse:
+        """Points per modality, quarantine by reason, pending instances, model and collection."""
         self.ready_collection()
         counts = self.index.counts_by_modality()
         reasons = self.spool.quarantine_counts()
@@ -159,7 +171,7 @@ class QueryEngine:
         )
 
 
-def _hit_message(hit) -> search_pb2.Hit:
+def _hit_message(hit: SearchHit) -> search_pb2.Hit:
     payload = hit.payload
     return search_pb2.Hit(
         sop_instance_uid=payload.get("sop_instance_uid", ""),
@@ -174,15 +186,21 @@ def _hit_message(hit) -> search_pb2.Hit:
 
 
 class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
+    """The public ``cbmir.v1.SimilarCases`` service."""
+
     def __init__(self, engine: QueryEngine):
         self._engine = engine
 
     @_guarded
-    def SearchSimilar(self, request, context):
+    def SearchSimilar(
+        self, request: search_pb2.SearchSimilarRequest, context: grpc.ServicerContext
+    ) -> search_pb2.SearchSimilarResponse:
         return self._engine.search(request)
 
     @_guarded
-    def GetIndexStats(self, request, context):
+    def GetIndexStats(
+        self, request: search_pb2.GetIndexStatsRequest, context: grpc.ServicerContext
+    ) -> search_pb2.GetIndexStatsResponse:
         return self._engine.stats()
 
 
@@ -196,7 +214,9 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
         self._dim = dim
 
     @_guarded
-    def UpsertPoints(self, request, context):
+    def UpsertPoints(
+        self, request: index_writer_pb2.UpsertPointsRequest, context: grpc.ServicerContext
+    ) -> index_writer_pb2.UpsertPointsResponse:
         if request.model_version != self._model_version:
             raise ConfigError(
                 f"worker model {request.model_version!r} differs from the index's {self._model_version!r}; "
@@ -219,11 +239,7 @@ class QueryServer:
         self.settings = settings
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
-        limits = DecodeLimits(
-            max_rows=settings.decode.max_rows,
-            max_columns=settings.decode.max_columns,
-            max_frames=settings.decode.max_frames,
-        )
+        limits = DecodeLimits.from_settings(settings.decode)
         self.engine = QueryEngine(self.index, self.encoder, Spool(settings.layout), limits)
         try:
             self.engine.ready_collection()
