@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +244,38 @@ def test_qdrant_server_that_does_not_answer_is_unavailable():
     with pytest.raises(BackendUnavailable):
         index.search([0.0, 1.0], 5)
     index.close()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_spool_file_drops_a_dataset_whose_write_fails_part_way(tmp_path):
+    """A full disk mid-stream: the partial file goes, later fragments are dropped, nothing raises
+    into pynetdicom's reader, and the handler then finds no file (and answers 0xA700)."""
+    from services.dicom.pynetdicom_ext import SpoolFile
+
+    partial = tmp_path / "assoc-1.part"
+    partial.write_bytes(b"\0" * 132)
+    spool_file = SpoolFile(partial, open("/dev/full", "wb", buffering=0))  # noqa: SIM115 - closed by SpoolFile
+    spool_file.write(b"fragment one")
+    assert spool_file.error is not None and spool_file.error.errno == errno.ENOSPC
+    assert not partial.exists()
+    assert spool_file.write(b"fragment two") == len(b"fragment two")
+    spool_file.last_fragment = True
+    spool_file.file.flush()
+    spool_file.close()
+    assert not partial.exists()
+
+
+def test_spool_file_completes_on_the_last_fragment(tmp_path):
+    from services.dicom.pynetdicom_ext import SpoolFile
+
+    path = tmp_path / "assoc-2.part"
+    spool_file = SpoolFile(path, open(path, "wb"))  # noqa: SIM115 - closed by SpoolFile
+    spool_file.write(b"abc")
+    spool_file.file.flush()
+    assert path.read_bytes() == b""  # buffered until the last fragment
+    spool_file.write(b"def")
+    spool_file.last_fragment = True
+    spool_file.file.flush()  # what pynetdicom calls after each fragment
+    assert path.read_bytes() == b"abcdef" and spool_file.error is None
+    spool_file.close()  # pynetdicom closes again after the handler: harmless
+    assert path.read_bytes() == b"abcdef"

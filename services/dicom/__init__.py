@@ -1,0 +1,2 @@
+"""DICOM in and out: reading and decoding, building objects, EDF signals, sending, and the
+pynetdicom extensions."""

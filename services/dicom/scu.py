@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pynetdicom import AE
 from tqdm import tqdm
 
@@ -25,6 +28,30 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose
 def _context_key(path: Path) -> tuple[str, str]:
     meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
     return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def encodes_as_stored(ds: Dataset) -> bool:
+    """Whether pydicom can write ``ds`` back in its own transfer syntax, as the C-STORE will send it.
+
+    Some files declare one transfer syntax and hold another (pydicom reads them anyway); those
+    cannot be re-encoded, and pynetdicom would refuse them with a logged traceback.
+    """
+    syntax = ds.file_meta.TransferSyntaxUID
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+    try:
+        write_dataset(buffer, ds)
+    except Exception:  # noqa: BLE001 - pydicom raises many types for values it cannot encode
+        return False
+    return True
+
+
+def sendable(path: Path) -> bool:
+    """Whether :func:`send_files` can send the file at ``path`` as stored."""
+    try:
+        return encodes_as_stored(pydicom.dcmread(path))
+    except Exception:  # noqa: BLE001 - a file pydicom cannot read is not sendable, whatever it raises
+        return False
 
 
 def send_files(
@@ -63,7 +90,10 @@ def send_files(
         try:
             for path in members:
                 try:
-                    status = assoc.send_c_store(pydicom.dcmread(path))
+                    ds = pydicom.dcmread(path)
+                    if not encodes_as_stored(ds):
+                        raise ValueError("its data set cannot be encoded in its own transfer syntax")
+                    status = assoc.send_c_store(ds)
                     statuses[path] = int(status.Status) if status else -1
                 except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this file
                     logger.warning("%s: not sent (%s)", path.name, exc)

@@ -42,6 +42,7 @@ def package_dicom_files() -> list[Path]:
     import pydicom
 
     from services.dicom.decode import read_header
+    from services.dicom.scu import sendable
 
     roots = [Path(pydicom.__file__).parent / "data" / "test_files"]
     try:
@@ -60,7 +61,7 @@ def package_dicom_files() -> list[Path]:
                 header = read_header(path)
             except CbmirError:
                 continue
-            if header.sop_class_uid not in accepted or header.sop_instance_uid in seen:
+            if header.sop_class_uid not in accepted or header.sop_instance_uid in seen or not sendable(path):
                 continue
             seen.add(header.sop_instance_uid)
             chosen.append(path)
@@ -113,6 +114,8 @@ QUIET_LOGGERS = ("pydicom", "py.warnings", "services.dicom.decode")
 
 def run(args: argparse.Namespace) -> int:
     """``cbmir demo``: serve, push, wait, query, print, stop."""
+    import pydicom  # noqa: F401 - pydicom sets its logger's level when imported: import it first
+
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     from services.dicom.decode import read_header
