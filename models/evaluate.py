@@ -405,7 +405,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    args: argparse.Namespace, retriever: Retriever | None = None, default_pr_depth: int | None = None
+) -> int:
+    """Evaluate as the arguments say (offline, or with another ``retriever``); print the summary.
+
+    ``default_pr_depth`` is the ranking depth for PR curves when ``--pr-depth`` is not given
+    (None: the whole database).
+    """
     data_dir = args.data or data_mod.shared_data_dir()
     metrics = run_evaluation(
         data_dir,
@@ -414,11 +421,12 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         model_path=args.model,
         device=args.device,
+        retriever=retriever,
         subset=args.subset,
         seed=args.seed,
         plots=not args.no_plots,
         map_method=args.map,
-        pr_depth=args.pr_depth,
+        pr_depth=args.pr_depth or default_pr_depth,
     )
     print(summary_line(metrics))
     if not metrics["model"]["trained"]:

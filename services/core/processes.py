@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 
 
 def stop_process(process: subprocess.Popen[str], timeout_s: float = 15.0, *, group: bool = False) -> int:
@@ -25,6 +26,15 @@ def stop_process(process: subprocess.Popen[str], timeout_s: float = 15.0, *, gro
                 process.kill()
             process.wait()
     return process.returncode
+
+
+def run_until_stopped(start: Callable[[], str], stop: Callable[[], None]) -> int:
+    """``start()``, print the line it returns (how a supervisor or a test learns the bound port),
+    block until SIGINT or SIGTERM, then ``stop()``; returns the exit code 0."""
+    print(start(), flush=True)
+    wait_for_stop_signal()
+    stop()
+    return 0
 
 
 def wait_for_stop_signal() -> None:

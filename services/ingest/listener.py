@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from services.core.config import ListenerSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
-from services.core.processes import wait_for_stop_signal
+from services.core.processes import run_until_stopped
 from services.core.vocabulary import accepted_storage_classes
 from services.dicom.decode import read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
@@ -301,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ae_title:
         settings = replace(settings, ae_title=args.ae_title)
     listener = Listener(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
-    listener.start()
-    print(f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{listener.port}", flush=True)
-    wait_for_stop_signal()
-    listener.stop()
-    return 0
+    return run_until_stopped(
+        lambda: f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{listener.start()}",
+        listener.stop,
+    )

@@ -41,7 +41,7 @@ from watchdog.observers.api import BaseObserver
 
 from services.core.config import WatcherSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError
-from services.core.processes import wait_for_stop_signal
+from services.core.processes import run_until_stopped
 from services.ingest.convert import FileConverter
 from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool, fsync_dir
@@ -354,8 +354,9 @@ def run(args: argparse.Namespace) -> int:
         print("cbmir watch: give DIR or set CBMIR_WATCH_DIR", file=sys.stderr)
         return 2
     watcher = FolderWatcher(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
-    watcher.start()
-    print(f"cbmir watch: watching {settings.watch_dir}", flush=True)
-    wait_for_stop_signal()
-    watcher.stop()
-    return 0
+
+    def start() -> str:
+        watcher.start()
+        return f"cbmir watch: watching {settings.watch_dir}"
+
+    return run_until_stopped(start, watcher.stop)

@@ -141,30 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cbmir evaluate``: offline without ``--server``, else through the service."""
-    from models import data as data_mod
-    from models.evaluate import run as run_offline
-    from models.evaluate import run_evaluation, summary_line
+    from models.evaluate import run as run_evaluation
 
     if not args.server:
-        return run_offline(args)
-
+        return run_evaluation(args)
     dicom = args.dicom_server or f"{args.server.rsplit(':', 1)[0]}:11112"
     host, port = dicom.rsplit(":", 1)
     retriever = ServiceRetriever(args.server, host, int(port), called_ae=args.ae_title)
-    data_dir = args.data or data_mod.shared_data_dir()
-    metrics = run_evaluation(
-        data_dir,
-        args.queries.split(","),
-        args.database.split(","),
-        args.out,
-        model_path=args.model,
-        device=args.device,
-        retriever=retriever,
-        subset=args.subset,
-        seed=args.seed,
-        plots=not args.no_plots,
-        map_method=args.map,
-        pr_depth=args.pr_depth or 1000,
-    )
-    print(summary_line(metrics))
-    return 0
+    # each query is one gRPC call: rank 1000 deep for the PR curves rather than the whole database
+    return run_evaluation(args, retriever=retriever, default_pr_depth=1000)

@@ -29,7 +29,7 @@ from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
 from services.core.config import QuerySettings
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
-from services.core.processes import wait_for_stop_signal
+from services.core.processes import run_until_stopped
 from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
@@ -299,7 +299,4 @@ def run(args: argparse.Namespace) -> int:
     if args.port is not None:
         settings = replace(settings, port=args.port)
     server = QueryServer(settings)
-    print(f"cbmir query: gRPC on {settings.host}:{server.start()}", flush=True)
-    wait_for_stop_signal()
-    server.stop()
-    return 0
+    return run_until_stopped(lambda: f"cbmir query: gRPC on {settings.host}:{server.start()}", server.stop)
