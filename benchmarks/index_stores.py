@@ -175,8 +175,8 @@ class RawEdgeShard:
 
 
 def edge_state(index) -> str:
-    info = index._current().info()
-    return f"{info.segments_count} segment(s), {info.indexed_vectors_count:,} vectors in HNSW"
+    segments, indexed = index.segment_counts()
+    return f"{segments} segment(s), {indexed:,} vectors in HNSW"
 
 
 def main(argv: list[str] | None = None) -> int:

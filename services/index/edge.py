@@ -233,6 +233,12 @@ class EdgeIndex(VectorIndex):
                 counts[modality] = int(n)
         return counts
 
+    def segment_counts(self) -> tuple[int, int]:
+        """(segments, vectors in HNSW graphs), summed over the alias's shards; what optimize() changes."""
+        collection = self._current()
+        infos = [self._shard(collection, m).info() for m in self._partitions(collection)]
+        return sum(i.segments_count for i in infos), sum(i.indexed_vectors_count for i in infos)
+
     def optimize(self) -> bool:
         """Build the HNSW graphs and merge segments (blocking)."""
         collection = self._current()
