@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from services.core.processes import stop_process
-from services.core.vocabulary import DICOM_MODALITY_CODES, TRAINED_MODALITIES
+from services.core.vocabulary import DICOM_MODALITY_CODES, MR_IMAGE, TRAINED_MODALITIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_MODALITIES = TRAINED_MODALITIES
@@ -105,7 +105,7 @@ class VectorSet:
             "sop_instance_uid": self.uids[i],
             "study_instance_uid": f"2.25.9{i // 4}",
             "series_instance_uid": f"2.25.8{i // 4}",
-            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
+            "sop_class_uid": MR_IMAGE,
             "modality": modality,
             "modality_code": DICOM_MODALITY_CODES[modality],
             "frame_number": 1,

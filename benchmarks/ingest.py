@@ -62,6 +62,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common
 
+from services.core.processes import stop_process
+from services.core.vocabulary import CR_IMAGE, DICOM_MODALITY_CODES, MR_IMAGE, MRI, XRAY
+
 STORESCP_PDU = 131072  # dcmtk accepts 4096..131072
 DEFAULT_PDUS = (16384, 65536, 131072, 262144, 0)
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -78,8 +81,8 @@ class Size:
 
 
 SIZES = {
-    "512": Size("MR 512x512x16", 512, 512, "1.2.840.10008.5.1.4.1.1.4", "MR"),
-    "2048": Size("CR 2048x2048x16", 2048, 2048, "1.2.840.10008.5.1.4.1.1.1", "CR"),
+    "512": Size("MR 512x512x16", 512, 512, MR_IMAGE, DICOM_MODALITY_CODES[MRI]),
+    "2048": Size("CR 2048x2048x16", 2048, 2048, CR_IMAGE, DICOM_MODALITY_CODES[XRAY]),
 }
 
 
@@ -222,8 +225,7 @@ class StoreScp(Receiver):
         return sum(1 for _ in self.out.iterdir())
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        stop_process(self.process, timeout_s=10)
 
 
 def cbmir_argv() -> list[str]:

@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "runs" / "cache"
-MODALITIES = ("xray", "mri", "oct", "eeg")
+# The modalities of the corpus the encoders are trained on (services/core/vocabulary.py adds "other").
+XRAY, MRI, OCT, EEG = "xray", "mri", "oct", "eeg"
+MODALITIES = (XRAY, MRI, OCT, EEG)
 CACHE_FORMAT = 1
 
 
@@ -101,7 +103,7 @@ def read_manifest(
 def load_picture(path: str | Path, modality: str | None = None) -> np.ndarray:
     """A data file -> 2-D uint8 picture (EEG ``.txt`` files are rendered at the Bonn rate)."""
     path = Path(path)
-    if modality == "eeg" or path.suffix.lower() == ".txt":
+    if modality == EEG or path.suffix.lower() == ".txt":
         return eeg.render_eeg_trace(eeg.read_bonn_txt(path), eeg.BONN_SAMPLING_HZ)
     return load_image_file(path)
 

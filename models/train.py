@@ -123,12 +123,22 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     # 8: step 6's augmentation on the pictures only: EEG traces keep their fixed time/amplitude scale
     "ours-s8-augment-images": (
         "paper",
-        dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=20, augment=["xray", "mri", "oct"]),
+        dict(
+            _RETRIEVAL,
+            arch_kwargs=dict(_S3, blocks=1),
+            epochs=20,
+            augment=[data_mod.XRAY, data_mod.MRI, data_mod.OCT],
+        ),
     ),
     # 9: step 8 trained longer, 30 epochs (it was still improving at epoch 20)
     "ours-s9-augment-longer": (
         "paper",
-        dict(_RETRIEVAL, arch_kwargs=dict(_S3, blocks=1), epochs=30, augment=["xray", "mri", "oct"]),
+        dict(
+            _RETRIEVAL,
+            arch_kwargs=dict(_S3, blocks=1),
+            epochs=30,
+            augment=[data_mod.XRAY, data_mod.MRI, data_mod.OCT],
+        ),
     ),
 }
 # "ours" = the last kept step of the ladder (what models/weights ships)

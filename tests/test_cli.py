@@ -66,6 +66,47 @@ def test_usage_errors_exit_2_with_a_message() -> None:
     assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
+def test_a_wrong_setting_is_one_line_and_exit_2(data_dir: Path) -> None:
+    for command, variable, value in (
+        ("query", "CBMIR_DEVICE", "gpu"),
+        ("scp", "CBMIR_DICOM_PORT", "eleven"),
+        ("stats", "CBMIR_LOG_LEVEL", "LOUD"),
+    ):
+        args = ("--server", "127.0.0.1:1") if command == "stats" else ()
+        result = cbmir(command, *args, env=support.base_env(data_dir, **{variable: value}))
+        assert result.returncode == 2, (command, result.stderr)
+        assert variable in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_leaves_no_child_behind_when_a_part_fails_to_start(data_dir: Path) -> None:
+    """The listener cannot bind (the port is taken): serve exits 1, and the query service it had
+    already started is gone too, so the gRPC port and the embedded index are free again."""
+    import socket
+
+    from services.index import EdgeIndex
+
+    grpc_port = support.free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = cbmir(
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--dicom-port",
+            str(taken.getsockname()[1]),
+            "--grpc-port",
+            str(grpc_port),
+            env=support.base_env(data_dir),
+            timeout=240,
+        )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "failed to start" in result.stderr and "scp" in result.stderr
+    EdgeIndex(data_dir / "index", "probe").close()  # BackendUnavailable if a query process still owns it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", grpc_port))
+
+
 def test_client_commands_report_an_unreachable_service(data_dir: Path) -> None:
     port = support.free_port()
     result = cbmir("stats", "--server", f"127.0.0.1:{port}", env=support.base_env(data_dir))
@@ -105,11 +146,15 @@ def test_reindex_requeue_quarantined_by_reason(redis_env: dict[str, str], data_d
     for name, reason in (("1.2.4.1.dcm", "corrupt-pixel-data"), ("1.2.4.2.dcm", "too-large")):
         spool.store(name, b"kept")
         spool.quarantine(spool.incoming_path(name), reason=reason, detail="test", stage="worker")
+    dropped = data_dir / "dropped.png"
+    dropped.write_bytes(b"not a picture")
+    spool.quarantine(dropped, reason="corrupt-pixel-data", detail="test", stage="watcher")
     result = cbmir("reindex", "--requeue-quarantined", "corrupt-pixel-data", env=redis_env)
     assert result.returncode == 0, result.stderr
     assert "sent 1 of 1 instance(s)" in result.stdout
+    assert "1 file(s) quarantined by the watcher are left in quarantine" in result.stdout
     assert [p.name for p in spool.pending()] == ["1.2.4.1.dcm"]
-    assert [entry.reason for entry in spool.quarantine_entries()] == ["too-large"]
+    assert sorted(entry.reason for entry in spool.quarantine_entries()) == ["corrupt-pixel-data", "too-large"]
     assert _queued_tasks(redis_env["CBMIR_QUEUE"]) == [["1.2.4.1.dcm"]]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from services.core.processes import stop_process
 from tests.support import SHARED_DATA, base_env, free_port, start_query, start_scp, start_worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -108,13 +109,7 @@ class Orthanc:
         return self._request("POST", "/modalities/cbmir/store", json.dumps(instance_ids).encode())
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s=20)
         self._log_handle.close()
 
 

@@ -144,3 +144,25 @@ def test_backend_down_is_unavailable(data_dir, procs):
         assert code == grpc.StatusCode.UNAVAILABLE
         assert "Traceback" not in details
     assert proc.process.poll() is None
+
+
+def test_the_workers_index_writer_classifies_the_owners_answers(query):
+    """What a worker makes of the index owner's status codes: points that will never be accepted
+    are InvalidInput (quarantine), another model is ConfigError, no owner is BackendUnavailable."""
+    from services.core.errors import BackendUnavailable, ConfigError, InvalidInput
+    from services.index import IndexPoint, RemoteIndexWriter, point_id
+
+    client, port, _ = query
+    version = client.stats().model_version
+    writer = RemoteIndexWriter(f"127.0.0.1:{port}", timeout_s=10)
+    point = IndexPoint(point_id("1.2.3.4"), [0.0] * 3, {"modality": "xray", "sop_instance_uid": "1.2.3.4"})
+    with pytest.raises(InvalidInput, match="INVALID_ARGUMENT"):
+        writer.upsert([point], version)  # 3 values; the index holds the model's dimension
+    with pytest.raises(ConfigError, match="FAILED_PRECONDITION"):
+        writer.upsert([point], "some-other-model")
+    writer.close()
+    nobody = RemoteIndexWriter(f"127.0.0.1:{support.free_port()}", timeout_s=5)
+    with pytest.raises(BackendUnavailable, match="UNAVAILABLE"):
+        nobody.upsert([point], version)
+    nobody.close()
+    assert client.stats().total == 0

@@ -43,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.broker.queue,
         concurrency,
     )
-    app.worker_main(worker_args)
+    try:
+        app.worker_main(worker_args)
+    finally:
+        holder.get().close()  # the batcher thread, the index writer's channel or the store
     return 0
 
 

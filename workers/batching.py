@@ -36,6 +36,7 @@ class MicroBatcher:
         return future.result()
 
     def close(self) -> None:
+        """Stop the batching thread (after the batch in hand)."""
         self._queue.put(None)
         self._thread.join(timeout=5)
 

@@ -23,11 +23,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
+    """What a task did with its instance (returned as the Celery task's result)."""
+
     status: str  # indexed | already-indexed | quarantined | missing
     spool_name: str
     points: int = 0
 
     def as_dict(self) -> dict:
+        """The outcome as a JSON-ready dict."""
         return {"status": self.status, "spool_name": self.spool_name, "points": self.points}
 
 
@@ -95,6 +98,7 @@ class EmbeddingPipeline:
             raise
 
     def close(self) -> None:
+        """Stop the batcher and close the index connection (at worker shutdown)."""
         self.batcher.close()
         if self._remote is not None:
             self._remote.close()

@@ -113,29 +113,36 @@ class DataLayout:
 
     @property
     def incoming(self) -> Path:
+        """Received and acknowledged, waiting for a worker."""
         return self.root / "spool" / "incoming"
 
     @property
     def spool_tmp(self) -> Path:
+        """Partial writes, on the same filesystem as incoming/ (atomic renames)."""
         return self.root / "spool" / "tmp"
 
     @property
     def archive(self) -> Path:
+        """Indexed objects, kept so a reindex can embed them again."""
         return self.root / "archive"
 
     @property
     def quarantine(self) -> Path:
+        """Objects that cannot be indexed, each with a reason file."""
         return self.root / "quarantine"
 
     @property
     def index(self) -> Path:
+        """The embedded index (qdrant-edge shards and the alias file)."""
         return self.root / "index"
 
     @property
     def broker(self) -> Path:
+        """The embedded broker's SQLite file lives here."""
         return self.root / "broker"
 
     def embedded_broker_url(self) -> str:
+        """The kombu URL of the embedded SQLite broker."""
         return f"sqla+sqlite:///{(self.broker / 'broker.sqlite').resolve()}"
 
 
@@ -151,10 +158,12 @@ class IndexSettings:
 
     @property
     def embedded(self) -> bool:
+        """Whether the index is the embedded store (no ``QDRANT_URL``)."""
         return not self.qdrant_url
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> IndexSettings:
+        """From ``CBMIR_COLLECTION``, ``QDRANT_URL``, ``QDRANT_API_KEY``, ``CBMIR_INDEX_WRITER``."""
         return cls(
             collection=_env(env, "CBMIR_COLLECTION", "cbmir"),
             qdrant_url=env.get("QDRANT_URL") or None,
@@ -174,6 +183,7 @@ class BrokerSettings:
 
     @property
     def embedded(self) -> bool:
+        """Whether the broker is the embedded one (kombu's SQL or filesystem transport)."""
         return self.url.startswith(("sqla+", "filesystem"))
 
     def transport_options(self) -> dict:
@@ -191,6 +201,7 @@ class BrokerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> BrokerSettings:
+        """From ``CBMIR_BROKER_URL``, ``CBMIR_QUEUE``, ``CBMIR_VISIBILITY_TIMEOUT_S``."""
         return cls(
             url=_env(env, "CBMIR_BROKER_URL", layout.embedded_broker_url()),
             queue=_env(env, "CBMIR_QUEUE", "cbmir.embed"),
@@ -207,6 +218,7 @@ class ModelSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ModelSettings:
+        """From ``CBMIR_MODEL_PATH`` and ``CBMIR_DEVICE``."""
         path = env.get("CBMIR_MODEL_PATH") or None
         return cls(
             model_path=Path(path) if path else None,
@@ -225,6 +237,7 @@ class DecodeSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DecodeSettings:
+        """From ``CBMIR_FRAMES`` and ``CBMIR_MAX_ROWS``/``_COLUMNS``/``_FRAMES``."""
         return cls(
             frames=cast(FramePolicy, _choice(env, "CBMIR_FRAMES", "middle", ("middle", "all"))),
             max_rows=_int(env, "CBMIR_MAX_ROWS", 8192, minimum=1),
@@ -251,6 +264,7 @@ class ListenerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ListenerSettings:
+        """The listener's settings from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
         layout = _data_layout(env)
         ae_title = _env(env, "CBMIR_AE_TITLE", "CBMIR")
@@ -285,6 +299,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        """The worker's settings from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
         layout = _data_layout(env)
         return cls(
@@ -315,6 +330,7 @@ class QuerySettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> QuerySettings:
+        """The query service's settings from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
         layout = _data_layout(env)
         return cls(
@@ -339,6 +355,7 @@ class WatcherSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WatcherSettings:
+        """The watcher's settings from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
         layout = _data_layout(env)
         watch = env.get("CBMIR_WATCH_DIR") or None

@@ -12,8 +12,8 @@ from collections.abc import Callable
 def stop_process(process: subprocess.Popen[str], timeout_s: float = 15.0, *, group: bool = False) -> int:
     """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit code.
 
-    ``group=True`` kills the child's whole process group at the end (for children started with
-    ``start_new_session=True``), so nothing it started outlives it.
+    With ``group=True`` the SIGKILL after a timeout goes to the child's whole process group (for
+    children started with ``start_new_session=True``), so nothing it started outlives it.
     """
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -2,9 +2,9 @@
 
 This is the one place these facts are written down; every other module imports them.
 
-* **Modalities.** The four the encoder is trained on come from the bottom layer
-  (:data:`models.data.MODALITIES`, since ``models/`` imports nothing of ours); ``other`` is
-  everything else an image storage SOP class can carry (CT, US, ...).
+* **Modalities.** The four the encoder is trained on (``XRAY``, ``MRI``, ``OCT``, ``EEG``) come
+  from the bottom layer (:mod:`models.data`, since ``models/`` imports nothing of ours) and are
+  re-exported here; ``OTHER`` is everything else an image storage SOP class can carry (CT, US...).
 * **In the API** each name is the ``cbmir.v1.Modality`` value ``MODALITY_<NAME>``.
 * **In DICOM** an instance's modality comes from its Modality attribute, else its SOP class
   (:func:`normalize_modality`); objects cbmir builds itself carry :data:`DICOM_MODALITY_CODES`.
@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
+from models.data import EEG, MRI, OCT, XRAY
 from models.data import MODALITIES as TRAINED_MODALITIES
 from services.grpc_gen.cbmir.v1 import search_pb2
 
@@ -30,7 +33,7 @@ MODALITY_TO_PB: dict[str, search_pb2.Modality] = {
 PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.items()}
 
 # The DICOM Modality (0008,0060) of objects cbmir builds for each modality (dicomize, the watcher).
-DICOM_MODALITY_CODES: dict[str, str] = {"xray": "CR", "mri": "MR", "oct": "OPT", "eeg": "EEG", OTHER: "OT"}
+DICOM_MODALITY_CODES: dict[str, str] = {XRAY: "CR", MRI: "MR", OCT: "OPT", EEG: "EEG", OTHER: "OT"}
 
 # --- SOP classes ---------------------------------------------------------------------------------
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -70,29 +73,33 @@ def is_valid_uid(uid: str) -> bool:
     return len(uid) <= 64 and bool(_UID_PATTERN.match(uid))
 
 
+_MODALITY_BY_CODE = {
+    code: name for name, code in DICOM_MODALITY_CODES.items() if name != OTHER
+} | dict.fromkeys(XRAY_MODALITY_CODES, XRAY)
+_SOP_CLASSES_BY_MODALITY = (
+    (XRAY, XRAY_SOP_CLASSES),
+    (MRI, MRI_SOP_CLASSES),
+    (OCT, OCT_SOP_CLASSES),
+    (EEG, EEG_SOP_CLASSES),
+)
+
+
 def normalize_modality(modality_code: str | None, sop_class_uid: str | None) -> str:
     """DICOM Modality + SOP Class UID -> one of :data:`MODALITIES` (the code wins over the class)."""
     code = (modality_code or "").strip().upper()
     sop = (sop_class_uid or "").strip()
-    if code in XRAY_MODALITY_CODES:
-        return "xray"
-    by_code = {"MR": "mri", "OPT": "oct", "EEG": "eeg"}
-    if code in by_code:
-        return by_code[code]
-    for modality, classes in (
-        ("xray", XRAY_SOP_CLASSES),
-        ("mri", MRI_SOP_CLASSES),
-        ("oct", OCT_SOP_CLASSES),
-        ("eeg", EEG_SOP_CLASSES),
-    ):
-        if sop in classes:
-            return modality
-    return OTHER
+    if code in _MODALITY_BY_CODE:
+        return _MODALITY_BY_CODE[code]
+    return next((modality for modality, classes in _SOP_CLASSES_BY_MODALITY if sop in classes), OTHER)
+
+
+def accepted_storage_classes() -> Mapping[str, str]:
+    """Every image storage SOP class pynetdicom knows, plus the EEG waveforms (name -> UID), read-only."""
+    return _accepted_storage_classes()
 
 
 @functools.cache
-def accepted_storage_classes() -> dict[str, str]:
-    """Every image storage SOP class pynetdicom knows, plus the EEG waveforms (name -> UID)."""
+def _accepted_storage_classes() -> MappingProxyType[str, str]:
     import pynetdicom.sop_class as sop_classes
 
     accepted = {}
@@ -106,7 +113,7 @@ def accepted_storage_classes() -> dict[str, str]:
             or name in EXTRA_IMAGE_CLASS_NAMES
         ):
             accepted[name] = str(getattr(sop_classes, name))
-    return dict(sorted(accepted.items()))
+    return MappingProxyType(dict(sorted(accepted.items())))
 
 
 def accepted_sop_class_uids() -> frozenset[str]:

@@ -44,11 +44,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 
-from services.core.config import DecodeSettings
+from services.core.config import DecodeSettings, FramePolicy
 from services.core.errors import (
     CbmirError,
     ConfigError,
@@ -59,8 +59,12 @@ from services.core.errors import (
     UnsupportedInput,
 )
 from services.core.vocabulary import (
+    EEG,
     EEG_SOP_CLASSES,
     MEDIA_STORAGE_DIRECTORY,
+    MRI,
+    OCT,
+    XRAY,
     is_valid_uid,
     normalize_modality,
 )
@@ -143,6 +147,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether bytes start like a DICOM Part 10 file: a 128-byte preamble, then ``DICM``."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
 def _open_source(source: Any) -> tuple[BinaryIO, str]:
     """Source -> (seekable binary stream at 0, description for messages); files stay on disk."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -183,7 +192,7 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
             raise UnreadableInput(f"cannot read {what}: {_describe(exc)}", reason="io-error") from None
         if not head:
             raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
-        if len(head) < 132 or head[128:132] != b"DICM":
+        if not looks_like_dicom(head):
             raise UnreadableInput(
                 f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM' "
                 "(raw datasets without File Meta Information are not accepted)",
@@ -331,7 +340,7 @@ def _content_kind(ds: Dataset, header: InstanceHeader) -> str:
     name = _sop_name(header.sop_class_uid)
     is_eeg_class = header.sop_class_uid in EEG_SOP_CLASSES
     if "WaveformSequence" in ds:
-        if is_eeg_class or header.modality == "eeg":
+        if is_eeg_class or header.modality == EEG:
             return "waveform"
         raise UnsupportedInput(
             f"{name} is a waveform but not EEG; only EEG waveforms are indexed", reason="unsupported-waveform"
@@ -340,7 +349,7 @@ def _content_kind(ds: Dataset, header: InstanceHeader) -> str:
         raise UnreadableInput(
             f"{name} instance has no Waveform Sequence (5400,0100)", reason="missing-waveform"
         )
-    if "Image Storage" in name or header.modality in ("xray", "mri", "oct"):
+    if "Image Storage" in name or header.modality in (XRAY, MRI, OCT):
         raise UnreadableInput(f"{name} instance has no Pixel Data (7FE0,0010)", reason="missing-pixel-data")
     if name.endswith("SR Storage") or header.modality_code == "SR":
         raise UnsupportedInput(
@@ -823,7 +832,7 @@ def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
 def decode_for_embedding(
     source: DicomSource,
     *,
-    frames: Literal["middle", "all"] = "middle",
+    frames: FramePolicy = "middle",
     limits: DecodeLimits | None = None,
 ) -> tuple[InstanceHeader, list[DecodedFrame]]:
     """Header plus display-ready frames of one instance (image or EEG waveform).

@@ -41,10 +41,15 @@ from models.data import shared_data_dir
 from services.core.errors import CbmirError, InvalidInput, UnreadableInput
 from services.core.vocabulary import (
     CR_IMAGE,
+    DICOM_MODALITY_CODES,
+    EEG,
     MR_IMAGE,
+    MRI,
+    OCT,
     OPHTHALMIC_TOMOGRAPHY_IMAGE,
     ROUTINE_SCALP_EEG,
     TRAINED_MODALITIES,
+    XRAY,
 )
 from services.dicom.build import (
     InstanceIdentity,
@@ -85,6 +90,7 @@ class UidFactory:
         self._now = dt.datetime.now().replace(microsecond=0)
 
     def uid(self, *key: str) -> str:
+        """The UID for ``key``: derived from the seed, else new and remembered for this run."""
         from pydicom.uid import generate_uid
 
         if self.seed is not None:
@@ -101,6 +107,7 @@ class UidFactory:
         return dt.datetime(2020, 1, 1) + dt.timedelta(days=digest % 1500, seconds=(digest >> 16) % 86400)
 
     def patient_id(self, patient_key: str) -> str:
+        """A synthetic Patient ID for a manifest patient key (never the key itself)."""
         salt = self.seed if self.seed is not None else self.uid("patient-salt")
         return "CBMIR-" + hashlib.sha256(f"{salt}|{patient_key}".encode()).hexdigest()[:12].upper()
 
@@ -185,7 +192,11 @@ def _load_bonn(path: Path) -> np.ndarray:
 
 def _xray(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     ds = base_dataset(
-        CR_IMAGE, "CR", ctx, study_description="Chest X-ray", series_description="Chest radiograph"
+        CR_IMAGE,
+        DICOM_MODALITY_CODES[XRAY],
+        ctx,
+        study_description="Chest X-ray",
+        series_description="Chest radiograph",
     )
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = ""
@@ -196,7 +207,9 @@ def _xray(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
 
 
 def _mri(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
-    ds = base_dataset(MR_IMAGE, "MR", ctx, study_description="MRI brain", series_description="Brain MR")
+    ds = base_dataset(
+        MR_IMAGE, DICOM_MODALITY_CODES[MRI], ctx, study_description="MRI brain", series_description="Brain MR"
+    )
     ds.BodyPartExamined = "BRAIN"
     pixels = _load_greyscale(src).astype(np.uint16)
     _lossy_greyscale_image(ds, pixels, 16, src)
@@ -226,7 +239,7 @@ def _oct(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
 
     ds = base_dataset(
         OPHTHALMIC_TOMOGRAPHY_IMAGE,
-        "OPT",
+        DICOM_MODALITY_CODES[OCT],
         ctx,
         study_description="Retinal OCT",
         series_description="OCT B-scan",
@@ -309,7 +322,11 @@ def _oct(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
 
 def _eeg(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
     ds = base_dataset(
-        ROUTINE_SCALP_EEG, "EEG", ctx, study_description="EEG", series_description="Routine scalp EEG"
+        ROUTINE_SCALP_EEG,
+        DICOM_MODALITY_CODES[EEG],
+        ctx,
+        study_description="EEG",
+        series_description="Routine scalp EEG",
     )
     samples_uv = _load_bonn(src)
     peak = float(np.abs(samples_uv).max()) if samples_uv.size else 0.0
@@ -322,10 +339,10 @@ def _eeg(row: Mapping[str, str], src: Path, ctx: InstanceIdentity) -> Dataset:
 
 
 _BUILDERS: dict[str, Callable[[Mapping[str, str], Path, InstanceIdentity], Dataset]] = {
-    "xray": _xray,
-    "mri": _mri,
-    "oct": _oct,
-    "eeg": _eeg,
+    XRAY: _xray,
+    MRI: _mri,
+    OCT: _oct,
+    EEG: _eeg,
 }
 
 

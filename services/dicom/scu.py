@@ -20,6 +20,8 @@ from pydicom.filewriter import write_dataset
 from pynetdicom import AE
 from tqdm import tqdm
 
+from services.core.errors import BackendUnavailable
+
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128  # presentation contexts one association may propose
@@ -86,15 +88,20 @@ def send_files(
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=called_ae)
         if not assoc.is_established:
-            raise ConnectionError(f"association with {called_ae}@{host}:{port} was not established")
+            raise BackendUnavailable(f"association with {called_ae}@{host}:{port} was not established")
         try:
             for path in members:
                 try:
                     ds = pydicom.dcmread(path)
                     if not encodes_as_stored(ds):
-                        raise ValueError("its data set cannot be encoded in its own transfer syntax")
-                    status = assoc.send_c_store(ds)
-                    statuses[path] = int(status.Status) if status else -1
+                        logger.warning(
+                            "%s: not sent (its data set cannot be encoded in its own transfer syntax)",
+                            path.name,
+                        )
+                        statuses[path] = -1
+                    else:
+                        status = assoc.send_c_store(ds)
+                        statuses[path] = int(status.Status) if status else -1
                 except Exception as exc:  # noqa: BLE001 - e.g. no accepted context for this file
                     logger.warning("%s: not sent (%s)", path.name, exc)
                     statuses[path] = -1

@@ -8,7 +8,8 @@
   travel over gRPC to the process that owns the :class:`EdgeIndex`.
 * ``points.py``: the one definition of a point's payload, shared by workers and reindex.
 
-:func:`open_index` picks the backend from the settings; callers import from this package only.
+:func:`open_index` picks the backend from the settings; callers reach the stores through this
+package, not through the backend modules.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ def collection_name(alias: str, model_version: str) -> str:
 
 @dataclass(frozen=True)
 class IndexPoint:
+    """One vector and its PHI-free payload, under a deterministic point ID."""
+
     point_id: str
     vector: Sequence[float]
     payload: dict[str, Any]
@@ -42,6 +44,8 @@ class IndexPoint:
 
 @dataclass(frozen=True)
 class SearchHit:
+    """A point found by a search, with its Euclidean distance to the query."""
+
     point_id: str
     distance: float
     payload: dict[str, Any]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from typing_extensions import override
+
 from services.core.errors import BackendUnavailable, ConfigError, NotFound
 from services.core.vocabulary import MODALITIES, OTHER
 from services.index.base import (
@@ -63,6 +65,7 @@ class EdgeIndex(VectorIndex):
         except FileNotFoundError:
             return {}
 
+    @override
     def switch_alias(self, collection: str) -> None:
         """Point the alias at ``collection`` atomically (write temp, fsync, rename)."""
         aliases = self._aliases()
@@ -75,6 +78,7 @@ class EdgeIndex(VectorIndex):
         os.replace(tmp, self._aliases_path())
         logger.info("alias %s now points at %s", self._alias, collection)
 
+    @override
     def current_collection(self) -> str | None:
         return self._aliases().get(self._alias)
 
@@ -88,6 +92,7 @@ class EdgeIndex(VectorIndex):
         except (OSError, ValueError, KeyError):
             return None
 
+    @override
     def create_collection(self, collection: str, dim: int) -> None:
         """A new, empty collection (its shards appear with their first points)."""
         if self._collection_dim(collection) is None:
@@ -133,6 +138,7 @@ class EdgeIndex(VectorIndex):
             raise NotFound("the index is empty: no collection has been created yet")
         return collection
 
+    @override
     def ensure_collection(self, dim: int, model_version: str) -> str:
         with self._lock:
             current = self.current_collection()
@@ -147,6 +153,7 @@ class EdgeIndex(VectorIndex):
                 )
             return current
 
+    @override
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
             return
@@ -174,6 +181,7 @@ class EdgeIndex(VectorIndex):
                             stale.update(qe.UpdateOperation.delete_points(ids))
                             stale.flush()
 
+    @override
     def search(
         self,
         vector: Sequence[float],
@@ -202,6 +210,7 @@ class EdgeIndex(VectorIndex):
         hits.sort(key=lambda hit: hit.distance)
         return hits[: int(k)]
 
+    @override
     def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
         qe = self._qe
         collection = self._current()
@@ -221,6 +230,7 @@ class EdgeIndex(VectorIndex):
                 return as_vector(found[0].vector), dict(found[0].payload or {})
         raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
 
+    @override
     def counts_by_modality(self) -> dict[str, int]:
         qe = self._qe
         collection = self.current_collection()
@@ -244,6 +254,7 @@ class EdgeIndex(VectorIndex):
         collection = self._current()
         return any(bool(self._shard(collection, m).optimize()) for m in self._partitions(collection))
 
+    @override
     def close(self) -> None:
         with self._lock:
             for shard in self._shards.values():

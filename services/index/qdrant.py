@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from typing_extensions import override
+
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
 from services.core.vocabulary import MODALITIES
 from services.index.base import (
@@ -62,6 +64,7 @@ class QdrantServerIndex(VectorIndex):
                 return item.collection_name
         return None
 
+    @override
     def current_collection(self) -> str | None:
         return self._alias_target()
 
@@ -72,6 +75,7 @@ class QdrantServerIndex(VectorIndex):
             raise NotFound("the index is empty: no collection has been created yet")
         return self._alias
 
+    @override
     def create_collection(self, collection: str, dim: int) -> None:
         models = self._models
         if not self._call(self._client.collection_exists, collection):
@@ -85,6 +89,7 @@ class QdrantServerIndex(VectorIndex):
                     self._client.create_payload_index, collection, field, models.PayloadSchemaType.KEYWORD
                 )
 
+    @override
     def switch_alias(self, collection: str) -> None:
         models = self._models
         ops = []
@@ -97,6 +102,7 @@ class QdrantServerIndex(VectorIndex):
         )
         self._call(self._client.update_collection_aliases, ops)
 
+    @override
     def ensure_collection(self, dim: int, model_version: str) -> str:
         current = self._alias_target()
         if current is None:
@@ -112,6 +118,7 @@ class QdrantServerIndex(VectorIndex):
             )
         return current
 
+    @override
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
             return
@@ -141,6 +148,7 @@ class QdrantServerIndex(VectorIndex):
             return None
         return models.Filter(must=must or None, must_not=must_not or None)
 
+    @override
     def search(
         self,
         vector: Sequence[float],
@@ -158,6 +166,7 @@ class QdrantServerIndex(VectorIndex):
         )
         return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
 
+    @override
     def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
         target = self._read_target()
         records = self._call(
@@ -179,6 +188,7 @@ class QdrantServerIndex(VectorIndex):
             raise NotFound(f"SOP Instance UID {sop_instance_uid} is not indexed")
         return as_vector(records[0].vector), dict(records[0].payload or {})
 
+    @override
     def counts_by_modality(self) -> dict[str, int]:
         models = self._models
         if self._alias_target() is None:
@@ -193,6 +203,7 @@ class QdrantServerIndex(VectorIndex):
                 counts[modality] = int(n)
         return counts
 
+    @override
     def close(self) -> None:
         self._client.close()
 

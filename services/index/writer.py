@@ -7,9 +7,19 @@ from collections.abc import Sequence
 
 import grpc
 
-from services.core.errors import BackendUnavailable, ConfigError
+from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc
 from services.index.base import IndexPoint
+
+# What the index owner's status codes mean for a worker (the reverse of the query service's
+# grpc_code_for). Anything else (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...) may pass: retry.
+_CODE_ERRORS: dict[grpc.StatusCode, type[CbmirError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,  # these points will never be accepted
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: ConfigError,  # another model version: reindex or redeploy
+    grpc.StatusCode.UNAUTHENTICATED: ConfigError,
+    grpc.StatusCode.PERMISSION_DENIED: ConfigError,
+}
 
 
 class RemoteIndexWriter:
@@ -38,11 +48,8 @@ class RemoteIndexWriter:
             self._stub.UpsertPoints(request, timeout=self._timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
             code = exc.code()
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise ConfigError(f"index owner refused the upsert: {exc.details()}") from exc
-            raise BackendUnavailable(
-                f"index owner at {self._target} unavailable: {code.name} {exc.details()}"
-            ) from exc
+            error = _CODE_ERRORS.get(code, BackendUnavailable)
+            raise error(f"index owner at {self._target} answered {code.name}: {exc.details()}") from exc
 
     def close(self) -> None:
         """Close the channel."""

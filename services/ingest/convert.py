@@ -42,6 +42,7 @@ from models.data import sha256_file
 from services.core.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
 from services.core.vocabulary import (
     DICOM_MODALITY_CODES,
+    EEG,
     OTHER,
     ROUTINE_SCALP_EEG,
     SECONDARY_CAPTURE_IMAGE,
@@ -49,6 +50,7 @@ from services.core.vocabulary import (
     accepted_sop_class_uids,
 )
 from services.dicom.build import InstanceIdentity, base_dataset, dataset_bytes, eeg_waveform_group
+from services.dicom.decode import looks_like_dicom
 from services.ingest.spool import spool_name_for
 
 DICOM_SUFFIXES = frozenset({"", ".dcm", ".dicom", ".dic", ".ima"})
@@ -63,7 +65,7 @@ SOFTWARE = "cbmir watch"
 
 def detect_kind(name: str, head: bytes) -> str:
     """``dicom`` | ``png`` | ``jpeg`` | ``edf`` | ``unknown``: content first, then the suffix."""
-    if len(head) >= 132 and head[128:132] == b"DICM":
+    if looks_like_dicom(head):
         return "dicom"
     if head.startswith(_PNG_MAGIC):
         return "png"
@@ -172,8 +174,9 @@ def eeg_dataset(samples_uv: np.ndarray, sampling_hz: float, *, digest: str, when
         sensitivity = format_number_as_ds(half_range / 32000)  # headroom for the DS rounding
     stored = np.clip(np.rint((x - float(baseline)) / float(sensitivity)), -32768, 32767).astype("<i2")
 
-    identity = _identity(digest, "edf", "EEG", when)
-    ds = _dropped_file_dataset(ROUTINE_SCALP_EEG, "EEG", identity, "EEG", "Routine scalp EEG (from EDF)")
+    code = DICOM_MODALITY_CODES[EEG]
+    identity = _identity(digest, "edf", code, when)
+    ds = _dropped_file_dataset(ROUTINE_SCALP_EEG, code, identity, "EEG", "Routine scalp EEG (from EDF)")
     ds.AcquisitionDateTime = identity.study_time.strftime("%Y%m%d%H%M%S")
     ds.AcquisitionContextSequence = []
     ds.WaveformSequence = [

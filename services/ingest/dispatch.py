@@ -65,8 +65,10 @@ class TaskDispatcher:
 
     @property
     def backlog_size(self) -> int:
+        """How many tasks wait for the broker to come back."""
         with self._lock:
             return len(self._backlog)
 
     def close(self) -> None:
+        """Close the broker connection."""
         self._app.close()

@@ -76,6 +76,7 @@ class BackgroundDispatch:
         self._thread.start()
 
     def __call__(self, spool_name: str) -> None:
+        """Queue a spool name to be sent (returns at once)."""
         self._queue.put(spool_name)
 
     def _run(self) -> None:
@@ -90,6 +91,7 @@ class BackgroundDispatch:
             time.sleep(0.01)
 
     def close(self) -> None:
+        """Send what is queued, then stop the thread."""
         self.drain()
         self._queue.put(None)
         self._thread.join(timeout=5)
@@ -110,6 +112,7 @@ class StoreHandler:
         self._dispatch = dispatch
 
     def __call__(self, event: evt.Event) -> int:
+        """Handle one C-STORE request; returns its DICOM status."""
         request = event.request
         assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
@@ -280,6 +283,7 @@ class Listener:
                     logger.info("broker back: dispatch backlog flushed")
 
     def stop(self) -> None:
+        """Stop accepting, abort open associations, send what is queued, close the broker."""
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()

@@ -52,6 +52,8 @@ def fsync_dir(folder: Path) -> None:
 
 @dataclass(frozen=True)
 class QuarantineEntry:
+    """A quarantined object's reason file: what, why, at which stage, when."""
+
     name: str
     reason: str
     detail: str
@@ -101,16 +103,6 @@ class Spool:
             raise StorageError(f"cannot write {name} into {tmp.parent}: {exc.strerror or exc}") from exc
         return tmp
 
-    def tmp_writable(self) -> bool:
-        """Whether a file can be created in spool/tmp right now."""
-        try:
-            probe = self.layout.spool_tmp / f".probe.{os.getpid()}.{time.monotonic_ns()}"
-            probe.touch()
-            probe.unlink()
-            return True
-        except OSError:
-            return False
-
     def adopt(self, received: Path, name: str) -> Path:
         """Make a file already written under ``spool/tmp`` durable as ``incoming/<name>``: fsync it,
         rename it atomically, fsync the folder. No bytes are copied."""
@@ -134,9 +126,11 @@ class Spool:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def incoming_path(self, name: str) -> Path:
+        """Where a spooled object waits for a worker."""
         return self.layout.incoming / _plain_name(name)
 
     def archived_path(self, name: str) -> Path:
+        """Where an indexed object is kept."""
         return self.layout.archive / _plain_name(name)
 
     def archive(self, name: str) -> Path:
@@ -188,11 +182,14 @@ class Spool:
         """Move a quarantined object back to incoming (after a fix); its reason file is kept as history."""
         source = self.layout.quarantine / _plain_name(name)
         target = self.incoming_path(source.name)
-        os.replace(source, target)
         reason = source.with_name(source.name + REASON_SUFFIX)
-        if reason.exists():
-            os.replace(reason, reason.with_name(reason.name + f".{int(time.time())}.resolved"))
-        fsync_dir(target.parent)
+        try:
+            os.replace(source, target)
+            if reason.exists():
+                os.replace(reason, reason.with_name(reason.name + f".{int(time.time())}.resolved"))
+            fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot requeue {source.name}: {exc.strerror or exc}") from exc
         return target
 
     # -- reading ------------------------------------------------------------------------------
@@ -207,9 +204,11 @@ class Spool:
         return [path for _, path in sorted(dated)]
 
     def archived(self) -> list[Path]:
+        """Every archived object, by name."""
         return sorted(p for p in self.layout.archive.iterdir() if p.is_file())
 
     def quarantine_entries(self) -> list[QuarantineEntry]:
+        """Every quarantined object's reason record (unreadable reason files are skipped)."""
         entries = []
         for reason_file in sorted(self.layout.quarantine.glob("*" + REASON_SUFFIX)):
             try:
@@ -228,6 +227,7 @@ class Spool:
         return entries
 
     def quarantine_counts(self) -> Counter:
+        """Quarantined objects per reason."""
         return Counter(entry.reason for entry in self.quarantine_entries())
 
 

@@ -40,7 +40,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from services.core.config import WatcherSettings
-from services.core.errors import CbmirError, InvalidInput, StorageError
+from services.core.errors import CbmirError, ConfigError, StorageError
 from services.core.processes import run_until_stopped
 from services.ingest.convert import FileConverter
 from services.ingest.dispatch import TaskDispatcher
@@ -109,7 +109,7 @@ class FolderWatcher:
         rescan_s: float = 10.0,
     ):
         if settings.watch_dir is None:
-            raise InvalidInput("no folder to watch: give DIR or set CBMIR_WATCH_DIR")
+            raise ConfigError("no folder to watch: give DIR or set CBMIR_WATCH_DIR")
         self.root = Path(settings.watch_dir)
         self.settle_s = settings.settle_s
         self.spool = spool
@@ -173,6 +173,7 @@ class FolderWatcher:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the file observer and the ingest loop; files already there are taken too."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._start_observer()
         found = self.scan()
@@ -181,6 +182,7 @@ class FolderWatcher:
         logger.info("watching %s (settle %.1f s); %d file(s) already there", self.root, self.settle_s, found)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop observing, finish the file in hand, close the broker connection."""
         self._stop.set()
         if self._observer is not None:
             self._observer.stop()

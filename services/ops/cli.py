@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.core.errors import CbmirError
 from services.core.logs import configure_logging
 from services.core.vocabulary import MODALITIES
 
@@ -75,23 +76,36 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+OUR_PACKAGES = ("models", "services", "workers")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``cbmir ARGV``; returns the exit code."""
+    """Run ``cbmir ARGV``; returns the exit code.
+
+    Failures a user can act on end in one line on stderr and exit code 2: a setting that is
+    wrong (any :class:`CbmirError` a command lets through) or an optional package this
+    installation lacks (torch for ``train``, say). A bug still ends in a traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the top level has no options
     try:
         parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        configure_logging()
+        run: Callable[[argparse.Namespace], int] = args.run
+        return int(run(args) or 0)
     except ImportError as exc:
+        if (exc.name or "").split(".")[0] in OUR_PACKAGES:
+            raise
         print(
-            f"cbmir {command}: this installation lacks {exc.name or exc} "
+            f"cbmir {command}: this installation lacks the package {exc.name or exc} "
             "(see the README for what each command needs)",
             file=sys.stderr,
         )
         return 2
-    args = parser.parse_args(argv)
-    configure_logging()
-    run: Callable[[argparse.Namespace], int] = args.run
-    return int(run(args) or 0)
+    except CbmirError as exc:
+        print(f"cbmir {command}: {exc}", file=sys.stderr)
+        return 2
 
 
 # --- the commands implemented here -----------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.data import Record
-from services.core.errors import ConfigError
+from services.core.errors import BackendUnavailable, ConfigError
 from services.query.client import SearchClient
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class ServiceRetriever:
         return dicomize_row(_row(record), "/", self.work_dir / folder / f"{number:06d}.dcm", uids=self._uids)
 
     def index(self, items: Sequence[Record]) -> None:
+        """Push the database over C-STORE and wait until every object is indexed."""
         from services.dicom.decode import read_header
         from services.dicom.scu import send_files
 
@@ -101,15 +102,17 @@ class ServiceRetriever:
                 if stats.total >= len(files) and stats.pending == 0:
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
+                    raise BackendUnavailable(
                         f"only {stats.total} of {len(files)} indexed after {self.timeout_s:.0f}s"
                     )
                 time.sleep(1.0)
 
     def search(self, item: Record, k: int) -> list[str]:
+        """The keys of the ``k`` nearest database items to ``item``."""
         return self.search_many([item], k)[0]
 
     def search_many(self, items: Sequence[Record], k: int) -> list[list[str]]:
+        """One ``SearchSimilar`` per query, sent as DICOM bytes; ties rank in database order."""
         results = []
         for number, record in enumerate(tqdm(items, desc="gRPC SearchSimilar", unit="query")):
             path = self._build(record, "queries", number)
@@ -141,12 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``cbmir evaluate``: offline without ``--server``, else through the service."""
-    from models.evaluate import run as run_evaluation
+    from models.evaluate import run as evaluate_as_asked
 
     if not args.server:
-        return run_evaluation(args)
+        return evaluate_as_asked(args)
     dicom = args.dicom_server or f"{args.server.rsplit(':', 1)[0]}:11112"
     host, port = dicom.rsplit(":", 1)
     retriever = ServiceRetriever(args.server, host, int(port), called_ae=args.ae_title)
     # each query is one gRPC call: rank 1000 deep for the PR curves rather than the whole database
-    return run_evaluation(args, retriever=retriever, default_pr_depth=1000)
+    return evaluate_as_asked(args, retriever=retriever, default_pr_depth=1000)

@@ -123,14 +123,22 @@ def run(args: argparse.Namespace) -> int:
 
 def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:
     """Send the pending instances to the workers again; with ``requeue_reason`` (``""``: any
-    reason) move the quarantined ones back into the spool first and send those."""
+    reason) move the quarantined ones back into the spool first and send those.
+
+    Objects the watcher quarantined are the dropped files themselves (a PNG, an EDF, ...), not
+    DICOM the workers could read: they are left where they are, and the operator drops the
+    original (kept in the watched folder's ``.failed/``) again.
+    """
     spool = Spool(settings.layout)
     if requeue_reason is not None:
-        names = [
-            spool.requeue_quarantined(entry.name).name
-            for entry in spool.quarantine_entries()
-            if not requeue_reason or entry.reason == requeue_reason
-        ]
+        chosen = [e for e in spool.quarantine_entries() if not requeue_reason or e.reason == requeue_reason]
+        dropped = [e for e in chosen if e.stage == "watcher"]
+        names = [spool.requeue_quarantined(e.name).name for e in chosen if e.stage != "watcher"]
+        if dropped:
+            print(
+                f"cbmir reindex: {len(dropped)} file(s) quarantined by the watcher are left in quarantine: "
+                "drop their originals (in the watched folder's .failed/) into the folder again"
+            )
     else:
         names = [path.name for path in spool.pending()]
     dispatcher = TaskDispatcher(settings.broker)

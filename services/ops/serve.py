@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from services.core.errors import BackendUnavailable, CbmirError
 from services.core.processes import stop_process, wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ _PORT_LINE = re.compile(r":(\d+)\s*$")
 
 @dataclass
 class ServeOptions:
+    """What ``cbmir serve`` was asked for: data folder, ports, AE title, bind address, watch folder."""
+
     data_dir: Path
     dicom_port: int
     grpc_port: int
@@ -47,6 +50,7 @@ class Child:
         self.port: int | None = None
 
     def start(self, timeout_s: float = 120.0) -> None:
+        """Start the process; if it announces a port, wait up to ``timeout_s`` for the line."""
         self.process = process = subprocess.Popen(
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
@@ -56,13 +60,13 @@ class Child:
             while time.monotonic() < deadline:
                 line = process.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"{self.name} exited during start (code {process.wait()})")
+                    raise BackendUnavailable(f"{self.name} exited during start (code {process.wait()})")
                 sys.stdout.write(f"[{self.name}] {line}")
                 if line.startswith(f"cbmir {self.name}:") and (match := _PORT_LINE.search(line.strip())):
                     self.port = int(match.group(1))
                     break
             else:
-                raise RuntimeError(f"{self.name} did not announce its port within {timeout_s:.0f}s")
+                raise BackendUnavailable(f"{self.name} did not announce its port within {timeout_s:.0f}s")
         threading.Thread(
             target=self._pump, args=(process.stdout,), name=f"{self.name}-log", daemon=True
         ).start()
@@ -73,6 +77,7 @@ class Child:
         sys.stdout.flush()
 
     def alive(self) -> bool:
+        """Whether the process runs."""
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -100,26 +105,27 @@ class Supervisor:
         self.children: list[Child] = []
         self._stop = threading.Event()
 
-    def _child(self, name: str, extra: dict[str, str], announces: bool) -> Child:
-        """``cbmir <name>`` (run as ``python -m services <name>``) with ``extra`` in its environment."""
-        return Child(name, [sys.executable, "-m", "services", name], dict(self.env, **extra), announces)
+    def _start_child(self, name: str, extra: dict[str, str], announces: bool) -> Child:
+        """Start ``cbmir <name>`` (as ``python -m services <name>``) with ``extra`` in its environment.
+
+        The child is registered before it starts, so :meth:`stop` reaches it even when its start
+        fails half-way (no orphan keeps a port or the index lock).
+        """
+        child = Child(name, [sys.executable, "-m", "services", name], dict(self.env, **extra), announces)
+        self.children.append(child)
+        child.start()
+        return child
 
     def start(self) -> tuple[int, int]:
+        """Start query, listener, worker (and watcher); returns (DICOM port, gRPC port)."""
         o = self.options
-        query = self._child("query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
-        query.start()
+        query = self._start_child("query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
         query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
-        writer = {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}
-        scp = self._child("scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
-        scp.start()
+        scp = self._start_child("scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
         scp.env["CBMIR_DICOM_PORT"] = str(scp.port)
-        worker = self._child("worker", writer, False)
-        worker.start()
-        self.children = [query, scp, worker]
+        self._start_child("worker", {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}, False)
         if o.watch_dir is not None:
-            watcher = self._child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
-            watcher.start()
-            self.children.append(watcher)
+            self._start_child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
         print(
             f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
             f"data={o.data_dir}",
@@ -139,10 +145,11 @@ class Supervisor:
                     time.sleep(1.0)
                     try:
                         child.start()
-                    except RuntimeError as exc:
+                    except (CbmirError, OSError) as exc:
                         print(f"cbmir serve: restart of {child.name} failed: {exc}", flush=True)
 
     def stop(self) -> None:
+        """Stop the children: worker and listener first, the index owner last."""
         self._stop.set()
         for child in reversed(self.children):  # worker and listener first, index owner last
             child.stop()

@@ -9,12 +9,8 @@ from typing import Any
 import grpc
 
 from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
+from services.dicom.decode import looks_like_dicom
 from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
-
-
-def looks_like_dicom(data: bytes) -> bool:
-    """Whether ``data`` is a DICOM Part 10 file (``DICM`` after the 128-byte preamble)."""
-    return len(data) > 132 and data[128:132] == b"DICM"
 
 
 class SearchClient:

@@ -24,13 +24,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from typing_extensions import override
 
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
 from services.core.config import QuerySettings
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
 from services.core.processes import run_until_stopped
-from services.core.vocabulary import MODALITY_TO_PB, OTHER, PB_TO_MODALITY
+from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
 from services.index import IndexPoint, SearchHit, VectorIndex, open_index
@@ -113,7 +114,8 @@ class QueryEngine:
             return self._embed_image(frames[0].image), header.modality, header.study_instance_uid
         if kind == "image":
             if request.image.modality not in PB_TO_MODALITY:
-                raise InvalidInput("image.modality must be set (MODALITY_XRAY, _MRI, _OCT, _EEG or _OTHER)")
+                names = ", ".join(f"MODALITY_{name.upper()}" for name in MODALITIES)
+                raise InvalidInput(f"image.modality must be set to one of {names}")
             if not request.image.data:
                 raise InvalidInput("image.data is empty")
             picture = decode_image_bytes(bytes(request.image.data))
@@ -191,12 +193,14 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
     def __init__(self, engine: QueryEngine):
         self._engine = engine
 
+    @override
     @_guarded
     def SearchSimilar(
         self, request: search_pb2.SearchSimilarRequest, context: grpc.ServicerContext
     ) -> search_pb2.SearchSimilarResponse:
         return self._engine.search(request)
 
+    @override
     @_guarded
     def GetIndexStats(
         self, request: search_pb2.GetIndexStatsRequest, context: grpc.ServicerContext
@@ -213,6 +217,7 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
         self._model_version = model_version
         self._dim = dim
 
+    @override
     @_guarded
     def UpsertPoints(
         self, request: index_writer_pb2.UpsertPointsRequest, context: grpc.ServicerContext
@@ -268,6 +273,7 @@ class QueryServer:
             raise BackendUnavailable(f"cannot bind gRPC port {settings.host}:{settings.port}")
 
     def start(self) -> int:
+        """Start serving; returns the bound port."""
         self._server.start()
         for name in ("", "cbmir.v1.SimilarCases"):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -283,6 +289,7 @@ class QueryServer:
         return self.port
 
     def stop(self, grace_s: float = 2.0) -> None:
+        """Report NOT_SERVING, finish calls in flight for ``grace_s``, close the index."""
         self.health.enter_graceful_shutdown()
         self._server.stop(grace_s).wait()
         self.index.close()
