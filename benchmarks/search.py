@@ -12,7 +12,8 @@ What it compares
     Everything goes through the real path: the benchmark starts the real query service
     (``cbmir query`` with ``CBMIR_DATA_DIR`` in a temporary folder and
     ``CBMIR_GRPC_PORT=0``), which owns the embedded index (qdrant-edge); fills it through the
-    service's ``cbmir.v1.IndexWriter/UpsertPoints`` RPC (:class:`services.index.RemoteIndexWriter`,
+    service's private ``cbmir.v1.IndexWriter/UpsertPoints`` RPC on its Unix socket
+    (:class:`services.index.RemoteIndexWriter`,
     model version read from ``GetIndexStats``, dimension from ``OnnxEncoder().dim``), and queries
     by ``sop_instance_uid`` (the service looks up the stored vector, then searches) over the gRPC
     socket, one call at a time from one client. The index is not optimised (no HNSW): the service
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         client = SearchClient(target)
         client.wait_ready(30)
         model_version = client.stats().model_version
-        writer = RemoteIndexWriter(target)
+        writer = RemoteIndexWriter(f"unix:{data / 'index-writer.sock'}")  # the writer's default address
         filled = 0
         for n in sizes:
             seconds = fill(writer, vs, filled, n, model_version, args.batch)

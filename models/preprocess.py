@@ -43,6 +43,7 @@ RESIZE_FILTERS = {
     "box": Image.Resampling.BOX,
 }
 MAX_PIXELS = 100_000_000
+_LUMA_STRIP_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +111,31 @@ def to_model_input(image: np.ndarray, contract: PreprocessContract) -> np.ndarra
         raise InvalidInput("empty image")
     if grey.size > MAX_PIXELS:
         raise InvalidInput(f"image too large: {grey.shape}")
-    values = grey.astype(np.float64)
-    finite = np.isfinite(values)
-    if not finite.all():
-        fill = values[finite].min() if finite.any() else 0.0
-        values = np.where(finite, values, fill)
-    low, high = values.min(), values.max()
-    values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    # Min-max scaling in float64, then float32: computed in strips of rows, so a 16-megapixel query
+    # holds a float32 copy and one strip of float64 rather than three float64 copies. The numbers
+    # are exactly those of the whole-array computation (element-wise, same operations).
+    fill: float | None = None
+    if np.issubdtype(grey.dtype, np.integer) or grey.dtype == np.bool_:
+        low, high = float(grey.min()), float(grey.max())
+    else:
+        finite = np.isfinite(grey)
+        if finite.all():
+            low, high = float(np.min(grey)), float(np.max(grey))
+        else:
+            fill = float(grey[finite].min()) if finite.any() else 0.0
+            low = min(fill, float(grey[finite].min())) if finite.any() else fill
+            high = max(fill, float(grey[finite].max())) if finite.any() else fill
+        del finite
+    scaled = np.zeros(grey.shape, dtype=np.float32)
+    if high > low:
+        for start in range(0, grey.shape[0], _LUMA_STRIP_ROWS):
+            values = grey[start : start + _LUMA_STRIP_ROWS].astype(np.float64)
+            if fill is not None:
+                values = np.where(np.isfinite(values), values, fill)
+            scaled[start : start + _LUMA_STRIP_ROWS] = ((values - low) / (high - low)).astype(np.float32)
     size = contract.input_size
-    picture = Image.fromarray(values.astype(np.float32), mode="F")
+    picture = Image.fromarray(scaled, mode="F")
+    del scaled
     if picture.size != (size, size):
         picture = picture.resize((size, size), RESIZE_FILTERS[contract.interpolation])
     out = np.asarray(picture, dtype=np.float32)
@@ -128,7 +145,7 @@ def to_model_input(image: np.ndarray, contract: PreprocessContract) -> np.ndarra
 
 
 def _pil_to_grey_uint8(picture: Image.Image) -> np.ndarray:
-    picture = ImageOps.exif_transpose(picture)
+    ImageOps.exif_transpose(picture, in_place=True)  # a copy of the whole picture otherwise
     mode = picture.mode
     if mode in ("L", "LA"):
         return np.asarray(picture.getchannel(0), dtype=np.uint8)
@@ -141,17 +158,29 @@ def _pil_to_grey_uint8(picture: Image.Image) -> np.ndarray:
         return np.clip(np.rint(np.asarray(picture, dtype=np.float64)), 0, 255).astype(np.uint8)
     if mode not in ("RGB", "RGBA"):
         picture = picture.convert("RGBA" if "A" in mode or "transparency" in picture.info else "RGB")
-    return np.clip(to_grey(np.asarray(picture)), 0, 255).astype(np.uint8)
+    width, height = picture.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    for start in range(0, height, _LUMA_STRIP_ROWS):  # only a strip is ever copied out of Pillow
+        strip = np.asarray(picture.crop((0, start, width, min(height, start + _LUMA_STRIP_ROWS))))
+        grey[start : start + _LUMA_STRIP_ROWS] = np.clip(to_grey(strip), 0, 255).astype(np.uint8)
+    return grey
 
 
-def decode_image_bytes(data: bytes) -> np.ndarray:
-    """PNG/JPEG (or anything Pillow reads) bytes -> 2-D uint8 greyscale; 16-bit is divided by 257."""
+def decode_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """PNG/JPEG (or anything Pillow reads) bytes -> 2-D uint8 greyscale; 16-bit is divided by 257.
+
+    The size comes from the header: a picture over ``max_pixels`` is refused (TooLarge) before any
+    pixel is decoded. Colour is reduced to luma in strips of rows copied out of Pillow one at a
+    time, so Pillow's decoded picture is the only full-size colour buffer.
+    """
     if not data:
         raise UnreadableInput("empty image bytes")
     try:
         with Image.open(io.BytesIO(data)) as picture:
-            if picture.width * picture.height > MAX_PIXELS:
-                raise InvalidInput(f"image too large: {picture.size}")
+            if picture.width * picture.height > max_pixels:
+                raise TooLarge(
+                    f"image too large: {picture.width}x{picture.height} pixels, the limit is {max_pixels:,}"
+                )
             picture.load()
             return _pil_to_grey_uint8(picture)
     except Image.DecompressionBombError as exc:  # not an OSError: Pillow's own guard

@@ -123,8 +123,9 @@ def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
 
 
 def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
-    if query_port is not None:
-        env = dict(env, CBMIR_INDEX_WRITER=f"127.0.0.1:{query_port}")
+    """A worker of the query service on ``env``'s data folder; in the embedded default it reaches
+    the index writer on the Unix socket there (``query_port`` only says that a query service runs)."""
+    del query_port
     proc = Proc("worker", [str(CBMIR), "worker"], env)
     proc.wait_for(r"celery@\S+ ready|ready\.", timeout_s=90)
     return proc

@@ -29,6 +29,11 @@ def query(data_dir, procs):
     client.close()
 
 
+def _writer_target(data_dir) -> str:
+    """The index writer's default address: a Unix socket in the data folder."""
+    return f"unix:{data_dir / 'index-writer.sock'}"
+
+
 def _code(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -111,12 +116,25 @@ def test_health_and_reflection(query):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
         )
         names = {s.name for reply in replies for s in reply.list_services_response.service}
-    assert {"cbmir.v1.SimilarCases", "cbmir.v1.IndexWriter", "grpc.health.v1.Health"} <= names
+    assert {"cbmir.v1.SimilarCases", "grpc.health.v1.Health"} <= names
+    assert "cbmir.v1.IndexWriter" not in names  # private: not on the public port, not advertised
 
 
-def test_index_writer_refuses_another_model_version(query):
+def test_the_public_port_does_not_serve_the_index_writer(query, data_dir):
     client, port, _ = query
+    request = index_writer_pb2.UpsertPointsRequest(model_version=client.stats().model_version)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        code, _ = _code(
+            lambda: index_writer_pb2_grpc.IndexWriterStub(channel).UpsertPoints(request, timeout=10)
+        )
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    socket_path = data_dir / "index-writer.sock"
+    assert socket_path.is_socket() and (socket_path.stat().st_mode & 0o777) == 0o600
+
+
+def test_index_writer_refuses_another_model_version(query, data_dir):
+    client, _, _ = query
+    with grpc.insecure_channel(_writer_target(data_dir)) as channel:
         writer = index_writer_pb2_grpc.IndexWriterStub(channel)
         request = index_writer_pb2.UpsertPointsRequest(
             model_version="some-other-model",
@@ -146,15 +164,15 @@ def test_backend_down_is_unavailable(data_dir, procs):
     assert proc.process.poll() is None
 
 
-def test_the_workers_index_writer_classifies_the_owners_answers(query):
+def test_the_workers_index_writer_classifies_the_owners_answers(query, data_dir):
     """What a worker makes of the index owner's status codes: points that will never be accepted
     are InvalidInput (quarantine), another model is ConfigError, no owner is BackendUnavailable."""
     from services.core.errors import BackendUnavailable, ConfigError, InvalidInput
     from services.index import IndexPoint, RemoteIndexWriter, point_id
 
-    client, port, _ = query
+    client, _, _ = query
     version = client.stats().model_version
-    writer = RemoteIndexWriter(f"127.0.0.1:{port}", timeout_s=10)
+    writer = RemoteIndexWriter(_writer_target(data_dir), timeout_s=10)
     point = IndexPoint(point_id("1.2.3.4"), [0.0] * 3, {"modality": "xray", "sop_instance_uid": "1.2.3.4"})
     with pytest.raises(InvalidInput, match="INVALID_ARGUMENT"):
         writer.upsert([point], version)  # 3 values; the index holds the model's dimension

@@ -52,7 +52,9 @@ class EmbeddingPipeline:
         self._remote: RemoteIndexWriter | None = None
         self._direct: VectorIndex | None = None
         if settings.index.embedded:
-            self._remote = RemoteIndexWriter(settings.index.writer_target)
+            self._remote = RemoteIndexWriter(
+                settings.index.writer_target, token=settings.index.writer_token, tls=settings.tls
+            )
         else:
             self._direct = open_index(settings.index)
             self._direct.ensure_collection(self.encoder.dim, self.encoder.version)

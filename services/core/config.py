@@ -35,12 +35,62 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "Comma-separated calling AE titles allowed to store.",
     ),
     "CBMIR_MAX_PDU": ("65536", "Maximum PDU the listener receives (0 = unlimited)."),
+    "CBMIR_DICOM_TLS_PORT": (
+        "(unset = no TLS listener)",
+        "Port of a second, TLS-only DICOM listener (0 = any free port); needs CBMIR_TLS_CERT and _KEY.",
+    ),
+    "CBMIR_ASSOC_IDLE_TIMEOUT_S": ("30", "An association that sends nothing for this long is aborted."),
+    "CBMIR_MIN_FREE_MB": (
+        "512",
+        "Below this free space on the data volume the listener answers 0xA700 and the index refuses writes.",
+    ),
+    "CBMIR_RESEND_AFTER_S": (
+        "600",
+        "The listener and the watcher re-send a spooled instance that is still not indexed after this long.",
+    ),
     "CBMIR_GRPC_HOST": ("0.0.0.0", "Address the gRPC query service binds."),
     "CBMIR_GRPC_PORT": ("50051", "Port of the gRPC query service (0 = any free port)."),
     "CBMIR_GRPC_WORKERS": ("8", "Threads serving gRPC calls."),
+    "CBMIR_API_TOKENS_FILE": (
+        "(unset)",
+        "Tokens file: a token per line, optionally with its role (search or admin); re-read on change.",
+    ),
+    "CBMIR_API_TOKENS": ("(unset)", "Comma-separated API tokens with the search role."),
+    "CBMIR_ALLOW_ANONYMOUS": (
+        "0",
+        "1: serve callers without a token on a non-loopback address (warned about at start).",
+    ),
+    "CBMIR_TOKEN": (
+        "(unset)",
+        "Clients (search, stats, evaluate --server): the API token to send (or --token).",
+    ),
+    "CBMIR_TLS_CERT": (
+        "(unset = no TLS)",
+        "PEM certificate chain of this component (gRPC service, DICOM TLS listener, or mTLS client).",
+    ),
+    "CBMIR_TLS_KEY": ("(unset)", "PEM private key of CBMIR_TLS_CERT."),
+    "CBMIR_TLS_CLIENT_CA": (
+        "(unset = no client certificates)",
+        "PEM CA bundle; callers must present a certificate it signed (mTLS, gRPC and DICOM).",
+    ),
+    "CBMIR_TLS_CA": ("(unset)", "Clients: PEM CA bundle that the service's certificate must chain to."),
+    "CBMIR_QUERY_MAX_PIXELS": (
+        "16777216",
+        "Largest picture or DICOM frame a query may send (pixels), checked from its header.",
+    ),
+    "CBMIR_QUERY_MAX_BYTES": ("67108864", "Largest query message in bytes."),
+    "CBMIR_QUERY_DECODES": ("2", "Query images decoded and embedded at the same time; others wait."),
+    "CBMIR_QUERY_TIMEOUT_S": (
+        "30",
+        "Longest a search may take, waiting included, unless the caller sets less.",
+    ),
     "CBMIR_INDEX_WRITER": (
-        "127.0.0.1:50051",
-        "Embedded mode: gRPC address of the index owner that workers upsert through.",
+        "unix:<data dir>/index-writer.sock",
+        "Embedded mode: where the index owner serves IndexWriter for the workers (unix:PATH or HOST:PORT).",
+    ),
+    "CBMIR_WRITER_TOKEN": (
+        "(unset)",
+        "Secret between the workers and the index writer; required when CBMIR_INDEX_WRITER is HOST:PORT.",
     ),
     "QDRANT_URL": (
         "(unset = embedded store)",
@@ -52,15 +102,22 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "(the encoder shipped in models/weights)",
         "ONNX encoder the workers and the query service load.",
     ),
-    "CBMIR_DEVICE": ("auto", "auto | cpu | cuda: execution provider preference of onnxruntime."),
+    "CBMIR_DEVICE": ("auto", "auto, cpu or cuda: execution provider preference of onnxruntime."),
     "CBMIR_BATCH_SIZE": ("16", "Largest encoder batch a worker process forms from waiting tasks."),
     "CBMIR_BATCH_WAIT_MS": ("5", "How long a worker waits for more tasks to fill a batch."),
     "CBMIR_WORKER_CONCURRENCY": (
         "4",
         "Worker threads per worker process (tasks in flight that can share a batch).",
     ),
-    "CBMIR_MAX_RETRIES": ("5", "Retries of a failing task before its instance is quarantined."),
+    "CBMIR_MAX_RETRIES": (
+        "5",
+        "Retries of a task that fails unexpectedly (a bug) before its instance is quarantined.",
+    ),
     "CBMIR_RETRY_BACKOFF_S": ("2", "First retry delay in seconds; doubles each retry (capped at 120 s)."),
+    "CBMIR_RETRY_BUDGET_S": (
+        "21600",
+        "How long a task retries a transient failure (index, broker or disk); it never quarantines.",
+    ),
     "CBMIR_VISIBILITY_TIMEOUT_S": (
         "300",
         "Redis broker: an unacknowledged task is redelivered after this long.",
@@ -96,6 +153,23 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = _env(env, name, "0").lower()
+    if value not in ("0", "1", "true", "false", "yes", "no"):
+        raise ConfigError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "true", "yes")
+
+
+def _file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name} names {path}, which is not a readable file")
+    return path
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -147,6 +221,54 @@ class DataLayout:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """PEM files: this component's certificate and key, the CA its callers' certificates must be
+    signed by (mTLS), and the CA it trusts when it is the client."""
+
+    cert: Path | None
+    key: Path | None
+    client_ca: Path | None
+    ca: Path | None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this component has a certificate (serves TLS, or shows it as a client)."""
+        return self.cert is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TlsSettings:
+        """From ``CBMIR_TLS_CERT``, ``CBMIR_TLS_KEY``, ``CBMIR_TLS_CLIENT_CA``, ``CBMIR_TLS_CA``."""
+        cert, key = _file(env, "CBMIR_TLS_CERT"), _file(env, "CBMIR_TLS_KEY")
+        if (cert is None) != (key is None):
+            raise ConfigError("CBMIR_TLS_CERT and CBMIR_TLS_KEY go together: set both or neither")
+        client_ca = _file(env, "CBMIR_TLS_CLIENT_CA")
+        if client_ca is not None and cert is None:
+            raise ConfigError(
+                "CBMIR_TLS_CLIENT_CA needs CBMIR_TLS_CERT and CBMIR_TLS_KEY (mTLS is TLS first)"
+            )
+        return cls(cert=cert, key=key, client_ca=client_ca, ca=_file(env, "CBMIR_TLS_CA"))
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Who may call the public gRPC API: the token sources and the anonymous rule."""
+
+    tokens_file: Path | None
+    tokens: tuple[str, ...]
+    allow_anonymous: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
+        """From ``CBMIR_API_TOKENS_FILE``, ``CBMIR_API_TOKENS``, ``CBMIR_ALLOW_ANONYMOUS``."""
+        tokens = tuple(t.strip() for t in env.get("CBMIR_API_TOKENS", "").split(",") if t.strip())
+        return cls(
+            tokens_file=_file(env, "CBMIR_API_TOKENS_FILE"),
+            tokens=tokens,
+            allow_anonymous=_flag(env, "CBMIR_ALLOW_ANONYMOUS"),
+        )
+
+
+@dataclass(frozen=True)
 class IndexSettings:
     """Which vector store to use and how to reach it."""
 
@@ -155,6 +277,7 @@ class IndexSettings:
     qdrant_api_key: str | None
     embedded_path: Path
     writer_target: str
+    writer_token: str | None
 
     @property
     def embedded(self) -> bool:
@@ -169,7 +292,8 @@ class IndexSettings:
             qdrant_url=env.get("QDRANT_URL") or None,
             qdrant_api_key=env.get("QDRANT_API_KEY") or None,
             embedded_path=layout.index,
-            writer_target=_env(env, "CBMIR_INDEX_WRITER", "127.0.0.1:50051"),
+            writer_target=_env(env, "CBMIR_INDEX_WRITER", f"unix:{layout.root / 'index-writer.sock'}"),
+            writer_token=env.get("CBMIR_WRITER_TOKEN") or None,
         )
 
 
@@ -261,6 +385,11 @@ class ListenerSettings:
     port: int
     allowed_ae_titles: frozenset[str]
     max_pdu: int
+    tls: TlsSettings
+    tls_port: int | None
+    idle_timeout_s: int
+    min_free_mb: int
+    resend_after_s: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ListenerSettings:
@@ -271,6 +400,12 @@ class ListenerSettings:
         if not 0 < len(ae_title) <= 16:
             raise ConfigError(f"CBMIR_AE_TITLE must be 1..16 characters, got {ae_title!r}")
         allowed = {t.strip() for t in env.get("CBMIR_ALLOWED_AE_TITLES", "").split(",") if t.strip()}
+        tls = TlsSettings.from_env(env)
+        tls_port = (
+            _int(env, "CBMIR_DICOM_TLS_PORT", 0) if env.get("CBMIR_DICOM_TLS_PORT", "").strip() else None
+        )
+        if tls_port is not None and not tls.enabled:
+            raise ConfigError("CBMIR_DICOM_TLS_PORT needs CBMIR_TLS_CERT and CBMIR_TLS_KEY")
         return cls(
             layout=layout,
             broker=BrokerSettings.from_env(env, layout),
@@ -279,6 +414,11 @@ class ListenerSettings:
             port=_int(env, "CBMIR_DICOM_PORT", 11112),
             allowed_ae_titles=frozenset(allowed),
             max_pdu=_int(env, "CBMIR_MAX_PDU", 65536),
+            tls=tls,
+            tls_port=tls_port,
+            idle_timeout_s=_int(env, "CBMIR_ASSOC_IDLE_TIMEOUT_S", 30, minimum=1),
+            min_free_mb=_int(env, "CBMIR_MIN_FREE_MB", 512),
+            resend_after_s=_int(env, "CBMIR_RESEND_AFTER_S", 600, minimum=1),
         )
 
 
@@ -296,6 +436,8 @@ class WorkerSettings:
     concurrency: int
     max_retries: int
     retry_backoff_s: float
+    retry_budget_s: int
+    tls: TlsSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -313,6 +455,8 @@ class WorkerSettings:
             concurrency=_int(env, "CBMIR_WORKER_CONCURRENCY", 4, minimum=1),
             max_retries=_int(env, "CBMIR_MAX_RETRIES", 5),
             retry_backoff_s=_float(env, "CBMIR_RETRY_BACKOFF_S", 2.0),
+            retry_budget_s=_int(env, "CBMIR_RETRY_BUDGET_S", 21600),
+            tls=TlsSettings.from_env(env),
         )
 
 
@@ -327,6 +471,13 @@ class QuerySettings:
     host: str
     port: int
     max_workers: int
+    access: AccessSettings
+    tls: TlsSettings
+    min_free_mb: int
+    query_max_pixels: int
+    query_max_bytes: int
+    query_decodes: int
+    query_timeout_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> QuerySettings:
@@ -341,6 +492,13 @@ class QuerySettings:
             host=_env(env, "CBMIR_GRPC_HOST", "0.0.0.0"),
             port=_int(env, "CBMIR_GRPC_PORT", 50051),
             max_workers=_int(env, "CBMIR_GRPC_WORKERS", 8, minimum=1),
+            access=AccessSettings.from_env(env),
+            tls=TlsSettings.from_env(env),
+            min_free_mb=_int(env, "CBMIR_MIN_FREE_MB", 512),
+            query_max_pixels=_int(env, "CBMIR_QUERY_MAX_PIXELS", 16_777_216, minimum=1),
+            query_max_bytes=_int(env, "CBMIR_QUERY_MAX_BYTES", 64 * 1024 * 1024, minimum=1024),
+            query_decodes=_int(env, "CBMIR_QUERY_DECODES", 2, minimum=1),
+            query_timeout_s=_float(env, "CBMIR_QUERY_TIMEOUT_S", 30.0),
         )
 
 
@@ -352,6 +510,7 @@ class WatcherSettings:
     broker: BrokerSettings
     watch_dir: Path | None
     settle_s: float = field(default=1.0)
+    resend_after_s: int = field(default=600)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WatcherSettings:
@@ -363,11 +522,13 @@ class WatcherSettings:
             layout=layout,
             broker=BrokerSettings.from_env(env, layout),
             watch_dir=Path(watch).expanduser().resolve() if watch else None,
+            resend_after_s=_int(env, "CBMIR_RESEND_AFTER_S", 600, minimum=1),
         )
 
 
 __all__ = [
     "ENVIRONMENT",
+    "AccessSettings",
     "BrokerSettings",
     "DataLayout",
     "DecodeSettings",
@@ -375,6 +536,7 @@ __all__ = [
     "ListenerSettings",
     "ModelSettings",
     "QuerySettings",
+    "TlsSettings",
     "WatcherSettings",
     "WorkerSettings",
     "replace",

@@ -1,7 +1,8 @@
 """The exception root for ``services/`` and ``workers/``: re-exported from :mod:`models.errors`.
 
 The classes live in the bottom layer so that ``models/`` can raise them without importing
-``services/``. Import them from here in service and worker code.
+``services/``. Import them from here in service and worker code. The access errors below exist
+only on the service side; they derive from the same root.
 """
 
 from models.errors import (
@@ -17,6 +18,19 @@ from models.errors import (
     UnsupportedInput,
 )
 
+
+class Unauthenticated(CbmirError):
+    """The caller sent no token, or one that is not valid."""
+
+    reason = "unauthenticated"
+
+
+class PermissionDenied(CbmirError):
+    """The caller's token is valid but its role does not allow this call."""
+
+    reason = "permission-denied"
+
+
 __all__ = [
     "BackendUnavailable",
     "CbmirError",
@@ -24,8 +38,10 @@ __all__ = [
     "DecodeError",
     "InvalidInput",
     "NotFound",
+    "PermissionDenied",
     "StorageError",
     "TooLarge",
+    "Unauthenticated",
     "UnreadableInput",
     "UnsupportedInput",
 ]

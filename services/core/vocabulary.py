@@ -35,6 +35,24 @@ PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.
 # The DICOM Modality (0008,0060) of objects cbmir builds for each modality (dicomize, the watcher).
 DICOM_MODALITY_CODES: dict[str, str] = {XRAY: "CR", MRI: "MR", OCT: "OPT", EEG: "EEG", OTHER: "OT"}
 
+# The Defined Terms of Modality (0008,0060), PS3.3 C.7.3.1.1.1, current and retired. Only these
+# are kept from an object: anything else there is free text (a misconfigured modality can put a
+# patient's name in it), and free text never reaches a payload, a log or an answer.
+_MODALITY_TERMS_TEXT = """
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC
+    HD IO IOL IVOCT IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA
+    PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT
+    RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF"""
+DICOM_MODALITY_TERMS = frozenset(_MODALITY_TERMS_TEXT.split())
+
+
+def modality_term(value: str | None) -> str:
+    """``value`` as a Modality Defined Term, or ``""`` when it is not one."""
+    term = (value or "").strip().upper()
+    return term if term in DICOM_MODALITY_TERMS else ""
+
+
 # --- SOP classes ---------------------------------------------------------------------------------
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -41,7 +41,6 @@ import io
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
@@ -58,6 +57,7 @@ from services.core.errors import (
     UnreadableInput,
     UnsupportedInput,
 )
+from services.core.logs import describe
 from services.core.vocabulary import (
     EEG,
     EEG_SOP_CLASSES,
@@ -66,6 +66,7 @@ from services.core.vocabulary import (
     OCT,
     XRAY,
     is_valid_uid,
+    modality_term,
     normalize_modality,
 )
 
@@ -138,15 +139,6 @@ class DecodedFrame:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _describe(exc: BaseException) -> str:
-    """Exception -> short text for a message, with quoted values (possibly PHI) masked."""
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(exc))
-    text = " ".join(text.split())
-    if len(text) > 160:
-        text = text[:157] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def looks_like_dicom(head: bytes) -> bool:
     """Whether bytes start like a DICOM Part 10 file: a 128-byte preamble, then ``DICM``."""
     return len(head) >= 132 and head[128:132] == b"DICM"
@@ -165,12 +157,12 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
         except IsADirectoryError:
             raise UnreadableInput(f"{path} is a directory, not a file", reason="not-a-file") from None
         except OSError as exc:
-            raise UnreadableInput(f"cannot read {path}: {_describe(exc)}", reason="io-error") from None
+            raise UnreadableInput(f"cannot read {path}: {describe(exc)}", reason="io-error") from None
     if hasattr(source, "read"):
         try:
             data = source.read()
         except Exception as exc:  # noqa: BLE001 - a broken stream is unreadable input, whatever it raises
-            raise UnreadableInput(f"cannot read stream: {_describe(exc)}", reason="io-error") from None
+            raise UnreadableInput(f"cannot read stream: {describe(exc)}", reason="io-error") from None
         if not isinstance(data, (bytes, bytearray)):
             raise UnreadableInput("stream did not return bytes", reason="not-dicom")
         return io.BytesIO(bytes(data)), "stream"
@@ -189,7 +181,7 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
             head = stream.read(132)
             stream.seek(0)
         except OSError as exc:
-            raise UnreadableInput(f"cannot read {what}: {_describe(exc)}", reason="io-error") from None
+            raise UnreadableInput(f"cannot read {what}: {describe(exc)}", reason="io-error") from None
         if not head:
             raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
         if not looks_like_dicom(head):
@@ -219,7 +211,7 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
             raise
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files: all mean "unreadable"
             raise UnreadableInput(
-                f"{what} could not be parsed as DICOM ({_describe(exc)})", reason="parse-error"
+                f"{what} could not be parsed as DICOM ({describe(exc)})", reason="parse-error"
             ) from None
     return ds
 
@@ -284,7 +276,7 @@ def _header_from_dataset(ds: Dataset) -> InstanceHeader:
     sop_instance_uid = _required_uid(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
     study_uid = _required_uid(ds, "StudyInstanceUID")
     series_uid = _required_uid(ds, "SeriesInstanceUID")
-    modality_code = _text(ds, "Modality").upper()[:16]
+    modality_code = modality_term(_text(ds, "Modality"))
     has_pixels = any(keyword in ds for keyword in PIXEL_KEYWORDS)
     frames = _int_attr(ds, "NumberOfFrames", 1)
     if frames < 1:
@@ -316,7 +308,7 @@ def read_header(source: DicomSource) -> InstanceHeader:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
         raise UnreadableInput(
-            f"cannot read the instance header ({_describe(exc)})", reason="parse-error"
+            f"cannot read the instance header ({describe(exc)})", reason="parse-error"
         ) from None
 
 
@@ -506,7 +498,7 @@ def _apply_modality(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
         try:
             return np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
         except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
-            logger.warning("ignoring unusable Modality LUT (%s)", _describe(exc))
+            logger.warning("ignoring unusable Modality LUT (%s)", describe(exc))
             return values
     slope = _first_float(item.get("RescaleSlope"))
     intercept = _first_float(item.get("RescaleIntercept"))
@@ -547,7 +539,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, index: int) -> np.ndarray | None
                 return (mapped - low) / (high - low)
             logger.warning("ignoring constant VOI LUT")
         except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
-            logger.warning("ignoring unusable VOI LUT (%s); trying the window", _describe(exc))
+            logger.warning("ignoring unusable VOI LUT (%s); trying the window", describe(exc))
     source = frame_voi if frame_voi is not None else ds
     center = _first_float(source.get("WindowCenter"))
     width = _first_float(source.get("WindowWidth"))
@@ -609,7 +601,7 @@ def _display_frame(
             palette_max = float(np.max(apply_color_lut(np.arange(first, first + entries), ds)))
         except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             raise DecodeError(
-                f"palette colour lookup failed ({_describe(exc)})", reason="corrupt-palette"
+                f"palette colour lookup failed ({describe(exc)})", reason="corrupt-palette"
             ) from None
         return _luma(rgb, palette_max)
     if photometric.startswith("YBR_FULL") and raw.ndim == 3:
@@ -655,7 +647,7 @@ def _decode_image(
             if not _is_codec_panic(exc):
                 raise
             raise DecodeError(
-                f"frame {index + 1} of {ts_text}: the codec aborted on corrupt data ({_describe(exc)})",
+                f"frame {index + 1} of {ts_text}: the codec aborted on corrupt data ({describe(exc)})",
                 reason="corrupt-pixel-data",
             ) from None
         photometric = str(meta.get("photometric_interpretation", pixels.photometric)).upper()
@@ -685,7 +677,7 @@ def _codec_error(
     if isinstance(exc, MemoryError):
         return TooLarge(f"not enough memory to decode frame {index + 1}", reason="out-of-memory")
     return DecodeError(
-        f"frame {index + 1} of {ts_text} could not be decoded ({_describe(exc)})", reason="corrupt-pixel-data"
+        f"frame {index + 1} of {ts_text} could not be decoded ({describe(exc)})", reason="corrupt-pixel-data"
     )
 
 
@@ -799,9 +791,7 @@ def read_eeg_waveform(source: DicomSource, *, limits: DecodeLimits | None = None
     except CbmirError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
-        raise UnreadableInput(
-            f"waveform could not be read ({_describe(exc)})", reason="parse-error"
-        ) from None
+        raise UnreadableInput(f"waveform could not be read ({describe(exc)})", reason="parse-error") from None
 
 
 def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
@@ -818,7 +808,7 @@ def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
         raise DecodeError(
-            f"EEG trace could not be rendered ({_describe(exc)})", reason="eeg-render-failed"
+            f"EEG trace could not be rendered ({describe(exc)})", reason="eeg-render-failed"
         ) from None
     if picture.ndim != 2:
         raise DecodeError(f"EEG renderer returned shape {picture.shape}", reason="eeg-render-failed")
@@ -853,7 +843,7 @@ def decode_for_embedding(
         raise
     except Exception as exc:  # noqa: BLE001 - lazily parsed elements can fail on first access
         raise UnreadableInput(
-            f"instance could not be parsed ({_describe(exc)})", reason="parse-error"
+            f"instance could not be parsed ({describe(exc)})", reason="parse-error"
         ) from None
     if kind == "waveform":
         decoded = [DecodedFrame(frame_number=1, image=_render_eeg(samples_uv, sampling_hz))]
@@ -866,7 +856,7 @@ def decode_for_embedding(
             raise TooLarge("not enough memory to decode the pixel data", reason="out-of-memory") from None
         except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
             raise DecodeError(
-                f"pixel data could not be decoded ({_describe(exc)})", reason="corrupt-pixel-data"
+                f"pixel data could not be decoded ({describe(exc)})", reason="corrupt-pixel-data"
             ) from None
     logger.debug("decoded %s (%s, %d frame(s))", header.sop_instance_uid, header.modality, len(decoded))
     return header, decoded

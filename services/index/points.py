@@ -6,12 +6,15 @@ is PHI-free by construction: it is built only from the header's UIDs and codes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from models.preprocess import PreprocessContract, to_model_input
+from services.core.errors import InvalidInput
+from services.core.vocabulary import DICOM_MODALITY_TERMS, MODALITIES, is_valid_uid
 from services.dicom.decode import DecodedFrame, InstanceHeader
 from services.index import IndexPoint, point_id
 
@@ -51,3 +54,67 @@ def index_points(
         frame_key = frame.frame_number if multi and frame.frame_number > 1 else None
         points.append(IndexPoint(point_id(header.sop_instance_uid, frame_key), vector.tolist(), payload))
     return points
+
+
+# The payload schema: key -> (type, required). Nothing else may be stored with a point.
+PAYLOAD_FIELDS: dict[str, tuple[type, bool]] = {
+    "modality": (str, True),
+    "sop_instance_uid": (str, True),
+    "study_instance_uid": (str, True),
+    "series_instance_uid": (str, True),
+    "sop_class_uid": (str, True),
+    "frame_number": (int, True),
+    "modality_code": (str, False),
+    "model_version": (str, False),
+    "ingested_at": (float, False),
+    "spool_name": (str, False),
+}
+_UID_FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
+# a spool file's name: its SOP Instance UID, or "x" and a hash when that is not a valid UID
+_SPOOL_NAME = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)*|x[0-9a-f]{40})\.[a-z0-9]{1,8}$")
+
+
+def check_point(point: IndexPoint, dim: int) -> None:
+    """Refuse (InvalidInput) a point that the index must never hold: a vector of another length or
+    with NaN/infinite values, a payload key outside :data:`PAYLOAD_FIELDS` (which is how PHI would
+    get in), a malformed value, or a point ID that is not the one of its SOP Instance UID and frame
+    (which is how one instance would overwrite another's point)."""
+    vector = np.asarray(point.vector, dtype=np.float64)
+    if vector.shape != (dim,):
+        raise InvalidInput(f"point {point.point_id}: vector of {vector.size} values, the index holds {dim}")
+    if not np.isfinite(vector).all():
+        raise InvalidInput(f"point {point.point_id}: the vector has NaN or infinite values")
+    payload = point.payload
+    if not isinstance(payload, dict):
+        raise InvalidInput(f"point {point.point_id}: the payload is not an object")
+    unknown = sorted(set(payload) - set(PAYLOAD_FIELDS))
+    if unknown:
+        raise InvalidInput(f"point {point.point_id}: payload keys outside the schema: {unknown[:5]}")
+    for key, (kind, required) in PAYLOAD_FIELDS.items():
+        if key not in payload:
+            if required:
+                raise InvalidInput(f"point {point.point_id}: payload lacks {key}")
+            continue
+        value = payload[key]
+        valid = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is float
+            else (isinstance(value, kind) and not isinstance(value, bool))
+        )
+        if not valid or (isinstance(value, str) and len(value) > 128):
+            raise InvalidInput(f"point {point.point_id}: payload {key} is not a valid {kind.__name__}")
+    for key in _UID_FIELDS:
+        if not is_valid_uid(payload[key]):
+            raise InvalidInput(f"point {point.point_id}: payload {key} is not a DICOM UID")
+    if payload.get("modality_code", "") not in DICOM_MODALITY_TERMS | {""}:
+        raise InvalidInput(f"point {point.point_id}: payload modality_code is not a DICOM Modality term")
+    if not _SPOOL_NAME.match(payload.get("spool_name", "0.dcm")):
+        raise InvalidInput(f"point {point.point_id}: payload spool_name is not a spool file name")
+    if payload["modality"] not in MODALITIES:
+        raise InvalidInput(f"point {point.point_id}: payload modality must be one of {', '.join(MODALITIES)}")
+    frame = payload["frame_number"]
+    if frame < 1:
+        raise InvalidInput(f"point {point.point_id}: payload frame_number must be 1 or more")
+    uid = payload["sop_instance_uid"]
+    if point.point_id not in (point_id(uid), point_id(uid, frame)):
+        raise InvalidInput(f"point {point.point_id}: the point ID is not the one of its SOP Instance UID")

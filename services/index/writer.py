@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.core.config import TlsSettings
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
+from services.core.security import grpc_channel
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc
 from services.index.base import IndexPoint
 
@@ -23,13 +25,29 @@ _CODE_ERRORS: dict[grpc.StatusCode, type[CbmirError]] = {
 
 
 class RemoteIndexWriter:
-    """Upserts through the index owner's ``cbmir.v1.IndexWriter`` gRPC service (embedded default)."""
+    """Upserts through the index owner's ``cbmir.v1.IndexWriter`` gRPC service (embedded default).
 
-    def __init__(self, target: str, timeout_s: float = 30.0):
-        self._channel = grpc.insecure_channel(target)
+    ``target`` is ``unix:PATH`` or ``HOST:PORT``; ``token`` is the writer secret
+    (``CBMIR_WRITER_TOKEN``); over TCP, ``tls`` with a CA turns on TLS, with this component's
+    certificate as the client certificate when the writer asks for one (mTLS).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 30.0,
+        *,
+        token: str | None = None,
+        tls: TlsSettings | None = None,
+    ):
+        if tls is not None and tls.ca is not None and not target.startswith("unix:"):
+            self._channel = grpc_channel(target, ca=tls.ca, cert=tls.cert, key=tls.key)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = index_writer_pb2_grpc.IndexWriterStub(self._channel)
         self._target = target
         self._timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def upsert(self, points: Sequence[IndexPoint], model_version: str) -> None:
         """Send ``points`` embedded by ``model_version``; a refused model is a ConfigError."""
@@ -45,7 +63,9 @@ class RemoteIndexWriter:
             ],
         )
         try:
-            self._stub.UpsertPoints(request, timeout=self._timeout_s, wait_for_ready=False)
+            self._stub.UpsertPoints(
+                request, timeout=self._timeout_s, metadata=self._metadata, wait_for_ready=False
+            )
         except grpc.RpcError as exc:
             code = exc.code()
             error = _CODE_ERRORS.get(code, BackendUnavailable)

@@ -14,6 +14,7 @@ folder, before anyone is told it happened. Nothing here ever deletes the only co
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from services.core.vocabulary import is_valid_uid
 logger = logging.getLogger(__name__)
 
 REASON_SUFFIX = ".reason.json"
+REPLACED_DIR = ".replaced"
 
 
 def spool_name_for(sop_instance_uid: str, suffix: str = ".dcm") -> str:
@@ -134,11 +136,32 @@ class Spool:
         return self.layout.archive / _plain_name(name)
 
     def archive(self, name: str) -> Path:
-        """Move an indexed object from incoming to the archive."""
+        """Move an indexed object from incoming to the archive.
+
+        A SOP Instance UID sent again with other content replaces the archived object, whose
+        earlier copy is kept in ``archive/.replaced/<name>.<time>``. A second delivery of the same
+        task finds the object archived already and leaves it be.
+        """
         source, target = self.incoming_path(name), self.archived_path(name)
         try:
+            if not source.exists() and target.exists():
+                return target  # archived by another delivery of the same task
+            if target.exists() and not filecmp.cmp(source, target, shallow=False):
+                kept = self.layout.archive / REPLACED_DIR / f"{name}.{time.time_ns()}"
+                kept.parent.mkdir(exist_ok=True)
+                os.replace(target, kept)
+                fsync_dir(kept.parent)
+                logger.info(
+                    "%s was sent again with other content; the earlier copy is kept as %s",
+                    name,
+                    kept.relative_to(self.layout.root),
+                )
             os.replace(source, target)
             fsync_dir(target.parent)
+        except FileNotFoundError:
+            if target.exists():
+                return target  # the same race, decided between our checks
+            raise StorageError(f"cannot archive {name}: it is in neither incoming nor archive") from None
         except OSError as exc:
             raise StorageError(f"cannot archive {name}: {exc.strerror or exc}") from exc
         return target
@@ -195,13 +218,30 @@ class Spool:
     # -- reading ------------------------------------------------------------------------------
     def pending(self) -> list[Path]:
         """Objects received but not yet indexed, oldest first."""
+        return [path for _, path in self.pending_since()]
+
+    def pending_since(self) -> list[tuple[float, Path]]:
+        """(time spooled, path) of every object received but not yet indexed, oldest first."""
         dated = []
         for path in self.layout.incoming.iterdir():
             try:
                 dated.append((path.stat().st_mtime, path))
             except FileNotFoundError:
                 continue  # archived or quarantined by a worker while we listed
-        return [path for _, path in sorted(dated)]
+        return sorted(dated)
+
+    def remove_stale_tmp(self, older_than_s: float) -> int:
+        """Delete partial files in spool/tmp untouched for ``older_than_s`` (their writer is gone; none
+        was ever acknowledged); returns how many."""
+        removed, cutoff = 0, time.time() - older_than_s
+        for path in self.layout.spool_tmp.iterdir():
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def archived(self) -> list[Path]:
         """Every archived object, by name."""

@@ -17,10 +17,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.core.errors import CbmirError
 from services.core.logs import configure_logging
 from services.core.vocabulary import MODALITIES
+
+if TYPE_CHECKING:
+    from services.query.client import SearchClient
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,49 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the gRPC query service")
+def add_client_arguments(
+    parser: argparse.ArgumentParser, *, server_help: str = "the gRPC query service", required: bool = True
+) -> None:
+    """``--server``, ``--token`` and the TLS flags of every command that calls the query service."""
+    parser.add_argument("--server", required=required, metavar="HOST:PORT", help=server_help)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("CBMIR_TOKEN") or None,
+        help="API token to send (default CBMIR_TOKEN)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=_env_path("CBMIR_TLS_CA"),
+        metavar="PEM",
+        help="use TLS; the service's certificate must chain to this CA (default CBMIR_TLS_CA)",
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mTLS")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
+
+
+def client_from_args(args: argparse.Namespace, timeout_s: float = 30.0) -> SearchClient:
+    """The query service client that :func:`add_client_arguments`' flags ask for."""
+    from services.query.client import SearchClient
+
+    return SearchClient(
+        args.server,
+        timeout_s,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir search``."""
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--file", help="a DICOM file, or a PNG/JPEG (then give its modality)")
     target.add_argument("--uid", help="SOP Instance UID of an indexed instance")
@@ -161,9 +201,9 @@ def run_search(args: argparse.Namespace) -> int:
     """``cbmir search``: one JSON object per hit on stdout."""
     import grpc
 
-    from services.query.client import SearchClient, hit_dict
+    from services.query.client import hit_dict
 
-    client = SearchClient(args.server)
+    client = client_from_args(args)
     try:
         if args.uid:
             response = client.search(
@@ -192,16 +232,16 @@ def run_search(args: argparse.Namespace) -> int:
 
 def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir stats``."""
-    _add_client_arguments(parser)
+    add_client_arguments(parser)
 
 
 def run_stats(args: argparse.Namespace) -> int:
     """``cbmir stats``: the index statistics as one JSON document."""
     import grpc
 
-    from services.query.client import SearchClient, stats_dict
+    from services.query.client import stats_dict
 
-    client = SearchClient(args.server)
+    client = client_from_args(args)
     try:
         print(json.dumps(stats_dict(client.stats()), indent=2))
     except grpc.RpcError as exc:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from models.data import Record
 from services.core.errors import BackendUnavailable, ConfigError
+from services.ops.cli import add_client_arguments, client_from_args
 from services.query.client import SearchClient
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ class ServiceRetriever:
         called_ae: str = "CBMIR",
         work_dir: Path | None = None,
         timeout_s: float = 3600.0,
+        client: SearchClient | None = None,
     ):
+        """``client``: one with a token or TLS (default: a plain client of ``grpc_target``)."""
         from services.dicom.dicomize import UidFactory
 
-        self.client = SearchClient(grpc_target, timeout_s=120)
+        self.client = client or SearchClient(grpc_target, timeout_s=120)
         self.dicom_host, self.dicom_port, self.called_ae = dicom_host, dicom_port, called_ae
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="cbmir-eval-"))
         self.timeout_s = timeout_s
@@ -129,10 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from models.evaluate import add_arguments as offline_arguments
 
     offline_arguments(parser)
-    parser.add_argument(
-        "--server",
-        metavar="HOST:PORT",
-        help="evaluate through this gRPC query service (C-STORE, workers, gRPC) instead of offline",
+    add_client_arguments(
+        parser,
+        server_help="evaluate through this gRPC query service (C-STORE, workers, gRPC) instead of offline",
+        required=False,
     )
     parser.add_argument(
         "--dicom-server",
@@ -150,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         return evaluate_as_asked(args)
     dicom = args.dicom_server or f"{args.server.rsplit(':', 1)[0]}:11112"
     host, port = dicom.rsplit(":", 1)
-    retriever = ServiceRetriever(args.server, host, int(port), called_ae=args.ae_title)
+    retriever = ServiceRetriever(
+        args.server, host, int(port), called_ae=args.ae_title, client=client_from_args(args, timeout_s=120)
+    )
     # each query is one gRPC call: rank 1000 deep for the PR curves rather than the whole database
     return evaluate_as_asked(args, retriever=retriever, default_pr_depth=1000)

@@ -101,6 +101,8 @@ class Supervisor:
         )
         env.pop("CBMIR_BROKER_URL", None)  # the embedded broker, always
         env.pop("QDRANT_URL", None)
+        # the index writer on the Unix socket in the data folder (query serves it, the worker uses it)
+        env.pop("CBMIR_INDEX_WRITER", None)
         self.env = env
         self.children: list[Child] = []
         self._stop = threading.Event()
@@ -123,7 +125,7 @@ class Supervisor:
         query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
         scp = self._start_child("scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
         scp.env["CBMIR_DICOM_PORT"] = str(scp.port)
-        self._start_child("worker", {"CBMIR_INDEX_WRITER": f"127.0.0.1:{query.port}"}, False)
+        self._start_child("worker", {}, False)
         if o.watch_dir is not None:
             self._start_child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
         print(

@@ -8,18 +8,33 @@ from typing import Any
 
 import grpc
 
+from services.core.security import grpc_channel
 from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
 from services.dicom.decode import looks_like_dicom
 from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
 
 
 class SearchClient:
-    """``SimilarCases`` over one channel; calls raise ``grpc.RpcError`` with the service's status."""
+    """``SimilarCases`` over one channel; calls raise ``grpc.RpcError`` with the service's status.
 
-    def __init__(self, target: str, timeout_s: float = 30.0):
-        self._channel = grpc.insecure_channel(target)
+    ``token`` is sent as ``authorization: Bearer <token>``; ``tls_ca`` turns on TLS (the service's
+    certificate must chain to it), with ``tls_cert``/``tls_key`` as the client certificate for mTLS.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 30.0,
+        *,
+        token: str | None = None,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ):
+        self._channel = grpc_channel(target, ca=tls_ca, cert=tls_cert, key=tls_key)
         self._stub = search_pb2_grpc.SimilarCasesStub(self._channel)
         self._timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the channel connects."""
@@ -48,7 +63,7 @@ class SearchClient:
         elif sop_instance_uid is not None:
             request.sop_instance_uid = sop_instance_uid
         response: search_pb2.SearchSimilarResponse = self._stub.SearchSimilar(
-            request, timeout=self._timeout_s
+            request, timeout=self._timeout_s, metadata=self._metadata
         )
         return response
 
@@ -62,7 +77,7 @@ class SearchClient:
     def stats(self) -> search_pb2.GetIndexStatsResponse:
         """``GetIndexStats``."""
         response: search_pb2.GetIndexStatsResponse = self._stub.GetIndexStats(
-            search_pb2.GetIndexStatsRequest(), timeout=self._timeout_s
+            search_pb2.GetIndexStatsRequest(), timeout=self._timeout_s, metadata=self._metadata
         )
         return response
 
@@ -93,6 +108,7 @@ def stats_dict(stats: search_pb2.GetIndexStatsResponse) -> dict[str, Any]:
         "quarantined": stats.quarantined,
         "quarantine_reasons": {r.reason: r.count for r in stats.quarantine_reasons},
         "pending": stats.pending,
+        "oldest_pending_age_s": stats.oldest_pending_age_s,
         "model_version": stats.model_version,
         "collection": stats.collection,
     }

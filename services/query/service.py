@@ -1,8 +1,11 @@
 """The gRPC query service (``cbmir query``): "find similar cases".
 
 It serves ``cbmir.v1.SimilarCases`` (SearchSimilar, GetIndexStats), the standard health service
-and server reflection. In the embedded default it is also the one process that owns the index,
-and serves ``cbmir.v1.IndexWriter`` so that workers upsert through it.
+and server reflection, behind the access policy of :mod:`services.core.security` (API tokens and
+roles; TLS and mTLS when configured). Every search is written to the ``cbmir.audit`` log. In the
+embedded default it is also the one process that owns the index, and serves
+``cbmir.v1.IndexWriter`` so that workers upsert through it: never on the public port, but on
+``CBMIR_INDEX_WRITER`` (a Unix socket in the data folder by default).
 
 Errors become gRPC status codes in exactly one place, :func:`grpc_code_for`; clients never see a
 traceback.
@@ -11,14 +14,19 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hmac
 import json
 import logging
+import shutil
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import replace
-from typing import TypeVar
+from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -29,19 +37,40 @@ from typing_extensions import override
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
 from services.core.config import QuerySettings
-from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
+from services.core.errors import (
+    BackendUnavailable,
+    CbmirError,
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from services.core.processes import run_until_stopped
+from services.core.security import ADMIN, SEARCH, AccessPolicy, bearer_token, grpc_server_credentials
 from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
 from services.index import IndexPoint, SearchHit, VectorIndex, open_index
+from services.index.points import check_point
 from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_K = 5
 MAX_K = 1000
-MAX_QUERY_BYTES = 256 * 1024 * 1024
+
+audit = logging.getLogger("cbmir.audit")
+
+# The role each public method needs; anything not listed needs admin. Health checks need none
+# (probes carry no token); reflection needs a valid caller like any other call.
+METHOD_ROLES = {
+    "/cbmir.v1.SimilarCases/SearchSimilar": SEARCH,
+    "/cbmir.v1.SimilarCases/GetIndexStats": ADMIN,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": SEARCH,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
+}
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -54,6 +83,10 @@ def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, ConfigError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
     return grpc.StatusCode.INTERNAL
 
 
@@ -81,15 +114,31 @@ def _guarded(
 
 
 class QueryEngine:
-    """Turns a query (DICOM, picture, or UID) into a vector and searches the index."""
+    """Turns a query (DICOM, picture, or UID) into a vector and searches the index.
 
-    def __init__(self, index: VectorIndex, encoder: OnnxEncoder, spool: Spool, limits: DecodeLimits):
+    Query images are bounded before they cost memory: the picture's or DICOM frame's size is read
+    from its header and refused over ``max_pixels``; at most ``decodes`` images are decoded and
+    embedded at once, and a call waits for its turn only until its deadline.
+    """
+
+    def __init__(
+        self,
+        index: VectorIndex,
+        encoder: OnnxEncoder,
+        spool: Spool,
+        limits: DecodeLimits,
+        *,
+        decodes: int = 2,
+        timeout_s: float = 30.0,
+    ):
         self.index = index
         self.encoder = encoder
         self.spool = spool
         self.limits = limits
+        self.timeout_s = timeout_s
         self.collection: str | None = None
         self._lock = threading.Lock()
+        self._decode_slots = threading.BoundedSemaphore(decodes)
 
     def ready_collection(self) -> str:
         """The collection, created on first use; raises BackendUnavailable while the store is down."""
@@ -102,7 +151,20 @@ class QueryEngine:
     def _embed_image(self, image: np.ndarray) -> np.ndarray:
         return self.encoder.embed(to_model_input(image, self.encoder.contract)[None])[0]
 
-    def query_vector(self, request: search_pb2.SearchSimilarRequest) -> tuple[np.ndarray, str, str | None]:
+    @contextlib.contextmanager
+    def _decode_slot(self, deadline_s: float | None) -> Iterator[None]:
+        """Wait for one of the decode slots until the call's deadline (or the service's limit)."""
+        wait_s = self.timeout_s if deadline_s is None else max(0.0, min(self.timeout_s, deadline_s))
+        if not self._decode_slots.acquire(timeout=wait_s):
+            raise BackendUnavailable(f"busy: no query image slot came free within {wait_s:.1f} s; try again")
+        try:
+            yield
+        finally:
+            self._decode_slots.release()
+
+    def query_vector(
+        self, request: search_pb2.SearchSimilarRequest, deadline_s: float | None = None
+    ) -> tuple[np.ndarray, str, str | None]:
         """Returns (vector, query modality, query study UID or None)."""
         kind = request.WhichOneof("query")
         if kind is None:
@@ -110,16 +172,20 @@ class QueryEngine:
         if kind == "dicom":
             if not request.dicom:
                 raise InvalidInput("dicom is empty")
-            header, frames = decode_for_embedding(bytes(request.dicom), frames="middle", limits=self.limits)
-            return self._embed_image(frames[0].image), header.modality, header.study_instance_uid
+            with self._decode_slot(deadline_s):
+                header, frames = decode_for_embedding(
+                    bytes(request.dicom), frames="middle", limits=self.limits
+                )
+                return self._embed_image(frames[0].image), header.modality, header.study_instance_uid
         if kind == "image":
             if request.image.modality not in PB_TO_MODALITY:
                 names = ", ".join(f"MODALITY_{name.upper()}" for name in MODALITIES)
                 raise InvalidInput(f"image.modality must be set to one of {names}")
             if not request.image.data:
                 raise InvalidInput("image.data is empty")
-            picture = decode_image_bytes(bytes(request.image.data))
-            return self._embed_image(picture), PB_TO_MODALITY[request.image.modality], None
+            with self._decode_slot(deadline_s):
+                picture = decode_image_bytes(bytes(request.image.data), max_pixels=self.limits.max_pixels)
+                return self._embed_image(picture), PB_TO_MODALITY[request.image.modality], None
         uid = request.sop_instance_uid.strip()
         if not uid:
             raise InvalidInput("sop_instance_uid is empty")
@@ -130,7 +196,9 @@ class QueryEngine:
             payload.get("study_instance_uid"),
         )
 
-    def search(self, request: search_pb2.SearchSimilarRequest) -> search_pb2.SearchSimilarResponse:
+    def search(
+        self, request: search_pb2.SearchSimilarRequest, deadline_s: float | None = None
+    ) -> search_pb2.SearchSimilarResponse:
         """Validate the request, embed or look up the query, search the index."""
         k = request.k or DEFAULT_K
         if not 1 <= k <= MAX_K:
@@ -141,7 +209,7 @@ class QueryEngine:
                 raise InvalidInput(f"unknown modality value {value} in modalities")
             modalities.append(PB_TO_MODALITY[value])
         self.ready_collection()
-        vector, query_modality, study = self.query_vector(request)
+        vector, query_modality, study = self.query_vector(request, deadline_s)
         exclude = study if request.exclude_same_study else None
         if request.exclude_same_study and not study:
             raise InvalidInput("exclude_same_study needs a query with a study (DICOM or an indexed UID)")
@@ -153,10 +221,12 @@ class QueryEngine:
         )
 
     def stats(self) -> search_pb2.GetIndexStatsResponse:
-        """Points per modality, quarantine by reason, pending instances, model and collection."""
+        """Points per modality, quarantine by reason, pending instances (and the oldest one's age),
+        model and collection."""
         self.ready_collection()
         counts = self.index.counts_by_modality()
         reasons = self.spool.quarantine_counts()
+        pending = self.spool.pending_since()
         return search_pb2.GetIndexStatsResponse(
             total=sum(counts.values()),
             per_modality=[
@@ -169,7 +239,8 @@ class QueryEngine:
             ],
             model_version=self.encoder.version,
             collection=self.collection,
-            pending=len(self.spool.pending()),
+            pending=len(pending),
+            oldest_pending_age_s=round(max(0.0, time.time() - pending[0][0]), 1) if pending else 0.0,
         )
 
 
@@ -188,17 +259,42 @@ def _hit_message(hit: SearchHit) -> search_pb2.Hit:
 
 
 class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
-    """The public ``cbmir.v1.SimilarCases`` service."""
+    """The public ``cbmir.v1.SimilarCases`` service; every search is written to the audit log."""
 
-    def __init__(self, engine: QueryEngine):
+    def __init__(self, engine: QueryEngine, policy: AccessPolicy):
         self._engine = engine
+        self._policy = policy
 
     @override
     @_guarded
     def SearchSimilar(
         self, request: search_pb2.SearchSimilarRequest, context: grpc.ServicerContext
     ) -> search_pb2.SearchSimilarResponse:
-        return self._engine.search(request)
+        started = time.monotonic()
+        caller = self._policy.authorize(context.invocation_metadata(), SEARCH)  # checked already: who
+        outcome, hits = grpc.StatusCode.OK.name, 0
+        try:
+            response = self._engine.search(request, context.time_remaining())
+            hits = len(response.hits)
+            return response
+        except CbmirError as exc:
+            outcome = grpc_code_for(exc).name
+            raise
+        except Exception:
+            outcome = grpc.StatusCode.INTERNAL.name
+            raise
+        finally:
+            # who, what kind of query, how many asked and found, how it ended; never the query itself
+            audit.info(
+                "search caller=%s kind=%s k=%d modalities=%d hits=%d status=%s ms=%.1f",
+                caller.token_id,
+                request.WhichOneof("query") or "none",
+                request.k or DEFAULT_K,
+                len(request.modalities),
+                hits,
+                outcome,
+                (time.monotonic() - started) * 1000,
+            )
 
     @override
     @_guarded
@@ -209,13 +305,24 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
 
 
 class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
-    """Workers' upserts into the embedded index this process owns."""
+    """Workers' upserts into the embedded index this process owns: checked point by point, and
+    refused (UNAVAILABLE, so the workers retry) while the data volume is almost full."""
 
-    def __init__(self, engine: QueryEngine, index: VectorIndex, model_version: str, dim: int):
+    def __init__(
+        self,
+        engine: QueryEngine,
+        index: VectorIndex,
+        model_version: str,
+        dim: int,
+        data_dir: Path,
+        min_free_mb: int,
+    ):
         self._engine = engine
         self._index = index
         self._model_version = model_version
         self._dim = dim
+        self._data_dir = data_dir
+        self._min_free_mb = min_free_mb
 
     @override
     @_guarded
@@ -229,23 +336,137 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
             )
         points = []
         for point in request.points:
-            if len(point.vector) != self._dim:
-                raise InvalidInput(f"vector of {len(point.vector)} values, index holds {self._dim}")
-            points.append(IndexPoint(point.point_id, list(point.vector), json.loads(point.payload_json)))
+            try:
+                payload = json.loads(point.payload_json)
+            except ValueError:
+                raise InvalidInput(f"point {point.point_id}: the payload is not JSON") from None
+            candidate = IndexPoint(point.point_id, list(point.vector), payload)
+            check_point(candidate, self._dim)
+            points.append(candidate)
+        require_free_space(self._data_dir, self._min_free_mb, "the embedded index")
         self._engine.ready_collection()
         self._index.upsert(points)
         return index_writer_pb2.UpsertPointsResponse(upserted=len(points))
 
 
+class AccessInterceptor(grpc.ServerInterceptor):
+    """Every call but the health checks needs the role its method asks for (:data:`METHOD_ROLES`);
+    a caller without it gets UNAUTHENTICATED or PERMISSION_DENIED before any work is done."""
+
+    def __init__(self, policy: AccessPolicy):
+        self._policy = policy
+
+    @override
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler  # no such method here (UNIMPLEMENTED), or a health check
+        try:
+            self._policy.authorize(handler_call_details.invocation_metadata, METHOD_ROLES.get(method, ADMIN))
+        except CbmirError as exc:
+            logger.warning("refused %s: %s", method, exc)
+            return _refusal(handler, exc)
+        return handler
+
+
+class WriterTokenInterceptor(grpc.ServerInterceptor):
+    """The index writer's own secret (``CBMIR_WRITER_TOKEN``): every call must carry it."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+    @override
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        sent = bearer_token(handler_call_details.invocation_metadata) or ""
+        if not hmac.compare_digest(sent.encode(), self._token):
+            logger.warning("index writer: refused a call without the writer token")
+            return _refusal(
+                continuation(handler_call_details), Unauthenticated("the writer token is missing or wrong")
+            )
+        return continuation(handler_call_details)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, exc: CbmirError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only answers ``exc``'s status."""
+    code, details = grpc_code_for(exc), str(exc)
+
+    def refuse(request: object, context: grpc.ServicerContext) -> NoReturn:
+        context.abort(code, details)
+
+    if handler is not None and handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler is not None and handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def require_free_space(folder: Path, min_free_mb: int, what: str) -> None:
+    """BackendUnavailable (retry later) when the volume of ``folder`` has less than ``min_free_mb``
+    free: an index that writes its memory-mapped files on a full disk dies (SIGBUS)."""
+    if min_free_mb <= 0:
+        return
+    usage = shutil.disk_usage(folder)
+    if usage.free < min_free_mb * 1024 * 1024:
+        raise BackendUnavailable(
+            f"{what} refuses writes: {usage.free / 2**20:.0f} MB free on the data volume, "
+            f"CBMIR_MIN_FREE_MB is {min_free_mb}"
+        )
+
+
+def _bind(server: grpc.Server, address: str, tls: grpc.ServerCredentials | None, what: str) -> int:
+    """Bind ``address`` (TLS when ``tls`` is given); BackendUnavailable when it is taken or invalid.
+    SO_REUSEPORT is off, so a port a live service holds cannot be shared."""
+    try:
+        port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
+    if port == 0 and not address.startswith("unix:"):
+        raise BackendUnavailable(f"cannot bind {what} {address}: it is in use or not an address of this host")
+    return port
+
+
+def _writer_address(target: str) -> tuple[str, Path | None]:
+    """(gRPC bind address, Unix socket path or None) of ``CBMIR_INDEX_WRITER``."""
+    if not target.startswith("unix:"):
+        return target, None
+    path = Path(target.removeprefix("unix:").removeprefix("//"))
+    if len(str(path).encode()) > 100:
+        raise ConfigError(
+            f"the index writer's socket path is too long for a Unix socket: {path}; "
+            "use a shorter CBMIR_DATA_DIR or set CBMIR_INDEX_WRITER=HOST:PORT with CBMIR_WRITER_TOKEN"
+        )
+    return f"unix:{path}", path
+
+
 class QueryServer:
-    """The gRPC server with its index and encoder; ``port`` is the bound port."""
+    """The public gRPC server (search, stats, health, reflection) with its index and encoder, and, in
+    the embedded default, the private index writer on its own address; ``port`` is the bound port."""
 
     def __init__(self, settings: QuerySettings):
         self.settings = settings
+        self.policy = AccessPolicy.for_service(settings.access, settings.host)
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
-        limits = DecodeLimits.from_settings(settings.decode)
-        self.engine = QueryEngine(self.index, self.encoder, Spool(settings.layout), limits)
+        limits = replace(DecodeLimits.from_settings(settings.decode), max_pixels=settings.query_max_pixels)
+        self.engine = QueryEngine(
+            self.index,
+            self.encoder,
+            Spool(settings.layout),
+            limits,
+            decodes=settings.query_decodes,
+            timeout_s=settings.query_timeout_s,
+        )
         try:
             self.engine.ready_collection()
         except BackendUnavailable as exc:  # keep serving: calls answer UNAVAILABLE until it is back
@@ -253,46 +474,115 @@ class QueryServer:
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
+            interceptors=[AccessInterceptor(self.policy)],
             options=[
-                ("grpc.max_receive_message_length", MAX_QUERY_BYTES),
+                ("grpc.max_receive_message_length", settings.query_max_bytes),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),  # a second service must not share the port of a live one
             ],
         )
-        search_pb2_grpc.add_SimilarCasesServicer_to_server(SimilarCasesServicer(self.engine), self._server)
-        services = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
-        if settings.index.embedded:
-            index_writer_pb2_grpc.add_IndexWriterServicer_to_server(
-                IndexWriterServicer(self.engine, self.index, self.encoder.version, self.encoder.dim),
-                self._server,
-            )
-            services.append(index_writer_pb2.DESCRIPTOR.services_by_name["IndexWriter"].full_name)
+        search_pb2_grpc.add_SimilarCasesServicer_to_server(
+            SimilarCasesServicer(self.engine, self.policy), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], self._server)
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if self.port == 0:
-            raise BackendUnavailable(f"cannot bind gRPC port {settings.host}:{settings.port}")
+        public = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
+        reflection.enable_server_reflection([*public, reflection.SERVICE_NAME], self._server)
+        address = f"{settings.host}:{settings.port}"
+        tls = grpc_server_credentials(settings.tls) if settings.tls.enabled else None
+        self.port = _bind(self._server, address, tls, "gRPC port")
+        self._writer: grpc.Server | None = None
+        self._writer_socket: Path | None = None
+        if settings.index.embedded:
+            self._writer = self._writer_server(settings)
+        self._stop = threading.Event()
+
+    def _writer_server(self, settings: QuerySettings) -> grpc.Server:
+        """The private IndexWriter: a Unix socket only this user may use, or TCP with the writer
+        token (TLS, with client certificates when CBMIR_TLS_CLIENT_CA is set, if configured)."""
+        address, socket_path = _writer_address(settings.index.writer_target)
+        token = settings.index.writer_token
+        if socket_path is None and not token:
+            raise ConfigError(
+                f"the index writer on {address} (TCP) needs CBMIR_WRITER_TOKEN; or leave CBMIR_INDEX_WRITER "
+                "at its default, a Unix socket in the data folder"
+            )
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="writer"),
+            interceptors=[WriterTokenInterceptor(token)] if token else [],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        )
+        index_writer_pb2_grpc.add_IndexWriterServicer_to_server(
+            IndexWriterServicer(
+                self.engine,
+                self.index,
+                self.encoder.version,
+                self.encoder.dim,
+                settings.layout.root,
+                settings.min_free_mb,
+            ),
+            server,
+        )
+        tls = None
+        if socket_path is not None:
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            socket_path.unlink(missing_ok=True)  # stale: this process owns the index (its lock is held)
+            self._writer_socket = socket_path
+        elif settings.tls.enabled:
+            tls = grpc_server_credentials(settings.tls)
+        _bind(server, address, tls, "index writer")
+        return server
 
     def start(self) -> int:
-        """Start serving; returns the bound port."""
+        """Start serving (and the index writer); returns the public port."""
         self._server.start()
-        for name in ("", "cbmir.v1.SimilarCases"):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._writer is not None:
+            self._writer.start()
+            if self._writer_socket is not None:
+                self._writer_socket.chmod(0o600)
+        threading.Thread(target=self._watch_backend, name="health", daemon=True).start()
         logger.info(
-            "gRPC query service on %s:%d (collection %s, model %s on %s, index %s)",
+            "gRPC query service on %s:%d%s (collection %s, model %s on %s, index %s%s)",
             self.settings.host,
             self.port,
+            " with TLS" if self.settings.tls.enabled else "",
             self.engine.collection,
             self.encoder.version,
             self.encoder.providers[0],
             "embedded" if self.settings.index.embedded else "server",
+            f", index writer on {self.settings.index.writer_target}" if self._writer is not None else "",
         )
         return self.port
 
+    def _watch_backend(self, interval_s: float = 5.0) -> None:
+        """Health says SERVING only while the index answers."""
+        status: int | None = None
+        while True:
+            now: int
+            try:
+                self.engine.ready_collection()
+                self.index.counts_by_modality()
+                now = health_pb2.HealthCheckResponse.SERVING
+            except CbmirError as exc:
+                now = health_pb2.HealthCheckResponse.NOT_SERVING
+                if status != now:
+                    logger.error("index backend unavailable: %s", exc)
+            if now != status:
+                for name in ("", "cbmir.v1.SimilarCases"):
+                    self.health.set(name, now)
+                status = now
+            if self._stop.wait(interval_s):
+                return
+
     def stop(self, grace_s: float = 2.0) -> None:
         """Report NOT_SERVING, finish calls in flight for ``grace_s``, close the index."""
+        self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self._writer is not None:
+            self._writer.stop(grace_s).wait()
         self._server.stop(grace_s).wait()
         self.index.close()
+        if self._writer_socket is not None:
+            self._writer_socket.unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

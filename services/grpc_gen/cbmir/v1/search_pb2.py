@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62mir/v1/search.proto\x12\x08\x63\x62mir.v1\"B\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x08modality\x18\x02 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\xc4\x01\n\x14SearchSimilarRequest\x12\x0f\n\x05\x64icom\x18\x01 \x01(\x0cH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.cbmir.v1.EncodedImageH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\nmodalities\x18\x05 \x03(\x0e\x32\x12.cbmir.v1.Modality\x12\x1a\n\x12\x65xclude_same_study\x18\x06 \x01(\x08\x42\x07\n\x05query\"\xd4\x01\n\x03Hit\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12$\n\x08modality\x18\x05 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x15\n\rmodality_code\x18\x06 \x01(\t\x12\x14\n\x0c\x66rame_number\x18\x07 \x01(\r\x12\x10\n\x08\x64istance\x18\x08 \x01(\x02\"w\n\x15SearchSimilarResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.cbmir.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0equery_modality\x18\x03 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\x16\n\x14GetIndexStatsRequest\"D\n\rModalityCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"1\n\x10QuarantineReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xde\x01\n\x15GetIndexStatsResponse\x12\r\n\x05total\x18\x01 \x01(\x04\x12-\n\x0cper_modality\x18\x02 \x03(\x0b\x32\x17.cbmir.v1.ModalityCount\x12\x13\n\x0bquarantined\x18\x03 \x01(\x04\x12\x36\n\x12quarantine_reasons\x18\x04 \x03(\x0b\x32\x1a.cbmir.v1.QuarantineReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x07 \x01(\x04*\x81\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_XRAY\x10\x01\x12\x10\n\x0cMODALITY_MRI\x10\x02\x12\x10\n\x0cMODALITY_OCT\x10\x03\x12\x10\n\x0cMODALITY_EEG\x10\x04\x12\x12\n\x0eMODALITY_OTHER\x10\x05\x32\xb2\x01\n\x0cSimilarCases\x12P\n\rSearchSimilar\x12\x1e.cbmir.v1.SearchSimilarRequest\x1a\x1f.cbmir.v1.SearchSimilarResponse\x12P\n\rGetIndexStats\x12\x1e.cbmir.v1.GetIndexStatsRequest\x1a\x1f.cbmir.v1.GetIndexStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62mir/v1/search.proto\x12\x08\x63\x62mir.v1\"B\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x08modality\x18\x02 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\xc4\x01\n\x14SearchSimilarRequest\x12\x0f\n\x05\x64icom\x18\x01 \x01(\x0cH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.cbmir.v1.EncodedImageH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\nmodalities\x18\x05 \x03(\x0e\x32\x12.cbmir.v1.Modality\x12\x1a\n\x12\x65xclude_same_study\x18\x06 \x01(\x08\x42\x07\n\x05query\"\xd4\x01\n\x03Hit\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12$\n\x08modality\x18\x05 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x15\n\rmodality_code\x18\x06 \x01(\t\x12\x14\n\x0c\x66rame_number\x18\x07 \x01(\r\x12\x10\n\x08\x64istance\x18\x08 \x01(\x02\"w\n\x15SearchSimilarResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.cbmir.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0equery_modality\x18\x03 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\x16\n\x14GetIndexStatsRequest\"D\n\rModalityCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"1\n\x10QuarantineReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xfc\x01\n\x15GetIndexStatsResponse\x12\r\n\x05total\x18\x01 \x01(\x04\x12-\n\x0cper_modality\x18\x02 \x03(\x0b\x32\x17.cbmir.v1.ModalityCount\x12\x13\n\x0bquarantined\x18\x03 \x01(\x04\x12\x36\n\x12quarantine_reasons\x18\x04 \x03(\x0b\x32\x1a.cbmir.v1.QuarantineReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x07 \x01(\x04\x12\x1c\n\x14oldest_pending_age_s\x18\x08 \x01(\x01*\x81\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_XRAY\x10\x01\x12\x10\n\x0cMODALITY_MRI\x10\x02\x12\x10\n\x0cMODALITY_OCT\x10\x03\x12\x10\n\x0cMODALITY_EEG\x10\x04\x12\x12\n\x0eMODALITY_OTHER\x10\x05\x32\xb2\x01\n\x0cSimilarCases\x12P\n\rSearchSimilar\x12\x1e.cbmir.v1.SearchSimilarRequest\x1a\x1f.cbmir.v1.SearchSimilarResponse\x12P\n\rGetIndexStats\x12\x1e.cbmir.v1.GetIndexStatsRequest\x1a\x1f.cbmir.v1.GetIndexStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbmir.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1009
-  _globals['_MODALITY']._serialized_end=1138
+  _globals['_MODALITY']._serialized_start=1039
+  _globals['_MODALITY']._serialized_end=1168
   _globals['_ENCODEDIMAGE']._serialized_start=35
   _globals['_ENCODEDIMAGE']._serialized_end=101
   _globals['_SEARCHSIMILARREQUEST']._serialized_start=104
@@ -48,7 +48,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUARANTINEREASON']._serialized_start=732
   _globals['_QUARANTINEREASON']._serialized_end=781
   _globals['_GETINDEXSTATSRESPONSE']._serialized_start=784
-  _globals['_GETINDEXSTATSRESPONSE']._serialized_end=1006
-  _globals['_SIMILARCASES']._serialized_start=1141
-  _globals['_SIMILARCASES']._serialized_end=1319
+  _globals['_GETINDEXSTATSRESPONSE']._serialized_end=1036
+  _globals['_SIMILARCASES']._serialized_start=1171
+  _globals['_SIMILARCASES']._serialized_end=1349
 # @@protoc_insertion_point(module_scope)

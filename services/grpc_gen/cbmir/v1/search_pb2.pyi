@@ -97,7 +97,7 @@ class QuarantineReason(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class GetIndexStatsResponse(_message.Message):
-    __slots__ = ("total", "per_modality", "quarantined", "quarantine_reasons", "model_version", "collection", "pending")
+    __slots__ = ("total", "per_modality", "quarantined", "quarantine_reasons", "model_version", "collection", "pending", "oldest_pending_age_s")
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     PER_MODALITY_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class GetIndexStatsResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_PENDING_AGE_S_FIELD_NUMBER: _ClassVar[int]
     total: int
     per_modality: _containers.RepeatedCompositeFieldContainer[ModalityCount]
     quarantined: int
@@ -112,4 +113,5 @@ class GetIndexStatsResponse(_message.Message):
     model_version: str
     collection: str
     pending: int
-    def __init__(self, total: _Optional[int] = ..., per_modality: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., quarantined: _Optional[int] = ..., quarantine_reasons: _Optional[_Iterable[_Union[QuarantineReason, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., pending: _Optional[int] = ...) -> None: ...
+    oldest_pending_age_s: float
+    def __init__(self, total: _Optional[int] = ..., per_modality: _Optional[_Iterable[_Union[ModalityCount, _Mapping]]] = ..., quarantined: _Optional[int] = ..., quarantine_reasons: _Optional[_Iterable[_Union[QuarantineReason, _Mapping]]] = ..., model_version: _Optional[str] = ..., collection: _Optional[str] = ..., pending: _Optional[int] = ..., oldest_pending_age_s: _Optional[float] = ...) -> None: ...
