@@ -72,10 +72,18 @@ def test_a_connection_closed_mid_data_set_leaves_no_file(provider, tmp_path):
     assert provider.get_msg(block=False) == (None, None)
 
 
-def test_a_folder_that_cannot_take_the_file_falls_back_to_memory(provider, tmp_path):
-    provider._spool_dir = tmp_path / "missing"  # mkstemp fails: the data set arrives in memory
-    primitives, body = _fragments()
+@pytest.mark.parametrize("cause", ["the folder cannot take a file", "the volume is below its watermark"])
+def test_a_data_set_that_cannot_be_spooled_is_dropped_not_held(provider, tmp_path, cause):
+    """Neither a file nor memory: the data set is dropped as it arrives, and the handler finds no
+    file at the path it is given (it answers 0xA700)."""
+    if cause.startswith("the folder"):
+        provider._spool_dir = tmp_path / "missing"  # mkstemp fails
+    else:
+        provider._has_room = lambda: False
+    primitives, _ = _fragments()
     for primitive in primitives:
         provider.receive_primitive(primitive)
     _, received = provider.get_msg(block=False)
-    assert received._dataset_path is None and received.DataSet.getvalue() == body
+    assert received._dataset_path is not None and not Path(received._dataset_path).exists()
+    assert received.DataSet.getvalue() == b""
+    assert not list(tmp_path.iterdir())

@@ -7,10 +7,14 @@ Celery app with :func:`celery_app`, so both reach the broker the same way.
 
 from __future__ import annotations
 
+from json import loads
+from queue import Empty
 from typing import Any
 
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sql
+from kombu.utils.encoding import bytes_to_str
+from sqlalchemy import text
 
 from services.core.config import BrokerSettings
 
@@ -18,8 +22,47 @@ EMBED_TASK = "cbmir.embed_instance"
 EMBEDDED_SCHEME = "sqla+"
 
 
+class PruningChannel(kombu_sql.Channel):
+    """kombu's SQL channel, deleting a message when it is taken instead of keeping it forever.
+
+    kombu marks a taken message invisible and never removes it, so the embedded broker's SQLite
+    file grows with every instance ever ingested. It also never hands an invisible message out
+    again (no redelivery on this transport: the listener's resend sweep covers lost tasks), so
+    deleting it loses nothing. Rows left invisible by earlier versions are removed on first use.
+    """
+
+    _pruned: set[str]
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        obj = self._get_or_create(queue)
+        pruned = self.__dict__.setdefault("_pruned", set())
+        if self.session.bind.name == "sqlite":
+            self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            messages = self.session.query(self.message_cls).filter(self.message_cls.queue_id == obj.id)
+            if queue not in pruned:
+                messages.filter(self.message_cls.visible == False).delete(synchronize_session=False)  # noqa: E712
+                pruned.add(queue)
+            message = (
+                messages.with_for_update()
+                .filter(self.message_cls.visible != False)  # noqa: E712 - SQL, not Python
+                .order_by(self.message_cls.sent_at)
+                .order_by(self.message_cls.id)
+                .limit(1)
+                .first()
+            )
+            if message is None:
+                raise Empty()
+            payload = message.payload
+            self.session.delete(message)
+            return loads(bytes_to_str(payload))
+        finally:
+            self.session.commit()
+
+
 class EmbeddedSQLTransport(kombu_sql.Transport):
-    """kombu's SQLAlchemy transport, polling its queue table every 50 ms instead of every second.
+    """kombu's SQLAlchemy transport, polling its queue table every 50 ms instead of every second,
+    with the :class:`PruningChannel`.
 
     At kombu's default of one poll a second a worker takes at most (threads) tasks a second.
     kombu reads ``polling_interval`` from the transport options, but its SQL transport hands every
@@ -28,6 +71,7 @@ class EmbeddedSQLTransport(kombu_sql.Transport):
     instead of being set on kombu's own class for the whole process.
     """
 
+    Channel = PruningChannel
     polling_interval = 0.05
 
 

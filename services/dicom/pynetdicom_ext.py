@@ -15,9 +15,9 @@ Instead of switching them globally, :class:`SpoolingAssociationServer` (built th
 :meth:`SpoolingRequestHandler.handle`:
 
 * a :class:`SpoolingDIMSEProvider` of its own, which streams each C-STORE-RQ dataset into a new
-  file in the spool's temp folder, decided per message: when that folder cannot take a file the
-  dataset arrives in memory instead, so the handler can answer 0xA700 rather than the
-  association being aborted;
+  file in the spool's temp folder, decided per message: when the data volume is below its free
+  space watermark, or the folder cannot take a file, the data set is received and dropped (no
+  memory held), the handler finds no file and answers 0xA700, and the association carries on;
 * a shorter reader delay on its own DUL instance (:data:`READER_DELAY_S`).
 
 The handler finds a streamed dataset through the public ``Event.dataset_path``.
@@ -26,11 +26,15 @@ The handler finds a streamed dataset through the public ``Event.dataset_path``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socketserver
+import ssl
 import tempfile
 import threading
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -65,7 +69,7 @@ class SpoolFile:
     handler finds no file and answers 0xA700; the association carries on.
     """
 
-    def __init__(self, path: Path, handle: BinaryIO):
+    def __init__(self, path: Path, handle: BinaryIO | None):
         self.name = str(path)
         self._handle: BinaryIO | None = handle
         self.last_fragment = False
@@ -120,6 +124,13 @@ class SpoolFile:
         self.discard()
 
     @classmethod
+    def refused(cls, folder: Path, why: OSError) -> SpoolFile:
+        """A sink that drops the data set: no file is ever created, so the handler answers 0xA700."""
+        spool_file = cls(folder / f"refused-{uuid.uuid4().hex}.part", None)
+        spool_file.error = why
+        return spool_file
+
+    @classmethod
     def open_for(cls, folder: Path, message: C_STORE_RQ, transfer_syntax: str) -> SpoolFile:
         """A new file in ``folder`` holding the preamble and File Meta of ``message``'s dataset.
 
@@ -155,9 +166,10 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
     streaming uses, so the rest of pynetdicom handles the message as a streamed one.
     """
 
-    def __init__(self, assoc: Any, spool_dir: Path):
+    def __init__(self, assoc: Any, spool_dir: Path, has_room: Callable[[], bool] = lambda: True):
         super().__init__(assoc)
         self._spool_dir = spool_dir
+        self._has_room = has_room
         self._lock = threading.Lock()
         self._open: SpoolFile | None = None
 
@@ -205,15 +217,20 @@ class SpoolingDIMSEProvider(DIMSEServiceProvider):
         if syntax is None:
             return  # pynetdicom answers an unknown context itself
         try:
+            if not self._has_room():
+                raise OSError(errno.ENOSPC, "the data volume is below its free space watermark")
             spool_file = SpoolFile.open_for(self._spool_dir, message, syntax)
-        except (OSError, ValueError) as exc:
-            # pynetdicom then receives the data set in memory and the handler decides its status
-            logger.warning(
-                "cannot stream a data set into %s (%s); receiving it in memory",
-                self._spool_dir,
-                getattr(exc, "strerror", None) or exc,
-            )
+        except ValueError as exc:
+            # the command's UIDs cannot make a File Meta: receive in memory, the handler says why
+            logger.warning("cannot stream a data set (%s); receiving it in memory", exc)
             return
+        except OSError as exc:
+            logger.warning(
+                "cannot stream a data set into %s (%s); dropping it, it will be refused",
+                self._spool_dir,
+                exc.strerror or exc,
+            )
+            spool_file = SpoolFile.refused(self._spool_dir, exc)
         # pynetdicom types this as a NamedTemporaryFile; SpoolFile offers what it uses of one.
         message._data_set_file = spool_file  # type: ignore[assignment]
         message._data_set_path = Path(spool_file.name)
@@ -241,7 +258,7 @@ class SpoolingRequestHandler(RequestHandler):
     def handle(self) -> None:
         """As pynetdicom's ``RequestHandler.handle``, with the association adjusted before it starts."""
         assoc = self._create_association()
-        provider = SpoolingDIMSEProvider(assoc, self.server.spool_dir)
+        provider = SpoolingDIMSEProvider(assoc, self.server.spool_dir, self.server.has_room)
         assoc.dimse = provider
         assoc.bind(evt.EVT_CONN_CLOSE, provider.discard_incomplete)
         # Private in pynetdicom 3, set on this association's own reader only (see the module doc).
@@ -264,8 +281,10 @@ class SpoolingAssociationServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         *,
         spool_dir: Path,
+        has_room: Callable[[], bool] = lambda: True,
     ):
         self.spool_dir = Path(spool_dir)
+        self.has_room = has_room
         super().__init__(
             ae,
             address,
@@ -279,10 +298,25 @@ class SpoolingAssociationServer(ThreadedAssociationServer):
 
     @classmethod
     def start(
-        cls, ae: ApplicationEntity, address: tuple[str, int], *, spool_dir: Path, evt_handlers: list[Any]
+        cls,
+        ae: ApplicationEntity,
+        address: tuple[str, int],
+        *,
+        spool_dir: Path,
+        evt_handlers: list[Any],
+        has_room: Callable[[], bool] = lambda: True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> SpoolingAssociationServer:
-        """Bind ``address`` and serve in a background thread (what ``AE.start_server`` does)."""
-        server = ae.make_server(address, evt_handlers=evt_handlers, server_class=cls, spool_dir=spool_dir)
+        """Bind ``address`` and serve in a background thread (what ``AE.start_server`` does); with
+        ``ssl_context`` every connection is TLS."""
+        server = ae.make_server(
+            address,
+            evt_handlers=evt_handlers,
+            ssl_context=ssl_context,
+            server_class=cls,
+            spool_dir=spool_dir,
+            has_room=has_room,
+        )
         assert isinstance(server, cls)
         server._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
         server._thread.start()

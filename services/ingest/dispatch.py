@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from services.core.broker import EMBED_TASK, celery_app
 from services.core.config import BrokerSettings
 from services.core.errors import BackendUnavailable
+from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +74,50 @@ class TaskDispatcher:
     def close(self) -> None:
         """Close the broker connection."""
         self._app.close()
+
+
+class PendingSweep:
+    """Sends again what waits in the spool too long, so that no acknowledged instance is stranded.
+
+    A task can be lost after its file was spooled: a broker that lost its data, a worker killed on
+    a transport that never redelivers. The spool, not the broker, is the record: every instance
+    still in ``spool/incoming`` longer than ``resend_after_s`` since it was spooled or last sent
+    gets its task again. Tasks are idempotent, so a duplicate costs only work. The listener and the
+    watcher each run one (a deployment may run either alone).
+    """
+
+    STALE_TMP_S = 3600.0  # a partial write untouched for an hour has no writer left
+
+    def __init__(self, spool: Spool, dispatcher: TaskDispatcher, resend_after_s: float):
+        self.spool, self.dispatcher, self.resend_after_s = spool, dispatcher, resend_after_s
+        self._sent_at: dict[str, float] = {}
+
+    @property
+    def interval_s(self) -> float:
+        """How often :meth:`sweep` should run: a quarter of the re-send age, 1 to 60 s."""
+        return max(1.0, min(60.0, self.resend_after_s / 4))
+
+    def send_all(self) -> int:
+        """Send every pending instance now (at a listener's start: a crash may have lost tasks)."""
+        pending, now = self.spool.pending(), time.time()
+        for path in pending:
+            self.dispatcher.embed(path.name)
+            self._sent_at[path.name] = now
+        return len(pending)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Re-send what waited too long, drop stale partial files; returns how many were re-sent."""
+        now = time.time() if now is None else now
+        sent, waiting = 0, set()
+        for spooled_at, path in self.spool.pending_since():
+            waiting.add(path.name)
+            if now - max(spooled_at, self._sent_at.get(path.name, 0.0)) >= self.resend_after_s:
+                self.dispatcher.embed(path.name)
+                self._sent_at[path.name] = now
+                sent += 1
+        for name in set(self._sent_at) - waiting:  # indexed or quarantined since
+            del self._sent_at[name]
+        if sent:
+            logger.warning("re-sent %d instance(s) not indexed after %d s", sent, self.resend_after_s)
+        self.spool.remove_stale_tmp(self.STALE_TMP_S)
+        return sent

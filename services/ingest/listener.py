@@ -13,8 +13,11 @@ rejected at negotiation, since nothing here can embed them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import queue
+import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -28,11 +31,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from services.core.config import ListenerSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
+from services.core.logs import describe
 from services.core.processes import run_until_stopped
+from services.core.security import dicom_ssl_context, tls_files_stamp
 from services.core.vocabulary import accepted_storage_classes
 from services.dicom.decode import read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
-from services.ingest.dispatch import TaskDispatcher
+from services.ingest.dispatch import PendingSweep, TaskDispatcher
 from services.ingest.spool import Spool, spool_name_for
 
 logger = logging.getLogger(__name__)
@@ -97,6 +102,41 @@ class BackgroundDispatch:
         self._thread.join(timeout=5)
 
 
+class DiskGuard:
+    """The free space watermark of the data volume (``CBMIR_MIN_FREE_MB``): below it, instances are
+    refused with 0xA700 (the sender keeps them and retries) rather than half-written; above it
+    again, they are taken again, with no restart."""
+
+    def __init__(self, folder: Path, min_free_mb: int):
+        self._folder = folder
+        self._min_free = min_free_mb * 1024 * 1024
+        self._warned = False
+
+    def ok(self) -> bool:
+        """Whether the volume has at least the watermark free (always, with a watermark of 0)."""
+        if self._min_free <= 0:
+            return True
+        room = shutil.disk_usage(self._folder).free >= self._min_free
+        if room == self._warned:  # log each change once, not each instance
+            self._warned = not room
+            log = logger.warning if not room else logger.info
+            log(
+                "data volume %s: %s free space watermark (%d MB)",
+                self._folder,
+                "below its" if not room else "back above its",
+                self._min_free // 2**20,
+            )
+        return room
+
+    def require(self) -> None:
+        """StorageError (0xA700) while the volume is below the watermark."""
+        if not self.ok():
+            raise StorageError(
+                f"the data volume has less than {self._min_free // 2**20} MB free "
+                "(CBMIR_MIN_FREE_MB); the instance is refused, the sender keeps it"
+            )
+
+
 class StoreHandler:
     """``EVT_C_STORE`` handler: parse-check, spool durably, hand over a reference, answer.
 
@@ -107,9 +147,10 @@ class StoreHandler:
     here, so a failing spool is answered 0xA700.
     """
 
-    def __init__(self, spool: Spool, dispatch: Callable[[str], None]):
+    def __init__(self, spool: Spool, dispatch: Callable[[str], None], room: DiskGuard | None = None):
         self._spool = spool
         self._dispatch = dispatch
+        self._room = room
 
     def __call__(self, event: evt.Event) -> int:
         """Handle one C-STORE request; returns its DICOM status."""
@@ -119,8 +160,13 @@ class StoreHandler:
         name = spool_name_for(sop_instance_uid)
         streamed = event.dataset_path  # None when the dataset arrived in memory
         try:
+            if self._room is not None:
+                self._room.require()
             received = self._received_file(event, streamed, name)
         except StorageError as exc:
+            if streamed is not None:
+                with contextlib.suppress(OSError):  # not acknowledged: nothing to keep
+                    Path(streamed).unlink(missing_ok=True)
             logger.warning("C-STORE %s: %s", sop_instance_uid, exc)
             return dicom_status_for(exc)
         except Exception as exc:  # noqa: BLE001 - pynetdicom could not even frame the bytes
@@ -150,7 +196,7 @@ class StoreHandler:
         self._dispatch(name)
         return STATUS_SUCCESS
 
-    def _received_file(self, event: evt.Event, streamed: Path | None, name: str) -> Path:
+    def _received_file(self, event: evt.Event, streamed: Path | str | None, name: str) -> Path:
         if streamed is None:
             return self._spool.write_tmp(name, event.encoded_dataset())
         received = Path(streamed)
@@ -171,9 +217,7 @@ class StoreHandler:
         except UnreadableInput:
             raise
         except Exception as exc:
-            raise UnreadableInput(
-                f"dataset cannot be parsed: {type(exc).__name__}: {exc}", reason="parse-error"
-            ) from exc
+            raise UnreadableInput(f"dataset cannot be parsed: {describe(exc)}", reason="parse-error") from exc
         # read_header may take the UIDs from the File Meta; here that meta was made from the request
         if not dataset.get("SOPInstanceUID") or not dataset.get("SOPClassUID"):
             raise UnreadableInput(
@@ -215,18 +259,23 @@ class Listener:
         self.spool = spool
         self.dispatcher = dispatcher
         self.dispatch = BackgroundDispatch(dispatcher)
-        self.handler = StoreHandler(spool, self.dispatch)
+        self.room = DiskGuard(spool.layout.root, settings.min_free_mb)
+        self.handler = StoreHandler(spool, self.dispatch, self.room)
         self._server: SpoolingAssociationServer | None = None
+        self._tls_server: SpoolingAssociationServer | None = None
+        self._tls_stamp: tuple[int, ...] = ()
         self.port = 0
+        self.tls_port: int | None = None
         self._stop = threading.Event()
         self._backlog_thread: threading.Thread | None = None
+        self.sweep = PendingSweep(spool, dispatcher, settings.resend_after_s)
 
     def build_ae(self) -> AE:
         """The Application Entity: accepted contexts, limits, timeouts, calling AE allowlist."""
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = 32
-        ae.network_timeout = 60
+        ae.network_timeout = self.settings.idle_timeout_s  # an association idle this long is aborted
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
@@ -242,18 +291,42 @@ class Listener:
         return ae
 
     def start(self) -> int:
-        """Bind, re-send what is pending, start the backlog loop; returns the bound port."""
-        self._server = SpoolingAssociationServer.start(
-            self.build_ae(),
-            (self.settings.host, self.settings.port),
-            spool_dir=self.spool.layout.spool_tmp,
-            evt_handlers=[
-                (evt.EVT_C_STORE, self.handler),
-                (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            ],
-        )
+        """Bind (and the TLS port), re-send what is pending, start the sweep loop; returns the port."""
+        ae = self.build_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self.handler),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+        def serve(port: int, ssl_context: ssl.SSLContext | None = None) -> SpoolingAssociationServer:
+            return SpoolingAssociationServer.start(
+                ae,
+                (self.settings.host, port),
+                spool_dir=self.spool.layout.spool_tmp,
+                evt_handlers=handlers,
+                has_room=self.room.ok,
+                ssl_context=ssl_context,
+            )
+
+        self._server = serve(self.settings.port)
         self.port = self._server.server_address[1]
-        pending = self.redispatch_pending()
+        if self.settings.tls_port is not None:
+            self._tls_stamp = tls_files_stamp(self.settings.tls)
+            self._tls_server = serve(self.settings.tls_port, dicom_ssl_context(self.settings.tls))
+            self.tls_port = self._tls_server.server_address[1]
+            logger.info(
+                "DICOM TLS listener %s on %s:%d%s",
+                self.settings.ae_title,
+                self.settings.host,
+                self.tls_port,
+                " (client certificates required)" if self.settings.tls.client_ca else "",
+            )
+        removed = self.spool.remove_stale_tmp(PendingSweep.STALE_TMP_S)
+        if removed:
+            logger.info("removed %d stale partial file(s) from spool/tmp (never acknowledged)", removed)
+        pending = self.sweep.send_all()  # a crash may have lost their tasks
         self._backlog_thread = threading.Thread(
             target=self._flush_backlog_loop, name="dispatch-backlog", daemon=True
         )
@@ -268,25 +341,53 @@ class Listener:
         )
         return self.port
 
-    def redispatch_pending(self) -> int:
-        """Send every spooled, unindexed instance again (a crash may have lost its task)."""
-        pending = self.spool.pending()
-        for path in pending:
-            self.dispatcher.embed(path.name)
-        return len(pending)
-
     def _flush_backlog_loop(self) -> None:
+        """Every 2 s: flush the dispatch backlog; every sweep interval: re-send what is stale,
+        drop stale partial files, pick up changed TLS files."""
+        sweep_s = self.sweep.interval_s
+        next_sweep = time.monotonic() + sweep_s
         while not self._stop.wait(2.0):
-            if self.dispatcher.backlog_size:
-                left = self.dispatcher.flush_backlog()
-                if not left:
-                    logger.info("broker back: dispatch backlog flushed")
+            try:
+                if self.dispatcher.backlog_size:
+                    left = self.dispatcher.flush_backlog()
+                    if not left:
+                        logger.info("broker back: dispatch backlog flushed")
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + sweep_s
+                    self.sweep.sweep()
+                    self._refresh_tls()
+            except Exception:  # the loop must survive anything: it is what un-strands instances
+                logger.exception("listener sweep failed; trying again")
+
+    def _refresh_tls(self) -> None:
+        if self._tls_server is None:
+            return
+        stamp = tls_files_stamp(self.settings.tls)
+        if stamp != self._tls_stamp:
+            self._tls_server.ssl_context = dicom_ssl_context(self.settings.tls)
+            self._tls_stamp = stamp
+            logger.info("DICOM TLS: certificate files changed; new associations use them")
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        allowed = self.settings.allowed_ae_titles
+        if allowed and requestor.ae_title not in allowed:
+            why = f"calling AE title {requestor.ae_title!r} is not in CBMIR_ALLOWED_AE_TITLES"
+        else:
+            why = "wrong called AE title, or the association limit is reached"
+        logger.warning("association from %s (AE %s) rejected: %s", requestor.address, requestor.ae_title, why)
+
+    @staticmethod
+    def _on_aborted(event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        logger.info("association from %s (AE %s) aborted", requestor.address, requestor.ae_title)
 
     def stop(self) -> None:
         """Stop accepting, abort open associations, send what is queued, close the broker."""
         self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
         self.dispatch.close()
         self.dispatcher.close()
 
@@ -305,7 +406,14 @@ def run(args: argparse.Namespace) -> int:
     if args.ae_title:
         settings = replace(settings, ae_title=args.ae_title)
     listener = Listener(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
-    return run_until_stopped(
-        lambda: f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{listener.start()}",
-        listener.stop,
-    )
+
+    def start() -> str:
+        port = listener.start()
+        line = f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{port}"
+        if listener.tls_port is not None:
+            line += (
+                f"\ncbmir scp: TLS AE {settings.ae_title} listening on {settings.host}:{listener.tls_port}"
+            )
+        return line
+
+    return run_until_stopped(start, listener.stop)

@@ -41,9 +41,10 @@ from watchdog.observers.api import BaseObserver
 
 from services.core.config import WatcherSettings
 from services.core.errors import CbmirError, ConfigError, StorageError
+from services.core.logs import describe
 from services.core.processes import run_until_stopped
 from services.ingest.convert import FileConverter
-from services.ingest.dispatch import TaskDispatcher
+from services.ingest.dispatch import PendingSweep, TaskDispatcher
 from services.ingest.spool import Spool, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class FolderWatcher:
         self._stop = threading.Event()
         self._observer: BaseObserver | None = None
         self._thread: threading.Thread | None = None
+        self.sweep = PendingSweep(spool, dispatcher, settings.resend_after_s)
 
     # -- discovery ----------------------------------------------------------------------------
     def notice(self, path: str | os.PathLike) -> None:
@@ -194,6 +196,7 @@ class FolderWatcher:
     def _loop(self) -> None:
         next_scan = time.monotonic() + self.rescan_s
         next_flush = time.monotonic() + 2.0
+        next_sweep = time.monotonic() + self.sweep.interval_s
         while not self._stop.is_set():
             try:
                 self.poll_once()
@@ -204,6 +207,9 @@ class FolderWatcher:
                 if now >= next_flush:
                     next_flush = now + 2.0
                     self._flush_backlog()
+                if now >= next_sweep:
+                    next_sweep = now + self.sweep.interval_s
+                    self.sweep.sweep()
             except Exception:  # the loop must survive anything; files stay where they are
                 logger.exception("watch loop iteration failed")
             self._stop.wait(self.poll_s)
@@ -272,7 +278,7 @@ class FolderWatcher:
             return self._fail(path, relative, exc.reason, str(exc))
         except Exception as exc:  # a bug must not stop the watcher, nor lose the file
             logger.exception("converting %s failed unexpectedly", relative)
-            return self._fail(path, relative, "internal-error", f"{type(exc).__name__}: {exc}")
+            return self._fail(path, relative, "internal-error", describe(exc))
         try:
             if converted.data is None:
                 self.spool.store_file(path, converted.spool_name)
