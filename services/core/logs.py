@@ -1,25 +1,81 @@
-"""Logging set-up shared by every cbmir process. Never log PHI: UIDs yes, names and IDs no."""
+"""Logging set-up shared by every cbmir process. Never log PHI: UIDs yes, names and IDs no.
+
+Our own messages carry identifiers and codes only. What other code writes can echo DICOM values
+(pydicom's validation warnings quote element values; an exception's text may hold raw bytes), so
+every record passes :class:`PhiMask` on its way out: in records of other libraries, and in the
+exceptions our records carry, every quoted value and bytes literal becomes ``'…'``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import traceback
+from typing import Any
 
 from services.core.errors import ConfigError
 
 FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+OUR_LOGGERS = ("services", "workers", "models", "cbmir", "__main__")
+
+# quoted strings (with escapes) and bytes literals: where library messages put element values
+_VALUES = re.compile(r"""b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*"|b'[^']*|b"[^"]*""")
+
+
+def mask_values(text: str) -> str:
+    """``text`` with every quoted value and bytes literal replaced by ``'…'``."""
+    return _VALUES.sub("'…'", text)
+
+
+def describe(exc: BaseException, limit: int = 160) -> str:
+    """An exception as a short, PHI-free text for a message: its type and its masked message."""
+    text = " ".join(mask_values(str(exc)).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PhiMask(logging.Filter):
+    """Masks values in records of other libraries, and in the exceptions any record carries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record in place; never drops one."""
+        ours = record.name.startswith(OUR_LOGGERS)
+        if not ours:
+            record.msg, record.args = mask_values(record.getMessage()), None
+        elif record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            if any(isinstance(arg, BaseException) for arg in args):
+                record.args = tuple(describe(a) if isinstance(a, BaseException) else a for a in args)
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = masked_traceback(record.exc_info)
+        return True
+
+
+def masked_traceback(
+    exc_info: tuple[type[BaseException], BaseException, Any] | tuple[None, None, None],
+) -> str:
+    """A formatted traceback whose exception messages are masked; the frames (file, line, code)
+    stay readable."""
+    lines = "".join(traceback.format_exception(*exc_info)).rstrip().splitlines()
+    return "\n".join(line if line.startswith("  ") else mask_values(line) for line in lines)
 
 
 def configure_logging(level: str | None = None) -> None:
     """Root logging at ``level`` (default ``CBMIR_LOG_LEVEL``, INFO), once, at a process's start.
 
     Python warnings (pydicom reports many file defects as warnings) are routed into logging
-    (logger ``py.warnings``), so they get the same format and handlers as every other message.
+    (logger ``py.warnings``), so they get the same format, handlers and masking as every other
+    message.
     """
     name = (level or os.environ.get("CBMIR_LOG_LEVEL") or "INFO").upper()
     if not isinstance(logging.getLevelName(name), int):
         raise ConfigError(f"CBMIR_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {name!r}")
     logging.basicConfig(level=name, format=FORMAT)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, PhiMask) for f in handler.filters):
+            handler.addFilter(PhiMask())
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; its association summaries are enough at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
