@@ -65,7 +65,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/cbmir
 VOLUME ["/data"]
-# 11112: DICOM C-STORE listener; 50051: gRPC query service (and IndexWriter in embedded mode).
+# 11112: DICOM C-STORE listener; 50051: gRPC query service. The embedded index writer is a Unix
+# socket in /data, never a port. The query service binds 0.0.0.0 here, so it needs API tokens
+# (CBMIR_API_TOKENS_FILE or CBMIR_API_TOKENS) or, knowingly, CBMIR_ALLOW_ANONYMOUS=1: it refuses to
+# start otherwise.
 EXPOSE 11112 50051
 ENTRYPOINT ["cbmir"]
 # Single-container default: listener + worker + query over the embedded broker and index.

@@ -93,6 +93,41 @@ Fail early on what cbmir cannot run without in a cluster.
 {{- if not .Values.qdrant.url }}
 {{- fail "qdrant.url (a Qdrant server) is required: the embedded index admits one process only" }}
 {{- end }}
+{{- if not (or .Values.auth.tokens .Values.auth.existingSecret .Values.auth.allowAnonymous) }}
+{{- fail "auth.tokens or auth.existingSecret (API tokens for the query service) is required; auth.allowAnonymous=true serves callers without a token" }}
+{{- end }}
+{{- end }}
+
+{{/*
+TLS: the certificate Secret mounted at /etc/cbmir/tls, and the settings that point at it.
+*/}}
+{{- define "cbmir.tlsEnv" -}}
+{{- if .Values.tls.secretName }}
+- name: CBMIR_TLS_CERT
+  value: /etc/cbmir/tls/tls.crt
+- name: CBMIR_TLS_KEY
+  value: /etc/cbmir/tls/tls.key
+{{- if .Values.tls.requireClientCertificates }}
+- name: CBMIR_TLS_CLIENT_CA
+  value: /etc/cbmir/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.tlsVolume" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.tlsVolumeMount" -}}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: /etc/cbmir/tls
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{/*
