@@ -122,6 +122,21 @@ def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
     return proc, port
 
 
+def start_serve(data_dir: Path, env: dict[str, str]) -> tuple[Proc, int, int]:
+    """``cbmir serve`` on any free ports; returns (process, DICOM port, gRPC port)."""
+    proc = Proc(
+        "serve",
+        [str(CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        env,
+    )
+    try:
+        ready = proc.wait_for(r"cbmir serve: ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
+    except AssertionError:
+        proc.stop()
+        raise
+    return proc, int(ready.group(1)), int(ready.group(2))
+
+
 def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
     """A worker of the query service on ``env``'s data folder; in the embedded default it reaches
     the index writer on the Unix socket there (``query_port`` only says that a query service runs)."""

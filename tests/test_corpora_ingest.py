@@ -69,14 +69,8 @@ def _uid(path: Path) -> str | None:
 def test_corpora_through_listener_and_workers(data_dir, procs, tmp_path):
     corpora = _corpora(tmp_path)
     env = support.base_env(data_dir)
-    serve = support.Proc(
-        "serve",
-        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
-        env,
-    )
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
     procs.append(serve)
-    ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
-    dicom_port, grpc_port = int(ready.group(1)), int(ready.group(2))
     client = SearchClient(f"127.0.0.1:{grpc_port}")
 
     statuses = {}

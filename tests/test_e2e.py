@@ -66,14 +66,8 @@ def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):
 def test_same_path_under_cbmir_serve_without_redis(data_dir, procs, need_dcmtk):
     files = support.e2e_files()
     env = support.base_env(data_dir)
-    serve = support.Proc(
-        "serve",
-        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
-        env,
-    )
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
     procs.append(serve)
-    ready = serve.wait_for(r"cbmir serve: ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
-    dicom_port, grpc_port = int(ready.group(1)), int(ready.group(2))
     support.storescu(dicom_port, list(files))
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.wait_until(lambda: client.stats().total == len(files), 180, "all instances indexed")

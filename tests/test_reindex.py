@@ -15,15 +15,10 @@ pytestmark = pytest.mark.integration
 def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_dcmtk):
     files = {support.pydicom_file(n): m for n, m in list(support.E2E_FILES.items())[:3]}
     env = support.base_env(data_dir)
-    serve = support.Proc(
-        "serve",
-        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
-        env,
-    )
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
     procs.append(serve)
-    ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
-    support.storescu(int(ready.group(1)), list(files))
-    client = SearchClient(f"127.0.0.1:{ready.group(2)}")
+    support.storescu(dicom_port, list(files))
+    client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.wait_until(lambda: client.stats().total == len(files), 120, "indexed")
     before = client.stats().collection
     client.close()

@@ -63,15 +63,9 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 def _serve(data_dir: Path, procs: list, **extra: str) -> tuple[support.Proc, int, SearchClient]:
-    env = support.base_env(data_dir, **extra)
-    serve = support.Proc(
-        "serve",
-        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
-        env,
-    )
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, support.base_env(data_dir, **extra))
     procs.append(serve)
-    ready = serve.wait_for(r"cbmir serve: ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
-    return serve, int(ready.group(1)), SearchClient(f"127.0.0.1:{ready.group(2)}")
+    return serve, dicom_port, SearchClient(f"127.0.0.1:{grpc_port}")
 
 
 # --- nothing acknowledged is stranded -----------------------------------------------------------

@@ -27,17 +27,12 @@ def test_service_numbers_equal_offline_numbers(data_dir, procs, tmp_path):
         support.SHARED_DATA, ["test"], ["train", "val"], tmp_path / "offline", subset=subset, plots=False
     )
     env = support.base_env(data_dir)
-    serve = support.Proc(
-        "serve",
-        [str(support.CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
-        env,
-    )
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
     procs.append(serve)
-    ready = serve.wait_for(r"ready dicom=[^:]+:(\d+) ae=\S+ grpc=[^:]+:(\d+)", timeout_s=120)
     retriever = ServiceRetriever(
-        f"127.0.0.1:{ready.group(2)}",
+        f"127.0.0.1:{grpc_port}",
         "127.0.0.1",
-        int(ready.group(1)),
+        dicom_port,
         work_dir=tmp_path / "dicom",
         timeout_s=600,
     )

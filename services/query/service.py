@@ -22,7 +22,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -349,12 +349,13 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
         return index_writer_pb2.UpsertPointsResponse(upserted=len(points))
 
 
-class AccessInterceptor(grpc.ServerInterceptor):
-    """Every call but the health checks needs the role its method asks for (:data:`METHOD_ROLES`);
-    a caller without it gets UNAUTHENTICATED or PERMISSION_DENIED before any work is done."""
+class _CallGate(grpc.ServerInterceptor):
+    """Refuses a call before any work is done when :meth:`check` raises a cbmir error; calls to a
+    method the server does not have pass on (UNIMPLEMENTED)."""
 
-    def __init__(self, policy: AccessPolicy):
-        self._policy = policy
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        """Raise Unauthenticated or PermissionDenied to refuse the call."""
+        raise NotImplementedError
 
     @override
     def intercept_service(
@@ -364,35 +365,40 @@ class AccessInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         handler = continuation(handler_call_details)
-        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
-            return handler  # no such method here (UNIMPLEMENTED), or a health check
+        if handler is None:
+            return None
         try:
-            self._policy.authorize(handler_call_details.invocation_metadata, METHOD_ROLES.get(method, ADMIN))
+            self.check(method, handler_call_details.invocation_metadata)
         except CbmirError as exc:
             logger.warning("refused %s: %s", method, exc)
             return _refusal(handler, exc)
         return handler
 
 
-class WriterTokenInterceptor(grpc.ServerInterceptor):
+class AccessInterceptor(_CallGate):
+    """Every call but the health checks needs the role its method asks for (:data:`METHOD_ROLES`);
+    a caller without it gets UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, policy: AccessPolicy):
+        self._policy = policy
+
+    @override
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        if not method.startswith(OPEN_METHOD_PREFIXES):
+            self._policy.authorize(metadata, METHOD_ROLES.get(method, ADMIN))
+
+
+class WriterTokenInterceptor(_CallGate):
     """The index writer's own secret (``CBMIR_WRITER_TOKEN``): every call must carry it."""
 
     def __init__(self, token: str):
         self._token = token.encode()
 
     @override
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        sent = bearer_token(handler_call_details.invocation_metadata) or ""
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        sent = bearer_token(metadata) or ""
         if not hmac.compare_digest(sent.encode(), self._token):
-            logger.warning("index writer: refused a call without the writer token")
-            return _refusal(
-                continuation(handler_call_details), Unauthenticated("the writer token is missing or wrong")
-            )
-        return continuation(handler_call_details)
+            raise Unauthenticated("the writer token is missing or wrong")
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, exc: CbmirError) -> grpc.RpcMethodHandler:
