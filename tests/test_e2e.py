@@ -109,4 +109,4 @@ def test_worker_killed_mid_task_loses_nothing(redis_env, procs, need_dcmtk):
     support.wait_until(lambda: client.stats().total == 1, 90, "redelivered task indexed")
     hit = client.search(sop_instance_uid=uid, k=1).hits[0]
     assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
-    assert not spooled.exists()
+    support.wait_until(lambda: not spooled.exists(), 30, "archived (the point is visible just before)")

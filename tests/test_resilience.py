@@ -372,7 +372,8 @@ def test_an_instance_sent_again_keeps_its_earlier_copy(redis_env, procs, tmp_pat
     ds.save_as(again, enforce_file_format=True)
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.storescu(dicom_port, [first])
-    support.wait_until(lambda: client.stats().total == 1, 60, "first copy indexed")
+    archived = Path(redis_env["CBMIR_DATA_DIR"]) / "archive" / f"{support.sop_uid(first)}.dcm"
+    support.wait_until(lambda: client.stats().total == 1 and archived.exists(), 60, "first copy archived")
     support.storescu(dicom_port, [again, again])  # sent again, twice: a race between two tasks
     support.wait_until(lambda: client.stats().pending == 0, 60, "second copy indexed")
     data = Path(redis_env["CBMIR_DATA_DIR"])
