@@ -33,6 +33,9 @@ BONN_SAMPLING_HZ = 173.61
 RENDER_RATE_HZ = BONN_SAMPLING_HZ
 DURATION_S = 4097 / BONN_SAMPLING_HZ  # 23.599 s, one Bonn segment
 AMPLITUDE_UV = 300.0
+# The highest sampling rate rendered (clinical EEG is recorded at 128 Hz to 20 kHz). The anti-alias
+# filter costs about samples × rate / 173.61 operations, so the rate needs a bound of its own.
+MAX_SAMPLING_HZ = 65_536.0
 ROWS = 8
 WIDTH = 256
 HEIGHT = 256
@@ -56,7 +59,11 @@ def resample_to_render_rate(samples_uv: np.ndarray, sampling_hz: float) -> np.nd
         raise InvalidInput("empty EEG signal")
     if not sampling_hz or sampling_hz <= 0 or not np.isfinite(sampling_hz):
         raise InvalidInput(f"invalid sampling rate {sampling_hz!r}")
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    if sampling_hz > MAX_SAMPLING_HZ:
+        raise InvalidInput(f"sampling rate {sampling_hz:g} Hz is above the {MAX_SAMPLING_HZ:g} Hz rendered")
+    # only the first DURATION_S seconds are drawn: keep them and the filter's reach past their end
+    keep = int(np.ceil(DURATION_S * sampling_hz)) + 2 * int(np.ceil(sampling_hz / RENDER_RATE_HZ)) + 2
+    x = np.nan_to_num(x[:keep], nan=0.0, posinf=0.0, neginf=0.0)
     if abs(sampling_hz - RENDER_RATE_HZ) < 1e-6:
         return x[: round(DURATION_S * RENDER_RATE_HZ)]
     ratio = sampling_hz / RENDER_RATE_HZ

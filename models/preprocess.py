@@ -166,8 +166,13 @@ def _pil_to_grey_uint8(picture: Image.Image) -> np.ndarray:
     return grey
 
 
+# The only picture formats read: Pillow would otherwise also open EPS (through Ghostscript, which
+# runs PostScript), ICO (which decodes its images while opening) and dozens more.
+PICTURE_FORMATS = ("PNG", "JPEG")
+
+
 def decode_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """PNG/JPEG (or anything Pillow reads) bytes -> 2-D uint8 greyscale; 16-bit is divided by 257.
+    """PNG or JPEG bytes -> 2-D uint8 greyscale; 16-bit is divided by 257.
 
     The size comes from the header: a picture over ``max_pixels`` is refused (TooLarge) before any
     pixel is decoded. Colour is reduced to luma in strips of rows copied out of Pillow one at a
@@ -176,7 +181,7 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if not data:
         raise UnreadableInput("empty image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as picture:
+        with Image.open(io.BytesIO(data), formats=PICTURE_FORMATS) as picture:
             if picture.width * picture.height > max_pixels:
                 raise TooLarge(
                     f"image too large: {picture.width}x{picture.height} pixels, the limit is {max_pixels:,}"
@@ -185,7 +190,9 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             return _pil_to_grey_uint8(picture)
     except Image.DecompressionBombError as exc:  # not an OSError: Pillow's own guard
         raise TooLarge(f"image too large: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise UnreadableInput("not a PNG or JPEG picture") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableInput(f"cannot decode image bytes: {exc}") from exc
 
 

@@ -17,8 +17,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.core.processes import stop_process
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 # The installed console script: tests run what users run.
@@ -225,3 +229,36 @@ def sop_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def eeg_dataset(samples: int, sampling_hz: float, **group: object) -> Dataset:
+    """A Routine Scalp EEG object with one channel of int16 samples in µV; ``group`` overrides
+    attributes of its multiplex group (``unit``: the sensitivity unit's code value)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.9.7.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "EEG"
+    unit = Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "uV", "UCUM", "microvolt"
+    channel = Dataset()
+    channel.ChannelSensitivity, channel.ChannelSensitivityUnitsSequence = "1", Sequence([unit])
+    waveform = Dataset()
+    waveform.NumberOfWaveformChannels, waveform.NumberOfWaveformSamples = 1, samples
+    waveform.SamplingFrequency, waveform.WaveformBitsAllocated = f"{sampling_hz:.6g}", 16
+    waveform.WaveformSampleInterpretation = "SS"
+    waveform.ChannelDefinitionSequence = Sequence([channel])
+    waveform.WaveformData = np.zeros(samples, dtype="<i2").tobytes()
+    for keyword, value in group.items():
+        if keyword == "unit":
+            unit.CodeValue = value
+        else:
+            setattr(waveform, keyword, value)
+    ds.WaveformSequence = Sequence([waveform])
+    return ds

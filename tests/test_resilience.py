@@ -326,6 +326,106 @@ def test_idle_associations_are_aborted_and_rejections_logged(redis_env, procs):
     proc.wait_for(r"rejected: calling AE title 'INTRUDER' is not in CBMIR_ALLOWED_AE_TITLES")
 
 
+def test_connections_that_never_finish_a_pdu_cannot_hold_the_association_slots(redis_env, procs):
+    """33 connections send the start of an A-ASSOCIATE-RQ and then a byte now and then (pynetdicom
+    would wait for the rest forever): each is closed after the ACSE timeout, and a real sender
+    gets its association."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    proc, port = support.start_scp(dict(redis_env, CBMIR_ASSOC_IDLE_TIMEOUT_S="3"))
+    procs.append(proc)
+    slow = []
+    for _ in range(33):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+        connection.sendall(b"\x01\x00\x00\x00\x10\x00")  # A-ASSOCIATE-RQ, 4096 bytes announced
+        slow.append(connection)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for connection in slow:
+                try:
+                    connection.send(b"\x00")
+                except OSError:
+                    continue
+
+    threading.Thread(target=trickle, daemon=True).start()
+    try:
+        ae = AE(ae_title="PACS1")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+
+        def echo_works() -> bool:
+            assoc = ae.associate("127.0.0.1", port, ae_title="CBMIR")
+            if not assoc.is_established:
+                return False
+            status = assoc.send_c_echo()
+            assoc.release()
+            return status.Status == 0
+
+        support.wait_until(echo_works, 30, "a C-ECHO once the stalled connections are closed", interval_s=1)
+        proc.wait_for(r"DICOM connection from 127\.0\.0\.1 closed: no association request within 3 s")
+    finally:
+        stop.set()
+        for connection in slow:
+            connection.close()
+
+
+def test_dicom_query_bombs_are_refused_before_they_cost_memory_or_time(data_dir, procs):
+    """A deflated data set that inflates to 400 MB, a JPEG codestream far larger than its Rows and
+    Columns, an EEG whose sampling rate would make the trace filter run for hours, and pictures in
+    formats that are not PNG or JPEG (EPS would run Ghostscript; ICO decodes while opening)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
+
+    proc, port = support.start_query(support.base_env(data_dir))
+    procs.append(proc)
+    client = SearchClient(f"127.0.0.1:{port}", timeout_s=60)
+
+    def code_of(**query) -> str:
+        try:
+            client.search(k=3, **query)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+
+    def encoded(ds: pydicom.Dataset) -> bytes:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    deflated = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated.add_new(0x00091010, "OB", bytes(400 * 2**20))
+    bomb = encoded(deflated)
+    del deflated
+    big = io.BytesIO()
+    Image.new("L", (12000, 12000), 90).save(big, "JPEG", quality=10)
+    lying = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
+    lying.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    lying.BitsAllocated, lying.BitsStored, lying.HighBit, lying.PixelRepresentation = 8, 8, 7, 0
+    lying.PixelData = pydicom.encaps.encapsulate([big.getvalue()])
+    lying["PixelData"].VR = "OB"
+    eeg = support.eeg_dataset(samples=3_000_000, sampling_hz=2.6e8)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n"
+    ico = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(ico, "ICO")
+    started = time.monotonic()
+    assert len(bomb) < 2 * 2**20 and code_of(dicom=bomb) == "INVALID_ARGUMENT"
+    assert code_of(dicom=encoded(lying)) == "INVALID_ARGUMENT"
+    assert code_of(dicom=encoded(eeg)) == "INVALID_ARGUMENT"
+    assert code_of(image=eps, image_modality="xray") == "INVALID_ARGUMENT"
+    assert code_of(image=ico.getvalue(), image_modality="xray") == "INVALID_ARGUMENT"
+    assert time.monotonic() - started < 20
+    peak = _rss_peak_kb(proc.process.pid)
+    print(f"query process peak RSS after the bombs: {peak / 1024:.0f} MB")
+    assert peak < 400 * 1024  # measured: 257 MB (115 MB at rest; a deflated query inflates to 64 MiB at most)
+    assert not [cmd for _, cmd in _children(proc.process.pid) if "gs" in cmd.split()[:1]]
+    assert client.stats().total == 0  # still healthy
+
+
 def test_a_second_query_service_cannot_take_a_live_port(data_dir, procs, tmp_path):
     proc, port = support.start_query(support.base_env(data_dir))
     procs.append(proc)

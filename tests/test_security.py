@@ -106,12 +106,24 @@ def test_tokens_roles_rotation_and_audit(data_dir, procs, tmp_path):
     assert _code(lambda: find(SearchClient(target, token=search))) == grpc.StatusCode.UNAUTHENTICATED
     assert _code(SearchClient(target, token=admin).stats) == grpc.StatusCode.UNAUTHENTICATED
     assert SearchClient(target, token=later).stats().total == 0
+    # a change that keeps size and modification time (cp -p, rsync -t) is a change too
+    same_size = secrets.token_hex(16)
+    before = tokens.stat()
+    tokens.write_text(f"{same_size} admin\n")
+    os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert _code(SearchClient(target, token=later).stats) == grpc.StatusCode.UNAUTHENTICATED
+    assert SearchClient(target, token=same_size).stats().total == 0
+    # a file that no longer parses keeps the tokens in force, and tells the log, not the callers
+    tokens.write_text(f"{same_size} admin\nshort\n")
+    assert SearchClient(target, token=same_size).stats().total == 0
+    assert _code(lambda: find(SearchClient(target, token="x" * 32))) == grpc.StatusCode.UNAUTHENTICATED
+    proc.wait_for(r"API tokens file .*line 2.*the tokens read before stay in force")
     # the audit log names the caller by token id, never by token
     proc.wait_for(
         rf"cbmir\.audit: search caller={token_id(search)} kind=sop_instance_uid k=5 .*status=NOT_FOUND"
     )
     log = proc.output()
-    assert all(token not in log for token in (search, admin, later))
+    assert all(token not in log for token in (search, admin, later, same_size))
 
 
 def test_anonymous_callers_only_on_loopback_or_when_allowed(data_dir, caplog):
@@ -210,7 +222,11 @@ def test_dicom_tls_with_dcmtk(data_dir, procs, tmp_path, ca, need_dcmtk):
     assert storescu().returncode != 0  # plain DICOM to the TLS port
     assert storescu("+tla", "+cf", str(files["ca"])).returncode != 0  # TLS without a client certificate
     assert not incoming.exists() or not list(incoming.iterdir())
-    sent = storescu("+tls", str(client_key), str(client_pem), "+cf", str(files["ca"]))
+    import socket
+
+    # a client that connects and never starts its handshake must not hold up anyone else
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=5):
+        sent = storescu("+tls", str(client_key), str(client_pem), "+cf", str(files["ca"]))
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert (incoming / f"{support.sop_uid(path)}.dcm").exists()
     assert storescu(to_port=port).returncode == 0  # the plain port still serves
@@ -281,6 +297,10 @@ def test_index_writer_refuses_points_the_index_must_never_hold(data_dir, procs):
         ),
         "not a UID": _point("not-a-uid", dim),
         "modality": _point("1.2.3.5", dim, modality="ct"),
+        "modality_code": _point("1.2.3.7", dim, modality_code="DOE^JANE"),
+        "frame_number": _point("1.2.3.8", dim, frame_number=2**40),  # a Hit's field is uint32
+        "ingested_at": _point("1.2.3.9", dim, ingested_at=float("nan")),
+        "spool_name": _point("1.2.3.10", dim, spool_name="Doe_Jane.dcm"),
     }
     for what, point in bad.items():
         with pytest.raises(InvalidInput, match="INVALID_ARGUMENT"):

@@ -8,6 +8,7 @@ exceptions our records carry, every quoted value and bytes literal becomes ``'�
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -26,6 +27,23 @@ _VALUES = re.compile(r"""b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*"|b'[^']*|b"[^"]*
 def mask_values(text: str) -> str:
     """``text`` with every quoted value and bytes literal replaced by ``'…'``."""
     return _VALUES.sub("'…'", text)
+
+
+# cbmir's own file names: a UID or "x" and a hash (spool), with a quarantine prefix or a suffix
+_OWN_FILE_NAME = re.compile(r"^(?:q-)?(?:\d+-)?(?:\d+(?:\.\d+)*|x[0-9a-f]{40})(?:\.[a-z]{1,8})?(?:\.\d+)?$")
+
+
+def file_ref(name: str | os.PathLike[str]) -> str:
+    """A file for a message: cbmir's own names (UIDs) as they are; any other name, which someone
+    chose and which may carry a patient's name, as ``file #<10 hex digits of its SHA-256><suffix>``
+    (``printf %s 'xray/name.png' | sha256sum`` finds it again)."""
+    text = os.fspath(name)
+    base = os.path.basename(text)
+    if _OWN_FILE_NAME.match(base):
+        return base
+    suffix = os.path.splitext(base)[1].lower()
+    suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
+    return f"file #{hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}{suffix}"
 
 
 def describe(exc: BaseException, limit: int = 160) -> str:

@@ -37,6 +37,7 @@ import grpc
 
 from services.core.config import AccessSettings, TlsSettings
 from services.core.errors import ConfigError, PermissionDenied, Unauthenticated
+from services.core.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,19 @@ def _digest(token: str) -> str:
 
 
 class TokenStore:
-    """The valid tokens and their roles; the file is re-read when its modification time changes."""
+    """The valid tokens and their roles; the file is re-read whenever it changes (its inode, size,
+    modification or change time: ``cp -p`` keeps the modification time, never the change time). A
+    file that no longer parses keeps the tokens read before, and says so in the log."""
 
     def __init__(self, settings: AccessSettings):
         self._file = settings.tokens_file
         self._inline = {_digest(t): SEARCH for t in settings.tokens}
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._failed_stamp: tuple[int, ...] | None = None
         self._from_file: dict[str, str] = {}
         if self._file is not None:
-            self._reload()
+            self._reload(initial=True)
 
     @property
     def configured(self) -> bool:
@@ -111,21 +115,24 @@ class TokenStore:
                     return role
         return None
 
-    def _reload(self) -> None:
+    def _reload(self, initial: bool = False) -> None:
+        """Read the file if it changed. At start a missing or malformed file is a ConfigError; later
+        the tokens read before stay in force, and the log says why."""
         assert self._file is not None
+        stamp: tuple[int, ...] = (-1,)  # the file cannot even be looked at
         try:
             info = self._file.stat()
-        except OSError as exc:
-            logger.error(
-                "cannot read the API tokens file %s (%s); keeping the tokens read before",
-                self._file,
-                exc.strerror or exc,
-            )
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            if stamp == self._stamp:
+                return
+            tokens = parse_tokens(self._file.read_text(), str(self._file))
+        except (OSError, ConfigError) as exc:
+            if initial:
+                raise ConfigError(f"API tokens file {self._file}: {describe(exc)}") from None
+            if stamp != self._failed_stamp:  # once per change, not once per call
+                logger.error("API tokens file %s: %s; the tokens read before stay in force", self._file, exc)
+                self._failed_stamp = stamp
             return
-        stamp = (info.st_mtime_ns, info.st_size)
-        if stamp == self._stamp:
-            return
-        tokens = parse_tokens(self._file.read_text(), str(self._file))
         with self._lock:
             self._from_file, self._stamp = tokens, stamp
         logger.info("API tokens: %d from %s", len(tokens), self._file)

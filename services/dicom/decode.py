@@ -41,12 +41,15 @@ import io
 import logging
 import math
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
 
+from models.eeg import MAX_SAMPLING_HZ
 from services.core.config import DecodeSettings, FramePolicy
 from services.core.errors import (
     CbmirError,
@@ -57,7 +60,7 @@ from services.core.errors import (
     UnreadableInput,
     UnsupportedInput,
 )
-from services.core.logs import describe
+from services.core.logs import describe, file_ref
 from services.core.vocabulary import (
     EEG,
     EEG_SOP_CLASSES,
@@ -79,6 +82,10 @@ logger = logging.getLogger(__name__)
 DicomSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, "Dataset"]
 
 JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
+DEFLATED_EXPLICIT_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+# A deflated data set is inflated in memory: never more than this (a 1 MB file can inflate to GBs).
+MAX_INFLATED_BYTES = 256 * 2**20
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -119,6 +126,7 @@ class DecodeLimits:
     max_frames: int = 2000
     max_pixels: int = 100_000_000
     max_waveform_samples: int = 50_000_000
+    max_inflated_bytes: int = MAX_INFLATED_BYTES
 
     @classmethod
     def from_settings(cls, settings: DecodeSettings) -> DecodeLimits:
@@ -151,13 +159,17 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            return open(path, "rb"), f"file {path.name}"
+            return open(path, "rb"), file_ref(path.name)
         except FileNotFoundError:
-            raise UnreadableInput(f"no such file: {path}", reason="no-such-file") from None
+            raise UnreadableInput(f"no such file: {file_ref(path)}", reason="no-such-file") from None
         except IsADirectoryError:
-            raise UnreadableInput(f"{path} is a directory, not a file", reason="not-a-file") from None
+            raise UnreadableInput(
+                f"{file_ref(path)} is a directory, not a file", reason="not-a-file"
+            ) from None
         except OSError as exc:
-            raise UnreadableInput(f"cannot read {path}: {describe(exc)}", reason="io-error") from None
+            raise UnreadableInput(
+                f"cannot read {file_ref(path)}: {describe(exc)}", reason="io-error"
+            ) from None
     if hasattr(source, "read"):
         try:
             data = source.read()
@@ -169,7 +181,104 @@ def _open_source(source: Any) -> tuple[BinaryIO, str]:
     raise InvalidInput(f"cannot read DICOM from a {type(source).__name__}")
 
 
-def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
+# Defined terms that messages may show; any other value from a data set is shown as '…', since free
+# text can carry patient data (messages reach logs, quarantine reasons and gRPC callers).
+_PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_420",
+        "YBR_PARTIAL_422",
+        "YBR_ICT",
+        "YBR_RCT",
+        "XYB",
+    }
+)
+_WAVEFORM_INTERPRETATIONS = frozenset({"SB", "UB", "MB", "AB", "SS", "US", "SL", "UL", "SV", "UV"})
+
+
+def _term(value: str, known: frozenset[str]) -> str:
+    """``value`` for a message when it is one of ``known``, else ``'…'``."""
+    return value if value in known else "'…'"
+
+
+_LONG_LENGTH_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+
+
+def inflated(stream: BinaryIO, max_bytes: int = MAX_INFLATED_BYTES) -> tuple[BinaryIO, int]:
+    """A Part 10 stream ready for pydicom, and its size in bytes.
+
+    A Deflated Explicit VR Little Endian file becomes an in-memory copy with the data set inflated
+    (at most ``max_bytes``, else :class:`TooLarge` before any more is inflated) and File Meta that
+    says Explicit VR Little Endian, which is what the inflated bytes are. pydicom would inflate
+    the whole data set, however large. Any other stream comes back as it is, at position 0.
+    """
+    stream.seek(0)
+    head = stream.read(132 + 12)
+    elements, offset = [], 132
+    meta = head[132:] + stream.read(64 * 1024)  # File Meta is a few hundred bytes
+    position = 0
+    while position + 8 <= len(meta):
+        group, element = struct.unpack_from("<HH", meta, position)
+        if group != 0x0002:
+            break
+        vr = meta[position + 4 : position + 6]
+        if vr in _LONG_LENGTH_VRS:
+            length, start = struct.unpack_from("<I", meta, position + 8)[0], position + 12
+        else:
+            length, start = struct.unpack_from("<H", meta, position + 6)[0], position + 8
+        elements.append((element, vr, meta[start : start + length], meta[position:start]))
+        position = start + length
+    syntax = (
+        next((v for e, _, v, _ in elements if e == 0x0010), b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    )
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(0)
+    if syntax != DEFLATED_EXPLICIT_LE:
+        return stream, size
+    offset += position
+    stream.seek(offset)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    parts, total = [], 0
+    try:
+        while chunk := stream.read(1 << 20):
+            part = inflater.decompress(chunk, max_bytes + 1 - total)
+            parts.append(part)
+            total += len(part)
+            if total > max_bytes or inflater.unconsumed_tail:
+                raise TooLarge(
+                    f"the deflated data set inflates to more than {max_bytes:,} bytes",
+                    reason="too-many-bytes",
+                )
+    except zlib.error as exc:
+        raise UnreadableInput(
+            f"the deflated data set is corrupt ({describe(exc)})", reason="parse-error"
+        ) from None
+    body = b""
+    for element, vr, value, _ in elements:
+        if element == 0x0000:
+            continue
+        if element == 0x0010:
+            value = EXPLICIT_LE.encode() + b"\0"
+        if vr in _LONG_LENGTH_VRS:
+            body += struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+        else:
+            body += struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    rebuilt = io.BytesIO(head[:132] + group_length + body + b"".join(parts))
+    return rebuilt, len(rebuilt.getbuffer())
+
+
+def _read_dataset(
+    source: Any, *, stop_before_pixels: bool, max_inflated_bytes: int = MAX_INFLATED_BYTES
+) -> Dataset:
     """Parse a DICOM Part 10 file (path, bytes, stream) or pass a Dataset through."""
     from pydicom.dataset import Dataset
 
@@ -186,14 +295,15 @@ def _read_dataset(source: Any, *, stop_before_pixels: bool) -> Dataset:
             raise UnreadableInput(f"{what} is empty (0 bytes)", reason="empty")
         if not looks_like_dicom(head):
             raise UnreadableInput(
-                f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by 'DICM' "
+                f"{what} is not a DICOM Part 10 file: no 128-byte preamble followed by DICM "
                 "(raw datasets without File Meta Information are not accepted)",
                 reason="not-dicom",
             )
         import pydicom
 
         try:
-            ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
+            parsed, _ = inflated(stream, max_inflated_bytes)
+            ds = pydicom.dcmread(parsed, stop_before_pixels=stop_before_pixels)
             # Elements are parsed lazily: touch the ones we rely on so a broken VR fails here.
             for keyword in (
                 "SOPClassUID",
@@ -428,7 +538,10 @@ def _decoder_for(ds: Dataset, header: InstanceHeader, pixels: _PixelModule) -> t
     from pydicom.uid import UID
 
     ts = UID(header.transfer_syntax_uid)
-    ts_text = f"{ts.name} ({ts})" if ts.name != str(ts) else f"unknown transfer syntax {ts}"
+    if not is_valid_uid(str(ts)):
+        ts_text = "a transfer syntax UID that is not a UID"
+    else:
+        ts_text = f"{ts.name} ({ts})" if ts.name != str(ts) else f"unknown transfer syntax {ts}"
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -578,7 +691,8 @@ def _display_frame(
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if raw.ndim != 2:
             raise DecodeError(
-                f"{photometric} frame decoded to shape {raw.shape}, expected 2-D", reason="corrupt-pixel-data"
+                f"{photometric} frame decoded to shape {raw.shape}, expected 2-D",
+                reason="corrupt-pixel-data",
             )
         values = raw.astype(np.float64)
         if pixels.pixel_keyword == "PixelData":
@@ -616,14 +730,71 @@ def _display_frame(
     ):
         if photometric.startswith("YBR_PARTIAL"):
             raise UnsupportedInput(
-                f"photometric interpretation {photometric} is not supported", reason="unsupported-photometric"
+                f"photometric interpretation {photometric} is not supported",
+                reason="unsupported-photometric",
             )
         return _luma(raw, float(2 ** min(pixels.bits_stored, 32) - 1))
+    named = _term(photometric, _PHOTOMETRIC_TERMS) if photometric else "unset"
     raise UnsupportedInput(
-        f"photometric interpretation {photometric or 'unset'} with "
+        f"photometric interpretation {named} with "
         f"{pixels.samples_per_pixel} sample(s) per pixel is not supported",
         reason="unsupported-photometric",
     )
+
+
+_JPEG_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81))
+_J2K_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203))
+# Start of Frame markers: JPEG processes (not DHT C4, JPG C8, DAC CC) and JPEG-LS SOF55
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}) | {0xF7}
+
+
+def codestream_size(transfer_syntax_uid: str, frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream says it holds, from its own header;
+    None for other syntaxes or when the header cannot be found in the first 64 KiB."""
+    head = bytes(frame[: 64 * 1024])
+    if transfer_syntax_uid in _J2K_SYNTAXES:
+        at = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ
+        if at < 0 or at + 24 > len(head):
+            return None
+        width, height, x0, y0 = struct.unpack_from(">IIII", head, at + 8)
+        return height - y0, width - x0
+    if transfer_syntax_uid in _JPEG_SYNTAXES:
+        at = head.find(b"\xff\xd8")
+        while 0 <= at < len(head) - 9:
+            if head[at] != 0xFF:
+                return None
+            marker = head[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+            elif marker in _SOF_MARKERS:
+                height, width = struct.unpack_from(">HH", head, at + 5)
+                return height, width
+            elif marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                at += 2
+            else:
+                at += 2 + struct.unpack_from(">H", head, at + 2)[0]
+    return None
+
+
+def _check_codestreams(ds: Dataset, header: InstanceHeader, pixels: _PixelModule, indices: list[int]) -> None:
+    """A compressed frame must be the size Rows and Columns say, before a codec allocates it: a
+    small object can carry a 16000×16000 codestream."""
+    if header.transfer_syntax_uid not in _JPEG_SYNTAXES | _J2K_SYNTAXES:
+        return
+    from pydicom.encaps import get_frame
+
+    for index in indices:
+        try:
+            frame = get_frame(ds[pixels.pixel_keyword].value, index, number_of_frames=header.number_of_frames)
+        except Exception:  # noqa: BLE001 - a broken encapsulation is the codec's to report
+            return
+        size = codestream_size(header.transfer_syntax_uid, frame)
+        if size is not None and size != (header.rows, header.columns):
+            raise DecodeError(
+                f"frame {index + 1} is a {size[0]}×{size[1]} codestream but Rows and Columns say "
+                f"{header.rows}×{header.columns}",
+                reason="corrupt-pixel-data",
+            )
 
 
 def _decode_image(
@@ -634,6 +805,7 @@ def _decode_image(
     indices = [(count + 1) // 2 - 1] if frames == "middle" else list(range(count))
     _check_image_limits(header, pixels, len(indices), limits)
     decoder, ts_text = _decoder_for(ds, header, pixels)
+    _check_codestreams(ds, header, pixels, indices)
     decoded = []
     for index in indices:
         try:
@@ -668,7 +840,7 @@ def _codec_error(
     if header.transfer_syntax_uid == JPEG_EXTENDED_12BIT and pixels.bits_stored > 8:
         return DecodeError(
             f"cannot decode {ts_text} with {pixels.bits_stored}-bit samples: lossy JPEG with more "
-            "than 8 bits per sample (process 4, '12-bit') is not supported by the installed codecs "
+            "than 8 bits per sample (process 4, 12-bit) is not supported by the installed codecs "
             "(pylibjpeg-libjpeg, Pillow). Ask the sender "
             "for JPEG Lossless, JPEG-LS, JPEG 2000 or uncompressed, or transcode the file "
             "(e.g. dcmtk 'dcmdjpeg'); the stored file is kept unchanged",
@@ -725,8 +897,13 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
     sampling_hz = _first_float(group.get("SamplingFrequency"))
     if channels < 1 or samples < 1:
         raise UnreadableInput("waveform has no channels or no samples", reason="invalid-attribute")
-    if sampling_hz is None or sampling_hz <= 0:
+    if sampling_hz is None or sampling_hz <= 0 or not math.isfinite(sampling_hz):
         raise UnreadableInput("Sampling Frequency is missing or not positive", reason="invalid-attribute")
+    if sampling_hz > MAX_SAMPLING_HZ:
+        raise UnsupportedInput(
+            f"Sampling Frequency {sampling_hz:g} Hz is above the {MAX_SAMPLING_HZ:g} Hz cbmir draws",
+            reason="unsupported-waveform",
+        )
     if channels * samples > limits.max_waveform_samples:
         raise TooLarge(
             f"waveform has {channels}×{samples} samples; the limit is {limits.max_waveform_samples:,}",
@@ -735,7 +912,8 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
     dtype_code = _WAVEFORM_DTYPES.get((bits, interpretation))
     if dtype_code is None:
         raise DecodeError(
-            f"waveform sample encoding {bits}-bit {interpretation} is not supported",
+            f"waveform sample encoding {bits}-bit {_term(interpretation, _WAVEFORM_INTERPRETATIONS)} "
+            "is not supported",
             reason="unsupported-waveform-encoding",
         )
     little = _transfer_syntax(ds) != "1.2.840.10008.1.2.2"
@@ -765,7 +943,8 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
             scale = _UNITS_TO_UV.get(unit.lower()) if unit else 1.0
             if scale is None:
                 raise UnsupportedInput(
-                    f"channel sensitivity unit {unit!r} is not a voltage", reason="unsupported-waveform-unit"
+                    f"channel sensitivity unit '…' ({len(unit)} characters) is not uV, mV, V or nV",
+                    reason="unsupported-waveform-unit",
                 )
             if not unit:
                 logger.warning("EEG channel has no sensitivity unit; assuming µV")
@@ -780,7 +959,7 @@ def _waveform_channel_uv(ds: Dataset, limits: DecodeLimits) -> tuple[np.ndarray,
 def read_eeg_waveform(source: DicomSource, *, limits: DecodeLimits | None = None) -> tuple[np.ndarray, float]:
     """First EEG channel of a waveform instance in µV (float64) and the sampling frequency in Hz."""
     limits = limits or DecodeLimits()
-    ds = _read_dataset(source, stop_before_pixels=False)
+    ds = _read_dataset(source, stop_before_pixels=False, max_inflated_bytes=limits.max_inflated_bytes)
     try:
         header = _header_from_dataset(ds)
         if _content_kind(ds, header) != "waveform":
@@ -831,9 +1010,9 @@ def decode_for_embedding(
     frame in order. Raises only :mod:`services.core.errors` classes.
     """
     if frames not in ("middle", "all"):
-        raise InvalidInput(f"frames must be 'middle' or 'all', got {frames!r}")
+        raise InvalidInput(f"frames must be middle or all, got {frames!r}")
     limits = limits or DecodeLimits()
-    ds = _read_dataset(source, stop_before_pixels=False)
+    ds = _read_dataset(source, stop_before_pixels=False, max_inflated_bytes=limits.max_inflated_bytes)
     try:
         header = _header_from_dataset(ds)
         kind = _content_kind(ds, header)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from services.core.errors import CbmirError, DecodeError, TooLarge, UnreadableInput, UnsupportedInput
+from services.core.logs import file_ref
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,16 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """First EEG channel of an EDF/BDF file as float64 µV, and its sampling frequency in Hz."""
     path = Path(path)
     if not path.is_file():
-        raise UnreadableInput(f"no such file: {path}", reason="no-such-file")
+        raise UnreadableInput(f"no such file: {file_ref(path)}", reason="no-such-file")
     if path.stat().st_size == 0:
-        raise UnreadableInput(f"{path.name} is empty (0 bytes)", reason="empty")
+        raise UnreadableInput(f"{file_ref(path)} is empty (0 bytes)", reason="empty")
     import pyedflib
 
     try:
         reader = pyedflib.EdfReader(str(path))
     except Exception as exc:  # noqa: BLE001 - pyedflib raises OSError and others for anything not EDF
         raise UnreadableInput(
-            f"{path.name} is not a readable EDF/BDF file ({type(exc).__name__})", reason="not-edf"
+            f"{file_ref(path)} is not a readable EDF/BDF file ({type(exc).__name__})", reason="not-edf"
         ) from None
     try:
         labels = [str(label) for label in reader.getSignalLabels()]
@@ -65,7 +66,8 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         scale = _TO_MICROVOLT.get(dimension)
         if scale is None:
             raise UnsupportedInput(
-                f"EDF channel unit {dimension!r} is not a voltage", reason="unsupported-unit"
+                f"EDF channel unit '…' ({len(dimension)} characters) is not uV, mV, V or nV",
+                reason="unsupported-unit",
             )
         if not dimension:
             logger.warning("EDF channel has no physical dimension; assuming µV")
@@ -79,7 +81,7 @@ def read_edf_signal(path: str | os.PathLike) -> tuple[np.ndarray, float]:
         raise
     except Exception as exc:  # noqa: BLE001 - header accessors of a damaged file
         raise UnreadableInput(
-            f"EDF header of {path.name} is unusable ({type(exc).__name__})", reason="parse-error"
+            f"EDF header of {file_ref(path)} is unusable ({type(exc).__name__})", reason="parse-error"
         ) from None
     finally:
         reader.close()

@@ -21,6 +21,16 @@ Instead of switching them globally, :class:`SpoolingAssociationServer` (built th
 * a shorter reader delay on its own DUL instance (:data:`READER_DELAY_S`).
 
 The handler finds a streamed dataset through the public ``Event.dataset_path``.
+
+**Peers that hold a connection without talking.** pynetdicom reads a PDU with blocking ``recv``
+calls until it is complete, and ends an association only from its reader's loop: a peer that sends
+part of a PDU and then nothing (or a byte now and then) holds one of the association slots, and
+pynetdicom's own timeouts never fire. And it does the TLS handshake in the thread that accepts
+every connection, so one silent TLS client stops all others. So :class:`SpoolingAssociationServer`
+gives every accepted socket a timeout (the idle timeout), does the TLS handshake in the
+connection's own thread, and that thread watches its association: no association request within
+the ACSE timeout, or an association idle past its timeout that pynetdicom has not ended, and the
+connection is shut down (which ends the blocked read).
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import socketserver
 import ssl
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +60,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from services.core.logs import describe
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +270,19 @@ class SpoolingRequestHandler(RequestHandler):
     server: SpoolingAssociationServer
 
     def handle(self) -> None:
-        """As pynetdicom's ``RequestHandler.handle``, with the association adjusted before it starts."""
+        """As pynetdicom's ``RequestHandler.handle``, with the association adjusted before it starts;
+        then this connection's thread watches it (see the module doc)."""
+        connection = self.request
+        assert isinstance(connection, socket.socket)
+        if isinstance(connection, ssl.SSLSocket):
+            try:
+                connection.do_handshake()
+            except (OSError, ValueError) as exc:
+                logger.warning(
+                    "DICOM TLS handshake with %s failed: %s", self.client_address[0], describe(exc)
+                )
+                self.server.shutdown_request(connection)
+                return
         assoc = self._create_association()
         provider = SpoolingDIMSEProvider(assoc, self.server.spool_dir, self.server.has_room)
         assoc.dimse = provider
@@ -266,10 +292,43 @@ class SpoolingRequestHandler(RequestHandler):
             assoc.dul._run_loop_delay = READER_DELAY_S
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+        self._watch(assoc, connection)
+
+    def _watch(self, assoc: Any, connection: socket.socket) -> None:
+        """Until the association ends: shut the connection down when no association request came
+        within the ACSE timeout, or when it stays idle past its timeout (plus a grace) unended."""
+        started = time.monotonic()
+        acse_s = float(self.server.ae.acse_timeout or 30)
+        idle_s = float(self.server.ae.network_timeout or 60)
+        idle_since: float | None = None
+        while assoc.is_alive():
+            assoc.join(timeout=1.0)
+            now = time.monotonic()
+            ended = assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released
+            why = ""
+            if not ended and now - started > acse_s + 2:
+                why = f"no association request within {acse_s:.0f} s"
+            elif assoc.is_established and assoc.dul.idle_timer_expired():
+                idle_since = idle_since or now
+                if now - idle_since > min(idle_s, 10.0):
+                    why = f"idle for more than {idle_s:.0f} s"
+            else:
+                idle_since = None
+            if why:
+                logger.warning("DICOM connection from %s closed: %s", self.client_address[0], why)
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+                assoc.join(timeout=10.0)
+                return
 
 
 class SpoolingAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose associations stream C-STORE datasets into ``spool_dir``."""
+
+    # Each connection's thread lives as long as its association (it watches it): closing the
+    # server aborts the associations and does not wait for those threads.
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(
         self,
@@ -322,6 +381,18 @@ class SpoolingAssociationServer(ThreadedAssociationServer):
         server._thread.start()
         return server
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection: a timeout on its socket (the idle timeout), and for TLS the wrapping
+        only; the handshake happens in the connection's own thread (:meth:`SpoolingRequestHandler.handle`)."""
+        assert self.socket is not None
+        connection, address = self.socket.accept()
+        connection.settimeout(float(self.ae.network_timeout or 60))
+        if self.ssl_context:
+            connection = self.ssl_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
+
     def shutdown(self) -> None:
         """Stop accepting, close the socket and abort the associations still open.
 
@@ -329,8 +400,8 @@ class SpoolingAssociationServer(ThreadedAssociationServer):
         only ``AE.start_server`` registers in; this server was made through ``AE.make_server``.
         """
         socketserver.BaseServer.shutdown(self)
-        self.server_close()
         for assoc in self.active_associations:
             assoc.abort()
+        self.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)

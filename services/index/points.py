@@ -6,6 +6,7 @@ is PHI-free by construction: it is built only from the header's UIDs and codes.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ PAYLOAD_FIELDS: dict[str, tuple[type, bool]] = {
     "ingested_at": (float, False),
     "spool_name": (str, False),
 }
+MAX_FRAME_NUMBER = 2**32 - 1  # a Hit's frame_number is a uint32
 _UID_FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
 # a spool file's name: its SOP Instance UID, or "x" and a hash when that is not a valid UID
 _SPOOL_NAME = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)*|x[0-9a-f]{40})\.[a-z0-9]{1,8}$")
@@ -101,7 +103,11 @@ def check_point(point: IndexPoint, dim: int) -> None:
             if kind is float
             else (isinstance(value, kind) and not isinstance(value, bool))
         )
-        if not valid or (isinstance(value, str) and len(value) > 128):
+        if (
+            not valid
+            or (isinstance(value, str) and len(value) > 128)
+            or (isinstance(value, float) and not math.isfinite(value))
+        ):
             raise InvalidInput(f"point {point.point_id}: payload {key} is not a valid {kind.__name__}")
     for key in _UID_FIELDS:
         if not is_valid_uid(payload[key]):
@@ -113,8 +119,8 @@ def check_point(point: IndexPoint, dim: int) -> None:
     if payload["modality"] not in MODALITIES:
         raise InvalidInput(f"point {point.point_id}: payload modality must be one of {', '.join(MODALITIES)}")
     frame = payload["frame_number"]
-    if frame < 1:
-        raise InvalidInput(f"point {point.point_id}: payload frame_number must be 1 or more")
+    if not 1 <= frame <= MAX_FRAME_NUMBER:
+        raise InvalidInput(f"point {point.point_id}: payload frame_number must be 1 to {MAX_FRAME_NUMBER}")
     uid = payload["sop_instance_uid"]
     if point.point_id not in (point_id(uid), point_id(uid, frame)):
         raise InvalidInput(f"point {point.point_id}: the point ID is not the one of its SOP Instance UID")

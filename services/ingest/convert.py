@@ -40,6 +40,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from models.data import sha256_file
 from services.core.errors import CbmirError, InvalidInput, StorageError, TooLarge, UnreadableInput
+from services.core.logs import file_ref
 from services.core.vocabulary import (
     DICOM_MODALITY_CODES,
     EEG,
@@ -232,7 +233,7 @@ class FileConverter:
             with open(path, "rb") as handle:
                 head = handle.read(132)
         except OSError as exc:
-            raise StorageError(f"cannot read {relative}: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot read {file_ref(relative)}: {exc.strerror or exc}") from None
         kind = detect_kind(path.name, head)
         if kind == "dicom":
             return self._dicom(path)
@@ -299,4 +300,4 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise StorageError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot read {file_ref(path)}: {exc.strerror or exc}") from None

@@ -35,7 +35,7 @@ from services.core.logs import describe
 from services.core.processes import run_until_stopped
 from services.core.security import dicom_ssl_context, tls_files_stamp
 from services.core.vocabulary import accepted_storage_classes
-from services.dicom.decode import read_header
+from services.dicom.decode import inflated, read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
 from services.ingest.dispatch import PendingSweep, TaskDispatcher
 from services.ingest.spool import Spool, spool_name_for
@@ -158,6 +158,7 @@ class StoreHandler:
         assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         name = spool_name_for(sop_instance_uid)
+        shown = name.removesuffix(".dcm")  # the UID, or a hash of what the request sent instead
         streamed = event.dataset_path  # None when the dataset arrived in memory
         try:
             if self._room is not None:
@@ -167,10 +168,10 @@ class StoreHandler:
             if streamed is not None:
                 with contextlib.suppress(OSError):  # not acknowledged: nothing to keep
                     Path(streamed).unlink(missing_ok=True)
-            logger.warning("C-STORE %s: %s", sop_instance_uid, exc)
+            logger.warning("C-STORE %s: %s", shown, exc)
             return dicom_status_for(exc)
         except Exception as exc:  # noqa: BLE001 - pynetdicom could not even frame the bytes
-            logger.error("C-STORE %s: cannot encode received dataset: %s", sop_instance_uid, exc)
+            logger.error("C-STORE %s: cannot encode received dataset: %s", shown, describe(exc))
             return STATUS_CANNOT_UNDERSTAND
         try:
             self._check_dataset(received, event, sop_instance_uid)
@@ -181,14 +182,14 @@ class StoreHandler:
                 self._keep_rejected(received, name, exc)
             logger.warning(
                 "C-STORE %s from %s refused with 0x%04X: %s",
-                sop_instance_uid,
+                shown,
                 event.assoc.requestor.ae_title,
                 status,
                 exc,
             )
             return status
         except Exception as exc:  # never let a bug drop the association without a status
-            logger.exception("C-STORE %s: unexpected failure", sop_instance_uid)
+            logger.exception("C-STORE %s: unexpected failure", shown)
             return dicom_status_for(exc)
         finally:
             if streamed is None and received.exists():
@@ -210,11 +211,13 @@ class StoreHandler:
         defect alike) and every other element too; large values are skipped, not read."""
         header = read_header(received)
         try:
-            dataset = pydicom.dcmread(received, defer_size=4096)
-            _check_lengths(received, dataset)  # on the raw elements, before they are converted
-            for _ in dataset.iterall():
-                pass
-        except UnreadableInput:
+            with open(received, "rb") as file:
+                stream, size = inflated(file)  # a deflated data set: inflated, within a budget
+                dataset = pydicom.dcmread(stream, defer_size=4096)
+                _check_lengths(size, dataset)  # on the raw elements, before they are converted
+                for _ in dataset.iterall():
+                    pass
+        except CbmirError:
             raise
         except Exception as exc:
             raise UnreadableInput(f"dataset cannot be parsed: {describe(exc)}", reason="parse-error") from exc
@@ -236,9 +239,9 @@ class StoreHandler:
             logger.exception("could not keep refused object %s", name)
 
 
-def _check_lengths(path: Path, dataset: pydicom.Dataset) -> None:
-    """Every top-level element must end inside the file (pydicom accepts a value cut short at EOF)."""
-    size = path.stat().st_size
+def _check_lengths(size: int, dataset: pydicom.Dataset) -> None:
+    """Every top-level element must end inside the ``size`` bytes parsed (pydicom accepts a value
+    cut short at the end)."""
     # keys(), not iteration: iterating a Dataset yields converted elements, get_item the raw ones
     for tag in dataset.keys():  # noqa: SIM118
         raw = dataset.get_item(tag)
@@ -276,7 +279,7 @@ class Listener:
         ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = 32
         ae.network_timeout = self.settings.idle_timeout_s  # an association idle this long is aborted
-        ae.acse_timeout = 30
+        ae.acse_timeout = min(30, self.settings.idle_timeout_s)  # and a connection that never asks
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for uid in accepted_storage_classes().values():

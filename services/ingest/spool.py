@@ -27,6 +27,7 @@ from pathlib import Path
 
 from services.core.config import DataLayout
 from services.core.errors import StorageError
+from services.core.logs import file_ref, mask_values
 from services.core.vocabulary import is_valid_uid
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Spool:
         try:
             data = Path(source).read_bytes()
         except OSError as exc:
-            raise StorageError(f"cannot read {Path(source).name}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot read {file_ref(source)}: {exc.strerror or exc}") from exc
         return self.store(name, data)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -167,9 +168,19 @@ class Spool:
         return target
 
     def quarantine(
-        self, source: Path, *, reason: str, detail: str, stage: str, name: str | None = None
+        self,
+        source: Path,
+        *,
+        reason: str,
+        detail: str,
+        stage: str,
+        name: str | None = None,
+        source_name: str | None = None,
     ) -> Path:
         """Move ``source`` into quarantine with a reason file; never deletes anything.
+
+        ``source_name``: where a dropped file came from (kept in the record, beside the object,
+        never logged: a chosen name may carry a patient's name).
 
         The reason file is written first, so a crash in between leaves an object in its old place
         plus a harmless reason file, never an object without its reason.
@@ -181,10 +192,12 @@ class Spool:
         record = {
             "name": target.name,
             "reason": reason,
-            "detail": detail[:2000],
+            "detail": mask_values(detail)[:2000],  # a second net: quoted values never reach the record
             "stage": stage,
             "quarantined_at": time.time(),
         }
+        if source_name is not None:
+            record["source"] = source_name
         reason_path = target.with_name(target.name + REASON_SUFFIX)
         self._write_atomically(json.dumps(record, indent=2).encode(), reason_path)
         try:
@@ -198,7 +211,9 @@ class Spool:
             fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot quarantine {name}: {exc.strerror or exc}") from exc
-        logger.warning("quarantined %s at %s: %s (%s)", target.name, stage, reason, detail[:200])
+        logger.warning(
+            "quarantined %s at %s: %s (%s)", file_ref(target.name), stage, reason, mask_values(detail)[:200]
+        )
         return target
 
     def requeue_quarantined(self, name: str) -> Path:

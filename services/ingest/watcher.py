@@ -41,7 +41,7 @@ from watchdog.observers.api import BaseObserver
 
 from services.core.config import WatcherSettings
 from services.core.errors import CbmirError, ConfigError, StorageError
-from services.core.logs import describe
+from services.core.logs import describe, file_ref
 from services.core.processes import run_until_stopped
 from services.ingest.convert import FileConverter
 from services.ingest.dispatch import PendingSweep, TaskDispatcher
@@ -264,7 +264,7 @@ class FolderWatcher:
                 candidate.failures += 1
                 delay = min(60.0, 2.0 ** min(candidate.failures, 6))
                 candidate.not_before = time.monotonic() + delay
-        logger.error("%s: %s; trying again later", path, detail)
+        logger.error("%s: %s; trying again later", file_ref(path.relative_to(self.root)), detail)
 
     def ingest(self, path: Path) -> bool:
         """Convert, spool and dispatch one settled file, or quarantine it; then move it away."""
@@ -277,7 +277,7 @@ class FolderWatcher:
         except CbmirError as exc:
             return self._fail(path, relative, exc.reason, str(exc))
         except Exception as exc:  # a bug must not stop the watcher, nor lose the file
-            logger.exception("converting %s failed unexpectedly", relative)
+            logger.exception("converting %s failed unexpectedly", file_ref(relative))
             return self._fail(path, relative, "internal-error", describe(exc))
         try:
             if converted.data is None:
@@ -288,7 +288,7 @@ class FolderWatcher:
             self._retry_later(path, str(exc))
             return False
         sent = self.dispatcher.embed(converted.spool_name)
-        logger.info("spooled %s as %s (%s)", relative, converted.spool_name, converted.description)
+        logger.info("spooled %s as %s (%s)", file_ref(relative), converted.spool_name, converted.description)
         if not sent:  # in the dispatcher's backlog: the original stays until the task is sent
             self._forget(path)
             self._awaiting_dispatch[path] = relative
@@ -298,7 +298,9 @@ class FolderWatcher:
 
     def _fail(self, path: Path, relative: Path, reason: str, detail: str) -> bool:
         try:
-            self.spool.quarantine(path, reason=reason, detail=f"{relative}: {detail}", stage="watcher")
+            self.spool.quarantine(
+                path, reason=reason, detail=detail, stage="watcher", source_name=str(relative)
+            )
         except StorageError as exc:
             self._retry_later(path, f"cannot quarantine: {exc}")
             return False
@@ -319,7 +321,9 @@ class FolderWatcher:
                 self._stuck[path] = (info.st_size, info.st_mtime_ns)
             except OSError:
                 pass
-            logger.error("handled %s but cannot move it into %s: %s", relative, folder, exc.strerror or exc)
+            logger.error(
+                "handled %s but cannot move it into %s: %s", file_ref(relative), folder, exc.strerror or exc
+            )
             return None
         self._forget(path)
         self._stuck.pop(path, None)

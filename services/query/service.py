@@ -46,6 +46,7 @@ from services.core.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from services.core.logs import mask_values
 from services.core.processes import run_until_stopped
 from services.core.security import ADMIN, SEARCH, AccessPolicy, bearer_token, grpc_server_credentials
 from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
@@ -104,8 +105,8 @@ def _guarded(
     def wrapper(self: Servicer, request: Request, context: grpc.ServicerContext) -> Response:
         try:
             return method(self, request, context)
-        except CbmirError as exc:
-            context.abort(grpc_code_for(exc), str(exc))
+        except CbmirError as exc:  # the message, with any quoted value masked (a second net for PHI)
+            context.abort(grpc_code_for(exc), mask_values(str(exc)))
         except Exception as exc:
             logger.exception("%s failed", method.__name__)
             context.abort(grpc_code_for(exc), f"internal error ({type(exc).__name__}); see the service log")
@@ -331,7 +332,7 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
     ) -> index_writer_pb2.UpsertPointsResponse:
         if request.model_version != self._model_version:
             raise ConfigError(
-                f"worker model {request.model_version!r} differs from the index's {self._model_version!r}; "
+                f"worker model {request.model_version} differs from the index model {self._model_version}; "
                 "run the same model everywhere or reindex"
             )
         points = []
@@ -464,7 +465,11 @@ class QueryServer:
         self.policy = AccessPolicy.for_service(settings.access, settings.host)
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
-        limits = replace(DecodeLimits.from_settings(settings.decode), max_pixels=settings.query_max_pixels)
+        limits = replace(
+            DecodeLimits.from_settings(settings.decode),
+            max_pixels=settings.query_max_pixels,
+            max_inflated_bytes=settings.query_max_bytes,  # a deflated query inflates within its budget
+        )
         self.engine = QueryEngine(
             self.index,
             self.encoder,
