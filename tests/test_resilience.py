@@ -144,6 +144,36 @@ def test_the_watcher_alone_resends_what_the_broker_lost(redis_env, procs, tmp_pa
     support.wait_until(lambda: client.stats().total == len(files), 120, "every dropped file indexed")
 
 
+def test_the_sweep_leaves_alone_what_a_worker_is_retrying(redis_env, data_dir):
+    """An instance whose worker keeps retrying (its attempt marker is fresh) is not sent again
+    beside it, so an outage does not pile up copies of every task; a stale one is sent again."""
+    import redis
+
+    from services.core.config import BrokerSettings, DataLayout
+    from services.ingest.dispatch import PendingSweep, TaskDispatcher
+    from services.ingest.spool import Spool
+
+    spool = Spool(DataLayout(data_dir))
+    broker = BrokerSettings(support.REDIS_URL, redis_env["CBMIR_QUEUE"], 300)
+    dispatcher = TaskDispatcher(broker)
+    sweep = PendingSweep(spool, dispatcher, resend_after_s=60)
+    queue = redis.Redis.from_url(support.REDIS_URL)
+    long_ago = time.time() - 3600
+    for name in ("1.2.3.1.dcm", "1.2.3.2.dcm"):
+        spool.store(name, b"not looked at")
+        os.utime(spool.incoming_path(name), (long_ago, long_ago))
+    spool.mark_attempt("1.2.3.1.dcm")  # a worker is on it
+    try:
+        assert sweep.sweep() == 1 and queue.llen(broker.queue) == 1  # only the one nobody works on
+        os.utime(data_dir / "spool" / "attempts" / "1.2.3.1.dcm", (long_ago, long_ago))
+        assert sweep.sweep() == 1  # its worker went quiet an hour ago: sent again
+        spool.archive("1.2.3.1.dcm")
+        assert not (data_dir / "spool" / "attempts" / "1.2.3.1.dcm").exists()
+    finally:
+        queue.delete(broker.queue)
+        dispatcher.close()
+
+
 @pytest.mark.slow
 def test_index_owner_down_for_three_minutes_quarantines_nothing(redis_env, procs, tmp_path, need_dcmtk):
     env = dict(redis_env, CBMIR_RESEND_AFTER_S="600")

@@ -113,11 +113,12 @@ def test_tokens_roles_rotation_and_audit(data_dir, procs, tmp_path):
     os.utime(tokens, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert _code(SearchClient(target, token=later).stats) == grpc.StatusCode.UNAUTHENTICATED
     assert SearchClient(target, token=same_size).stats().total == 0
-    # a file that no longer parses keeps the tokens in force, and tells the log, not the callers
-    tokens.write_text(f"{same_size} admin\nshort\n")
-    assert SearchClient(target, token=same_size).stats().total == 0
-    assert _code(lambda: find(SearchClient(target, token="x" * 32))) == grpc.StatusCode.UNAUTHENTICATED
-    proc.wait_for(r"API tokens file .*line 2.*the tokens read before stay in force")
+    # a malformed line is skipped and logged (not told to callers); what the file no longer holds
+    # is revoked all the same
+    tokens.write_text(f"{later} admin\nshort\n")
+    assert SearchClient(target, token=later).stats().total == 0
+    assert _code(SearchClient(target, token=same_size).stats) == grpc.StatusCode.UNAUTHENTICATED
+    proc.wait_for(r"tokens line 2: a token must have at least 16 characters; that line is skipped")
     # the audit log names the caller by token id, never by token
     proc.wait_for(
         rf"cbmir\.audit: search caller={token_id(search)} kind=sop_instance_uid k=5 .*status=NOT_FOUND"
@@ -232,6 +233,42 @@ def test_dicom_tls_with_dcmtk(data_dir, procs, tmp_path, ca, need_dcmtk):
     assert storescu(to_port=port).returncode == 0  # the plain port still serves
 
 
+def test_dicom_tls_only_serves_no_plain_port(data_dir, procs, tmp_path, ca, need_dcmtk):
+    files = _server_files(ca, tmp_path / "pki")
+    env = support.base_env(
+        data_dir,
+        CBMIR_BROKER_URL=support.REDIS_URL,
+        CBMIR_QUEUE=f"cbmir.test.{secrets.token_hex(5)}",
+        CBMIR_DICOM_TLS_PORT="0",
+        CBMIR_DICOM_TLS_ONLY="1",
+        CBMIR_TLS_CERT=str(files["cert"]),
+        CBMIR_TLS_KEY=str(files["key"]),
+    )
+    proc = support.Proc("scp", [str(support.CBMIR), "scp"], dict(env, CBMIR_DICOM_PORT="0"))
+    procs.append(proc)
+    tls_port = int(proc.wait_for(r"cbmir scp: TLS AE CBMIR listening on [^:]+:(\d+)").group(1))
+    assert "cbmir scp: AE CBMIR listening" not in proc.output()
+    assert "(TLS port only)" in proc.output()
+    path = support.pydicom_file("MR_small.dcm")
+    argv = [
+        "storescu",
+        "+tla",
+        "+cf",
+        str(files["ca"]),
+        "-aec",
+        "CBMIR",
+        "127.0.0.1",
+        str(tls_port),
+        str(path),
+    ]
+    sent = subprocess.run(
+        argv, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, text=True, timeout=60
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    refused = cbmir("scp", env=dict(env, CBMIR_DICOM_TLS_PORT=""))
+    assert refused.returncode == 2 and "CBMIR_DICOM_TLS_ONLY=1 needs CBMIR_DICOM_TLS_PORT" in refused.stderr
+
+
 # --- the private index writer ---------------------------------------------------------------------
 
 
@@ -274,6 +311,19 @@ def test_index_writer_over_tcp_needs_its_token(data_dir, procs):
             RemoteIndexWriter(target, token=wrong, timeout_s=5).upsert([_point("1.2.3.1", dim)], version)
     RemoteIndexWriter(target, token=token, timeout_s=5).upsert([_point("1.2.3.1", dim)], version)
     assert client.stats().total == 1
+    # off loopback, plain TCP would carry the writer token in clear: neither side allows it
+    exposed = cbmir(
+        "query",
+        env=support.base_env(
+            data_dir.parent / "exposed",
+            CBMIR_GRPC_PORT="0",
+            CBMIR_WRITER_TOKEN=token,
+            CBMIR_INDEX_WRITER="0.0.0.0:0",
+        ),
+    )
+    assert exposed.returncode == 2 and "in plain text over the network" in exposed.stderr
+    with pytest.raises(Refused, match="must not cross the network in clear"):
+        RemoteIndexWriter("10.9.8.7:50052", token=token)
 
 
 def test_index_writer_refuses_points_the_index_must_never_hold(data_dir, procs):

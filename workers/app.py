@@ -74,6 +74,7 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
         path = pipeline.locate(spool_name)
         if path is None:
             return pipeline.outcome_without_file(spool_name).as_dict()
+        pipeline.spool.mark_attempt(spool_name)  # the sweep does not send it again beside us
         try:
             points = pipeline.embed_and_upsert(path)
         except InvalidInput as exc:

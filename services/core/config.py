@@ -39,6 +39,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "(unset = no TLS listener)",
         "Port of a second, TLS-only DICOM listener (0 = any free port); needs CBMIR_TLS_CERT and _KEY.",
     ),
+    "CBMIR_DICOM_TLS_ONLY": (
+        "0",
+        "1: serve DICOM on the TLS port only (no plain listener on CBMIR_DICOM_PORT).",
+    ),
     "CBMIR_ASSOC_IDLE_TIMEOUT_S": ("30", "An association that sends nothing for this long is aborted."),
     "CBMIR_MIN_FREE_MB": (
         "512",
@@ -194,6 +198,11 @@ class DataLayout:
     def spool_tmp(self) -> Path:
         """Partial writes, on the same filesystem as incoming/ (atomic renames)."""
         return self.root / "spool" / "tmp"
+
+    @property
+    def attempts(self) -> Path:
+        """One empty marker per pending instance a worker is working on, touched at each attempt."""
+        return self.root / "spool" / "attempts"
 
     @property
     def archive(self) -> Path:
@@ -387,6 +396,7 @@ class ListenerSettings:
     max_pdu: int
     tls: TlsSettings
     tls_port: int | None
+    tls_only: bool
     idle_timeout_s: int
     min_free_mb: int
     resend_after_s: int
@@ -406,6 +416,9 @@ class ListenerSettings:
         )
         if tls_port is not None and not tls.enabled:
             raise ConfigError("CBMIR_DICOM_TLS_PORT needs CBMIR_TLS_CERT and CBMIR_TLS_KEY")
+        tls_only = _flag(env, "CBMIR_DICOM_TLS_ONLY")
+        if tls_only and tls_port is None:
+            raise ConfigError("CBMIR_DICOM_TLS_ONLY=1 needs CBMIR_DICOM_TLS_PORT (and a certificate)")
         return cls(
             layout=layout,
             broker=BrokerSettings.from_env(env, layout),
@@ -416,6 +429,7 @@ class ListenerSettings:
             max_pdu=_int(env, "CBMIR_MAX_PDU", 65536),
             tls=tls,
             tls_port=tls_port,
+            tls_only=tls_only,
             idle_timeout_s=_int(env, "CBMIR_ASSOC_IDLE_TIMEOUT_S", 30, minimum=1),
             min_free_mb=_int(env, "CBMIR_MIN_FREE_MB", 512),
             resend_after_s=_int(env, "CBMIR_RESEND_AFTER_S", 600, minimum=1),

@@ -41,6 +41,8 @@ from services.core.logs import describe
 
 logger = logging.getLogger(__name__)
 
+MIN_TOKEN_LENGTH = 16
+
 SEARCH, ADMIN = "search", "admin"
 ROLES = (SEARCH, ADMIN)
 ANONYMOUS = "anonymous"
@@ -63,8 +65,11 @@ class Caller:
         return self.role == ADMIN or self.role == role
 
 
-def parse_tokens(text: str, source: str) -> dict[str, str]:
-    """Token digest -> role, from the tokens file format (see the module docstring)."""
+def parse_tokens(text: str, source: str, problems: list[str] | None = None) -> dict[str, str]:
+    """Token digest -> role, from the tokens file format (see the module docstring).
+
+    A malformed line is a ConfigError, or, with ``problems``, is skipped and described there
+    (by line number: a line may hold a token)."""
     tokens: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -72,10 +77,16 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
             continue
         fields = line.split()
         role = fields[1].lower() if len(fields) > 1 else SEARCH
+        problem = ""
         if len(fields) > 2 or role not in ROLES:
-            raise ConfigError(f"{source} line {number}: expected 'TOKEN [search|admin]'")
-        if len(fields[0]) < 16:
-            raise ConfigError(f"{source} line {number}: a token must have at least 16 characters")
+            problem = f"{source} line {number}: expected TOKEN, then optionally search or admin"
+        elif len(fields[0]) < MIN_TOKEN_LENGTH:
+            problem = f"{source} line {number}: a token must have at least {MIN_TOKEN_LENGTH} characters"
+        if problem and problems is None:
+            raise ConfigError(problem)
+        if problem and problems is not None:
+            problems.append(problem)
+            continue
         tokens[_digest(fields[0])] = role
     return tokens
 
@@ -116,16 +127,19 @@ class TokenStore:
         return None
 
     def _reload(self, initial: bool = False) -> None:
-        """Read the file if it changed. At start a missing or malformed file is a ConfigError; later
-        the tokens read before stay in force, and the log says why."""
+        """Read the file if it changed. At start a missing or malformed file is a ConfigError.
+        Later, the valid lines of a changed file replace every token read before (a malformed line
+        is skipped and logged: a removed token is never kept), and a file that cannot be read
+        keeps the tokens in force (logged)."""
         assert self._file is not None
         stamp: tuple[int, ...] = (-1,)  # the file cannot even be looked at
+        problems: list[str] | None = None if initial else []
         try:
             info = self._file.stat()
             stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
             if stamp == self._stamp:
                 return
-            tokens = parse_tokens(self._file.read_text(), str(self._file))
+            tokens = parse_tokens(self._file.read_text(), str(self._file), problems)
         except (OSError, ConfigError) as exc:
             if initial:
                 raise ConfigError(f"API tokens file {self._file}: {describe(exc)}") from None
@@ -135,6 +149,8 @@ class TokenStore:
             return
         with self._lock:
             self._from_file, self._stamp = tokens, stamp
+        for problem in problems or ():
+            logger.error("%s; that line is skipped", problem)
         logger.info("API tokens: %d from %s", len(tokens), self._file)
 
 

@@ -9,7 +9,7 @@ import grpc
 
 from services.core.config import TlsSettings
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, NotFound
-from services.core.security import grpc_channel
+from services.core.security import grpc_channel, is_loopback
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc
 from services.index.base import IndexPoint
 
@@ -42,8 +42,13 @@ class RemoteIndexWriter:
     ):
         if tls is not None and tls.ca is not None and not target.startswith("unix:"):
             self._channel = grpc_channel(target, ca=tls.ca, cert=tls.cert, key=tls.key)
-        else:
+        elif target.startswith("unix:") or is_loopback(target.rsplit(":", 1)[0]):
             self._channel = grpc.insecure_channel(target)
+        else:
+            raise ConfigError(
+                f"the index writer at {target} is off this host: set CBMIR_TLS_CA (and CBMIR_TLS_CERT/KEY "
+                "if it asks for client certificates): the writer token must not cross the network in clear"
+            )
         self._stub = index_writer_pb2_grpc.IndexWriterStub(self._channel)
         self._target = target
         self._timeout_s = timeout_s

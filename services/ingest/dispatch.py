@@ -81,9 +81,11 @@ class PendingSweep:
 
     A task can be lost after its file was spooled: a broker that lost its data, a worker killed on
     a transport that never redelivers. The spool, not the broker, is the record: every instance
-    still in ``spool/incoming`` longer than ``resend_after_s`` since it was spooled or last sent
-    gets its task again. Tasks are idempotent, so a duplicate costs only work. The listener and the
-    watcher each run one (a deployment may run either alone).
+    still in ``spool/incoming`` longer than ``resend_after_s`` since it was spooled, last sent, or
+    last attempted by a worker (:meth:`Spool.mark_attempt`: a worker retrying through an outage
+    touches it at least every 2 minutes, so its task is not sent again beside it) gets its task
+    again. Tasks are idempotent, so a duplicate costs only work. The listener and the watcher each
+    run one (a deployment may run either alone).
     """
 
     STALE_TMP_S = 3600.0  # a partial write untouched for an hour has no writer left
@@ -111,12 +113,16 @@ class PendingSweep:
         sent, waiting = 0, set()
         for spooled_at, path in self.spool.pending_since():
             waiting.add(path.name)
-            if now - max(spooled_at, self._sent_at.get(path.name, 0.0)) >= self.resend_after_s:
+            attempted = self.spool.last_attempt(path.name) or 0.0
+            if now - max(spooled_at, attempted, self._sent_at.get(path.name, 0.0)) >= self.resend_after_s:
                 self.dispatcher.embed(path.name)
                 self._sent_at[path.name] = now
                 sent += 1
         for name in set(self._sent_at) - waiting:  # indexed or quarantined since
             del self._sent_at[name]
+        for marker in self.spool.layout.attempts.iterdir():  # markers whose instance is done
+            if marker.name not in waiting:
+                self.spool.forget_attempts(marker.name)
         if sent:
             logger.warning("re-sent %d instance(s) not indexed after %d s", sent, self.resend_after_s)
         self.spool.remove_stale_tmp(self.STALE_TMP_S)

@@ -294,7 +294,8 @@ class Listener:
         return ae
 
     def start(self) -> int:
-        """Bind (and the TLS port), re-send what is pending, start the sweep loop; returns the port."""
+        """Bind the plain and the TLS port (as configured), re-send what is pending, start the sweep
+        loop; returns the plain port (the TLS port with CBMIR_DICOM_TLS_ONLY)."""
         ae = self.build_ae()
         handlers = [
             (evt.EVT_C_STORE, self.handler),
@@ -313,8 +314,9 @@ class Listener:
                 ssl_context=ssl_context,
             )
 
-        self._server = serve(self.settings.port)
-        self.port = self._server.server_address[1]
+        if not self.settings.tls_only:
+            self._server = serve(self.settings.port)
+            self.port = self._server.server_address[1]
         if self.settings.tls_port is not None:
             self._tls_stamp = tls_files_stamp(self.settings.tls)
             self._tls_server = serve(self.settings.tls_port, dicom_ssl_context(self.settings.tls))
@@ -335,14 +337,14 @@ class Listener:
         )
         self._backlog_thread.start()
         logger.info(
-            "DICOM listener %s on %s:%d (%d storage SOP classes); re-sent %d pending instance(s)",
+            "DICOM listener %s on %s%s (%d storage SOP classes); re-sent %d pending instance(s)",
             self.settings.ae_title,
             self.settings.host,
-            self.port,
+            f":{self.port}" if self._server is not None else " (TLS port only)",
             len(accepted_storage_classes()),
             pending,
         )
-        return self.port
+        return self.port if self._server is not None else int(self.tls_port or 0)
 
     def _flush_backlog_loop(self) -> None:
         """Every 2 s: flush the dispatch backlog; every sweep interval: re-send what is stale,
@@ -412,11 +414,15 @@ def run(args: argparse.Namespace) -> int:
 
     def start() -> str:
         port = listener.start()
-        line = f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{port}"
+        lines = (
+            []
+            if settings.tls_only
+            else [f"cbmir scp: AE {settings.ae_title} listening on {settings.host}:{port}"]
+        )
         if listener.tls_port is not None:
-            line += (
-                f"\ncbmir scp: TLS AE {settings.ae_title} listening on {settings.host}:{listener.tls_port}"
+            lines.append(
+                f"cbmir scp: TLS AE {settings.ae_title} listening on {settings.host}:{listener.tls_port}"
             )
-        return line
+        return "\n".join(lines)
 
     return run_until_stopped(start, listener.stop)

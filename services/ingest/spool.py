@@ -69,7 +69,7 @@ class Spool:
 
     def __init__(self, layout: DataLayout):
         self.layout = layout
-        for folder in (layout.spool_tmp, layout.incoming, layout.archive, layout.quarantine):
+        for folder in (layout.spool_tmp, layout.incoming, layout.attempts, layout.archive, layout.quarantine):
             folder.mkdir(parents=True, exist_ok=True)
 
     # -- writing ------------------------------------------------------------------------------
@@ -132,6 +132,25 @@ class Spool:
         """Where a spooled object waits for a worker."""
         return self.layout.incoming / _plain_name(name)
 
+    def mark_attempt(self, name: str) -> None:
+        """A worker is (still) working on ``name``: the sweep leaves it alone for a while. Best
+        effort: a full disk may refuse the marker, which only means an early re-send."""
+        marker = self.layout.attempts / _plain_name(name)
+        with contextlib.suppress(OSError):
+            marker.touch()
+
+    def last_attempt(self, name: str) -> float | None:
+        """When a worker last started on ``name`` (None: never, or it is done)."""
+        try:
+            return (self.layout.attempts / _plain_name(name)).stat().st_mtime
+        except OSError:
+            return None
+
+    def forget_attempts(self, name: str) -> None:
+        """``name`` left the spool (archived or quarantined): its marker goes."""
+        with contextlib.suppress(OSError):
+            (self.layout.attempts / _plain_name(name)).unlink()
+
     def archived_path(self, name: str) -> Path:
         """Where an indexed object is kept."""
         return self.layout.archive / _plain_name(name)
@@ -159,6 +178,7 @@ class Spool:
                 )
             os.replace(source, target)
             fsync_dir(target.parent)
+            self.forget_attempts(name)
         except FileNotFoundError:
             if target.exists():
                 return target  # the same race, decided between our checks
@@ -211,6 +231,7 @@ class Spool:
             fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot quarantine {name}: {exc.strerror or exc}") from exc
+        self.forget_attempts(source.name)
         logger.warning(
             "quarantined %s at %s: %s (%s)", file_ref(target.name), stage, reason, mask_values(detail)[:200]
         )

@@ -160,8 +160,16 @@ def _env_path(name: str) -> Path | None:
 
 
 def client_from_args(args: argparse.Namespace, timeout_s: float = 30.0) -> SearchClient:
-    """The query service client that :func:`add_client_arguments`' flags ask for."""
+    """The query service client that :func:`add_client_arguments`' flags ask for; a token sent in
+    clear to another host is warned about."""
+    from services.core.security import is_loopback
     from services.query.client import SearchClient
+
+    if args.token and args.tls_ca is None and not is_loopback(args.server.rsplit(":", 1)[0]):
+        print(
+            f"warning: the API token goes to {args.server} unencrypted; give --tls-ca (or CBMIR_TLS_CA)",
+            file=sys.stderr,
+        )
 
     return SearchClient(
         args.server,

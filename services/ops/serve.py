@@ -99,10 +99,14 @@ class Supervisor:
             CBMIR_GRPC_HOST=options.host,
             PYTHONUNBUFFERED="1",
         )
-        env.pop("CBMIR_BROKER_URL", None)  # the embedded broker, always
-        env.pop("QDRANT_URL", None)
-        # the index writer on the Unix socket in the data folder (query serves it, the worker uses it)
-        env.pop("CBMIR_INDEX_WRITER", None)
+        # the embedded broker and index, always; the index writer on the Unix socket in the data
+        # folder (the query child serves it, the worker uses it)
+        for name in ("CBMIR_BROKER_URL", "QDRANT_URL", "CBMIR_INDEX_WRITER"):
+            if env.pop(name, None):
+                logger.warning("cbmir serve runs everything embedded: %s is ignored", name)
+        for name in ("CBMIR_DICOM_HOST", "CBMIR_GRPC_HOST"):
+            if os.environ.get(name) and os.environ[name] != options.host:
+                logger.warning("%s is ignored: cbmir serve binds --host %s", name, options.host)
         self.env = env
         self.children: list[Child] = []
         self._stop = threading.Event()

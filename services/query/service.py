@@ -48,7 +48,14 @@ from services.core.errors import (
 )
 from services.core.logs import mask_values
 from services.core.processes import run_until_stopped
-from services.core.security import ADMIN, SEARCH, AccessPolicy, bearer_token, grpc_server_credentials
+from services.core.security import (
+    ADMIN,
+    SEARCH,
+    AccessPolicy,
+    bearer_token,
+    grpc_server_credentials,
+    is_loopback,
+)
 from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
@@ -516,6 +523,11 @@ class QueryServer:
             raise ConfigError(
                 f"the index writer on {address} (TCP) needs CBMIR_WRITER_TOKEN; or leave CBMIR_INDEX_WRITER "
                 "at its default, a Unix socket in the data folder"
+            )
+        if socket_path is None and not settings.tls.enabled and not is_loopback(address.rsplit(":", 1)[0]):
+            raise ConfigError(
+                f"the index writer on {address} would take the writer token in plain text over the network: "
+                "set CBMIR_TLS_CERT and CBMIR_TLS_KEY, or bind it to a loopback address"
             )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="writer"),
