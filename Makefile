@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs (see README):
 #   make demo   - set up, then run the whole path on an embedded default and print similar cases
 #   make test   - set up what the tests talk to, then run the test suite
-.PHONY: demo test lint protos check-protos bench
+.PHONY: demo test lint lint-deploy lock-image protos check-protos bench
 
 demo:
 	./scripts/bootstrap
@@ -17,6 +17,15 @@ lint:
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 	.venv/bin/lint-imports
+	$(MAKE) lint-deploy
+
+# CI: Helm lint/template + kubernetes-validate, hadolint, the image's lock files, docker compose config.
+lint-deploy:
+	.venv/bin/python scripts/lint_deploy.py
+
+# Re-pin the Docker image's Python packages (with hashes) after a dependency changes in pyproject.toml.
+lock-image:
+	.venv/bin/python scripts/lock_image.py
 
 protos:
 	PYTHON=.venv/bin/python ./scripts/gen-protos

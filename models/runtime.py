@@ -82,10 +82,28 @@ def choose_providers(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries(ort)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise ConfigError(f"device='cuda' but onnxruntime offers no CUDA provider (available: {available})")
     return ["CPUExecutionProvider"]
+
+
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN from NVIDIA's wheels when they are installed (the GPU Docker image).
+
+    onnxruntime-gpu looks for the CUDA libraries on the system's library path; the wheels put them in
+    site-packages instead, and ``onnxruntime.preload_dlls`` (1.21+) loads them from there. Where CUDA is
+    a system install, there is nothing to preload and the session finds it as before.
+    """
+    import importlib.util
+
+    if not hasattr(ort, "preload_dlls") or importlib.util.find_spec("nvidia") is None:
+        return
+    try:
+        ort.preload_dlls(directory="")
+    except (OSError, RuntimeError) as exc:
+        logger.warning("could not preload CUDA libraries from NVIDIA's wheels: %s", exc)
 
 
 class OnnxEncoder:

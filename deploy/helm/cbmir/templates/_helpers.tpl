@@ -93,6 +93,12 @@ Fail early on what cbmir cannot run without in a cluster.
 {{- if not .Values.qdrant.url }}
 {{- fail "qdrant.url (a Qdrant server) is required: the embedded index admits one process only" }}
 {{- end }}
+{{- if and .Values.worker.autoscaling.enabled .Values.worker.keda.enabled }}
+{{- fail "worker.autoscaling and worker.keda both scale the workers: enable one of them" }}
+{{- end }}
+{{- if and .Values.worker.keda.enabled (not .Values.worker.keda.redisAddress) }}
+{{- fail "worker.keda.redisAddress (host:port of the broker's Redis, as KEDA reaches it) is required with worker.keda.enabled" }}
+{{- end }}
 {{- if not (or .Values.auth.tokens .Values.auth.existingSecret .Values.auth.allowAnonymous) }}
 {{- fail "auth.tokens or auth.existingSecret (API tokens for the query service) is required; auth.allowAnonymous=true serves callers without a token" }}
 {{- end }}
