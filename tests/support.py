@@ -126,11 +126,11 @@ def start_scp(env: dict[str, str]) -> tuple[Proc, int]:
     return proc, port
 
 
-def start_serve(data_dir: Path, env: dict[str, str]) -> tuple[Proc, int, int]:
-    """``cbmir serve`` on any free ports; returns (process, DICOM port, gRPC port)."""
+def start_serve(data_dir: Path, env: dict[str, str], *args: str) -> tuple[Proc, int, int]:
+    """``cbmir serve`` on any free ports (``args``: more flags); returns (process, DICOM port, gRPC port)."""
     proc = Proc(
         "serve",
-        [str(CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0"],
+        [str(CBMIR), "serve", "--data-dir", str(data_dir), "--dicom-port", "0", "--grpc-port", "0", *args],
         env,
     )
     try:

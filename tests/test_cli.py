@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def test_top_level_help_lists_every_command() -> None:
     result = cbmir("--help")
     assert result.returncode == 0
     for command in COMMANDS:
-        assert f"    {command} " in result.stdout, command
+        assert re.search(rf"^    {re.escape(command)}(\s|$)", result.stdout, re.MULTILINE), command
 
 
 def test_python_dash_m_services_is_the_same_command_line() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import grpc
 import pytest
 
 from services.query.client import SearchClient
@@ -42,3 +43,123 @@ def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_d
         uid = support.sop_uid(path)
         hit = client.search(sop_instance_uid=uid, k=1).hits[0]
         assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
+
+
+def _mr(folder, count: int, seed: int) -> list:
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    template = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
+    del template[0xFFFCFFFC]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number in range(count):
+        ds = template.copy()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Rows = ds.Columns = 128
+        ds.PixelData = rng.integers(0, 4096, (128, 128), dtype=np.uint16).tobytes()
+        path = folder / f"mr-{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def test_online_reindex_keeps_answering_and_misses_nothing_pushed_meanwhile(
+    data_dir, procs, tmp_path, need_dcmtk
+):
+    """The index owner rebuilds while searches run without pause and new objects arrive: no search
+    fails or sees a partial index, and everything pushed during the build is in the new collection."""
+    import json
+    import secrets
+    import threading
+    import time
+
+    admin = secrets.token_hex(16)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{admin} admin\n")
+    env = support.base_env(data_dir, CBMIR_API_TOKENS_FILE=str(tokens))
+    serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
+    procs.append(serve)
+    first = _mr(tmp_path / "first", 240, seed=1)
+    later = _mr(tmp_path / "later", 40, seed=2)
+    support.storescu(dicom_port, first)
+    client = SearchClient(f"127.0.0.1:{grpc_port}", token=admin)
+    support.wait_until(lambda: client.stats().total == len(first), 180, "the first objects indexed")
+    before = client.stats().collection
+    probe = support.sop_uid(first[0])
+
+    problems: list[str] = []
+    searches = [0]
+    stop = threading.Event()
+
+    def search_all_the_time() -> None:
+        while not stop.is_set():
+            try:
+                hits = client.search(sop_instance_uid=probe, k=10).hits
+                total = client.stats().total
+                if len(hits) != 10 or hits[0].sop_instance_uid != probe or total < len(first):
+                    problems.append(
+                        f"{len(hits)} hits, first {hits[0].sop_instance_uid if hits else None}, total {total}"
+                    )
+                searches[0] += 1
+            except grpc.RpcError as exc:
+                problems.append(f"{exc.code().name}: {exc.details()}")
+            time.sleep(0.01)
+
+    searcher = threading.Thread(target=search_all_the_time)
+    searcher.start()
+    reindex = subprocess.Popen(
+        [str(support.CBMIR), "reindex", "--server", f"127.0.0.1:{grpc_port}", "--token", admin],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state_file = data_dir / "reindex" / "state.json"
+    support.wait_until(state_file.exists, 60, "the reindex started")  # push while it builds
+    pushed_during = []
+    for chunk in (later[:10], later[10:20], later[20:30], later[30:]):
+        support.storescu(dicom_port, chunk)
+        status = json.loads(state_file.read_text())["state"]
+        pushed_during.append(status == "building")
+    out, err = reindex.communicate(timeout=300)
+    assert reindex.returncode == 0, err
+    support.wait_until(lambda: client.stats().total == len(first) + len(later), 120, "everything indexed")
+    time.sleep(0.5)
+    stop.set()
+    searcher.join()
+    assert not problems, problems[:5]
+    assert searches[0] > 20
+    assert any(pushed_during), "no object arrived while the reindex was building (the test proves nothing)"
+    stats = client.stats()
+    assert stats.collection != before and stats.collection.startswith(before.split("--")[0])
+    assert f"into {stats.collection}" in out
+    for path in later:  # in the new collection, which the alias now names
+        assert client.search(sop_instance_uid=support.sop_uid(path), k=1).hits[0].distance == pytest.approx(
+            0, abs=1e-4
+        )
+    verify = subprocess.run(
+        [str(support.CBMIR), "verify", "--server", f"127.0.0.1:{grpc_port}", "--token", admin],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+    # the replaced collection is kept (to switch back) until --drop-old, or its grace period, ends it
+    shards = data_dir / "index" / "shards"
+    assert (shards / f"{before}.json").exists()
+    again = subprocess.run(
+        [str(support.CBMIR), "reindex", "--drop-old", "--server", f"127.0.0.1:{grpc_port}", "--token", admin],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    remaining = sorted(p.stem for p in shards.glob("*.json"))
+    assert remaining == [client.stats().collection], remaining
+    assert client.stats().total == len(first) + len(later)
+    client.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
-from services.core.config import WorkerSettings
+from services.core import metrics
+from services.core.config import MetricsSettings, WorkerSettings
+from services.core.errors import CbmirError
 from services.core.logs import configure_logging
 from services.ops.cli import add_worker_arguments
 from workers.app import PipelineHolder, create_app
@@ -15,12 +18,14 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build the settings, the encoder session and the Celery app, then consume until stopped."""
+    """Build the settings, the encoder session and the Celery app, serve the metrics (with
+    CBMIR_METRICS_PORT), then consume until stopped."""
     parser = argparse.ArgumentParser(prog="cbmir worker", description="Run a Celery embedding worker.")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
     settings = WorkerSettings.from_env()
+    metrics_settings = MetricsSettings.from_env()
     holder = PipelineHolder(settings)
     app = create_app(settings, holder)
     holder.get()  # build the encoder session now, so the provider choice is logged once at start
@@ -43,10 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.broker.queue,
         concurrency,
     )
+    # the queue length is asked of the broker when scraped
+    collectors = [metrics.QueueCollector(settings.broker)] if metrics_settings.enabled else []
+    try:
+        endpoint = metrics.serve_metrics(metrics_settings, collectors)
+    except CbmirError as exc:  # the port is taken: one line, as every cbmir command says it
+        print(f"cbmir worker: {exc}", file=sys.stderr)
+        holder.get().close()
+        return 2
     try:
         app.worker_main(worker_args)
     finally:
         holder.get().close()  # the batcher thread, the index writer's channel or the store
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from celery import Celery, Task
 
+from services.core import metrics
 from services.core.broker import EMBED_TASK, celery_app
 from services.core.config import WorkerSettings
 from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, StorageError
@@ -73,13 +74,16 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
         pipeline = holder.get()
         path = pipeline.locate(spool_name)
         if path is None:
-            return pipeline.outcome_without_file(spool_name).as_dict()
+            outcome = pipeline.outcome_without_file(spool_name)
+            metrics.TASKS.labels(outcome.status).inc()
+            return outcome.as_dict()
         pipeline.spool.mark_attempt(spool_name)  # the sweep does not send it again beside us
         try:
             points = pipeline.embed_and_upsert(path)
         except InvalidInput as exc:
             # The bytes will not change on a retry: keep them, with the reason, and stop.
             pipeline.quarantine(path, exc.reason, str(exc))
+            metrics.TASKS.labels("quarantined").inc()
             return {"status": "quarantined", "spool_name": spool_name, "reason": exc.reason}
         except TRANSIENT as exc:
             # The index, the broker or the disk will come back: retry within the budget, never
@@ -92,15 +96,20 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
                     waited_s,
                     exc,
                 )
+                metrics.TASKS.labels("pending").inc()
                 return {"status": "pending", "spool_name": spool_name, "reason": exc.reason}
+            metrics.TASK_RETRIES.labels("transient").inc()
             raise _retry(task, exc, spool_name, max_retries=None) from exc
         except Exception as exc:  # a bug: a few retries (CBMIR_MAX_RETRIES), then quarantine
             reason = exc.reason if isinstance(exc, CbmirError) else "internal-error"
             if task.request.retries >= settings.max_retries:
                 pipeline.quarantine(path, reason, f"after {task.request.retries} retries: {describe(exc)}")
+                metrics.TASKS.labels("quarantined").inc()
                 return {"status": "quarantined", "spool_name": spool_name, "reason": reason}
+            metrics.TASK_RETRIES.labels("error").inc()
             raise _retry(task, exc, spool_name, max_retries=settings.max_retries) from exc
         pipeline.archive(spool_name)
+        metrics.TASKS.labels("indexed").inc()
         logger.info("indexed %s (%d point%s)", spool_name, points, "" if points == 1 else "s")
         return {"status": "indexed", "spool_name": spool_name, "points": points}
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.runtime import OnnxEncoder
+from services.core import metrics
 from services.core.config import WorkerSettings
 from services.core.errors import StorageError
 from services.dicom.decode import DecodeLimits, decode_for_embedding
@@ -75,9 +76,17 @@ class EmbeddingPipeline:
         return Outcome("missing", spool_name)
 
     def embed_and_upsert(self, path: Path) -> int:
-        """Decode, preprocess, embed (batched) and upsert; raises cbmir errors."""
-        header, frames = decode_for_embedding(path, frames=self.settings.decode.frames, limits=self.limits)
+        """Decode, preprocess, embed (batched) and upsert (each stage timed); raises cbmir errors."""
+        clock = metrics.StageClock()
+        header, frames = decode_for_embedding(
+            path,
+            frames=self.settings.decode.frames,
+            limits=self.limits,
+            patient_key_secret=self.settings.patient_key_secret,
+        )
+        clock.lap("decode")
         vectors = self.batcher.submit(model_inputs(frames, self.encoder.contract))
+        clock.lap("embed")
         points = index_points(
             header, frames, vectors, model_version=self.encoder.version, spool_name=path.name
         )
@@ -85,6 +94,8 @@ class EmbeddingPipeline:
             self._remote.upsert(points, self.encoder.version)
         elif self._direct is not None:
             self._direct.upsert(points)
+        clock.lap("upsert")
+        metrics.INSTANCES_INDEXED.labels(metrics.slug(header.modality)).inc()
         return len(points)
 
     def archive(self, spool_name: str) -> None:
@@ -98,6 +109,7 @@ class EmbeddingPipeline:
         except StorageError:
             logger.exception("could not quarantine %s; it stays in the spool", path.name)
             raise
+        metrics.QUARANTINED.labels("worker", metrics.slug(reason)).inc()
 
     def close(self) -> None:
         """Stop the batcher and close the index connection (at worker shutdown)."""

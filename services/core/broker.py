@@ -94,3 +94,13 @@ def celery_app(broker: BrokerSettings, name: str, **conf: Any) -> Celery:
         **conf,
     )
     return app
+
+
+def queue_length(app: Celery, queue: str) -> int:
+    """Messages waiting in ``queue`` on ``app``'s broker, not yet taken by a worker (Redis: the
+    list lengths over every priority; the embedded broker: its visible rows). Raises what the
+    transport raises when the broker cannot be reached."""
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+        declared = connection.default_channel.queue_declare(queue=queue, passive=False)
+        return int(declared.message_count)

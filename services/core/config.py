@@ -102,6 +102,19 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "QDRANT_API_KEY": ("(unset)", "API key for the Qdrant server."),
     "CBMIR_COLLECTION": ("cbmir", "Collection alias that queries read; reindexing switches it atomically."),
+    "CBMIR_QDRANT_SHARDS": (
+        "1",
+        "Qdrant server: shards of each new collection (spread over the cluster's nodes).",
+    ),
+    "CBMIR_QDRANT_REPLICAS": ("1", "Qdrant server: copies of each shard (2 or more survive a node's loss)."),
+    "CBMIR_REINDEX_GRACE_S": (
+        "86400",
+        "How long the collection a reindex replaced is kept (to switch back) before it is dropped.",
+    ),
+    "CBMIR_QUANTIZATION": (
+        "none",
+        "none or int8: scalar quantisation of new collections (a reindex applies it); rescored searches.",
+    ),
     "CBMIR_MODEL_PATH": (
         "(the encoder shipped in models/weights)",
         "ONNX encoder the workers and the query service load.",
@@ -131,8 +144,20 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "CBMIR_MAX_COLUMNS": ("8192", "Largest image width accepted for decoding."),
     "CBMIR_MAX_FRAMES": ("2000", "Largest number of frames accepted for decoding."),
     "CBMIR_WATCH_DIR": ("(unset)", "Folder the file watcher takes dropped files from."),
+    "CBMIR_PATIENT_KEY_SECRET": (
+        "(unset = no patient keys)",
+        "Site secret (16+ characters): points carry a keyed hash of Patient ID and issuer, never the ID.",
+    ),
+    "CBMIR_METRICS_PORT": (
+        "(unset = no metrics endpoint)",
+        "Port of the process's Prometheus /metrics endpoint (0 = any free port); serve: all parts on one.",
+    ),
+    "CBMIR_METRICS_HOST": ("127.0.0.1", "Address the /metrics endpoint binds."),
     "CBMIR_LOG_LEVEL": ("INFO", "Logging level."),
 }
+
+
+QUANTIZATIONS = ("none", "int8")
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -176,6 +201,20 @@ def _file(env: Mapping[str, str], name: str) -> Path | None:
     return path
 
 
+def _secret(env: Mapping[str, str], name: str, min_length: int = 16) -> bytes | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if len(raw) < min_length:
+        raise ConfigError(f"{name} must be at least {min_length} characters long")
+    return raw.encode("utf-8")
+
+
+def patient_key_secret(env: Mapping[str, str] | None = None) -> bytes | None:
+    """``CBMIR_PATIENT_KEY_SECRET``, the site secret of patient keys (None when unset)."""
+    return _secret(os.environ if env is None else env, "CBMIR_PATIENT_KEY_SECRET")
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _env(env, name, default).lower()
     if value not in choices:
@@ -213,6 +252,16 @@ class DataLayout:
     def quarantine(self) -> Path:
         """Objects that cannot be indexed, each with a reason file."""
         return self.root / "quarantine"
+
+    @property
+    def audit_log(self) -> Path:
+        """Administrative changes (erasure, purge, repair): one JSON line each, no PHI."""
+        return self.root / "audit" / "admin.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        """``cbmir serve``: its children's Prometheus multiprocess files (emptied at each start)."""
+        return self.root / "metrics"
 
     @property
     def index(self) -> Path:
@@ -287,6 +336,10 @@ class IndexSettings:
     embedded_path: Path
     writer_target: str
     writer_token: str | None
+    quantization: str = "none"  # "none" or "int8": scalar quantisation of new collections
+    reindex_grace_s: float = 86400.0  # how long a collection replaced by a reindex is kept
+    qdrant_shards: int = 1  # a Qdrant server's shards per new collection
+    qdrant_replicas: int = 1  # and copies of each shard
 
     @property
     def embedded(self) -> bool:
@@ -303,6 +356,10 @@ class IndexSettings:
             embedded_path=layout.index,
             writer_target=_env(env, "CBMIR_INDEX_WRITER", f"unix:{layout.root / 'index-writer.sock'}"),
             writer_token=env.get("CBMIR_WRITER_TOKEN") or None,
+            quantization=_choice(env, "CBMIR_QUANTIZATION", "none", QUANTIZATIONS),
+            reindex_grace_s=_float(env, "CBMIR_REINDEX_GRACE_S", 86400.0),
+            qdrant_shards=_int(env, "CBMIR_QDRANT_SHARDS", 1, minimum=1),
+            qdrant_replicas=_int(env, "CBMIR_QDRANT_REPLICAS", 1, minimum=1),
         )
 
 
@@ -379,6 +436,28 @@ class DecodeSettings:
         )
 
 
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where a process serves its Prometheus metrics (``/metrics``); ``port`` None: nowhere."""
+
+    host: str
+    port: int | None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the process serves a metrics endpoint."""
+        return self.port is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MetricsSettings:
+        """From ``CBMIR_METRICS_PORT`` (unset: no endpoint) and ``CBMIR_METRICS_HOST``."""
+        env = os.environ if env is None else env
+        port = _int(env, "CBMIR_METRICS_PORT", 0) if env.get("CBMIR_METRICS_PORT", "").strip() else None
+        if port is not None and port > 65535:
+            raise ConfigError(f"CBMIR_METRICS_PORT must be a port (0..65535), got {port}")
+        return cls(host=_env(env, "CBMIR_METRICS_HOST", "127.0.0.1"), port=port)
+
+
 def _data_layout(env: Mapping[str, str]) -> DataLayout:
     return DataLayout(Path(_env(env, "CBMIR_DATA_DIR", "./var")).expanduser().resolve())
 
@@ -452,6 +531,7 @@ class WorkerSettings:
     retry_backoff_s: float
     retry_budget_s: int
     tls: TlsSettings
+    patient_key_secret: bytes | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -471,6 +551,7 @@ class WorkerSettings:
             retry_backoff_s=_float(env, "CBMIR_RETRY_BACKOFF_S", 2.0),
             retry_budget_s=_int(env, "CBMIR_RETRY_BUDGET_S", 21600),
             tls=TlsSettings.from_env(env),
+            patient_key_secret=patient_key_secret(env),
         )
 
 
@@ -492,6 +573,8 @@ class QuerySettings:
     query_max_bytes: int
     query_decodes: int
     query_timeout_s: float
+    broker: BrokerSettings | None = None  # where admin repairs send work (None: not at all)
+    patient_key_secret: bytes | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> QuerySettings:
@@ -513,6 +596,8 @@ class QuerySettings:
             query_max_bytes=_int(env, "CBMIR_QUERY_MAX_BYTES", 64 * 1024 * 1024, minimum=1024),
             query_decodes=_int(env, "CBMIR_QUERY_DECODES", 2, minimum=1),
             query_timeout_s=_float(env, "CBMIR_QUERY_TIMEOUT_S", 30.0),
+            broker=BrokerSettings.from_env(env, layout),
+            patient_key_secret=patient_key_secret(env),
         )
 
 
@@ -548,6 +633,7 @@ __all__ = [
     "DecodeSettings",
     "IndexSettings",
     "ListenerSettings",
+    "MetricsSettings",
     "ModelSettings",
     "QuerySettings",
     "TlsSettings",

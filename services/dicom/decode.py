@@ -61,6 +61,7 @@ from services.core.errors import (
     UnsupportedInput,
 )
 from services.core.logs import describe, file_ref
+from services.core.patients import patient_key
 from services.core.vocabulary import (
     EEG,
     EEG_SOP_CLASSES,
@@ -111,6 +112,7 @@ class InstanceHeader:
     rows: int
     columns: int
     transfer_syntax_uid: str
+    patient_key: str = ""  # keyed hash of issuer + Patient ID (services.core.patients), when a secret is set
 
 
 @dataclass
@@ -379,7 +381,7 @@ def _transfer_syntax(ds: Dataset) -> str:
     return "1.2.840.10008.1.2.2"
 
 
-def _header_from_dataset(ds: Dataset) -> InstanceHeader:
+def _header_from_dataset(ds: Dataset, patient_key_secret: bytes | None = None) -> InstanceHeader:
     sop_class_uid = _required_uid(ds, "SOPClassUID", "MediaStorageSOPClassUID")
     if sop_class_uid == MEDIA_STORAGE_DIRECTORY:
         raise UnsupportedInput("this is a DICOMDIR (media directory), not an instance", reason="dicomdir")
@@ -406,14 +408,19 @@ def _header_from_dataset(ds: Dataset) -> InstanceHeader:
         rows=rows,
         columns=columns,
         transfer_syntax_uid=_transfer_syntax(ds),
+        patient_key=(
+            patient_key(patient_key_secret, _text(ds, "PatientID"), _text(ds, "IssuerOfPatientID"))
+            if patient_key_secret
+            else ""
+        ),
     )
 
 
-def read_header(source: DicomSource) -> InstanceHeader:
+def read_header(source: DicomSource, patient_key_secret: bytes | None = None) -> InstanceHeader:
     """Header of a DICOM instance (path, bytes, stream or Dataset); pixel data is not read."""
     ds = _read_dataset(source, stop_before_pixels=True)
     try:
-        return _header_from_dataset(ds)
+        return _header_from_dataset(ds, patient_key_secret)
     except CbmirError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
@@ -1003,6 +1010,7 @@ def decode_for_embedding(
     *,
     frames: FramePolicy = "middle",
     limits: DecodeLimits | None = None,
+    patient_key_secret: bytes | None = None,
 ) -> tuple[InstanceHeader, list[DecodedFrame]]:
     """Header plus display-ready frames of one instance (image or EEG waveform).
 
@@ -1014,7 +1022,7 @@ def decode_for_embedding(
     limits = limits or DecodeLimits()
     ds = _read_dataset(source, stop_before_pixels=False, max_inflated_bytes=limits.max_inflated_bytes)
     try:
-        header = _header_from_dataset(ds)
+        header = _header_from_dataset(ds, patient_key_secret)
         kind = _content_kind(ds, header)
         if kind == "waveform":
             samples_uv, sampling_hz = _waveform_channel_uv(ds, limits)

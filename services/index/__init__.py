@@ -45,6 +45,11 @@ def open_index(settings: IndexSettings) -> VectorIndex:
     """The index for the settings: the Qdrant server at ``QDRANT_URL``, else the embedded store."""
     if settings.qdrant_url:
         return QdrantServerIndex(
-            settings.collection, url=settings.qdrant_url, api_key=settings.qdrant_api_key
+            settings.collection,
+            url=settings.qdrant_url,
+            api_key=settings.qdrant_api_key,
+            quantization=settings.quantization,
+            shards=settings.qdrant_shards,
+            replicas=settings.qdrant_replicas,
         )
-    return EdgeIndex(settings.embedded_path, settings.collection)
+    return EdgeIndex(settings.embedded_path, settings.collection, quantization=settings.quantization)

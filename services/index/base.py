@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,18 @@ from services.core.errors import ConfigError
 from services.core.vocabulary import MODALITIES
 
 # Payload keys with a keyword index in every collection.
-INDEXED_FIELDS = ("modality", "sop_instance_uid", "study_instance_uid")
+INDEXED_FIELDS = ("modality", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_key")
+# Scalar quantisation: int8 codes searched first, then the best OVERSAMPLING x k candidates rescored
+# with the full float32 vectors, so the order of the answer is exact among the candidates.
+QUANTILE = 0.99
+OVERSAMPLING = 2.0
+
+# How stale a writer's view of "is a reindex building a new collection?" may be (server mode
+# caches it per process); a reindex waits this long after naming its target before it starts.
+REINDEX_TARGET_TTL_S = 2.0
+
+# Payload keys an administrator may select points by (erasure): each is a keyword index.
+SELECTABLE_FIELDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "patient_key")
 
 
 def point_id(sop_instance_uid: str, frame_number: int | None = None) -> str:
@@ -72,7 +83,9 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
-        """Insert or replace ``points`` in ``collection`` (default: the alias's collection)."""
+        """Insert or replace ``points`` in ``collection``. Without one it is a live write: into the
+        alias's collection and, while a reindex builds one (:meth:`reindex_target`), into that one
+        too when the points' model made it (:func:`dual_write_targets`)."""
 
     @abstractmethod
     def search(
@@ -92,8 +105,77 @@ class VectorIndex(ABC):
     def counts_by_modality(self) -> dict[str, int]:
         """Points per modality in the alias's collection (modalities without points left out)."""
 
+    @abstractmethod
+    def collections(self) -> list[str]:
+        """Every collection of this alias (``<alias>--...``): the current one, a reindex's new one,
+        old ones not dropped yet."""
+
+    @abstractmethod
+    def scroll(
+        self, collection: str | None = None, *, field: str | None = None, value: str | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(point ID, payload) of every point of ``collection`` (default: the alias's), or of those
+        whose payload ``field`` equals ``value``; no vectors."""
+
+    @abstractmethod
+    def delete_points(self, point_ids: Sequence[str], collection: str | None = None) -> None:
+        """Delete these points from ``collection`` (default: the alias's); unknown IDs are ignored."""
+
+    @abstractmethod
+    def reindex_target(self) -> str | None:
+        """The collection a reindex is building (live writes go there too), or None."""
+
+    @abstractmethod
+    def set_reindex_target(self, collection: str | None) -> None:
+        """Name (or, with None, forget) the collection a reindex builds."""
+
+    @abstractmethod
+    def drop_collection(self, collection: str) -> None:
+        """Delete a collection that neither the alias nor a reindex uses (ConfigError otherwise)."""
+
     def close(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Release files, locks and connections."""
+
+
+def belongs_to_model(collection: str, alias: str, model_version: str) -> bool:
+    """Whether ``collection`` holds vectors of ``model_version`` (``<alias>--<version>[--<time>]``)."""
+    prefix = collection_name(alias, model_version)
+    return collection == prefix or collection.startswith(prefix + "--")
+
+
+def dual_write_targets(
+    current: str, target: str | None, alias: str, points: Sequence[IndexPoint]
+) -> list[str]:
+    """Where a live write goes: the alias's collection, plus a reindex's new collection when it
+    belongs to the points' model (``<alias>--<model version>``, optionally ``--<time>``). Points of
+    another model are not written into a reindex's collection (the reindex embeds their objects
+    itself), and never into the alias's: after a reindex to a new model, a writer still running the
+    old one gets ConfigError (workers retry it) until it runs the new model."""
+    versions = {str(p.payload.get("model_version", "")) for p in points}
+    version = versions.pop() if len(versions) == 1 else ""
+    if not version:
+        return [current] if not target or target == current else [current, target]
+
+    def of_model(collection: str) -> bool:
+        return belongs_to_model(collection, alias, version)
+
+    if current.startswith(f"{alias}--") and not of_model(current):
+        raise ConfigError(
+            f"the index ({current}) holds vectors of another model than this writer's {version}: "
+            "run the model the index was built with, or reindex"
+        )
+    targets = [current]
+    if target and target != current and of_model(target):
+        targets.append(target)
+    return targets
+
+
+def check_droppable(collection: str, alias: str, current: str | None, target: str | None) -> None:
+    """ConfigError unless ``collection`` belongs to ``alias`` and is neither in use nor being built."""
+    if not collection.startswith(f"{alias}--"):
+        raise ConfigError(f"{collection} is not a collection of {alias}")
+    if collection in (current, target):
+        raise ConfigError(f"{collection} is in use (the alias or a reindex points at it)")
 
 
 def modality_filter_values(modalities: Sequence[str]) -> list[str]:

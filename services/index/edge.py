@@ -10,8 +10,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,11 +22,15 @@ from services.core.errors import BackendUnavailable, ConfigError, NotFound
 from services.core.vocabulary import MODALITIES, OTHER
 from services.index.base import (
     INDEXED_FIELDS,
+    OVERSAMPLING,
+    QUANTILE,
     IndexPoint,
     SearchHit,
     VectorIndex,
     as_vector,
+    check_droppable,
     collection_name,
+    dual_write_targets,
     modality_filter_values,
     point_id,
 )
@@ -44,12 +49,18 @@ class EdgeIndex(VectorIndex):
     :class:`BackendUnavailable` with a clear message.
     """
 
-    def __init__(self, root: Path, alias: str):
+    def __init__(
+        self, root: Path, alias: str, quantization: str = "none", indexing_threshold_kb: int | None = None
+    ):
         import qdrant_edge
 
         self._qe = qdrant_edge
         self._root = Path(root)
         self._alias = alias
+        self._quantization = quantization
+        # vectors (KB) a segment holds before optimize() builds its HNSW graph and quantised codes;
+        # None: the engine's default. Benchmarks lower it to measure small real collections.
+        self._indexing_threshold_kb = indexing_threshold_kb
         self._lock = threading.RLock()
         self._shards: dict[tuple[str, str], Any] = {}  # qdrant_edge.EdgeShard (untyped)
         (self._root / "shards").mkdir(parents=True, exist_ok=True)
@@ -65,18 +76,54 @@ class EdgeIndex(VectorIndex):
         except FileNotFoundError:
             return {}
 
-    @override
-    def switch_alias(self, collection: str) -> None:
-        """Point the alias at ``collection`` atomically (write temp, fsync, rename)."""
-        aliases = self._aliases()
-        aliases[self._alias] = collection
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
         tmp = self._aliases_path().with_suffix(".tmp")
         with open(tmp, "w") as handle:
             json.dump(aliases, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self._aliases_path())
+
+    @override
+    def switch_alias(self, collection: str) -> None:
+        """Point the alias at ``collection`` atomically (write temp, fsync, rename); a reindex that
+        built it is over in the same write."""
+        with self._lock:
+            aliases = self._aliases()
+            aliases[self._alias] = collection
+            if aliases.get(self._next_key) == collection:
+                del aliases[self._next_key]
+            self._write_aliases(aliases)
         logger.info("alias %s now points at %s", self._alias, collection)
+
+    @property
+    def _next_key(self) -> str:
+        return f"{self._alias}@reindex"
+
+    @override
+    def reindex_target(self) -> str | None:
+        return self._aliases().get(self._next_key)
+
+    @override
+    def set_reindex_target(self, collection: str | None) -> None:
+        with self._lock:
+            aliases = self._aliases()
+            if collection is None:
+                aliases.pop(self._next_key, None)
+            else:
+                aliases[self._next_key] = collection
+            self._write_aliases(aliases)
+
+    @override
+    def drop_collection(self, collection: str) -> None:
+        with self._lock:
+            check_droppable(collection, self._alias, self.current_collection(), self.reindex_target())
+            for key in [k for k in self._shards if k[0] == collection]:
+                shard = self._shards.pop(key)
+                shard.close()
+            shutil.rmtree(self._root / "shards" / collection, ignore_errors=True)
+            self._meta_path(collection).unlink(missing_ok=True)
+        logger.info("dropped collection %s", collection)
 
     @override
     def current_collection(self) -> str | None:
@@ -92,12 +139,19 @@ class EdgeIndex(VectorIndex):
         except (OSError, ValueError, KeyError):
             return None
 
+    def _quantized(self, collection: str) -> bool:
+        try:
+            return json.loads(self._meta_path(collection).read_text()).get("quantization") == "int8"
+        except (OSError, ValueError):
+            return False
+
     @override
     def create_collection(self, collection: str, dim: int) -> None:
         """A new, empty collection (its shards appear with their first points)."""
         if self._collection_dim(collection) is None:
             (self._root / "shards" / collection).mkdir(parents=True, exist_ok=True)
-            self._meta_path(collection).write_text(json.dumps({"dim": dim, "partitioned_by": "modality"}))
+            meta = {"dim": dim, "partitioned_by": "modality", "quantization": self._quantization}
+            self._meta_path(collection).write_text(json.dumps(meta))
 
     def _partitions(self, collection: str) -> list[str]:
         folder = self._root / "shards" / collection
@@ -117,7 +171,20 @@ class EdgeIndex(VectorIndex):
                     dim = self._collection_dim(collection)
                     if dim is None:
                         raise NotFound(f"collection {collection} does not exist")
-                    config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
+                    quantization = None
+                    if self._quantized(collection):
+                        quantization = qe.ScalarQuantizationConfig(
+                            qe.ScalarType.Int8, quantile=QUANTILE, always_ram=True
+                        )
+                    optimizers = None
+                    if self._indexing_threshold_kb is not None:
+                        optimizers = qe.EdgeOptimizersConfig(indexing_threshold=self._indexing_threshold_kb)
+                    config = qe.EdgeConfig(
+                        vectors=qe.EdgeVectorParams(
+                            size=dim, distance=qe.Distance.Euclid, quantization_config=quantization
+                        ),
+                        optimizers=optimizers,
+                    )
                     shard = qe.EdgeShard.create(str(path), config)
                     for field in INDEXED_FIELDS:
                         shard.update(
@@ -157,8 +224,12 @@ class EdgeIndex(VectorIndex):
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
             return
+        if collection is None:
+            with self._lock:
+                for target in dual_write_targets(self._current(), self.reindex_target(), self._alias, points):
+                    self.upsert(points, target)
+            return
         qe = self._qe
-        collection = collection or self._current()
         by_modality: dict[str, list[IndexPoint]] = {}
         for point in points:
             modality = point.payload.get("modality", OTHER)
@@ -197,8 +268,17 @@ class EdgeIndex(VectorIndex):
             flt = qe.Filter(
                 must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))]
             )
+        params = None
+        if self._quantized(collection):
+            params = qe.SearchParams(
+                quantization=qe.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING)
+            )
         request = qe.QueryRequest(
-            limit=int(k), query=qe.Query.Nearest([float(x) for x in vector]), with_payload=True, filter=flt
+            limit=int(k),
+            query=qe.Query.Nearest([float(x) for x in vector]),
+            with_payload=True,
+            filter=flt,
+            params=params,
         )
         hits = []
         for modality in wanted:
@@ -242,6 +322,51 @@ class EdgeIndex(VectorIndex):
             if n:
                 counts[modality] = int(n)
         return counts
+
+    @override
+    def collections(self) -> list[str]:
+        prefix = f"{self._alias}--"
+        folder = self._root / "shards"
+        return sorted(p.stem for p in folder.glob(f"{prefix}*.json") if p.stem.startswith(prefix))
+
+    @override
+    def scroll(
+        self, collection: str | None = None, *, field: str | None = None, value: str | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        qe = self._qe
+        collection = collection or self._current()
+        flt = None
+        if field is not None:
+            flt = qe.Filter(must=[qe.FieldCondition(key=field, match=qe.MatchValue(value))])
+        for modality in self._partitions(collection):
+            shard = self._shard(collection, modality)
+            if shard is None:
+                continue
+            offset = None
+            while True:
+                with self._lock:
+                    records, offset = shard.scroll(
+                        qe.ScrollRequest(
+                            offset=offset, limit=1024, filter=flt, with_payload=True, with_vector=False
+                        )
+                    )
+                for record in records:
+                    yield str(record.id), dict(record.payload or {})
+                if offset is None or not records:
+                    break
+
+    @override
+    def delete_points(self, point_ids: Sequence[str], collection: str | None = None) -> None:
+        if not point_ids:
+            return
+        qe = self._qe
+        collection = collection or self._current()
+        with self._lock:
+            for modality in self._partitions(collection):
+                shard = self._shard(collection, modality)
+                if shard is not None:
+                    shard.update(qe.UpdateOperation.delete_points(list(point_ids)))
+                    shard.flush()
 
     def segment_counts(self) -> tuple[int, int]:
         """(segments, vectors in HNSW graphs), summed over the alias's shards; what optimize() changes."""

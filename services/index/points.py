@@ -15,6 +15,7 @@ import numpy as np
 
 from models.preprocess import PreprocessContract, to_model_input
 from services.core.errors import InvalidInput
+from services.core.patients import PATIENT_KEY_PATTERN
 from services.core.vocabulary import DICOM_MODALITY_TERMS, MODALITIES, is_valid_uid
 from services.dicom.decode import DecodedFrame, InstanceHeader
 from services.index import IndexPoint, point_id
@@ -52,6 +53,8 @@ def index_points(
             "ingested_at": now,
             "spool_name": spool_name,
         }
+        if header.patient_key:
+            payload["patient_key"] = header.patient_key
         frame_key = frame.frame_number if multi and frame.frame_number > 1 else None
         points.append(IndexPoint(point_id(header.sop_instance_uid, frame_key), vector.tolist(), payload))
     return points
@@ -69,6 +72,7 @@ PAYLOAD_FIELDS: dict[str, tuple[type, bool]] = {
     "model_version": (str, False),
     "ingested_at": (float, False),
     "spool_name": (str, False),
+    "patient_key": (str, False),
 }
 MAX_FRAME_NUMBER = 2**32 - 1  # a Hit's frame_number is a uint32
 _UID_FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
@@ -114,6 +118,8 @@ def check_point(point: IndexPoint, dim: int) -> None:
             raise InvalidInput(f"point {point.point_id}: payload {key} is not a DICOM UID")
     if payload.get("modality_code", "") not in DICOM_MODALITY_TERMS | {""}:
         raise InvalidInput(f"point {point.point_id}: payload modality_code is not a DICOM Modality term")
+    if "patient_key" in payload and not PATIENT_KEY_PATTERN.match(payload["patient_key"]):
+        raise InvalidInput(f"point {point.point_id}: payload patient_key is not a keyed patient reference")
     if not _SPOOL_NAME.match(payload.get("spool_name", "0.dcm")):
         raise InvalidInput(f"point {point.point_id}: payload spool_name is not a spool file name")
     if payload["modality"] not in MODALITIES:

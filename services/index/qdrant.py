@@ -7,7 +7,8 @@ classified by what the backend answered (HTTP status), never by the text of a me
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,11 +18,16 @@ from services.core.errors import BackendUnavailable, CbmirError, ConfigError, In
 from services.core.vocabulary import MODALITIES
 from services.index.base import (
     INDEXED_FIELDS,
+    OVERSAMPLING,
+    QUANTILE,
+    REINDEX_TARGET_TTL_S,
     IndexPoint,
     SearchHit,
     VectorIndex,
     as_vector,
+    check_droppable,
     collection_name,
+    dual_write_targets,
     modality_filter_values,
     point_id,
 )
@@ -35,12 +41,25 @@ class QdrantServerIndex(VectorIndex):
     """A Qdrant server through qdrant-client (``QDRANT_URL``), or qdrant-client's local path mode."""
 
     def __init__(
-        self, alias: str, *, url: str | None = None, api_key: str | None = None, path: Path | None = None
+        self,
+        alias: str,
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        path: Path | None = None,
+        quantization: str = "none",
+        shards: int = 1,
+        replicas: int = 1,
     ):
         from qdrant_client import QdrantClient, models
 
         self._models = models
         self._alias = alias
+        self._quantization = quantization
+        self._layout = {} if url is None else {"shard_number": shards, "replication_factor": replicas}
+        self._next_cached: str | None = None
+        self._current_cached: str | None = None
+        self._next_checked_at = -1e9
         self._local = url is None
         try:
             if url:
@@ -58,11 +77,57 @@ class QdrantServerIndex(VectorIndex):
         except Exception as exc:
             raise classify_qdrant_error(exc) from exc
 
+    def _aliases(self) -> dict[str, str]:
+        return {
+            item.alias_name: item.collection_name for item in self._call(self._client.get_aliases).aliases
+        }
+
     def _alias_target(self) -> str | None:
-        for item in self._call(self._client.get_aliases).aliases:
-            if item.alias_name == self._alias:
-                return item.collection_name
-        return None
+        return self._aliases().get(self._alias)
+
+    @property
+    def _next_alias(self) -> str:
+        return f"{self._alias}--reindex"
+
+    def _live_targets(self) -> tuple[str | None, str | None]:
+        """(the alias's collection, a reindex's), read from the server at most every
+        REINDEX_TARGET_TTL_S per process: live writes ask for every batch."""
+        now = time.monotonic()
+        if now - self._next_checked_at > REINDEX_TARGET_TTL_S:
+            aliases = self._aliases()
+            self._current_cached = aliases.get(self._alias)
+            self._next_cached = aliases.get(self._next_alias)
+            self._next_checked_at = now
+        return self._current_cached, self._next_cached
+
+    @override
+    def reindex_target(self) -> str | None:
+        return self._live_targets()[1]
+
+    @override
+    def set_reindex_target(self, collection: str | None) -> None:
+        models = self._models
+        ops: list[Any] = []
+        if self._aliases().get(self._next_alias) is not None:
+            ops.append(
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self._next_alias))
+            )
+        if collection is not None:
+            ops.append(
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(collection_name=collection, alias_name=self._next_alias)
+                )
+            )
+        if ops:
+            self._call(self._client.update_collection_aliases, ops)
+        self._next_checked_at = -1e9
+
+    @override
+    def drop_collection(self, collection: str) -> None:
+        aliases = self._aliases()
+        check_droppable(collection, self._alias, aliases.get(self._alias), aliases.get(self._next_alias))
+        self._call(self._client.delete_collection, collection)
+        logger.info("dropped collection %s", collection)
 
     @override
     def current_collection(self) -> str | None:
@@ -83,6 +148,16 @@ class QdrantServerIndex(VectorIndex):
                 self._client.create_collection,
                 collection,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.EUCLID),
+                **self._layout,
+                quantization_config=(
+                    models.ScalarQuantization(
+                        scalar=models.ScalarQuantizationConfig(
+                            type=models.ScalarType.INT8, quantile=QUANTILE, always_ram=True
+                        )
+                    )
+                    if self._quantization == "int8"
+                    else None
+                ),
             )
             for field in INDEXED_FIELDS:
                 self._call(
@@ -91,9 +166,15 @@ class QdrantServerIndex(VectorIndex):
 
     @override
     def switch_alias(self, collection: str) -> None:
+        """One atomic alias update; a reindex that built ``collection`` is over in the same update."""
         models = self._models
-        ops = []
-        if self._alias_target() is not None:
+        ops: list[Any] = []
+        aliases = self._aliases()
+        if aliases.get(self._next_alias) == collection:
+            ops.append(
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self._next_alias))
+            )
+        if aliases.get(self._alias) is not None:
             ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self._alias)))
         ops.append(
             models.CreateAliasOperation(
@@ -101,6 +182,7 @@ class QdrantServerIndex(VectorIndex):
             )
         )
         self._call(self._client.update_collection_aliases, ops)
+        self._next_checked_at = -1e9  # this process sees its own switch at once
 
     @override
     def ensure_collection(self, dim: int, model_version: str) -> str:
@@ -122,10 +204,20 @@ class QdrantServerIndex(VectorIndex):
     def upsert(self, points: Sequence[IndexPoint], collection: str | None = None) -> None:
         if not points:
             return
+        if collection is None:
+            current, target = self._live_targets()
+            if current is None:
+                self._next_checked_at = -1e9  # created since the last look?
+                current, target = self._live_targets()
+            if current is None:
+                raise NotFound("the index is empty: no collection has been created yet")
+            for name in dual_write_targets(current, target, self._alias, points):
+                self.upsert(points, name)
+            return
         models = self._models
         self._call(
             self._client.upsert,
-            collection or self._read_target(),
+            collection,
             points=[
                 models.PointStruct(id=p.point_id, vector=[float(x) for x in p.vector], payload=p.payload)
                 for p in points
@@ -163,6 +255,10 @@ class QdrantServerIndex(VectorIndex):
             query_filter=self._filter(modalities, exclude_study),
             limit=int(k),
             with_payload=True,
+            # ignored by a collection without quantisation
+            search_params=self._models.SearchParams(
+                quantization=self._models.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING)
+            ),
         )
         return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
 
@@ -202,6 +298,49 @@ class QdrantServerIndex(VectorIndex):
             if n:
                 counts[modality] = int(n)
         return counts
+
+    @override
+    def collections(self) -> list[str]:
+        prefix = f"{self._alias}--"
+        names = [c.name for c in self._call(self._client.get_collections).collections]
+        return sorted(name for name in names if name.startswith(prefix))
+
+    @override
+    def scroll(
+        self, collection: str | None = None, *, field: str | None = None, value: str | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        models = self._models
+        target = collection or self._read_target()
+        flt = None
+        if field is not None:
+            flt = models.Filter(must=[models.FieldCondition(key=field, match=models.MatchValue(value=value))])
+        offset = None
+        while True:
+            records, offset = self._call(
+                self._client.scroll,
+                target,
+                scroll_filter=flt,
+                limit=1024,
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
+            )
+            for record in records:
+                yield str(record.id), dict(record.payload or {})
+            if offset is None or not records:
+                return
+
+    @override
+    def delete_points(self, point_ids: Sequence[str], collection: str | None = None) -> None:
+        if not point_ids:
+            return
+        models = self._models
+        self._call(
+            self._client.delete,
+            collection or self._read_target(),
+            points_selector=models.PointIdsList(points=list(point_ids)),
+            wait=True,
+        )
 
     @override
     def close(self) -> None:

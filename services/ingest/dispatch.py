@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from services.core import metrics
 from services.core.broker import EMBED_TASK, celery_app
 from services.core.config import BrokerSettings
 from services.core.errors import BackendUnavailable
@@ -35,6 +36,7 @@ class TaskDispatcher:
             return True
         except BackendUnavailable as exc:
             logger.error("broker unavailable, %s kept in backlog: %s", spool_name, exc)
+            metrics.TASKS_SENT.labels("backlog").inc()
             with self._lock:
                 self._backlog[spool_name] = None
             return False
@@ -50,6 +52,7 @@ class TaskDispatcher:
             )
         except Exception as exc:  # kombu raises many transport-specific types
             raise BackendUnavailable(f"cannot send task to broker: {type(exc).__name__}: {exc}") from exc
+        metrics.TASKS_SENT.labels("sent").inc()
 
     def flush_backlog(self) -> int:
         """Retry every task the broker refused earlier; returns how many are still waiting."""
@@ -105,6 +108,7 @@ class PendingSweep:
         for path in pending:
             self.dispatcher.embed(path.name)
             self._sent_at[path.name] = now
+        metrics.SPOOL_RESENT.inc(len(pending))
         return len(pending)
 
     def sweep(self, now: float | None = None) -> int:
@@ -124,6 +128,7 @@ class PendingSweep:
             if marker.name not in waiting:
                 self.spool.forget_attempts(marker.name)
         if sent:
+            metrics.SPOOL_RESENT.inc(sent)
             logger.warning("re-sent %d instance(s) not indexed after %d s", sent, self.resend_after_s)
         self.spool.remove_stale_tmp(self.STALE_TMP_S)
         return sent

@@ -29,7 +29,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
-from services.core.config import ListenerSettings
+from services.core import metrics
+from services.core.config import ListenerSettings, MetricsSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
 from services.core.logs import describe
 from services.core.processes import run_until_stopped
@@ -48,6 +49,14 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
+# Their names in the metrics (cbmir_dicom_instances_received_total{status}).
+STATUS_NAMES = {
+    STATUS_SUCCESS: "success",
+    STATUS_OUT_OF_RESOURCES: "out-of-resources",
+    STATUS_DATASET_MISMATCH: "dataset-mismatch",
+    STATUS_CANNOT_UNDERSTAND: "cannot-understand",
+    STATUS_PROCESSING_FAILURE: "processing-failure",
+}
 
 
 class DatasetMismatch(InvalidInput):
@@ -153,7 +162,14 @@ class StoreHandler:
         self._room = room
 
     def __call__(self, event: evt.Event) -> int:
-        """Handle one C-STORE request; returns its DICOM status."""
+        """Handle one C-STORE request; returns its DICOM status (counted and timed in the metrics)."""
+        started = time.perf_counter()
+        status = self._handle(event)
+        metrics.DICOM_STORE_SECONDS.observe(time.perf_counter() - started)
+        metrics.DICOM_INSTANCES_RECEIVED.labels(STATUS_NAMES.get(status, "other")).inc()
+        return status
+
+    def _handle(self, event: evt.Event) -> int:
         request = event.request
         assert isinstance(request, C_STORE)  # bound to EVT_C_STORE only
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
@@ -164,6 +180,8 @@ class StoreHandler:
             if self._room is not None:
                 self._room.require()
             received = self._received_file(event, streamed, name)
+            with contextlib.suppress(OSError):
+                metrics.DICOM_RECEIVED_BYTES.inc(received.stat().st_size)
         except StorageError as exc:
             if streamed is not None:
                 with contextlib.suppress(OSError):  # not acknowledged: nothing to keep
@@ -235,6 +253,7 @@ class StoreHandler:
         """A refused object is still kept, with its reason, so nothing received is lost."""
         try:
             self._spool.quarantine(received, reason=exc.reason, detail=str(exc), stage="listener", name=name)
+            metrics.QUARANTINED.labels("listener", metrics.slug(exc.reason)).inc()
         except StorageError:
             logger.exception("could not keep refused object %s", name)
 
@@ -300,6 +319,7 @@ class Listener:
         handlers = [
             (evt.EVT_C_STORE, self.handler),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
@@ -373,7 +393,12 @@ class Listener:
             self._tls_stamp = stamp
             logger.info("DICOM TLS: certificate files changed; new associations use them")
 
+    @staticmethod
+    def _on_accepted(event: evt.Event) -> None:
+        metrics.DICOM_ASSOCIATIONS.labels("accepted").inc()
+
     def _on_rejected(self, event: evt.Event) -> None:
+        metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()
         requestor = event.assoc.requestor
         allowed = self.settings.allowed_ae_titles
         if allowed and requestor.ae_title not in allowed:
@@ -384,6 +409,7 @@ class Listener:
 
     @staticmethod
     def _on_aborted(event: evt.Event) -> None:
+        metrics.DICOM_ASSOCIATIONS.labels("aborted").inc()
         requestor = event.assoc.requestor
         logger.info("association from %s (AE %s) aborted", requestor.address, requestor.ae_title)
 
@@ -404,15 +430,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cbmir scp``: listen until SIGINT or SIGTERM."""
+    """``cbmir scp``: listen (and serve its metrics, with CBMIR_METRICS_PORT) until SIGINT or SIGTERM."""
     settings = ListenerSettings.from_env()
+    metrics_settings = MetricsSettings.from_env()
     if args.port is not None:
         settings = replace(settings, port=args.port)
     if args.ae_title:
         settings = replace(settings, ae_title=args.ae_title)
     listener = Listener(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
+    endpoint: metrics.MetricsEndpoint | None = None
 
     def start() -> str:
+        nonlocal endpoint
+        endpoint = metrics.serve_metrics(metrics_settings)
         port = listener.start()
         lines = (
             []
@@ -425,4 +455,9 @@ def run(args: argparse.Namespace) -> int:
             )
         return "\n".join(lines)
 
-    return run_until_stopped(start, listener.stop)
+    def stop() -> None:
+        listener.stop()
+        if endpoint is not None:
+            endpoint.close()
+
+    return run_until_stopped(start, stop)

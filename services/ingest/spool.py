@@ -237,6 +237,16 @@ class Spool:
         )
         return target
 
+    def unarchive(self, name: str) -> Path:
+        """Move an archived object back to incoming, to be embedded again (a repair)."""
+        source, target = self.archived_path(name), self.incoming_path(name)
+        try:
+            os.replace(source, target)
+            fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot move {source.name} back to the spool: {exc.strerror or exc}") from exc
+        return target
+
     def requeue_quarantined(self, name: str) -> Path:
         """Move a quarantined object back to incoming (after a fix); its reason file is kept as history."""
         source = self.layout.quarantine / _plain_name(name)

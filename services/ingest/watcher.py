@@ -39,7 +39,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from services.core.config import WatcherSettings
+from services.core import metrics
+from services.core.config import MetricsSettings, WatcherSettings
 from services.core.errors import CbmirError, ConfigError, StorageError
 from services.core.logs import describe, file_ref
 from services.core.processes import run_until_stopped
@@ -288,6 +289,7 @@ class FolderWatcher:
             self._retry_later(path, str(exc))
             return False
         sent = self.dispatcher.embed(converted.spool_name)
+        metrics.WATCH_FILES.labels("spooled").inc()
         logger.info("spooled %s as %s (%s)", file_ref(relative), converted.spool_name, converted.description)
         if not sent:  # in the dispatcher's backlog: the original stays until the task is sent
             self._forget(path)
@@ -304,6 +306,8 @@ class FolderWatcher:
         except StorageError as exc:
             self._retry_later(path, f"cannot quarantine: {exc}")
             return False
+        metrics.WATCH_FILES.labels("quarantined").inc()
+        metrics.QUARANTINED.labels("watcher", metrics.slug(reason)).inc()
         self._move(path, relative, FAILED_DIR)
         return True
 
@@ -353,8 +357,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cbmir watch``: watch until SIGINT or SIGTERM."""
+    """``cbmir watch``: watch (and serve its metrics, with CBMIR_METRICS_PORT) until SIGINT or SIGTERM."""
     settings = WatcherSettings.from_env()
+    metrics_settings = MetricsSettings.from_env()
     if args.dir:
         settings = replace(settings, watch_dir=Path(args.dir).expanduser().resolve())
     if args.settle is not None:
@@ -366,9 +371,17 @@ def run(args: argparse.Namespace) -> int:
         print("cbmir watch: give DIR or set CBMIR_WATCH_DIR", file=sys.stderr)
         return 2
     watcher = FolderWatcher(settings, Spool(settings.layout), TaskDispatcher(settings.broker))
+    endpoint: metrics.MetricsEndpoint | None = None
 
     def start() -> str:
+        nonlocal endpoint
+        endpoint = metrics.serve_metrics(metrics_settings)
         watcher.start()
         return f"cbmir watch: watching {settings.watch_dir}"
 
-    return run_until_stopped(start, watcher.stop)
+    def stop() -> None:
+        watcher.stop()
+        if endpoint is not None:
+            endpoint.close()
+
+    return run_until_stopped(start, stop)

@@ -1,9 +1,14 @@
 """``cbmir reindex``: the admin tool for the index.
 
-* ``cbmir reindex`` re-embeds every archived instance with the configured model into a fresh,
-  versioned collection, then switches the alias to it atomically; queries keep reading the old
-  collection until the switch. With the embedded store, stop the query service first (it owns
-  the index; the tool says so if it is running). With a Qdrant server it runs beside live traffic.
+* ``cbmir reindex --server HOST:PORT`` (an admin token): the running index owner re-embeds every
+  archived instance into a fresh, versioned collection in the background while it keeps answering
+  searches and taking upserts (each goes into both collections), then switches the alias
+  atomically. The command shows the progress until it is done.
+* ``cbmir reindex`` with nothing serving, or with a Qdrant server (``QDRANT_URL``): the same job in
+  this process; with a Qdrant server the workers keep writing beside it.
+* A reindex cut short resumes where it was, the next time it is started (the index owner resumes
+  its own at start). ``--drop-old`` drops the collections it replaced at once instead of after
+  ``CBMIR_REINDEX_GRACE_S``.
 * ``cbmir reindex --pending`` re-sends every spooled, not yet indexed instance to the workers.
 * ``cbmir reindex --requeue-quarantined [REASON]`` moves quarantined objects (all, or those with
   that reason) back into the spool and re-sends them, after a fix (a new decoder, a higher limit).
@@ -13,83 +18,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from models.runtime import OnnxEncoder
 from services.core.config import WorkerSettings
-from services.core.errors import CbmirError
-from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, decode_for_embedding
-from services.index import collection_name, open_index
-from services.index.points import index_points, model_inputs
+from services.core.errors import BackendUnavailable, CbmirError
 from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
+from services.query.reindex import ReindexState
 
 logger = logging.getLogger(__name__)
 
 
-def reindex_archive(settings: WorkerSettings, batch_size: int = 32) -> dict:
-    """Embed the archive into a new collection and switch the alias; returns a summary."""
-    spool = Spool(settings.layout)
-    index = open_index(settings.index)
-    encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
-    target = (
-        f"{collection_name(settings.index.collection, encoder.version)}--{time.strftime('%Y%m%dT%H%M%S')}"
-    )
-    index.create_collection(target, encoder.dim)
-    limits = DecodeLimits.from_settings(settings.decode)
-    archived = spool.archived()
-    done, failed = 0, {}
-    pending_inputs: list[np.ndarray] = []
-    pending_meta: list[tuple[InstanceHeader, list[DecodedFrame], str]] = []
-
-    def flush() -> None:
-        if not pending_inputs:
-            return
-        vectors = encoder.embed(np.concatenate(pending_inputs))
-        start, points = 0, []
-        for header, frames, name in pending_meta:
-            points += index_points(
-                header,
-                frames,
-                vectors[start : start + len(frames)],
-                model_version=encoder.version,
-                spool_name=name,
-            )
-            start += len(frames)
-        index.upsert(points, collection=target)
-        pending_inputs.clear()
-        pending_meta.clear()
-
-    for path in tqdm(archived, desc=f"reindex into {target}", unit="obj"):
-        try:
-            header, frames = decode_for_embedding(path, frames=settings.decode.frames, limits=limits)
-        except CbmirError as exc:
-            failed[path.name] = exc.reason
-            continue
-        pending_inputs.append(model_inputs(frames, encoder.contract))
-        pending_meta.append((header, frames, path.name))
-        done += 1
-        if sum(len(m[1]) for m in pending_meta) >= batch_size:
-            flush()
-    flush()
-    previous = index.current_collection()
-    index.switch_alias(target)
-    index.close()
-    return {
-        "collection": target,
-        "previous": previous,
-        "reindexed": done,
-        "failed": failed,
-        "model_version": encoder.version,
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir reindex``."""
+    from services.ops.cli import add_client_arguments
+
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--pending", action="store_true", help="re-send spooled, unindexed instances")
     mode.add_argument(
@@ -99,26 +47,141 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REASON",
         help="move quarantined objects (optionally only REASON) back and re-send them",
     )
+    parser.add_argument(
+        "--drop-old",
+        action="store_true",
+        help="drop replaced collections as soon as the new one serves (default: after CBMIR_REINDEX_GRACE_S)",
+    )
+    add_client_arguments(
+        parser, server_help="the running index owner: it reindexes online (admin token)", required=False
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="with nothing serving: this data folder (default CBMIR_DATA_DIR)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cbmir reindex``: re-embed the archive, or re-send pending or quarantined instances."""
-    settings = WorkerSettings.from_env()
+    """``cbmir reindex``: re-embed the archive online, or re-send pending or quarantined instances."""
+    env = dict(os.environ)
+    if args.data_dir is not None:
+        env["CBMIR_DATA_DIR"] = str(args.data_dir)
+    settings = WorkerSettings.from_env(env)
     if args.pending or args.requeue_quarantined is not None:
         return resend(settings, requeue_reason=args.requeue_quarantined)
+    if args.server:
+        return _through_server(args)
     try:
-        summary = reindex_archive(settings, batch_size=settings.batch_size)
+        state = _in_this_process(settings, drop_old=args.drop_old)
     except CbmirError as exc:
         print(f"cbmir reindex: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"cbmir reindex: {summary['reindexed']} instance(s) into {summary['collection']} "
-        f"(model {summary['model_version']}); "
-        f"alias {settings.index.collection} switched from {summary['previous']}"
+    return _report(
+        state.state,
+        state.done,
+        state.target,
+        state.model_version,
+        state.previous,
+        state.error,
+        state.failed,
+        settings.index.collection,
     )
-    for name, reason in sorted(summary["failed"].items()):
-        print(f"  not reindexed: {name}: {reason}")
+
+
+def _report(
+    outcome: str, done: int, target: str, version: str, previous: str, error: str, failed: int, alias: str
+) -> int:
+    if outcome != "done":
+        print(f"cbmir reindex: failed: {error} (start it again to resume)", file=sys.stderr)
+        return 1
+    print(
+        f"cbmir reindex: {done} instance(s) into {target} (model {version}); "
+        f"alias {alias} switched from {previous or 'nothing'}"
+    )
+    if failed:
+        print(f"  {failed} archived object(s) could not be decoded and were not reindexed (see the log)")
     return 0
+
+
+def _in_this_process(settings: WorkerSettings, drop_old: bool) -> ReindexState:
+    from models.runtime import OnnxEncoder
+    from services.dicom.decode import DecodeLimits
+    from services.index import open_index
+    from services.index.base import REINDEX_TARGET_TTL_S
+    from services.query.reindex import ReindexJob
+
+    try:
+        index = open_index(settings.index)
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(
+            f"{exc}; to reindex while it serves: cbmir reindex --server HOST:PORT"
+        ) from None
+    try:
+        encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
+        job = ReindexJob(
+            index,
+            Spool(settings.layout),
+            encoder,
+            alias=settings.index.collection,
+            limits=DecodeLimits.from_settings(settings.decode),
+            frames=settings.decode.frames,
+            batch_size=settings.batch_size,
+            patient_key_secret=settings.patient_key_secret,
+            grace_s=settings.index.reindex_grace_s,
+            settle_s=0.0 if settings.index.embedded else REINDEX_TARGET_TTL_S + 1.0,
+        )
+        job.drop_when_done = drop_old
+        bar = tqdm(desc="reindex", unit="obj", total=0)
+
+        def progress(state: ReindexState) -> None:
+            bar.total = state.total
+            bar.n = state.done
+            bar.refresh()
+
+        state = job.run(progress)
+        bar.close()
+        if state.state == "done" and not drop_old:
+            job.drop_old()  # collections whose grace period is over
+        for name in job.last_dropped:
+            print(f"  dropped the old collection {name}")
+        return state
+    finally:
+        index.close()
+
+
+def _through_server(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.grpc_gen.cbmir.v1 import admin_pb2
+    from services.ops.cli import _rpc_failure, client_from_args
+
+    client = client_from_args(args, timeout_s=60.0)
+    try:
+        state = client.admin("StartReindex", admin_pb2.StartReindexRequest(drop_old=args.drop_old))
+        print(f"cbmir reindex: the index owner builds {state.target}; searches and ingest go on", flush=True)
+        with tqdm(desc="reindex", unit="obj", total=state.total) as bar:
+            while state.state == "building":
+                time.sleep(0.5)
+                state = client.admin("GetReindexStatus", admin_pb2.GetReindexStatusRequest())
+                bar.total = max(state.total, state.done)
+                bar.n = state.done
+                bar.refresh()
+    except grpc.RpcError as exc:
+        return _rpc_failure(exc)
+    finally:
+        client.close()
+    for name in state.dropped:
+        print(f"  dropped the old collection {name}")
+    alias = WorkerSettings.from_env().index.collection
+    return _report(
+        state.state,
+        state.done,
+        state.target,
+        state.model_version,
+        state.previous,
+        state.error,
+        state.failed,
+        alias,
+    )
 
 
 def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:

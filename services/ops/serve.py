@@ -5,6 +5,10 @@ transport on SQLite under the data directory) and the embedded index owned by th
 The worker is a real Celery worker consuming real messages; nothing runs eagerly. A child that
 dies is restarted; the spool keeps every acknowledged instance, and the listener re-sends the
 pending ones when it starts.
+
+With ``--metrics-port`` (``CBMIR_METRICS_PORT``) the children run in prometheus-client's
+multiprocess mode, writing their metrics into ``<data dir>/metrics`` (emptied at each start), and
+this process serves them merged, with the spool and queue state read at each scrape, on one port.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from services.core import metrics
+from services.core.config import BrokerSettings, DataLayout, MetricsSettings
 from services.core.errors import BackendUnavailable, CbmirError
 from services.core.processes import stop_process, wait_for_stop_signal
+from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +38,8 @@ _PORT_LINE = re.compile(r":(\d+)\s*$")
 
 @dataclass
 class ServeOptions:
-    """What ``cbmir serve`` was asked for: data folder, ports, AE title, bind address, watch folder."""
+    """What ``cbmir serve`` was asked for: data folder, ports, AE title, bind address, watch folder,
+    metrics endpoint."""
 
     data_dir: Path
     dicom_port: int
@@ -39,6 +47,7 @@ class ServeOptions:
     ae_title: str
     host: str = "127.0.0.1"
     watch_dir: Path | None = None
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(host="127.0.0.1", port=None))
 
 
 class Child:
@@ -107,8 +116,16 @@ class Supervisor:
         for name in ("CBMIR_DICOM_HOST", "CBMIR_GRPC_HOST"):
             if os.environ.get(name) and os.environ[name] != options.host:
                 logger.warning("%s is ignored: cbmir serve binds --host %s", name, options.host)
+        self.layout = DataLayout(options.data_dir)
+        # the children serve no metrics of their own; with a metrics port they write theirs into
+        # files that this process merges (prometheus-client's multiprocess mode)
+        env.pop("CBMIR_METRICS_PORT", None)
+        env.pop(metrics.MULTIPROCESS_ENV, None)
+        if options.metrics.enabled:
+            env[metrics.MULTIPROCESS_ENV] = str(self.layout.metrics)
         self.env = env
         self.children: list[Child] = []
+        self.metrics: metrics.MetricsEndpoint | None = None
         self._stop = threading.Event()
 
     def _start_child(self, name: str, extra: dict[str, str], announces: bool) -> Child:
@@ -123,8 +140,11 @@ class Supervisor:
         return child
 
     def start(self) -> tuple[int, int]:
-        """Start query, listener, worker (and watcher); returns (DICOM port, gRPC port)."""
+        """Start the metrics endpoint (if asked for), query, listener, worker (and watcher); returns
+        (DICOM port, gRPC port)."""
         o = self.options
+        if o.metrics.enabled:
+            self.metrics = self._serve_metrics()
         query = self._start_child("query", {"CBMIR_GRPC_PORT": str(o.grpc_port)}, True)
         query.env["CBMIR_GRPC_PORT"] = str(query.port)  # keep the port across restarts
         scp = self._start_child("scp", {"CBMIR_DICOM_PORT": str(o.dicom_port)}, True)
@@ -141,6 +161,21 @@ class Supervisor:
         assert scp.port is not None and query.port is not None  # both announce their port
         return scp.port, query.port
 
+    def _serve_metrics(self) -> metrics.MetricsEndpoint | None:
+        """Empty the children's metrics folder and serve it merged, with the spool's state and the
+        embedded broker's queue length read at each scrape."""
+        folder = metrics.prepare_multiprocess_dir(self.layout.metrics)
+        collectors = [
+            metrics.SpoolCollector(Spool(self.layout)),
+            metrics.QueueCollector(BrokerSettings.from_env(self.env, self.layout)),
+        ]
+        return metrics.serve_metrics(self.options.metrics, collectors, multiprocess_dir=folder)
+
+    def _forget_metrics_of(self, child: Child) -> None:
+        """A dead child's live gauges leave the merged metrics (its counters stay)."""
+        if self.metrics is not None and child.process is not None:
+            metrics.forget_process(child.process.pid, self.layout.metrics)
+
     def _watch_children(self) -> None:
         while not self._stop.wait(1.0):
             for child in self.children:
@@ -148,6 +183,7 @@ class Supervisor:
                     code = child.process.returncode if child.process else None
                     logger.error("%s exited (code %s); restarting", child.name, code)
                     print(f"cbmir serve: {child.name} exited (code {code}); restarting", flush=True)
+                    self._forget_metrics_of(child)
                     time.sleep(1.0)
                     try:
                         child.start()
@@ -159,6 +195,8 @@ class Supervisor:
         self._stop.set()
         for child in reversed(self.children):  # worker and listener first, index owner last
             child.stop()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,10 +225,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default loopback)")
     parser.add_argument("--watch", metavar="DIR", help="also run the file watcher on DIR")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve the Prometheus metrics of all parts at http://HOST:P/metrics, 0 for any free port "
+        "(default CBMIR_METRICS_PORT; unset: no metrics endpoint)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address the metrics endpoint binds (default CBMIR_METRICS_HOST, else 127.0.0.1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """``cbmir serve``: start the parts, restart any that dies, stop them all on SIGINT/SIGTERM."""
+    metrics_settings = MetricsSettings.from_env()
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            print(f"cbmir serve: --metrics-port must be 0..65535, got {args.metrics_port}", file=sys.stderr)
+            return 2
+        metrics_settings = replace(metrics_settings, port=args.metrics_port)
+    if args.metrics_host:
+        metrics_settings = replace(metrics_settings, host=args.metrics_host)
     options = ServeOptions(
         data_dir=Path(args.data_dir).expanduser().resolve(),
         dicom_port=args.dicom_port,
@@ -198,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         ae_title=args.ae_title,
         host=args.host,
         watch_dir=Path(args.watch).expanduser().resolve() if args.watch else None,
+        metrics=metrics_settings,
     )
     supervisor = Supervisor(options)
     try:

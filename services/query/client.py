@@ -11,7 +11,7 @@ import grpc
 from services.core.security import grpc_channel
 from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
 from services.dicom.decode import looks_like_dicom
-from services.grpc_gen.cbmir.v1 import search_pb2, search_pb2_grpc
+from services.grpc_gen.cbmir.v1 import admin_pb2_grpc, search_pb2, search_pb2_grpc
 
 
 class SearchClient:
@@ -33,6 +33,7 @@ class SearchClient:
     ):
         self._channel = grpc_channel(target, ca=tls_ca, cert=tls_cert, key=tls_key)
         self._stub = search_pb2_grpc.SimilarCasesStub(self._channel)
+        self._admin = admin_pb2_grpc.IndexAdminStub(self._channel)
         self._timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -80,6 +81,11 @@ class SearchClient:
             search_pb2.GetIndexStatsRequest(), timeout=self._timeout_s, metadata=self._metadata
         )
         return response
+
+    def admin(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        """Call ``cbmir.v1.IndexAdmin/<method>`` (admin role) with ``request``."""
+        call = getattr(self._admin, method)
+        return call(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
 
     def close(self) -> None:
         """Close the channel."""

@@ -36,7 +36,8 @@ from typing_extensions import override
 
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
-from services.core.config import QuerySettings
+from services.core import metrics
+from services.core.config import MetricsSettings, QuerySettings
 from services.core.errors import (
     BackendUnavailable,
     CbmirError,
@@ -58,10 +59,20 @@ from services.core.security import (
 )
 from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
 from services.dicom.decode import DecodeLimits, decode_for_embedding
-from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc, search_pb2, search_pb2_grpc
+from services.grpc_gen.cbmir.v1 import (
+    admin_pb2_grpc,
+    index_writer_pb2,
+    index_writer_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
 from services.index import IndexPoint, SearchHit, VectorIndex, open_index
+from services.index.base import REINDEX_TARGET_TTL_S, belongs_to_model
 from services.index.points import check_point
+from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
+from services.query.admin import IndexMaintenance, make_servicer
+from services.query.reindex import ReindexJob
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +83,9 @@ audit = logging.getLogger("cbmir.audit")
 
 # The role each public method needs; anything not listed needs admin. Health checks need none
 # (probes carry no token); reflection needs a valid caller like any other call.
+SEARCH_METHOD = "/cbmir.v1.SimilarCases/SearchSimilar"
 METHOD_ROLES = {
-    "/cbmir.v1.SimilarCases/SearchSimilar": SEARCH,
+    SEARCH_METHOD: SEARCH,
     "/cbmir.v1.SimilarCases/GetIndexStats": ADMIN,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": SEARCH,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
@@ -138,8 +150,10 @@ class QueryEngine:
         *,
         decodes: int = 2,
         timeout_s: float = 30.0,
+        alias: str = "",
     ):
         self.index = index
+        self.alias = alias
         self.encoder = encoder
         self.spool = spool
         self.limits = limits
@@ -153,7 +167,13 @@ class QueryEngine:
         if self.collection is None:
             with self._lock:
                 if self.collection is None:
-                    self.collection = self.index.ensure_collection(self.encoder.dim, self.encoder.version)
+                    collection = self.index.ensure_collection(self.encoder.dim, self.encoder.version)
+                    if self.alias and not belongs_to_model(collection, self.alias, self.encoder.version):
+                        raise ConfigError(
+                            f"the index ({collection}) holds vectors of another model than this service's "
+                            f"{self.encoder.version}: run the model it was built with, or reindex"
+                        )
+                    self.collection = collection
         return self.collection
 
     def _embed_image(self, image: np.ndarray) -> np.ndarray:
@@ -292,6 +312,9 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
             outcome = grpc.StatusCode.INTERNAL.name
             raise
         finally:
+            kind = request.WhichOneof("query") or "none"
+            metrics.SEARCH_REQUESTS.labels(kind, outcome).inc()
+            metrics.SEARCH_SECONDS.labels(kind).observe(time.monotonic() - started)
             # who, what kind of query, how many asked and found, how it ended; never the query itself
             audit.info(
                 "search caller=%s kind=%s k=%d modalities=%d hits=%d status=%s ms=%.1f",
@@ -393,7 +416,12 @@ class AccessInterceptor(_CallGate):
     @override
     def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         if not method.startswith(OPEN_METHOD_PREFIXES):
-            self._policy.authorize(metadata, METHOD_ROLES.get(method, ADMIN))
+            try:
+                self._policy.authorize(metadata, METHOD_ROLES.get(method, ADMIN))
+            except CbmirError as exc:
+                if method == SEARCH_METHOD:  # refused before the request was read: its kind is unknown
+                    metrics.SEARCH_REQUESTS.labels("unknown", grpc_code_for(exc).name).inc()
+                raise
 
 
 class WriterTokenInterceptor(_CallGate):
@@ -484,11 +512,33 @@ class QueryServer:
             limits,
             decodes=settings.query_decodes,
             timeout_s=settings.query_timeout_s,
+            alias=settings.index.collection,
         )
         try:
             self.engine.ready_collection()
         except BackendUnavailable as exc:  # keep serving: calls answer UNAVAILABLE until it is back
             logger.error("index backend unavailable at start: %s", exc)
+        self._dispatcher: TaskDispatcher | None = None
+        self._dispatcher_lock = threading.Lock()
+        self.maintenance = IndexMaintenance(
+            self.index,
+            self.engine.spool,
+            model_version=self.encoder.version,
+            send=self._send,
+            patient_key_secret=settings.patient_key_secret,
+        )
+        self.reindex = ReindexJob(
+            self.index,
+            self.engine.spool,
+            self.encoder,
+            alias=settings.index.collection,
+            limits=DecodeLimits.from_settings(settings.decode),
+            frames=settings.decode.frames,
+            patient_key_secret=settings.patient_key_secret,
+            grace_s=settings.index.reindex_grace_s,
+            settle_s=0.0 if settings.index.embedded else REINDEX_TARGET_TTL_S + 1.0,
+            on_switch=self._switched,
+        )
         self.health = health.HealthServicer()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
@@ -503,6 +553,13 @@ class QueryServer:
             SimilarCasesServicer(self.engine, self.policy), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # Admin only (METHOD_ROLES lists it nowhere, so it needs the admin role); not in reflection.
+        admin_pb2_grpc.add_IndexAdminServicer_to_server(
+            make_servicer(
+                self.maintenance, self.reindex, _guarded, lambda md: self.policy.authorize(md, ADMIN).token_id
+            ),
+            self._server,
+        )
         public = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
         reflection.enable_server_reflection([*public, reflection.SERVICE_NAME], self._server)
         address = f"{settings.host}:{settings.port}"
@@ -555,6 +612,19 @@ class QueryServer:
         _bind(server, address, tls, "index writer")
         return server
 
+    def _switched(self, collection: str) -> None:
+        """A reindex switched the alias: stats name the new collection."""
+        self.engine.collection = collection
+
+    def _send(self, spool_name: str) -> bool:
+        """Hand a spooled instance to the workers (an admin repair or requeue)."""
+        if self.settings.broker is None:
+            return False
+        with self._dispatcher_lock:
+            if self._dispatcher is None:
+                self._dispatcher = TaskDispatcher(self.settings.broker)
+        return self._dispatcher.embed(spool_name)
+
     def start(self) -> int:
         """Start serving (and the index writer); returns the public port."""
         self._server.start()
@@ -563,6 +633,9 @@ class QueryServer:
             if self._writer_socket is not None:
                 self._writer_socket.chmod(0o600)
         threading.Thread(target=self._watch_backend, name="health", daemon=True).start()
+        if self.settings.index.embedded and self.reindex.interrupted:
+            logger.info("a reindex into %s was cut short; resuming it", self.reindex.state.target)
+            self.reindex.start_background()
         logger.info(
             "gRPC query service on %s:%d%s (collection %s, model %s on %s, index %s%s)",
             self.settings.host,
@@ -577,13 +650,17 @@ class QueryServer:
         return self.port
 
     def _watch_backend(self, interval_s: float = 5.0) -> None:
-        """Health says SERVING only while the index answers."""
+        """Health says SERVING only while the index answers; the index points gauge follows it."""
         status: int | None = None
+        tick = -1
         while True:
+            tick += 1
             now: int
             try:
+                if not self.settings.index.embedded:
+                    self.engine.collection = None  # another process may have switched the alias
                 self.engine.ready_collection()
-                self.index.counts_by_modality()
+                metrics.set_index_points(self.index.counts_by_modality())
                 now = health_pb2.HealthCheckResponse.SERVING
             except CbmirError as exc:
                 now = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -593,6 +670,11 @@ class QueryServer:
                 for name in ("", "cbmir.v1.SimilarCases"):
                     self.health.set(name, now)
                 status = now
+            if now == health_pb2.HealthCheckResponse.SERVING and not self.reindex.running and tick % 12 == 0:
+                try:
+                    self.reindex.drop_old()  # collections a reindex replaced, once their grace is over
+                except CbmirError as exc:
+                    logger.warning("could not drop an old collection: %s", exc)
             if self._stop.wait(interval_s):
                 return
 
@@ -603,6 +685,8 @@ class QueryServer:
         if self._writer is not None:
             self._writer.stop(grace_s).wait()
         self._server.stop(grace_s).wait()
+        if self._dispatcher is not None:
+            self._dispatcher.close()
         self.index.close()
         if self._writer_socket is not None:
             self._writer_socket.unlink(missing_ok=True)
@@ -614,9 +698,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``cbmir query``: serve until SIGINT or SIGTERM."""
+    """``cbmir query``: serve (and its metrics, with CBMIR_METRICS_PORT) until SIGINT or SIGTERM."""
     settings = QuerySettings.from_env()
+    metrics_settings = MetricsSettings.from_env()
     if args.port is not None:
         settings = replace(settings, port=args.port)
     server = QueryServer(settings)
-    return run_until_stopped(lambda: f"cbmir query: gRPC on {settings.host}:{server.start()}", server.stop)
+    # the spool's state (pending, index lag, quarantine) is read when scraped; the point counts are
+    # the gauge _watch_backend refreshes
+    endpoint = metrics.serve_metrics(metrics_settings, [metrics.SpoolCollector(server.engine.spool)])
+
+    def stop() -> None:
+        server.stop()
+        if endpoint is not None:
+            endpoint.close()
+
+    return run_until_stopped(lambda: f"cbmir query: gRPC on {settings.host}:{server.start()}", stop)

@@ -203,6 +203,47 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- end }}
 
 {{/*
+Prometheus metrics: the pods of every Deployment serve /metrics on metrics.port (CBMIR_METRICS_PORT),
+on the pod's address; the NetworkPolicy lets networkPolicy.metricsFrom (empty: anyone) reach it.
+*/}}
+{{- define "cbmir.metricsEnv" -}}
+{{- if .Values.metrics.enabled -}}
+- name: CBMIR_METRICS_PORT
+  value: {{ .Values.metrics.port | int | toString | quote }}
+- name: CBMIR_METRICS_HOST
+  value: "0.0.0.0"
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.metricsPort" -}}
+{{- if .Values.metrics.enabled -}}
+- name: metrics
+  containerPort: {{ .Values.metrics.port | int }}
+  protocol: TCP
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.metricsAnnotations" -}}
+{{- if and .Values.metrics.enabled .Values.metrics.scrapeAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.metrics.port | int | toString | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.metricsIngress" -}}
+{{- if .Values.metrics.enabled -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  {{- with .Values.networkPolicy.metricsFrom }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Celery remote-control ping of this pod's worker node (the node name is celery@<pod hostname>).
 */}}
 {{- define "cbmir.workerPing" -}}
