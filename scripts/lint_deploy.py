@@ -122,6 +122,11 @@ def helm_refusals() -> str:
         ),
         ("a misspelt key", {**required, "scp": {"replicas": 2}}, "replicas"),
         ("an unknown device", {**required, "config": {"CBMIR_DEVICE": "tpu"}}, "CBMIR_DEVICE"),
+        (
+            "a secret in the ConfigMap",
+            {**required, "config": {"CBMIR_PATIENT_KEY_SECRET": "x" * 20}},
+            "PATIENT_KEY",
+        ),
     ]
     for label, values, expected in cases:
         try:

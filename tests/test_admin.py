@@ -165,6 +165,45 @@ def test_erasure_verification_and_quarantine_through_the_running_service(
     assert clean.returncode == 0, clean.stdout
     client.search(sop_instance_uid=_uid(stray))
 
+    # erasure finds what no point names: the earlier copy of a re-sent instance (sent first for the
+    # wrong patient), and a quarantined object whose header is malformed
+    wrong = _study(tmp_path / "wrong", 1, "PAT-WRONG", seed=6)[0]
+    corrected = pydicom.dcmread(wrong)
+    corrected.PatientID, corrected.PatientName = "PAT-RIGHT", "Roe^Right"
+    corrected.PixelData = bytes(reversed(corrected.PixelData))
+    corrected.save_as(tmp_path / "right.dcm", enforce_file_format=True)
+    malformed = pydicom.dcmread(_study(tmp_path / "bad", 1, "PAT-WRONG", seed=7)[0])
+    malformed.SeriesInstanceUID = "1." * 40 + "1"  # an invalid UID: quarantined
+    malformed.save_as(tmp_path / "malformed.dcm", enforce_file_format=True)
+    support.storescu(dicom_port, [wrong])
+    support.wait_until(lambda: client.stats().total == 4, 60, "the wrong patient's copy indexed")
+    support.storescu(dicom_port, [tmp_path / "right.dcm"])
+    refused = support.storescu(dicom_port, [tmp_path / "malformed.dcm"], check=False)
+    assert "CannotUnderstand" in refused.stdout + refused.stderr  # refused, and kept in quarantine
+    support.wait_until(
+        lambda: (
+            list((data_dir / "archive" / ".replaced").glob(f"{_uid(wrong)}.dcm.*"))
+            and client.stats().quarantined == 1
+            and client.stats().pending == 0
+        ),
+        60,
+        "the corrected copy indexed, the malformed one quarantined",
+    )
+    wrong_key = _cbmir(env, "patient-key", stdin="PAT-WRONG\n").stdout.strip()
+    erased = _json(_cbmir(env, "delete", "--patient-key", wrong_key, *server))
+    assert (erased["archived_deleted"], erased["quarantined_deleted"], erased["points_deleted"]) == (1, 1, 0)
+    assert not list((data_dir / "archive" / ".replaced").iterdir())
+    assert not list((data_dir / "quarantine").iterdir())
+    assert client.search(sop_instance_uid=_uid(wrong), k=1).hits[0].distance == pytest.approx(0, abs=1e-4)
+
+    # an erased instance sent again at once is not indexed behind the erasure's back
+    again = _json(_cbmir(env, "delete", "--instance", _uid(study_d[2]), *server))
+    assert again["points_deleted"] == 1
+    support.storescu(dicom_port, [study_d[2]])
+    time.sleep(3)
+    assert client.stats().total == 3 and client.stats().pending == 1
+    assert "was erased while it was being indexed" in serve.output()
+
     # the audit trail: who, what, how many; never a Patient ID or name
     trail = (data_dir / "audit" / "admin.jsonl").read_text()
     actions = [json.loads(line)["action"] for line in trail.splitlines()]
@@ -176,8 +215,10 @@ def test_erasure_verification_and_quarantine_through_the_running_service(
         "quarantine-purge",
         "quarantine-purge",
         "verify-repair",
+        "delete",
+        "delete",
     ]
-    assert "PAT-" not in trail and "Doe" not in trail and admin not in trail
+    assert "PAT-" not in trail and "Doe" not in trail and "Roe" not in trail and admin not in trail
     assert all(json.loads(line)["who"] not in ("", "anonymous") for line in trail.splitlines())
 
     # nothing serves: the same commands on the data folder

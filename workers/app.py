@@ -108,6 +108,10 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
                 return {"status": "quarantined", "spool_name": spool_name, "reason": reason}
             metrics.TASK_RETRIES.labels("error").inc()
             raise _retry(task, exc, spool_name, max_retries=settings.max_retries) from exc
+        if points is None or pipeline.spool.erased_recently(spool_name):
+            metrics.TASKS.labels("erased").inc()
+            logger.info("%s was erased while it was being indexed; nothing kept", spool_name)
+            return {"status": "erased", "spool_name": spool_name}
         pipeline.archive(spool_name)
         metrics.TASKS.labels("indexed").inc()
         logger.info("indexed %s (%d point%s)", spool_name, points, "" if points == 1 else "s")

@@ -75,8 +75,9 @@ class EmbeddingPipeline:
         logger.warning("task for %s but no such spooled object", spool_name)
         return Outcome("missing", spool_name)
 
-    def embed_and_upsert(self, path: Path) -> int:
-        """Decode, preprocess, embed (batched) and upsert (each stage timed); raises cbmir errors."""
+    def embed_and_upsert(self, path: Path) -> int | None:
+        """Decode, preprocess, embed (batched) and upsert (each stage timed); raises cbmir errors.
+        None: the instance was erased meanwhile (``cbmir delete``), and nothing was indexed."""
         clock = metrics.StageClock()
         header, frames = decode_for_embedding(
             path,
@@ -90,6 +91,8 @@ class EmbeddingPipeline:
         points = index_points(
             header, frames, vectors, model_version=self.encoder.version, spool_name=path.name
         )
+        if self.spool.erased_recently(path.name):
+            return None
         if self._remote is not None:
             self._remote.upsert(points, self.encoder.version)
         elif self._direct is not None:

@@ -254,6 +254,11 @@ class DataLayout:
         return self.root / "quarantine"
 
     @property
+    def erased(self) -> Path:
+        """One empty marker per instance erased lately: in-flight work for it must not index it."""
+        return self.root / "erased"
+
+    @property
     def audit_log(self) -> Path:
         """Administrative changes (erasure, purge, repair): one JSON line each, no PHI."""
         return self.root / "audit" / "admin.jsonl"

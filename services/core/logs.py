@@ -97,3 +97,21 @@ def configure_logging(level: str | None = None) -> None:
     logging.captureWarnings(True)
     # pynetdicom logs every PDU at INFO; its association summaries are enough at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def append_audit(path: os.PathLike[str] | str, who: str, action: str, **details: Any) -> None:
+    """One line of the administrative audit trail (``<data>/audit/admin.jsonl``), fsynced, and the
+    same on the ``cbmir.audit`` log: who, when, what, how many. Callers pass no patient data."""
+    import json
+    import time
+    from pathlib import Path
+
+    entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action}
+    entry.update(details)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    logging.getLogger("cbmir.audit").info("%s by %s: %s", action, who, json.dumps(details, sort_keys=True))

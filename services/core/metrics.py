@@ -110,7 +110,7 @@ INSTANCES_INDEXED = Counter(
 )
 TASKS = Counter(
     "cbmir_tasks_total",
-    "Embedding tasks finished, by outcome: indexed, quarantined, pending (retry budget spent), "
+    "Embedding tasks finished, by outcome: indexed, quarantined, erased, pending (retry budget spent), "
     "already-indexed, missing.",
     ["outcome"],
 )

@@ -416,6 +416,46 @@ def _header_from_dataset(ds: Dataset, patient_key_secret: bytes | None = None) -
     )
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Whose and which an object is, read leniently (no validation): for erasure, which must find
+    an object even when its header is malformed. The patient is the keyed reference only."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_key: str
+
+
+_IDENTITY_TAGS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "IssuerOfPatientID")
+
+
+def read_identity(path: Path, patient_key_secret: bytes | None = None) -> Identity | None:
+    """The identifying UIDs and patient key of the file at ``path``, however malformed the rest of
+    it is; None when it is not DICOM at all (a dropped picture, say)."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as handle:
+            ds = pydicom.dcmread(
+                handle, force=True, stop_before_pixels=True, specific_tags=list(_IDENTITY_TAGS)
+            )
+            values = {}
+            for keyword in _IDENTITY_TAGS:
+                try:
+                    values[keyword] = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+                except Exception:  # noqa: BLE001 - a malformed element is an empty one here
+                    values[keyword] = ""
+    except (OSError, EOFError, ValueError, TypeError, struct.error, pydicom.errors.InvalidDicomError):
+        return None
+    if not any(values.values()):
+        return None
+    key = ""
+    if patient_key_secret:
+        key = patient_key(patient_key_secret, values["PatientID"], values["IssuerOfPatientID"])
+    return Identity(values["SOPInstanceUID"], values["StudyInstanceUID"], values["SeriesInstanceUID"], key)
+
+
 def read_header(source: DicomSource, patient_key_secret: bytes | None = None) -> InstanceHeader:
     """Header of a DICOM instance (path, bytes, stream or Dataset); pixel data is not read."""
     ds = _read_dataset(source, stop_before_pixels=True)

@@ -237,6 +237,36 @@ class Spool:
         )
         return target
 
+    ERASED_HOLD_S = 3600.0  # how long an erased instance's in-flight work is kept from indexing it
+
+    def mark_erased(self, name: str) -> None:
+        """``name`` is being erased: work already under way for it must not index it again."""
+        self.layout.erased.mkdir(parents=True, exist_ok=True)
+        marker = self.layout.erased / _plain_name(name)
+        marker.touch()
+        os.utime(marker)
+
+    def erased_recently(self, name: str) -> bool:
+        """Whether ``name`` was erased within :data:`ERASED_HOLD_S` (its markers expire after that,
+        so the same SOP Instance UID can be sent and indexed again later)."""
+        try:
+            erased_at = (self.layout.erased / _plain_name(name)).stat().st_mtime
+        except (OSError, StorageError):
+            return False
+        return time.time() - erased_at < self.ERASED_HOLD_S
+
+    def forget_old_erasures(self) -> int:
+        """Remove expired erasure markers; returns how many."""
+        removed, cutoff = 0, time.time() - self.ERASED_HOLD_S
+        if not self.layout.erased.is_dir():
+            return 0
+        for marker in self.layout.erased.iterdir():
+            with contextlib.suppress(OSError):
+                if marker.stat().st_mtime < cutoff:
+                    marker.unlink()
+                    removed += 1
+        return removed
+
     def unarchive(self, name: str) -> Path:
         """Move an archived object back to incoming, to be embedded again (a repair)."""
         source, target = self.archived_path(name), self.incoming_path(name)
@@ -247,10 +277,13 @@ class Spool:
             raise StorageError(f"cannot move {source.name} back to the spool: {exc.strerror or exc}") from exc
         return target
 
-    def requeue_quarantined(self, name: str) -> Path:
-        """Move a quarantined object back to incoming (after a fix); its reason file is kept as history."""
+    def requeue_quarantined(self, name: str, as_name: str | None = None) -> Path:
+        """Move a quarantined object back to incoming (after a fix), as ``as_name`` if given; its
+        reason file is kept as history. StorageError if a newer object has that name already."""
         source = self.layout.quarantine / _plain_name(name)
-        target = self.incoming_path(source.name)
+        target = self.incoming_path(as_name or source.name)
+        if target.exists():
+            raise StorageError(f"cannot requeue {source.name}: {target.name} waits in the spool already")
         reason = source.with_name(source.name + REASON_SUFFIX)
         try:
             os.replace(source, target)

@@ -28,6 +28,7 @@ from services.grpc_gen.cbmir.v1 import admin_pb2
 from services.query.admin import (
     IndexMaintenance,
     delete_pb,
+    list_pb,
     quarantined_pb,
     require_secret,
     selection_from_pb,
@@ -122,7 +123,7 @@ class _LocalAdmin:
         selection = selection_from_pb(request.selection) if request.HasField("selection") else None
         if method == "ListQuarantine":
             entries = m.quarantined(selection or selection_from_pb(admin_pb2.QuarantineSelection()))
-            return admin_pb2.ListQuarantineResponse(objects=[quarantined_pb(m, e) for e in entries])
+            return list_pb(m, entries, request.limit)
         if method == "ShowQuarantined":
             entry, header, error = m.show(request.name)
             return admin_pb2.ShowQuarantinedResponse(
@@ -162,17 +163,19 @@ def _print(message: Any) -> None:
     print(json.dumps(as_dict(message), indent=2))
 
 
-def _run(args: argparse.Namespace, method: str, request: Any, output: Callable[[Any], None] = _print) -> int:
+def _run(
+    args: argparse.Namespace, method: str, request: Any, output: Callable[[Any], int | None] = _print
+) -> int:
+    """Call ``method``, print its answer; the exit code is what ``output`` returns (default 0)."""
     import grpc
 
     from services.ops.cli import _rpc_failure
 
     try:
         with _admin_call(args) as call:
-            output(call(method, request))
+            return int(output(call(method, request)) or 0)
     except grpc.RpcError as exc:
         return _rpc_failure(exc)
-    return 0
 
 
 # --- cbmir delete ----------------------------------------------------------------------------------
@@ -201,7 +204,19 @@ def run_delete(args: argparse.Namespace) -> int:
         request.sop_instance_uid = args.instance
     else:
         request.patient_key = args.patient_key
-    return _run(args, "DeleteInstances", request)
+
+    def report(response: Any) -> int:
+        _print(response)
+        if response.unexamined:
+            print(
+                f"cbmir delete: {len(response.unexamined)} object(s) are not DICOM and could not be checked "
+                "(see unexamined; cbmir quarantine show NAME): check them before calling the erasure done",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    return _run(args, "DeleteInstances", request, report)
 
 
 # --- cbmir verify ----------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ def run_verify(args: argparse.Namespace) -> int:
         return _rpc_failure(exc)
     _print(report)
     problems = report.missing_count + report.orphan_count + report.other_version_count
-    return 0 if problems == 0 or args.repair else 1
+    return 0 if problems == 0 else 1  # with --repair too: something was off, and monitoring should know
 
 
 # --- cbmir quarantine ------------------------------------------------------------------------------
@@ -262,6 +277,8 @@ def add_quarantine_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for action, help_text in actions.items():
         p = sub.add_parser(action, help=help_text, description=help_text)
+        if action == "list":
+            p.add_argument("--limit", type=int, default=1000, help="the oldest this many (at most 10000)")
         if action == "show":
             p.add_argument("name", help="the object's file name in quarantine/")
         else:
@@ -287,11 +304,18 @@ def run_quarantine(args: argparse.Namespace) -> int:
     )
     if args.action == "list":
 
-        def lines(response: Any) -> None:
+        def lines(response: Any) -> int:
             for item in response.objects:
                 print(json.dumps(as_dict(item)))
+            if response.total > len(response.objects):
+                print(
+                    f"cbmir quarantine: {len(response.objects)} of {response.total} shown (--limit)",
+                    file=sys.stderr,
+                )
+            return 0
 
-        return _run(args, "ListQuarantine", admin_pb2.ListQuarantineRequest(selection=selection), lines)
+        request = admin_pb2.ListQuarantineRequest(selection=selection, limit=args.limit)
+        return _run(args, "ListQuarantine", request, lines)
     if args.action == "requeue":
         return _run(args, "RequeueQuarantined", admin_pb2.RequeueQuarantinedRequest(selection=selection))
     return _run(args, "PurgeQuarantine", admin_pb2.PurgeQuarantineRequest(selection=selection))

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from services.core.config import WorkerSettings
 from services.core.errors import BackendUnavailable, CbmirError
+from services.core.logs import append_audit
 from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
 from services.query.reindex import ReindexState
@@ -137,7 +139,7 @@ def _in_this_process(settings: WorkerSettings, drop_old: bool) -> ReindexState:
             bar.n = state.done
             bar.refresh()
 
-        state = job.run(progress)
+        state = job.run(progress, who=f"local:{getpass.getuser()}")
         bar.close()
         if state.state == "done" and not drop_old:
             job.drop_old()  # collections whose grace period is over
@@ -158,10 +160,22 @@ def _through_server(args: argparse.Namespace) -> int:
     try:
         state = client.admin("StartReindex", admin_pb2.StartReindexRequest(drop_old=args.drop_old))
         print(f"cbmir reindex: the index owner builds {state.target}; searches and ingest go on", flush=True)
+        unreachable_since, idle_polls = 0.0, 0
         with tqdm(desc="reindex", unit="obj", total=state.total) as bar:
-            while state.state == "building":
+            while state.state == "building" and idle_polls < 3:
                 time.sleep(0.5)
-                state = client.admin("GetReindexStatus", admin_pb2.GetReindexStatusRequest())
+                try:
+                    state = client.admin("GetReindexStatus", admin_pb2.GetReindexStatusRequest())
+                except grpc.RpcError as exc:  # the owner restarts: it resumes the build by itself
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if (
+                        exc.code() != grpc.StatusCode.UNAVAILABLE
+                        or time.monotonic() - unreachable_since > 120
+                    ):
+                        raise
+                    continue
+                unreachable_since = 0.0
+                idle_polls = 0 if state.running else idle_polls + 1
                 bar.total = max(state.total, state.done)
                 bar.n = state.done
                 bar.refresh()
@@ -171,6 +185,12 @@ def _through_server(args: argparse.Namespace) -> int:
         client.close()
     for name in state.dropped:
         print(f"  dropped the old collection {name}")
+    if state.state == "building":
+        print(
+            f"cbmir reindex: the build of {state.target} stopped before it was done; start it again",
+            file=sys.stderr,
+        )
+        return 1
     alias = WorkerSettings.from_env().index.collection
     return _report(
         state.state,
@@ -193,6 +213,12 @@ def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:
     original (kept in the watched folder's ``.failed/``) again.
     """
     spool = Spool(settings.layout)
+    append_audit(
+        settings.layout.audit_log,
+        f"local:{getpass.getuser()}",
+        "requeue-quarantined" if requeue_reason is not None else "resend-pending",
+        reason=requeue_reason or "any",
+    )
     if requeue_reason is not None:
         chosen = [e for e in spool.quarantine_entries() if not requeue_reason or e.reason == requeue_reason]
         dropped = [e for e in chosen if e.stage == "watcher"]

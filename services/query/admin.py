@@ -10,7 +10,6 @@ shown through :class:`~services.dicom.decode.InstanceHeader`, which holds no pat
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,9 +23,10 @@ import grpc
 from typing_extensions import override
 
 from services.core.errors import CbmirError, ConfigError, InvalidInput, NotFound, StorageError
+from services.core.logs import append_audit
 from services.core.patients import PATIENT_KEY_PATTERN
 from services.core.vocabulary import is_valid_uid
-from services.dicom.decode import read_header
+from services.dicom.decode import read_header, read_identity
 from services.grpc_gen.cbmir.v1 import admin_pb2, admin_pb2_grpc
 from services.index import VectorIndex
 from services.index.base import SELECTABLE_FIELDS
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 audit = logging.getLogger("cbmir.audit")
 
 DEFAULT_LISTED = 20
+ERASE_SETTLE_S = 2.0  # after marking an erasure: how long in-flight upserts may still land
 _HEADER_FIELDS = (
     "sop_instance_uid",
     "sop_class_uid",
@@ -84,6 +85,7 @@ class DeleteReport:
     quarantined_deleted: int = 0
     pending_deleted: int = 0
     sop_instance_uids: list[str] = field(default_factory=list)
+    unexamined: list[str] = field(default_factory=list)  # objects that are not DICOM: not checked
 
 
 @dataclass
@@ -123,20 +125,12 @@ class IndexMaintenance:
         self.model_version = model_version
         self._send = send
         self._secret = patient_key_secret
-        self._lock = threading.Lock()  # one change at a time
+        self.lock = threading.Lock()  # one change at a time (a reindex writes its batches under it too)
 
     # -- the audit trail ------------------------------------------------------------------------
     def record(self, who: str, action: str, **details: Any) -> None:
         """Append one line to the audit trail (fsynced) and to the ``cbmir.audit`` log."""
-        entry = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "who": who, "action": action}
-        entry.update(details)
-        path = self.spool.layout.audit_log
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        audit.info("%s by %s: %s", action, who, json.dumps(details, sort_keys=True))
+        append_audit(self.spool.layout.audit_log, who, action, **details)
 
     # -- erasure --------------------------------------------------------------------------------
     def delete(self, selector: str, value: str, who: str) -> DeleteReport:
@@ -153,66 +147,121 @@ class IndexMaintenance:
         elif not is_valid_uid(value):
             raise InvalidInput(f"{selector} must be a DICOM UID")
         report = DeleteReport()
-        with self._lock:
-            self._indexed_cache = None
-            names: set[str] = set()
-            uids: set[str] = set()
-            for collection in self.index.collections():
-                ids = []
-                for point, payload in self.index.scroll(collection, field=selector, value=value):
-                    ids.append(point)
-                    uids.add(str(payload.get("sop_instance_uid", "")))
-                    if payload.get("spool_name"):
-                        names.add(str(payload["spool_name"]))
-                self.index.delete_points(ids, collection)
-                report.points_deleted += len(ids)
-            names |= {spool_name_for(uid) for uid in uids if uid}
-            if selector == "sop_instance_uid":
-                names.add(spool_name_for(value))
-            # archived objects of these instances, with the earlier copies of re-sent ones
-            archive = self.spool.layout.archive
-            for name in sorted(names):
-                if _unlink(archive / name):
-                    report.archived_deleted += 1
-                for copy in (archive / REPLACED_DIR).glob(f"{name}.*"):
-                    report.archived_deleted += _unlink(copy)
-            # archived objects without a point, and the pending and quarantined ones: by their header
-            unindexed = [p for p in self._archived_paths() if p.name not in self._indexed_names()]
-            for folder, paths in (
-                ("archive", unindexed),
-                ("pending", list(self.spool.layout.incoming.iterdir())),
-                ("quarantine", [p for p in self.spool.layout.quarantine.iterdir() if _is_object(p)]),
-            ):
-                for path in paths:
-                    uid = self._matching_uid(path, selector, value)
-                    if uid is None:
-                        continue
-                    uids.add(uid)
-                    removed = _unlink(path)
-                    if folder == "archive":
-                        report.archived_deleted += removed
-                    elif folder == "pending":
-                        report.pending_deleted += removed
-                        self.spool.forget_attempts(path.name)
-                    else:
-                        report.quarantined_deleted += removed
-                        _unlink(path.with_name(path.name + REASON_SUFFIX))
-            for changed in (archive, self.spool.layout.incoming, self.spool.layout.quarantine):
-                fsync_dir(changed)
-            report.sop_instance_uids = sorted(u for u in uids if u)
-            self._indexed_cache = None
-            self.record(
-                who,
-                "delete",
-                selector=selector,
-                value=value,
-                instances=len(report.sop_instance_uids),
-                points=report.points_deleted,
-                archived=report.archived_deleted,
-                pending=report.pending_deleted,
-                quarantined=report.quarantined_deleted,
-            )
+        with self.lock:
+            try:
+                self._delete_locked(selector, value, report)
+            finally:
+                self.record(
+                    who,
+                    "delete",
+                    selector=selector,
+                    value=value,
+                    instances=len(report.sop_instance_uids),
+                    points=report.points_deleted,
+                    archived=report.archived_deleted,
+                    pending=report.pending_deleted,
+                    quarantined=report.quarantined_deleted,
+                    unexamined=len(report.unexamined),
+                )
         return report
+
+    def _delete_points(self, selector: str, value: str, uids: set[str], names: set[str]) -> int:
+        """Delete the selected points in every collection; collects their UIDs and spool names."""
+        deleted = 0
+        for collection in self.index.collections():
+            ids = []
+            for point, payload in self.index.scroll(collection, field=selector, value=value):
+                ids.append(point)
+                uids.add(str(payload.get("sop_instance_uid", "")))
+                if payload.get("spool_name"):
+                    names.add(str(payload["spool_name"]))
+            self.index.delete_points(ids, collection)
+            deleted += len(ids)
+        return deleted
+
+    def _delete_points_of(self, uids: set[str]) -> int:
+        """Delete the points of these SOP Instance UIDs (found by header) in every collection."""
+        return sum(self._delete_points("sop_instance_uid", uid, set(), set()) for uid in sorted(uids) if uid)
+
+    def _selected_points(self, selector: str, value: str, uids: set[str], names: set[str]) -> None:
+        """Collect the UIDs and spool names of the selected points (in every collection)."""
+        for collection in self.index.collections():
+            for _, payload in self.index.scroll(collection, field=selector, value=value):
+                uids.add(str(payload.get("sop_instance_uid", "")))
+                if payload.get("spool_name"):
+                    names.add(str(payload["spool_name"]))
+
+    def _delete_locked(self, selector: str, value: str, report: DeleteReport) -> None:
+        self._indexed_cache = None
+        layout = self.spool.layout
+        archive, replaced = layout.archive, layout.archive / REPLACED_DIR
+        names: set[str] = {spool_name_for(value)} if selector == "sop_instance_uid" else set()
+        uids: set[str] = {value} if selector == "sop_instance_uid" else set()
+        self._selected_points(selector, value, uids, names)
+        # objects on disk that no point names are found by their (leniently read) header: archived
+        # ones without a point (or, for a patient key, whose point lacks the key: indexed before
+        # the secret was set), earlier copies, pending and quarantined ones
+        indexed, keyless = set(), set()
+        for _, payload in self._current_points():
+            name = str(payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", ""))))
+            indexed.add(name)
+            if "patient_key" not in payload:
+                keyless.add(name)
+        unread = keyless if selector == "patient_key" else set()
+        copies = sorted(replaced.iterdir()) if replaced.is_dir() else []
+        # earlier copies: only the copy goes (the current object of that UID may be another's)
+        found: list[tuple[str, Path]] = [
+            ("archive", path)
+            for path in copies
+            if self._matching_uid(path, selector, value, report) is not None
+        ]
+        for folder, paths in (
+            ("archive", [p for p in self._archived_paths() if p.name not in indexed or p.name in unread]),
+            ("pending", sorted(layout.incoming.iterdir())),
+            ("quarantine", [p for p in sorted(layout.quarantine.iterdir()) if _is_object(p)]),
+        ):
+            for path in paths:
+                uid = self._matching_uid(path, selector, value, report)
+                if uid is not None:
+                    found.append((folder, path))
+                    uids.add(uid)
+                    names.add(spool_name_for(uid))
+        for name in names:
+            if (archive / name).is_file() and ("archive", archive / name) not in found:
+                found.append(("archive", archive / name))
+            if replaced.is_dir():
+                found += [("archive", c) for c in replaced.glob(f"{name}.*") if ("archive", c) not in found]
+        # in-flight work for these instances must not index them again (workers, the index writer
+        # and a reindex check these markers); then the points go, then the files
+        for name in names:
+            self.spool.mark_erased(name)
+        report.points_deleted += self._delete_points(selector, value, set(), set())
+        report.points_deleted += self._delete_points_of(uids)
+        for folder, path in found:
+            try:
+                removed = _unlink(path)
+            except StorageError as exc:
+                logger.error("delete: %s", exc)
+                report.unexamined.append(path.name)
+                continue
+            if folder == "archive":
+                report.archived_deleted += removed
+            elif folder == "pending":
+                report.pending_deleted += removed
+                self.spool.forget_attempts(path.name)
+            else:
+                report.quarantined_deleted += removed
+                _unlink(path.with_name(path.name + REASON_SUFFIX))
+                for history in path.parent.glob(path.name + REASON_SUFFIX + ".*"):
+                    _unlink(history)
+        for changed in (archive, layout.incoming, layout.quarantine):
+            fsync_dir(changed)
+        # a worker that read the markers just before they were written may have upserted since
+        time.sleep(ERASE_SETTLE_S)
+        report.points_deleted += self._delete_points(selector, value, set(), set())
+        report.points_deleted += self._delete_points_of(uids)
+        report.sop_instance_uids = sorted(u for u in uids if u)
+        self._indexed_cache = None
 
     _indexed_cache: set[str] | None = None
 
@@ -229,18 +278,21 @@ class IndexMaintenance:
             return iter(())
         return self.index.scroll()
 
-    def _matching_uid(self, path: Path, selector: str, value: str) -> str | None:
-        """The SOP Instance UID of the DICOM object at ``path`` if ``selector`` picks it, else None."""
-        if selector == "sop_instance_uid" and path.name == spool_name_for(value):
+    def _matching_uid(self, path: Path, selector: str, value: str, report: DeleteReport) -> str | None:
+        """The SOP Instance UID of the object at ``path`` if ``selector`` picks it, else None. The
+        header is read leniently: a malformed object (quarantined for it) is still found. An object
+        that is not DICOM (a dropped picture the watcher quarantined) cannot be examined: it is
+        listed in the report."""
+        if selector == "sop_instance_uid" and (
+            path.name == spool_name_for(value) or path.name.startswith(spool_name_for(value) + ".")
+        ):
             return value
-        try:
-            header = read_header(path, self._secret if selector == "patient_key" else None)
-        except CbmirError:
-            return None  # not DICOM we can read: nothing in it to select by
-        if selector == "patient_key" and self._secret is None:
+        identity = read_identity(path, self._secret)
+        if identity is None:
+            report.unexamined.append(path.name)
             return None
-        if str(getattr(header, selector)) == value:
-            return header.sop_instance_uid
+        if str(getattr(identity, selector)) == value:
+            return identity.sop_instance_uid or value
         return None
 
     def _archived_paths(self) -> list[Path]:
@@ -255,52 +307,74 @@ class IndexMaintenance:
         deletes the orphans."""
         started = time.monotonic()
         report = VerifyReport(model_version=self.model_version)
-        with self._lock:
-            archived = {p.name for p in self._archived_paths()}
-            waiting = {p.name for p in self.spool.layout.incoming.iterdir()}
-            quarantined = {p.name for p in self.spool.layout.quarantine.iterdir() if _is_object(p)}
+        layout = self.spool.layout
+        with self.lock:
+            # the points first, then the folders in the order an instance moves through them
+            # (incoming, archive, quarantine): a point seen in the scroll has its object in one of
+            # them when they are listed, even if it moved in between
+            points: dict[str, tuple[str, str, bool]] = {}  # point id -> (name, uid, other model)
             indexed: set[str] = set()
-            orphan_ids: list[str] = []
             for point, payload in self._current_points():
-                report.points += 1
                 name = str(
                     payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", "")))
                 )
+                other = payload.get("model_version", self.model_version) != self.model_version
+                points[point] = (name, str(payload.get("sop_instance_uid", "")), other)
                 indexed.add(name)
-                if name not in archived and name not in waiting and name not in quarantined:
-                    orphan_ids.append(point)
-                    report.orphans.append(str(payload.get("sop_instance_uid", "")))
-                elif (
-                    payload.get("model_version", self.model_version) != self.model_version
-                    and name in archived
-                ):
-                    report.other_version.append(name)
+            report.points = len(points)
+            waiting = {p.name for p in layout.incoming.iterdir()}
+            archived = {p.name for p in self._archived_paths()}
+            quarantined = {p.name for p in layout.quarantine.iterdir() if _is_object(p)}
+            present = waiting | archived | quarantined
+            orphans = {pid: entry for pid, entry in points.items() if entry[0] not in present}
+            missing = sorted(archived - indexed)
+            # each finding checked again, one by one: ingest goes on while we look
+            orphans = {pid: e for pid, e in orphans.items() if not self._on_disk(e[0])}
+            missing = [
+                name for name in missing if (layout.archive / name).exists() and not self._has_point(name)
+            ]
             report.archived = len(archived)
-            report.missing = sorted(archived - indexed)
-            report.other_version = sorted(set(report.other_version))
+            report.missing = missing
+            report.orphans = sorted(uid for _, uid, _ in orphans.values())
+            report.other_version = sorted({n for n, _, other in points.values() if other and n in archived})
             if repair:
-                for name in [*report.missing, *report.other_version]:
-                    try:
-                        self.spool.unarchive(name)
-                    except StorageError as exc:
-                        logger.error("verify: cannot re-send %s: %s", name, exc)
-                        continue
-                    report.resent += 1
-                    self._send(name)
-                self.index.delete_points(orphan_ids)
-                report.orphans_deleted = len(orphan_ids)
+                try:
+                    for name in [*report.missing, *report.other_version]:
+                        try:
+                            self.spool.unarchive(name)
+                        except StorageError as exc:
+                            logger.error("verify: cannot re-send %s: %s", name, exc)
+                            continue
+                        # in the spool now: if the broker does not take it, the sweep sends it
+                        report.resent += 1 if self._send(name) else 0
+                    stale = [pid for pid, (name, _, _) in orphans.items() if not self._on_disk(name)]
+                    self.index.delete_points(stale)
+                    report.orphans_deleted = len(stale)
+                finally:
+                    self.record(
+                        who,
+                        "verify-repair",
+                        missing=len(report.missing),
+                        other_version=len(report.other_version),
+                        orphans=len(report.orphans),
+                        resent=report.resent,
+                        orphans_deleted=report.orphans_deleted,
+                    )
             report.seconds = time.monotonic() - started
-            if repair:
-                self.record(
-                    who,
-                    "verify-repair",
-                    missing=len(report.missing),
-                    other_version=len(report.other_version),
-                    orphans=len(report.orphans),
-                    resent=report.resent,
-                    orphans_deleted=report.orphans_deleted,
-                )
         return report
+
+    def _on_disk(self, name: str) -> bool:
+        layout = self.spool.layout
+        return any(
+            (folder / name).exists() for folder in (layout.incoming, layout.archive, layout.quarantine)
+        )
+
+    def _has_point(self, name: str) -> bool:
+        """Whether the alias's collection holds a point of the object ``name`` (now)."""
+        uid = name.rsplit(".", 1)[0]
+        if is_valid_uid(uid):
+            return any(True for _ in self.index.scroll(field="sop_instance_uid", value=uid))
+        return any(True for _ in self.index.scroll(field="spool_name", value=name))
 
     # -- quarantine -----------------------------------------------------------------------------
     def quarantined(self, selection: Selection) -> list[QuarantineEntry]:
@@ -332,17 +406,29 @@ class IndexMaintenance:
         """Move the selected objects back into the spool and send them; returns (requeued, left).
         Files the watcher quarantined are the dropped files themselves, not DICOM: they are left."""
         requeued, left = 0, 0
-        with self._lock:
-            for entry in self.quarantined(selection):
-                if entry.stage == "watcher":
-                    left += 1
-                    continue
-                self.spool.requeue_quarantined(entry.name)
-                self._send(entry.name)
-                requeued += 1
-            self.record(
-                who, "quarantine-requeue", **_selection_details(selection), requeued=requeued, left=left
-            )
+        with self.lock:
+            try:
+                for entry in self.quarantined(selection):
+                    if entry.stage == "watcher":
+                        left += 1
+                        continue
+                    # a second quarantine of one UID is kept as "<time>-<name>": back under its name
+                    identity = read_identity(self.spool.layout.quarantine / entry.name)
+                    name = entry.name
+                    if identity is not None and is_valid_uid(identity.sop_instance_uid):
+                        name = spool_name_for(identity.sop_instance_uid)
+                    try:
+                        self.spool.requeue_quarantined(entry.name, as_name=name)
+                    except StorageError as exc:  # gone, or its name is taken by a newer copy
+                        logger.error("requeue: %s", exc)
+                        left += 1
+                        continue
+                    self._send(name)
+                    requeued += 1
+            finally:
+                self.record(
+                    who, "quarantine-requeue", **_selection_details(selection), requeued=requeued, left=left
+                )
         return requeued, left
 
     def purge(self, selection: Selection, who: str) -> int:
@@ -351,13 +437,20 @@ class IndexMaintenance:
         if selection.older_than_s <= 0:
             raise InvalidInput("purge needs an age: only objects older than it are deleted (--older-than)")
         purged = 0
-        with self._lock:
-            for entry in self.quarantined(selection):
-                path = self.spool.layout.quarantine / entry.name
-                purged += _unlink(path)
-                _unlink(path.with_name(path.name + REASON_SUFFIX))
-            fsync_dir(self.spool.layout.quarantine)
-            self.record(who, "quarantine-purge", **_selection_details(selection), purged=purged)
+        with self.lock:
+            try:
+                for entry in self.quarantined(selection):
+                    path = self.spool.layout.quarantine / entry.name
+                    try:
+                        purged += _unlink(path)
+                        _unlink(path.with_name(path.name + REASON_SUFFIX))
+                        for history in path.parent.glob(path.name + REASON_SUFFIX + ".*"):
+                            _unlink(history)
+                    except StorageError as exc:
+                        logger.error("purge: %s", exc)
+                fsync_dir(self.spool.layout.quarantine)
+            finally:
+                self.record(who, "quarantine-purge", **_selection_details(selection), purged=purged)
         return purged
 
 
@@ -402,6 +495,19 @@ def quarantined_pb(maintenance: IndexMaintenance, entry: QuarantineEntry) -> adm
     )
 
 
+MAX_LISTED_QUARANTINE = 10_000
+
+
+def list_pb(
+    maintenance: IndexMaintenance, entries: list[QuarantineEntry], limit: int
+) -> admin_pb2.ListQuarantineResponse:
+    """The oldest ``limit`` (0: 1000) of the selected quarantine records, and how many there are."""
+    shown = min(limit or 1000, MAX_LISTED_QUARANTINE)
+    return admin_pb2.ListQuarantineResponse(
+        objects=[quarantined_pb(maintenance, e) for e in entries[:shown]], total=len(entries)
+    )
+
+
 def verify_pb(report: VerifyReport, max_listed: int) -> admin_pb2.VerifyResponse:
     """A verification report as a message, each list cut to ``max_listed`` names."""
     listed = max_listed or DEFAULT_LISTED
@@ -429,6 +535,7 @@ def delete_pb(report: DeleteReport) -> admin_pb2.DeleteInstancesResponse:
         quarantined_deleted=report.quarantined_deleted,
         pending_deleted=report.pending_deleted,
         sop_instance_uids=report.sop_instance_uids,
+        unexamined=sorted(set(report.unexamined)),
     )
 
 
@@ -436,7 +543,9 @@ Guard = Callable[[Callable[..., Any]], Callable[..., Any]]
 Who = Callable[[Iterable[tuple[str, str | bytes]]], str]
 
 
-def reindex_pb(state: ReindexState, dropped: Iterable[str] = ()) -> admin_pb2.ReindexStatus:
+def reindex_pb(
+    state: ReindexState, dropped: Iterable[str] = (), running: bool = False
+) -> admin_pb2.ReindexStatus:
     """A reindex state as a message."""
     return admin_pb2.ReindexStatus(
         state=state.state,
@@ -451,6 +560,7 @@ def reindex_pb(state: ReindexState, dropped: Iterable[str] = ()) -> admin_pb2.Re
         dropped=list(dropped),
         started_at=state.started_at,
         finished_at=state.finished_at,
+        running=running,
     )
 
 
@@ -488,7 +598,7 @@ def make_servicer(
             self, request: admin_pb2.ListQuarantineRequest, context: grpc.ServicerContext
         ) -> admin_pb2.ListQuarantineResponse:
             entries = maintenance.quarantined(selection_from_pb(request.selection))
-            return admin_pb2.ListQuarantineResponse(objects=[quarantined_pb(maintenance, e) for e in entries])
+            return list_pb(maintenance, entries, request.limit)
 
         @override
         @guarded
@@ -526,17 +636,17 @@ def make_servicer(
             self, request: admin_pb2.StartReindexRequest, context: grpc.ServicerContext
         ) -> admin_pb2.ReindexStatus:
             caller = who(context.invocation_metadata())
-            reindex.drop_when_done = request.drop_old
-            state = reindex.start_background()
+            reindex.who = caller
+            state = reindex.start_background(drop_old=request.drop_old)
             maintenance.record(caller, "reindex-start", target=state.target, drop_old=request.drop_old)
-            return reindex_pb(state)
+            return reindex_pb(state, running=reindex.running)
 
         @override
         @guarded
         def GetReindexStatus(
             self, request: admin_pb2.GetReindexStatusRequest, context: grpc.ServicerContext
         ) -> admin_pb2.ReindexStatus:
-            return reindex_pb(reindex.status(), reindex.last_dropped)
+            return reindex_pb(reindex.status(), reindex.last_dropped, reindex.running)
 
     return IndexAdminServicer()
 

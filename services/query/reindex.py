@@ -32,6 +32,7 @@ import numpy as np
 from models.runtime import OnnxEncoder
 from services.core.config import FramePolicy
 from services.core.errors import CbmirError, ConfigError
+from services.core.logs import append_audit
 from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, decode_for_embedding
 from services.index import VectorIndex, collection_name
 from services.index.points import index_points, model_inputs
@@ -77,12 +78,16 @@ class ReindexJob:
         grace_s: float = 86400.0,
         settle_s: float = 0.0,
         on_switch: Callable[[str], None] | None = None,
+        erasure_lock: threading.Lock | None = None,
     ):
         self.index, self.spool, self.encoder = index, spool, encoder
         self.alias, self.limits, self.frames, self.batch_size = alias, limits, frames, batch_size
         self.secret, self.grace_s, self.settle_s = patient_key_secret, grace_s, settle_s
         self.on_switch = on_switch
+        # held by an erasure (cbmir delete) in this process: a batch is checked and written under it
+        self._erasure_lock = erasure_lock or threading.Lock()
         self.drop_when_done = False  # drop the old collections at once when a build is done
+        self.who = "reindex"  # who the audit trail names for drops (the caller that started it)
         self.last_dropped: list[str] = []
         self.path = spool.layout.root / "reindex" / "state.json"
         self._lock = threading.Lock()
@@ -124,21 +129,24 @@ class ReindexJob:
         return self.state.state == "building" and not self.running
 
     # -- running --------------------------------------------------------------------------------
-    def start_background(self) -> ReindexState:
+    def start_background(self, drop_old: bool = False) -> ReindexState:
         """Name the target (or take up the one cut short) now, then build in a thread of this
-        process; returns the state at start."""
+        process; returns the state at start. ``drop_old``: drop the replaced collections at once."""
         with self._lock:
             if self.running:
                 raise ConfigError(f"a reindex into {self.state.target} is running already")
+            self.drop_when_done, self.last_dropped = drop_old, []
         self._prepare()
         with self._lock:
             self._thread = threading.Thread(target=self._build, name="reindex", daemon=True)
             self._thread.start()
         return self.status()
 
-    def run(self, progress: Callable[[ReindexState], None] | None = None) -> ReindexState:
+    def run(self, progress: Callable[[ReindexState], None] | None = None, who: str = "") -> ReindexState:
         """Build, switch, catch up, in this thread; resumes a build cut short. Returns the final state."""
+        self.who = who or self.who
         self._prepare()
+        append_audit(self.spool.layout.audit_log, self.who, "reindex-start", target=self.state.target)
         return self._build(progress)
 
     def _build(self, progress: Callable[[ReindexState], None] | None = None) -> ReindexState:
@@ -164,11 +172,16 @@ class ReindexJob:
                 self._save()
             if self.drop_when_done:
                 self.last_dropped = self.drop_old(every=True)
-        except CbmirError as exc:
+        except Exception as exc:  # any failure must end in "failed", never a silent "building"
+            if not isinstance(exc, CbmirError):
+                logger.exception("reindex into %s failed", self.state.target)
             logger.error("reindex into %s failed: %s (run it again to resume)", self.state.target, exc)
             with self._lock:
-                self.state.state, self.state.error = "failed", str(exc)
-                self._save()
+                self.state.state, self.state.error = "failed", f"{type(exc).__name__}: {exc}"
+                try:
+                    self._save()
+                except OSError:
+                    logger.exception("cannot record the reindex state")
         return self.status()
 
     def _prepare(self) -> None:
@@ -199,6 +212,7 @@ class ReindexJob:
         todo = [path for path in self.spool.archived() if path.name not in present]
         with self._lock:
             self.state.passes += 1
+            self.state.done = len(present - {""})  # live writes and earlier passes (or a run cut short)
             self.state.total = self.state.done + len(todo)
         batch: list[tuple[InstanceHeader, list[DecodedFrame], str]] = []
         for path in todo:
@@ -207,12 +221,12 @@ class ReindexJob:
                     path, frames=self.frames, limits=self.limits, patient_key_secret=self.secret
                 )
             except CbmirError as exc:
+                if exc.reason == "no-such-file":
+                    continue  # moved (erased, re-sent by verify) since the listing
                 logger.warning("reindex: %s not reindexed: %s", path.name, exc.reason)
                 with self._lock:
                     self.state.failed += 1
                 continue
-            except FileNotFoundError:
-                continue  # moved (deleted, requeued) since the listing
             batch.append((header, frames, path.name))
             if sum(len(item[1]) for item in batch) >= self.batch_size:
                 self._flush(batch, progress)
@@ -240,7 +254,9 @@ class ReindexJob:
                 spool_name=name,
             )
             start += len(frames)
-        self.index.upsert(points, collection=self.state.target)
+        with self._erasure_lock:  # an object erased meanwhile is not written into the new collection
+            kept = [p for p in points if not self.spool.erased_recently(str(p.payload.get("spool_name", "")))]
+            self.index.upsert(kept, collection=self.state.target)
         with self._lock:
             self.state.done += len(batch)
             if self.state.done % 512 < len(batch):
@@ -264,6 +280,13 @@ class ReindexJob:
                 if every or (since is not None and now - since >= self.grace_s):
                     self.index.drop_collection(collection)
                     dropped.append(collection)
+                    append_audit(
+                        self.spool.layout.audit_log,
+                        self.who,
+                        "drop-collection",
+                        collection=collection,
+                        why="--drop-old" if every else "grace period over",
+                    )
             if dropped:
                 self.state.retired = [r for r in self.state.retired if r["collection"] not in dropped]
                 self._save()

@@ -373,7 +373,8 @@ class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
                 raise InvalidInput(f"point {point.point_id}: the payload is not JSON") from None
             candidate = IndexPoint(point.point_id, list(point.vector), payload)
             check_point(candidate, self._dim)
-            points.append(candidate)
+            if not self._engine.spool.erased_recently(str(payload.get("spool_name", ""))):
+                points.append(candidate)  # an instance erased meanwhile is not indexed again
         require_free_space(self._data_dir, self._min_free_mb, "the embedded index")
         self._engine.ready_collection()
         self._index.upsert(points)
@@ -538,6 +539,7 @@ class QueryServer:
             grace_s=settings.index.reindex_grace_s,
             settle_s=0.0 if settings.index.embedded else REINDEX_TARGET_TTL_S + 1.0,
             on_switch=self._switched,
+            erasure_lock=self.maintenance.lock,
         )
         self.health = health.HealthServicer()
         self._server = grpc.server(

@@ -167,6 +167,18 @@ Environment common to every component: ConfigMap, broker URL and Qdrant API key 
       key: qdrant-api-key
       {{- end }}
 {{- end }}
+{{- if or .Values.patientKey.secret .Values.patientKey.existingSecret }}
+- name: CBMIR_PATIENT_KEY_SECRET
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.patientKey.existingSecret }}
+      name: {{ .Values.patientKey.existingSecret }}
+      key: {{ .Values.patientKey.existingSecretKey }}
+      {{- else }}
+      name: {{ include "cbmir.secretName" . }}
+      key: patient-key-secret
+      {{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

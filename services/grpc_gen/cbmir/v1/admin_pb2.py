@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x62mir/v1/admin.proto\x12\x08\x63\x62mir.v1\"\x94\x01\n\x16\x44\x65leteInstancesRequest\x12\x1c\n\x12study_instance_uid\x18\x01 \x01(\tH\x00\x12\x1d\n\x13series_instance_uid\x18\x02 \x01(\tH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\x15\n\x0bpatient_key\x18\x04 \x01(\tH\x00\x42\n\n\x08selector\"\x9c\x01\n\x17\x44\x65leteInstancesResponse\x12\x16\n\x0epoints_deleted\x18\x01 \x01(\x04\x12\x18\n\x10\x61rchived_deleted\x18\x02 \x01(\x04\x12\x1b\n\x13quarantined_deleted\x18\x03 \x01(\x04\x12\x17\n\x0fpending_deleted\x18\x04 \x01(\x04\x12\x19\n\x11sop_instance_uids\x18\x05 \x03(\t\"3\n\rVerifyRequest\x12\x0e\n\x06repair\x18\x01 \x01(\x08\x12\x12\n\nmax_listed\x18\x02 \x01(\r\"\x86\x02\n\x0eVerifyResponse\x12\x10\n\x08\x61rchived\x18\x01 \x01(\x04\x12\x0e\n\x06points\x18\x02 \x01(\x04\x12\x15\n\rmissing_count\x18\x03 \x01(\x04\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x14\n\x0corphan_count\x18\x05 \x01(\x04\x12\x0f\n\x07orphans\x18\x06 \x03(\t\x12\x1b\n\x13other_version_count\x18\x07 \x01(\x04\x12\x15\n\rother_version\x18\x08 \x03(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0e\n\x06resent\x18\n \x01(\x04\x12\x17\n\x0forphans_deleted\x18\x0b \x01(\x04\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\"|\n\x11QuarantinedObject\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x16\n\x0equarantined_at\x18\x05 \x01(\x01\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\"J\n\x13QuarantineSelection\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x14\n\x0colder_than_s\x18\x02 \x01(\x01\x12\r\n\x05names\x18\x03 \x03(\t\"I\n\x15ListQuarantineRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\"F\n\x16ListQuarantineResponse\x12,\n\x07objects\x18\x01 \x03(\x0b\x32\x1b.cbmir.v1.QuarantinedObject\"&\n\x16ShowQuarantinedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xca\x01\n\x17ShowQuarantinedResponse\x12+\n\x06object\x18\x01 \x01(\x0b\x32\x1b.cbmir.v1.QuarantinedObject\x12=\n\x06header\x18\x02 \x03(\x0b\x32-.cbmir.v1.ShowQuarantinedResponse.HeaderEntry\x12\x14\n\x0cheader_error\x18\x03 \x01(\t\x1a-\n\x0bHeaderEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x19RequeueQuarantinedRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\"<\n\x1aRequeueQuarantinedResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x04\x12\x0c\n\x04left\x18\x02 \x01(\x04\"J\n\x16PurgeQuarantineRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\")\n\x17PurgeQuarantineResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x04\"\'\n\x13StartReindexRequest\x12\x10\n\x08\x64rop_old\x18\x01 \x01(\x08\"\x19\n\x17GetReindexStatusRequest\"\xdd\x01\n\rReindexStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x10\n\x08previous\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\r\n\x05total\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x0e\n\x06passes\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x32\x9f\x05\n\nIndexAdmin\x12V\n\x0f\x44\x65leteInstances\x12 .cbmir.v1.DeleteInstancesRequest\x1a!.cbmir.v1.DeleteInstancesResponse\x12;\n\x06Verify\x12\x17.cbmir.v1.VerifyRequest\x1a\x18.cbmir.v1.VerifyResponse\x12S\n\x0eListQuarantine\x12\x1f.cbmir.v1.ListQuarantineRequest\x1a .cbmir.v1.ListQuarantineResponse\x12V\n\x0fShowQuarantined\x12 .cbmir.v1.ShowQuarantinedRequest\x1a!.cbmir.v1.ShowQuarantinedResponse\x12_\n\x12RequeueQuarantined\x12#.cbmir.v1.RequeueQuarantinedRequest\x1a$.cbmir.v1.RequeueQuarantinedResponse\x12V\n\x0fPurgeQuarantine\x12 .cbmir.v1.PurgeQuarantineRequest\x1a!.cbmir.v1.PurgeQuarantineResponse\x12\x46\n\x0cStartReindex\x12\x1d.cbmir.v1.StartReindexRequest\x1a\x17.cbmir.v1.ReindexStatus\x12N\n\x10GetReindexStatus\x12!.cbmir.v1.GetReindexStatusRequest\x1a\x17.cbmir.v1.ReindexStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x62mir/v1/admin.proto\x12\x08\x63\x62mir.v1\"\x94\x01\n\x16\x44\x65leteInstancesRequest\x12\x1c\n\x12study_instance_uid\x18\x01 \x01(\tH\x00\x12\x1d\n\x13series_instance_uid\x18\x02 \x01(\tH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\x15\n\x0bpatient_key\x18\x04 \x01(\tH\x00\x42\n\n\x08selector\"\xb0\x01\n\x17\x44\x65leteInstancesResponse\x12\x16\n\x0epoints_deleted\x18\x01 \x01(\x04\x12\x18\n\x10\x61rchived_deleted\x18\x02 \x01(\x04\x12\x1b\n\x13quarantined_deleted\x18\x03 \x01(\x04\x12\x17\n\x0fpending_deleted\x18\x04 \x01(\x04\x12\x19\n\x11sop_instance_uids\x18\x05 \x03(\t\x12\x12\n\nunexamined\x18\x06 \x03(\t\"3\n\rVerifyRequest\x12\x0e\n\x06repair\x18\x01 \x01(\x08\x12\x12\n\nmax_listed\x18\x02 \x01(\r\"\x86\x02\n\x0eVerifyResponse\x12\x10\n\x08\x61rchived\x18\x01 \x01(\x04\x12\x0e\n\x06points\x18\x02 \x01(\x04\x12\x15\n\rmissing_count\x18\x03 \x01(\x04\x12\x0f\n\x07missing\x18\x04 \x03(\t\x12\x14\n\x0corphan_count\x18\x05 \x01(\x04\x12\x0f\n\x07orphans\x18\x06 \x03(\t\x12\x1b\n\x13other_version_count\x18\x07 \x01(\x04\x12\x15\n\rother_version\x18\x08 \x03(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0e\n\x06resent\x18\n \x01(\x04\x12\x17\n\x0forphans_deleted\x18\x0b \x01(\x04\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\"|\n\x11QuarantinedObject\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x16\n\x0equarantined_at\x18\x05 \x01(\x01\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\"J\n\x13QuarantineSelection\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x14\n\x0colder_than_s\x18\x02 \x01(\x01\x12\r\n\x05names\x18\x03 \x03(\t\"X\n\x15ListQuarantineRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\x12\r\n\x05limit\x18\x02 \x01(\r\"U\n\x16ListQuarantineResponse\x12,\n\x07objects\x18\x01 \x03(\x0b\x32\x1b.cbmir.v1.QuarantinedObject\x12\r\n\x05total\x18\x02 \x01(\x04\"&\n\x16ShowQuarantinedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xca\x01\n\x17ShowQuarantinedResponse\x12+\n\x06object\x18\x01 \x01(\x0b\x32\x1b.cbmir.v1.QuarantinedObject\x12=\n\x06header\x18\x02 \x03(\x0b\x32-.cbmir.v1.ShowQuarantinedResponse.HeaderEntry\x12\x14\n\x0cheader_error\x18\x03 \x01(\t\x1a-\n\x0bHeaderEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x19RequeueQuarantinedRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\"<\n\x1aRequeueQuarantinedResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x04\x12\x0c\n\x04left\x18\x02 \x01(\x04\"J\n\x16PurgeQuarantineRequest\x12\x30\n\tselection\x18\x01 \x01(\x0b\x32\x1d.cbmir.v1.QuarantineSelection\")\n\x17PurgeQuarantineResponse\x12\x0e\n\x06purged\x18\x01 \x01(\x04\"\'\n\x13StartReindexRequest\x12\x10\n\x08\x64rop_old\x18\x01 \x01(\x08\"\x19\n\x17GetReindexStatusRequest\"\xee\x01\n\rReindexStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x10\n\x08previous\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x04\x12\r\n\x05total\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x0e\n\x06passes\x18\x08 \x01(\r\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x12\n\nstarted_at\x18\x0b \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0c \x01(\x01\x12\x0f\n\x07running\x18\r \x01(\x08\x32\x9f\x05\n\nIndexAdmin\x12V\n\x0f\x44\x65leteInstances\x12 .cbmir.v1.DeleteInstancesRequest\x1a!.cbmir.v1.DeleteInstancesResponse\x12;\n\x06Verify\x12\x17.cbmir.v1.VerifyRequest\x1a\x18.cbmir.v1.VerifyResponse\x12S\n\x0eListQuarantine\x12\x1f.cbmir.v1.ListQuarantineRequest\x1a .cbmir.v1.ListQuarantineResponse\x12V\n\x0fShowQuarantined\x12 .cbmir.v1.ShowQuarantinedRequest\x1a!.cbmir.v1.ShowQuarantinedResponse\x12_\n\x12RequeueQuarantined\x12#.cbmir.v1.RequeueQuarantinedRequest\x1a$.cbmir.v1.RequeueQuarantinedResponse\x12V\n\x0fPurgeQuarantine\x12 .cbmir.v1.PurgeQuarantineRequest\x1a!.cbmir.v1.PurgeQuarantineResponse\x12\x46\n\x0cStartReindex\x12\x1d.cbmir.v1.StartReindexRequest\x1a\x17.cbmir.v1.ReindexStatus\x12N\n\x10GetReindexStatus\x12!.cbmir.v1.GetReindexStatusRequest\x1a\x17.cbmir.v1.ReindexStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,39 +36,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEINSTANCESREQUEST']._serialized_start=35
   _globals['_DELETEINSTANCESREQUEST']._serialized_end=183
   _globals['_DELETEINSTANCESRESPONSE']._serialized_start=186
-  _globals['_DELETEINSTANCESRESPONSE']._serialized_end=342
-  _globals['_VERIFYREQUEST']._serialized_start=344
-  _globals['_VERIFYREQUEST']._serialized_end=395
-  _globals['_VERIFYRESPONSE']._serialized_start=398
-  _globals['_VERIFYRESPONSE']._serialized_end=660
-  _globals['_QUARANTINEDOBJECT']._serialized_start=662
-  _globals['_QUARANTINEDOBJECT']._serialized_end=786
-  _globals['_QUARANTINESELECTION']._serialized_start=788
-  _globals['_QUARANTINESELECTION']._serialized_end=862
-  _globals['_LISTQUARANTINEREQUEST']._serialized_start=864
-  _globals['_LISTQUARANTINEREQUEST']._serialized_end=937
-  _globals['_LISTQUARANTINERESPONSE']._serialized_start=939
-  _globals['_LISTQUARANTINERESPONSE']._serialized_end=1009
-  _globals['_SHOWQUARANTINEDREQUEST']._serialized_start=1011
-  _globals['_SHOWQUARANTINEDREQUEST']._serialized_end=1049
-  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_start=1052
-  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_end=1254
-  _globals['_SHOWQUARANTINEDRESPONSE_HEADERENTRY']._serialized_start=1209
-  _globals['_SHOWQUARANTINEDRESPONSE_HEADERENTRY']._serialized_end=1254
-  _globals['_REQUEUEQUARANTINEDREQUEST']._serialized_start=1256
-  _globals['_REQUEUEQUARANTINEDREQUEST']._serialized_end=1333
-  _globals['_REQUEUEQUARANTINEDRESPONSE']._serialized_start=1335
-  _globals['_REQUEUEQUARANTINEDRESPONSE']._serialized_end=1395
-  _globals['_PURGEQUARANTINEREQUEST']._serialized_start=1397
-  _globals['_PURGEQUARANTINEREQUEST']._serialized_end=1471
-  _globals['_PURGEQUARANTINERESPONSE']._serialized_start=1473
-  _globals['_PURGEQUARANTINERESPONSE']._serialized_end=1514
-  _globals['_STARTREINDEXREQUEST']._serialized_start=1516
-  _globals['_STARTREINDEXREQUEST']._serialized_end=1555
-  _globals['_GETREINDEXSTATUSREQUEST']._serialized_start=1557
-  _globals['_GETREINDEXSTATUSREQUEST']._serialized_end=1582
-  _globals['_REINDEXSTATUS']._serialized_start=1585
-  _globals['_REINDEXSTATUS']._serialized_end=1806
-  _globals['_INDEXADMIN']._serialized_start=1809
-  _globals['_INDEXADMIN']._serialized_end=2480
+  _globals['_DELETEINSTANCESRESPONSE']._serialized_end=362
+  _globals['_VERIFYREQUEST']._serialized_start=364
+  _globals['_VERIFYREQUEST']._serialized_end=415
+  _globals['_VERIFYRESPONSE']._serialized_start=418
+  _globals['_VERIFYRESPONSE']._serialized_end=680
+  _globals['_QUARANTINEDOBJECT']._serialized_start=682
+  _globals['_QUARANTINEDOBJECT']._serialized_end=806
+  _globals['_QUARANTINESELECTION']._serialized_start=808
+  _globals['_QUARANTINESELECTION']._serialized_end=882
+  _globals['_LISTQUARANTINEREQUEST']._serialized_start=884
+  _globals['_LISTQUARANTINEREQUEST']._serialized_end=972
+  _globals['_LISTQUARANTINERESPONSE']._serialized_start=974
+  _globals['_LISTQUARANTINERESPONSE']._serialized_end=1059
+  _globals['_SHOWQUARANTINEDREQUEST']._serialized_start=1061
+  _globals['_SHOWQUARANTINEDREQUEST']._serialized_end=1099
+  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_start=1102
+  _globals['_SHOWQUARANTINEDRESPONSE']._serialized_end=1304
+  _globals['_SHOWQUARANTINEDRESPONSE_HEADERENTRY']._serialized_start=1259
+  _globals['_SHOWQUARANTINEDRESPONSE_HEADERENTRY']._serialized_end=1304
+  _globals['_REQUEUEQUARANTINEDREQUEST']._serialized_start=1306
+  _globals['_REQUEUEQUARANTINEDREQUEST']._serialized_end=1383
+  _globals['_REQUEUEQUARANTINEDRESPONSE']._serialized_start=1385
+  _globals['_REQUEUEQUARANTINEDRESPONSE']._serialized_end=1445
+  _globals['_PURGEQUARANTINEREQUEST']._serialized_start=1447
+  _globals['_PURGEQUARANTINEREQUEST']._serialized_end=1521
+  _globals['_PURGEQUARANTINERESPONSE']._serialized_start=1523
+  _globals['_PURGEQUARANTINERESPONSE']._serialized_end=1564
+  _globals['_STARTREINDEXREQUEST']._serialized_start=1566
+  _globals['_STARTREINDEXREQUEST']._serialized_end=1605
+  _globals['_GETREINDEXSTATUSREQUEST']._serialized_start=1607
+  _globals['_GETREINDEXSTATUSREQUEST']._serialized_end=1632
+  _globals['_REINDEXSTATUS']._serialized_start=1635
+  _globals['_REINDEXSTATUS']._serialized_end=1873
+  _globals['_INDEXADMIN']._serialized_start=1876
+  _globals['_INDEXADMIN']._serialized_end=2547
 # @@protoc_insertion_point(module_scope)

@@ -19,18 +19,20 @@ class DeleteInstancesRequest(_message.Message):
     def __init__(self, study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., patient_key: _Optional[str] = ...) -> None: ...
 
 class DeleteInstancesResponse(_message.Message):
-    __slots__ = ("points_deleted", "archived_deleted", "quarantined_deleted", "pending_deleted", "sop_instance_uids")
+    __slots__ = ("points_deleted", "archived_deleted", "quarantined_deleted", "pending_deleted", "sop_instance_uids", "unexamined")
     POINTS_DELETED_FIELD_NUMBER: _ClassVar[int]
     ARCHIVED_DELETED_FIELD_NUMBER: _ClassVar[int]
     QUARANTINED_DELETED_FIELD_NUMBER: _ClassVar[int]
     PENDING_DELETED_FIELD_NUMBER: _ClassVar[int]
     SOP_INSTANCE_UIDS_FIELD_NUMBER: _ClassVar[int]
+    UNEXAMINED_FIELD_NUMBER: _ClassVar[int]
     points_deleted: int
     archived_deleted: int
     quarantined_deleted: int
     pending_deleted: int
     sop_instance_uids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, points_deleted: _Optional[int] = ..., archived_deleted: _Optional[int] = ..., quarantined_deleted: _Optional[int] = ..., pending_deleted: _Optional[int] = ..., sop_instance_uids: _Optional[_Iterable[str]] = ...) -> None: ...
+    unexamined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, points_deleted: _Optional[int] = ..., archived_deleted: _Optional[int] = ..., quarantined_deleted: _Optional[int] = ..., pending_deleted: _Optional[int] = ..., sop_instance_uids: _Optional[_Iterable[str]] = ..., unexamined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("repair", "max_listed")
@@ -95,16 +97,20 @@ class QuarantineSelection(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., older_than_s: _Optional[float] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListQuarantineRequest(_message.Message):
-    __slots__ = ("selection",)
+    __slots__ = ("selection", "limit")
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     selection: QuarantineSelection
-    def __init__(self, selection: _Optional[_Union[QuarantineSelection, _Mapping]] = ...) -> None: ...
+    limit: int
+    def __init__(self, selection: _Optional[_Union[QuarantineSelection, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListQuarantineResponse(_message.Message):
-    __slots__ = ("objects",)
+    __slots__ = ("objects", "total")
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     objects: _containers.RepeatedCompositeFieldContainer[QuarantinedObject]
-    def __init__(self, objects: _Optional[_Iterable[_Union[QuarantinedObject, _Mapping]]] = ...) -> None: ...
+    total: int
+    def __init__(self, objects: _Optional[_Iterable[_Union[QuarantinedObject, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class ShowQuarantinedRequest(_message.Message):
     __slots__ = ("name",)
@@ -166,7 +172,7 @@ class GetReindexStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReindexStatus(_message.Message):
-    __slots__ = ("state", "target", "previous", "model_version", "done", "total", "failed", "passes", "error", "dropped", "started_at", "finished_at")
+    __slots__ = ("state", "target", "previous", "model_version", "done", "total", "failed", "passes", "error", "dropped", "started_at", "finished_at", "running")
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +185,7 @@ class ReindexStatus(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     state: str
     target: str
     previous: str
@@ -191,4 +198,5 @@ class ReindexStatus(_message.Message):
     dropped: _containers.RepeatedScalarFieldContainer[str]
     started_at: float
     finished_at: float
-    def __init__(self, state: _Optional[str] = ..., target: _Optional[str] = ..., previous: _Optional[str] = ..., model_version: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., failed: _Optional[int] = ..., passes: _Optional[int] = ..., error: _Optional[str] = ..., dropped: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    running: bool
+    def __init__(self, state: _Optional[str] = ..., target: _Optional[str] = ..., previous: _Optional[str] = ..., model_version: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., failed: _Optional[int] = ..., passes: _Optional[int] = ..., error: _Optional[str] = ..., dropped: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., running: _Optional[bool] = ...) -> None: ...
