@@ -45,6 +45,7 @@ from services.core.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    StorageError,
     Unauthenticated,
 )
 from services.core.logs import mask_values
@@ -99,7 +100,7 @@ def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, BackendUnavailable):
+    if isinstance(exc, (BackendUnavailable, StorageError)):  # the index or the disk: try again later
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, ConfigError):
         return grpc.StatusCode.FAILED_PRECONDITION
