@@ -477,14 +477,19 @@ def test_health_follows_the_index_backend(data_dir, procs):
     procs.append(proc)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        support.wait_until(
-            lambda: (
-                stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                == health_pb2.HealthCheckResponse.NOT_SERVING
-            ),
-            20,
-            "health NOT_SERVING while Qdrant is unreachable",
-        )
+
+        def not_serving() -> bool:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            except grpc.RpcError as exc:
+                exited = proc.process.poll()
+                raise AssertionError(
+                    f"health check failed ({exc.code().name}); query exited {exited}; "
+                    f"output:\n{proc.output()}"
+                ) from exc
+            return status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        support.wait_until(not_serving, 20, "health NOT_SERVING while Qdrant is unreachable")
 
 
 def test_an_instance_sent_again_keeps_its_earlier_copy(redis_env, procs, tmp_path, need_dcmtk):
