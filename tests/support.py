@@ -262,3 +262,25 @@ def eeg_dataset(samples: int, sampling_hz: float, **group: object) -> Dataset:
             setattr(waveform, keyword, value)
     ds.WaveformSequence = Sequence([waveform])
     return ds
+
+
+def mr_series(folder: Path, count: int, size: int = 64, seed: int = 0) -> list[Path]:
+    """``count`` distinct MR objects (their own UIDs and pixels), without trailing padding."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    template = pydicom.dcmread(pydicom_file("MR_small.dcm"))
+    del template[0xFFFCFFFC]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number in range(count):
+        ds = template.copy()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Rows = ds.Columns = size
+        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+        path = folder / f"mr-{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files

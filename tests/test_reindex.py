@@ -45,27 +45,6 @@ def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_d
         assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
 
 
-def _mr(folder, count: int, seed: int) -> list:
-    import numpy as np
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    rng = np.random.default_rng(seed)
-    template = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
-    del template[0xFFFCFFFC]
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for number in range(count):
-        ds = template.copy()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.Rows = ds.Columns = 128
-        ds.PixelData = rng.integers(0, 4096, (128, 128), dtype=np.uint16).tobytes()
-        path = folder / f"mr-{number:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
-
-
 def test_online_reindex_keeps_answering_and_misses_nothing_pushed_meanwhile(
     data_dir, procs, tmp_path, need_dcmtk
 ):
@@ -82,8 +61,8 @@ def test_online_reindex_keeps_answering_and_misses_nothing_pushed_meanwhile(
     env = support.base_env(data_dir, CBMIR_API_TOKENS_FILE=str(tokens))
     serve, dicom_port, grpc_port = support.start_serve(data_dir, env)
     procs.append(serve)
-    first = _mr(tmp_path / "first", 240, seed=1)
-    later = _mr(tmp_path / "later", 40, seed=2)
+    first = support.mr_series(tmp_path / "first", 240, size=128, seed=1)
+    later = support.mr_series(tmp_path / "later", 40, size=128, seed=2)
     support.storescu(dicom_port, first)
     client = SearchClient(f"127.0.0.1:{grpc_port}", token=admin)
     support.wait_until(lambda: client.stats().total == len(first), 180, "the first objects indexed")

@@ -19,30 +19,11 @@ import pydicom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from pydicom.uid import generate_uid
 
 from services.query.client import SearchClient
 from tests import support
 
 pytestmark = pytest.mark.integration
-
-
-def _mr_series(folder: Path, count: int, size: int = 64, seed: int = 0) -> list[Path]:
-    """``count`` distinct MR objects (their own UIDs and pixels), without trailing padding."""
-    rng = np.random.default_rng(seed)
-    template = pydicom.dcmread(support.pydicom_file("MR_small.dcm"))
-    del template[0xFFFCFFFC]
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for number in range(count):
-        ds = template.copy()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.Rows = ds.Columns = size
-        ds.PixelData = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
-        path = folder / f"mr-{number:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -77,7 +58,7 @@ def test_worker_killed_under_serve_loses_nothing(data_dir, procs, tmp_path, need
     serve, dicom_port, client = _serve(data_dir, procs, CBMIR_RESEND_AFTER_S="4")
     (query_pid,) = [pid for pid, cmd in _children(serve.process.pid) if "services query" in cmd]
     (worker_pid,) = [pid for pid, cmd in _children(serve.process.pid) if "services worker" in cmd]
-    files = _mr_series(tmp_path / "mr", 24)
+    files = support.mr_series(tmp_path / "mr", 24)
     os.kill(query_pid, signal.SIGSTOP)  # the index owner stalls: the worker holds tasks in flight
     try:
         support.storescu(dicom_port, files)
@@ -106,7 +87,7 @@ def test_a_broker_that_lost_its_data_loses_nothing(redis_env, procs, tmp_path, n
     procs.append(query)
     scp, dicom_port = support.start_scp(env)
     procs.append(scp)
-    files = _mr_series(tmp_path / "mr", 8)
+    files = support.mr_series(tmp_path / "mr", 8)
     support.storescu(dicom_port, files)
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     queue = env["CBMIR_QUEUE"]
@@ -132,7 +113,7 @@ def test_the_watcher_alone_resends_what_the_broker_lost(redis_env, procs, tmp_pa
     watcher = support.Proc("watch", [str(support.CBMIR), "watch", str(watch)], env)
     procs.append(watcher)
     watcher.wait_for(r"cbmir watch: watching ")
-    files = _mr_series(tmp_path / "mr", 3)
+    files = support.mr_series(tmp_path / "mr", 3)
     for path in files:
         (watch / path.name).write_bytes(path.read_bytes())
     broker, queue = redis.Redis.from_url(support.REDIS_URL), env["CBMIR_QUEUE"]
@@ -184,7 +165,7 @@ def test_index_owner_down_for_three_minutes_quarantines_nothing(redis_env, procs
     worker = support.start_worker(env)
     procs.append(worker)
     query.stop()  # the index owner is gone
-    files = _mr_series(tmp_path / "mr", 6)
+    files = support.mr_series(tmp_path / "mr", 6)
     support.storescu(dicom_port, files)
     time.sleep(180)
     assert "quarantined" not in worker.output()
@@ -232,11 +213,11 @@ def test_full_disk_answers_a700_keeps_everything_alive_and_recovers(
 ):
     data = small_volume / "data"
     serve, dicom_port, client = _serve(data, procs, CBMIR_MIN_FREE_MB="16")
-    first = _mr_series(tmp_path / "a", 3)
+    first = support.mr_series(tmp_path / "a", 3)
     support.storescu(dicom_port, first)
     support.wait_until(lambda: client.stats().total == 3, 120, "indexed before the disk fills")
     ballast = _fill(small_volume, 8)  # below the 16 MB watermark
-    late = _mr_series(tmp_path / "b", 2, seed=1)
+    late = support.mr_series(tmp_path / "b", 2, seed=1)
     refused = support.storescu(dicom_port, late, check=False)
     assert "refused: outofresources" in (refused.stdout + refused.stderr).lower()
     assert "free space watermark" in serve.output()
@@ -273,7 +254,7 @@ def test_a_disk_that_fills_mid_stream_answers_a700_and_leaves_no_partial_file(
     env = dict(redis_env, CBMIR_DATA_DIR=str(data), CBMIR_MIN_FREE_MB="0")  # no watermark: the write fails
     scp, dicom_port = support.start_scp(env)
     procs.append(scp)
-    big = _mr_series(tmp_path / "big", 1, size=1536)  # 4.5 MB
+    big = support.mr_series(tmp_path / "big", 1, size=1536)  # 4.5 MB
     _fill(small_volume, 2)
     refused = support.storescu(dicom_port, big, check=False)
     assert "refused: outofresources" in (refused.stdout + refused.stderr).lower()
@@ -499,7 +480,7 @@ def test_an_instance_sent_again_keeps_its_earlier_copy(redis_env, procs, tmp_pat
     procs.append(scp)
     worker = support.start_worker(redis_env)
     procs.append(worker)
-    (first,) = _mr_series(tmp_path / "v1", 1, seed=1)
+    (first,) = support.mr_series(tmp_path / "v1", 1, seed=1)
     again = tmp_path / "v2" / first.name
     again.parent.mkdir()
     ds = pydicom.dcmread(first)

@@ -156,16 +156,13 @@ def dual_write_targets(
     if not version:
         return [current] if not target or target == current else [current, target]
 
-    def of_model(collection: str) -> bool:
-        return belongs_to_model(collection, alias, version)
-
-    if current.startswith(f"{alias}--") and not of_model(current):
+    if current.startswith(f"{alias}--") and not belongs_to_model(current, alias, version):
         raise ConfigError(
             f"the index ({current}) holds vectors of another model than this writer's {version}: "
             "run the model the index was built with, or reindex"
         )
     targets = [current]
-    if target and target != current and of_model(target):
+    if target and target != current and belongs_to_model(target, alias, version):
         targets.append(target)
     return targets
 

@@ -199,8 +199,8 @@ class EdgeIndex(VectorIndex):
             self._shards[key] = shard
             return shard
 
-    def _current(self) -> str:
-        collection = self.current_collection()
+    def _current(self, aliases: dict[str, str] | None = None) -> str:
+        collection = (aliases if aliases is not None else self._aliases()).get(self._alias)
         if collection is None:
             raise NotFound("the index is empty: no collection has been created yet")
         return collection
@@ -226,7 +226,9 @@ class EdgeIndex(VectorIndex):
             return
         if collection is None:
             with self._lock:
-                for target in dual_write_targets(self._current(), self.reindex_target(), self._alias, points):
+                aliases = self._aliases()  # one read of the alias file per live write
+                current = self._current(aliases)
+                for target in dual_write_targets(current, aliases.get(self._next_key), self._alias, points):
                     self.upsert(points, target)
             return
         qe = self._qe

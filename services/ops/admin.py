@@ -21,10 +21,11 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from services.core.config import WorkerSettings, patient_key_secret
+from services.core.config import IndexSettings, WorkerSettings, patient_key_secret
 from services.core.errors import BackendUnavailable, ConfigError
 from services.core.patients import patient_key
 from services.grpc_gen.cbmir.v1 import admin_pb2
+from services.index import VectorIndex
 from services.query.admin import (
     IndexMaintenance,
     delete_pb,
@@ -72,7 +73,6 @@ def _admin_call(args: argparse.Namespace) -> Iterator[Call]:
 
 def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
     from models.runtime import OnnxEncoder
-    from services.index import open_index
     from services.ingest.dispatch import TaskDispatcher
     from services.ingest.spool import Spool
 
@@ -83,12 +83,7 @@ def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
     if not settings.layout.root.is_dir():
         raise ConfigError(f"{settings.layout.root} is not a data folder")
     encoder = OnnxEncoder(settings.model.model_path, device="cpu")
-    try:
-        index = open_index(settings.index)
-    except BackendUnavailable as exc:
-        raise BackendUnavailable(
-            f"{exc}; while it runs, give --server HOST:PORT and an admin token"
-        ) from None
+    index = open_local_index(settings.index)
     dispatcher: list[TaskDispatcher] = []
 
     def send(name: str) -> bool:
@@ -103,6 +98,19 @@ def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
         send=send,
         patient_key_secret=settings.patient_key_secret,
     )
+
+
+def open_local_index(settings: IndexSettings) -> VectorIndex:
+    """The index, opened by this command itself; while a running service owns the embedded one,
+    the error says to go through it."""
+    from services.index import open_index
+
+    try:
+        return open_index(settings)
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(
+            f"{exc}; while it runs, give --server HOST:PORT and an admin token"
+        ) from None
 
 
 class _LocalAdmin:

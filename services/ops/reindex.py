@@ -27,8 +27,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from services.core.config import WorkerSettings
-from services.core.errors import BackendUnavailable, CbmirError
+from services.core.errors import CbmirError
 from services.core.logs import append_audit
+from services.grpc_gen.cbmir.v1 import admin_pb2
 from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
 from services.query.reindex import ReindexState
@@ -77,59 +78,42 @@ def run(args: argparse.Namespace) -> int:
     except CbmirError as exc:
         print(f"cbmir reindex: {exc}", file=sys.stderr)
         return 1
-    return _report(
-        state.state,
-        state.done,
-        state.target,
-        state.model_version,
-        state.previous,
-        state.error,
-        state.failed,
-        settings.index.collection,
-    )
+    return _report(state, settings.index.collection)
 
 
-def _report(
-    outcome: str, done: int, target: str, version: str, previous: str, error: str, failed: int, alias: str
-) -> int:
-    if outcome != "done":
-        print(f"cbmir reindex: failed: {error} (start it again to resume)", file=sys.stderr)
+def _report(state: ReindexState | admin_pb2.ReindexStatus, alias: str) -> int:
+    """The outcome in a line or two (the job's own state, or the index owner's status message:
+    the same fields); exit 1 unless it is done."""
+    if state.state != "done":
+        print(f"cbmir reindex: failed: {state.error} (start it again to resume)", file=sys.stderr)
         return 1
     print(
-        f"cbmir reindex: {done} instance(s) into {target} (model {version}); "
-        f"alias {alias} switched from {previous or 'nothing'}"
+        f"cbmir reindex: {state.done} instance(s) into {state.target} (model {state.model_version}); "
+        f"alias {alias} switched from {state.previous or 'nothing'}"
     )
-    if failed:
-        print(f"  {failed} archived object(s) could not be decoded and were not reindexed (see the log)")
+    if state.failed:
+        print(
+            f"  {state.failed} archived object(s) could not be decoded and were not reindexed (see the log)"
+        )
     return 0
 
 
 def _in_this_process(settings: WorkerSettings, drop_old: bool) -> ReindexState:
     from models.runtime import OnnxEncoder
-    from services.dicom.decode import DecodeLimits
-    from services.index import open_index
-    from services.index.base import REINDEX_TARGET_TTL_S
+    from services.ops.admin import open_local_index
     from services.query.reindex import ReindexJob
 
-    try:
-        index = open_index(settings.index)
-    except BackendUnavailable as exc:
-        raise BackendUnavailable(
-            f"{exc}; to reindex while it serves: cbmir reindex --server HOST:PORT"
-        ) from None
+    index = open_local_index(settings.index)
     try:
         encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
-        job = ReindexJob(
+        job = ReindexJob.for_settings(
             index,
             Spool(settings.layout),
             encoder,
-            alias=settings.index.collection,
-            limits=DecodeLimits.from_settings(settings.decode),
-            frames=settings.decode.frames,
+            settings.index,
+            settings.decode,
+            settings.patient_key_secret,
             batch_size=settings.batch_size,
-            patient_key_secret=settings.patient_key_secret,
-            grace_s=settings.index.reindex_grace_s,
-            settle_s=0.0 if settings.index.embedded else REINDEX_TARGET_TTL_S + 1.0,
         )
         job.drop_when_done = drop_old
         bar = tqdm(desc="reindex", unit="obj", total=0)
@@ -153,7 +137,6 @@ def _in_this_process(settings: WorkerSettings, drop_old: bool) -> ReindexState:
 def _through_server(args: argparse.Namespace) -> int:
     import grpc
 
-    from services.grpc_gen.cbmir.v1 import admin_pb2
     from services.ops.cli import _rpc_failure, client_from_args
 
     client = client_from_args(args, timeout_s=60.0)
@@ -191,17 +174,7 @@ def _through_server(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    alias = WorkerSettings.from_env().index.collection
-    return _report(
-        state.state,
-        state.done,
-        state.target,
-        state.model_version,
-        state.previous,
-        state.error,
-        state.failed,
-        alias,
-    )
+    return _report(state, WorkerSettings.from_env().index.collection)
 
 
 def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:

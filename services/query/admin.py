@@ -165,23 +165,18 @@ class IndexMaintenance:
                 )
         return report
 
-    def _delete_points(self, selector: str, value: str, uids: set[str], names: set[str]) -> int:
-        """Delete the selected points in every collection; collects their UIDs and spool names."""
+    def _delete_points(self, field: str, value: str) -> int:
+        """Delete the points whose payload ``field`` is ``value``, in every collection."""
         deleted = 0
         for collection in self.index.collections():
-            ids = []
-            for point, payload in self.index.scroll(collection, field=selector, value=value):
-                ids.append(point)
-                uids.add(str(payload.get("sop_instance_uid", "")))
-                if payload.get("spool_name"):
-                    names.add(str(payload["spool_name"]))
+            ids = [point for point, _ in self.index.scroll(collection, field=field, value=value)]
             self.index.delete_points(ids, collection)
             deleted += len(ids)
         return deleted
 
     def _delete_points_of(self, uids: set[str]) -> int:
         """Delete the points of these SOP Instance UIDs (found by header) in every collection."""
-        return sum(self._delete_points("sop_instance_uid", uid, set(), set()) for uid in sorted(uids) if uid)
+        return sum(self._delete_points("sop_instance_uid", uid) for uid in sorted(uids) if uid)
 
     def _selected_points(self, selector: str, value: str, uids: set[str], names: set[str]) -> None:
         """Collect the UIDs and spool names of the selected points (in every collection)."""
@@ -192,7 +187,6 @@ class IndexMaintenance:
                     names.add(str(payload["spool_name"]))
 
     def _delete_locked(self, selector: str, value: str, report: DeleteReport) -> None:
-        self._indexed_cache = None
         layout = self.spool.layout
         archive, replaced = layout.archive, layout.archive / REPLACED_DIR
         names: set[str] = {spool_name_for(value)} if selector == "sop_instance_uid" else set()
@@ -203,7 +197,7 @@ class IndexMaintenance:
         # the secret was set), earlier copies, pending and quarantined ones
         indexed, keyless = set(), set()
         for _, payload in self._current_points():
-            name = str(payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", ""))))
+            name = _object_name(payload)
             indexed.add(name)
             if "patient_key" not in payload:
                 keyless.add(name)
@@ -235,7 +229,7 @@ class IndexMaintenance:
         # and a reindex check these markers); then the points go, then the files
         for name in names:
             self.spool.mark_erased(name)
-        report.points_deleted += self._delete_points(selector, value, set(), set())
+        report.points_deleted += self._delete_points(selector, value)
         report.points_deleted += self._delete_points_of(uids)
         for folder, path in found:
             try:
@@ -258,20 +252,9 @@ class IndexMaintenance:
             fsync_dir(changed)
         # a worker that read the markers just before they were written may have upserted since
         time.sleep(ERASE_SETTLE_S)
-        report.points_deleted += self._delete_points(selector, value, set(), set())
+        report.points_deleted += self._delete_points(selector, value)
         report.points_deleted += self._delete_points_of(uids)
         report.sop_instance_uids = sorted(u for u in uids if u)
-        self._indexed_cache = None
-
-    _indexed_cache: set[str] | None = None
-
-    def _indexed_names(self) -> set[str]:
-        if self._indexed_cache is None:
-            self._indexed_cache = {
-                str(payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", ""))))
-                for _, payload in self._current_points()
-            }
-        return self._indexed_cache
 
     def _current_points(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if self.index.current_collection() is None:
@@ -315,9 +298,7 @@ class IndexMaintenance:
             points: dict[str, tuple[str, str, bool]] = {}  # point id -> (name, uid, other model)
             indexed: set[str] = set()
             for point, payload in self._current_points():
-                name = str(
-                    payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", "")))
-                )
+                name = _object_name(payload)
                 other = payload.get("model_version", self.model_version) != self.model_version
                 points[point] = (name, str(payload.get("sop_instance_uid", "")), other)
                 indexed.add(name)
@@ -460,6 +441,11 @@ def _selection_details(selection: Selection) -> dict[str, Any]:
         "older_than_s": selection.older_than_s,
         "names": len(selection.names),
     }
+
+
+def _object_name(payload: dict[str, Any]) -> str:
+    """The spool file name of the object a point was made from."""
+    return str(payload.get("spool_name") or spool_name_for(str(payload.get("sop_instance_uid", ""))))
 
 
 def _is_object(path: Path) -> bool:

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from models.runtime import OnnxEncoder
-from services.core.config import FramePolicy
+from services.core.config import DecodeSettings, FramePolicy, IndexSettings
 from services.core.errors import CbmirError, ConfigError
 from services.core.logs import append_audit
 from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, decode_for_embedding
 from services.index import VectorIndex, collection_name
+from services.index.base import REINDEX_TARGET_TTL_S
 from services.index.points import index_points, model_inputs
 from services.ingest.spool import Spool, fsync_dir
 
@@ -93,6 +94,32 @@ class ReindexJob:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.state = self._load()
+
+    @classmethod
+    def for_settings(
+        cls,
+        index: VectorIndex,
+        spool: Spool,
+        encoder: OnnxEncoder,
+        settings: IndexSettings,
+        decode: DecodeSettings,
+        patient_key_secret: bytes | None,
+        **options: Any,
+    ) -> ReindexJob:
+        """A job as the settings describe it. With a Qdrant server, writers in other processes
+        learn of a new target within REINDEX_TARGET_TTL_S, so the job waits a little longer."""
+        return cls(
+            index,
+            spool,
+            encoder,
+            alias=settings.collection,
+            limits=DecodeLimits.from_settings(decode),
+            frames=decode.frames,
+            patient_key_secret=patient_key_secret,
+            grace_s=settings.reindex_grace_s,
+            settle_s=0.0 if settings.embedded else REINDEX_TARGET_TTL_S + 1.0,
+            **options,
+        )
 
     # -- state ----------------------------------------------------------------------------------
     def _load(self) -> ReindexState:

@@ -68,7 +68,7 @@ from services.grpc_gen.cbmir.v1 import (
     search_pb2_grpc,
 )
 from services.index import IndexPoint, SearchHit, VectorIndex, open_index
-from services.index.base import REINDEX_TARGET_TTL_S, belongs_to_model
+from services.index.base import belongs_to_model
 from services.index.points import check_point
 from services.ingest.dispatch import TaskDispatcher
 from services.ingest.spool import Spool
@@ -529,16 +529,13 @@ class QueryServer:
             send=self._send,
             patient_key_secret=settings.patient_key_secret,
         )
-        self.reindex = ReindexJob(
+        self.reindex = ReindexJob.for_settings(
             self.index,
             self.engine.spool,
             self.encoder,
-            alias=settings.index.collection,
-            limits=DecodeLimits.from_settings(settings.decode),
-            frames=settings.decode.frames,
-            patient_key_secret=settings.patient_key_secret,
-            grace_s=settings.index.reindex_grace_s,
-            settle_s=0.0 if settings.index.embedded else REINDEX_TARGET_TTL_S + 1.0,
+            settings.index,
+            settings.decode,
+            settings.patient_key_secret,
             on_switch=self._switched,
             erasure_lock=self.maintenance.lock,
         )
