@@ -210,3 +210,26 @@ def test_new_server_collections_get_the_configured_shards_replicas_and_quantisat
     assert (body["shard_number"], body["replication_factor"]) == (6, 2)
     assert body["vectors"] == {"size": 48, "distance": "Euclid"}
     assert body["quantization_config"]["scalar"]["type"] == "int8"
+
+
+def test_erasure_markers_hold_for_an_hour_and_the_sweep_clears_them(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from services.core.config import BrokerSettings, DataLayout
+    from services.ingest.dispatch import PendingSweep, TaskDispatcher
+    from services.ingest.spool import Spool
+
+    layout = DataLayout(tmp_path / "data")
+    spool = Spool(layout)
+    spool.mark_erased("1.2.3.dcm")
+    spool.mark_erased("1.2.4.dcm")
+    expired = time.time() - spool.ERASED_HOLD_S - 5
+    os.utime(layout.erased / "1.2.3.dcm", (expired, expired))
+    assert not spool.erased_recently("1.2.3.dcm") and spool.erased_recently("1.2.4.dcm")
+    dispatcher = TaskDispatcher(BrokerSettings.from_env({}, layout))
+    try:
+        PendingSweep(spool, dispatcher, resend_after_s=600).sweep()
+    finally:
+        dispatcher.close()
+    assert sorted(p.name for p in layout.erased.iterdir()) == ["1.2.4.dcm"]

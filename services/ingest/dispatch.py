@@ -131,4 +131,5 @@ class PendingSweep:
             metrics.SPOOL_RESENT.inc(sent)
             logger.warning("re-sent %d instance(s) not indexed after %d s", sent, self.resend_after_s)
         self.spool.remove_stale_tmp(self.STALE_TMP_S)
+        self.spool.forget_old_erasures()  # erasure markers whose hold is over
         return sent
