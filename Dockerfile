@@ -33,7 +33,9 @@ COPY . .
 RUN test -f README.md || echo "# cbmir" > README.md \
  && pip install --no-cache-dir --no-deps --no-build-isolation /src
 WORKDIR /
-RUN python -c "import services.ops.cli, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()"
+# Every entry point imports (the gateway's FastAPI and uvicorn too); the model and the panel are in the package.
+RUN python -c "import services.ops.cli, services.gateway.server, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()" \
+ && python -c "from services.gateway.app import STATIC; assert '/opt/venv/' in str(STATIC) and (STATIC / 'index.html').is_file(), STATIC"
 
 # ---- runtime ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -55,11 +57,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
 USER 10001:10001
 WORKDIR /home/cbmir
 VOLUME ["/data"]
-# 11112: DICOM C-STORE listener; 50051: gRPC query service. The embedded index writer is a Unix
-# socket in /data, never a port. The query service binds 0.0.0.0 here, so it needs API tokens
-# (CBMIR_API_TOKENS_FILE or CBMIR_API_TOKENS) or, knowingly, CBMIR_ALLOW_ANONYMOUS=1: it refuses to
-# start otherwise.
-EXPOSE 11112 50051
+# 11112: DICOM C-STORE listener; 50051: gRPC query service; 8080: HTTP gateway (`cbmir gateway`, or
+# `serve --http-port 8080`; CBMIR_HTTP_PORT). The embedded index writer is a Unix socket in /data,
+# never a port. The query service binds 0.0.0.0 here, so it needs API tokens (CBMIR_API_TOKENS_FILE or
+# CBMIR_API_TOKENS) or, knowingly, CBMIR_ALLOW_ANONYMOUS=1: it refuses to start otherwise. The gateway
+# on a non-loopback address needs HTTPS (CBMIR_HTTP_TLS_CERT and _KEY) or CBMIR_HTTP_ALLOW_PLAINTEXT=1.
+EXPOSE 11112 50051 8080
 ENTRYPOINT ["cbmir"]
 # Single-container default: listener + worker + query over the embedded broker and index.
 CMD ["serve", "--host", "0.0.0.0", "--data-dir", "/data"]

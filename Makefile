@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs (see README):
 #   make demo   - set up, then run the whole path on an embedded default and print similar cases
 #   make test   - set up what the tests talk to, then run the test suite
-.PHONY: demo test lint lint-deploy lock-image protos check-protos bench
+.PHONY: demo test lint lint-deploy lock-image protos check-protos openapi bench
 
 demo:
 	./scripts/bootstrap
@@ -34,6 +34,10 @@ protos:
 check-protos: protos
 	git diff --exit-code -- services/grpc_gen || (echo "generated stubs drift from proto/: run 'make protos' and commit"; exit 1)
 	test -z "$$(git status --porcelain -- services/grpc_gen)"
+
+# The gateway's OpenAPI document, committed as docs/openapi.json (a test fails when it drifts).
+openapi:
+	.venv/bin/python -m services.gateway.openapi docs/openapi.json
 
 bench:
 	.venv/bin/python benchmarks/search.py --quick

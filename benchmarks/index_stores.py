@@ -88,8 +88,10 @@ def latency(
 
 
 def index_search(index):
+    from services.index import HitFilter
+
     def search(vector, names):
-        return [hit.payload["sop_instance_uid"] for hit in index.search(vector, K, names)]
+        return [hit.payload["sop_instance_uid"] for hit in index.search(vector, K, HitFilter(names))]
 
     return search
 

@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     from models.data import read_manifest, shared_data_dir
     from models.runtime import OnnxEncoder
-    from services.index import EdgeIndex, IndexPoint, point_id
+    from services.index import EdgeIndex, HitFilter, IndexPoint, point_id
 
     data = shared_data_dir()
     if not (data / "manifest.csv").is_file():
@@ -122,7 +122,9 @@ def main() -> None:
                 recalls, latencies = [], []
                 for number, (query, modality) in enumerate(zip(query_vectors, q_modality, strict=True)):
                     t0 = time.perf_counter()
-                    hits = index.search(query.tolist(), K, [modalities[modality]] if filtered else [])
+                    hits = index.search(
+                        query.tolist(), K, HitFilter([modalities[modality]] if filtered else [])
+                    )
                     latencies.append(time.perf_counter() - t0)
                     found = [h.payload["sop_instance_uid"] for h in hits]
                     recalls.append(common.recall(found, [f"2.25.{i}" for i in truth[number]]))

@@ -86,13 +86,13 @@ def run_queries(
     rows = rng.integers(0, n, size=queries)
     modalities = rng.integers(0, len(common.BENCH_MODALITIES), size=queries)
     for i in range(min(20, queries)):  # warm-up
-        client.search(sop_instance_uid=vs.uids[int(rows[i])], k=K)
+        client.search(sop_instance_uid=vs.uids[int(rows[i])], k=K, exclude_self=False)
     grpc_ms, numpy_ms, recalls = [], [], []
     for row, modality in zip(rows, modalities, strict=True):
         uid = vs.uids[int(row)]
         names = [common.BENCH_MODALITIES[int(modality)]] if filtered else []
         t0 = time.perf_counter()
-        response = client.search(sop_instance_uid=uid, k=K, modalities=names)
+        response = client.search(sop_instance_uid=uid, k=K, modalities=names, exclude_self=False)
         grpc_ms.append((time.perf_counter() - t0) * 1000)
         query = vs.vectors[int(row)]
         m = int(modality) if filtered else None

@@ -120,11 +120,11 @@ def verify_s(root: Path, orphans: set[str], missing: set[str]) -> tuple[float, o
 
 SEARCH_PROCESS = """
 import sys, numpy as np
-from services.index import EdgeIndex
+from services.index import EdgeIndex, HitFilter
 index = EdgeIndex(sys.argv[1], "bench")
 rng = np.random.default_rng(1)
 for _ in range(200):
-    index.search(rng.standard_normal(int(sys.argv[2])).tolist(), 10, ["mri"])
+    index.search(rng.standard_normal(int(sys.argv[2])).tolist(), 10, HitFilter(["mri"]))
 # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited at fork)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(int(status["VmHWM"].split()[0]) / 1024)

@@ -121,6 +121,11 @@ def helm_refusals() -> str:
             "keda",
         ),
         ("a misspelt key", {**required, "scp": {"replicas": 2}}, "replicas"),
+        (
+            "an Ingress without the HTTP gateway",
+            {**required, "gateway": {"enabled": False, "ingress": {"enabled": True}}},
+            "gateway.enabled",
+        ),
         ("an unknown device", {**required, "config": {"CBMIR_DEVICE": "tpu"}}, "CBMIR_DEVICE"),
         (
             "a secret in the ConfigMap",

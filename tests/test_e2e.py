@@ -22,17 +22,21 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
     uids = {support.sop_uid(path): modality for path, modality in files.items()}
     for path in files:
         uid = support.sop_uid(path)
-        by_uid = client.search(sop_instance_uid=uid, k=3)
+        by_uid = client.search(sop_instance_uid=uid, k=3, exclude_self=False)
         assert by_uid.hits[0].sop_instance_uid == uid
         assert by_uid.hits[0].distance == pytest.approx(0.0, abs=1e-4)
-        by_bytes = client.search(dicom=path.read_bytes(), k=3)  # the same file sent as a query
+        by_bytes = client.search(
+            dicom=path.read_bytes(), k=3, exclude_self=False
+        )  # the same file sent as a query
         assert by_bytes.hits[0].sop_instance_uid == uid
         assert by_bytes.hits[0].distance == pytest.approx(0.0, abs=1e-3)
         assert [h.distance for h in by_uid.hits] == sorted(h.distance for h in by_uid.hits)
     # The modality filter keeps exactly the asked modality, across every indexed instance.
     for wanted in ("xray", "mri", "other"):
         expected = {uid for uid, modality in uids.items() if modality == wanted}
-        hits = client.search(sop_instance_uid=next(iter(uids)), k=50, modalities=[wanted]).hits
+        hits = client.search(
+            sop_instance_uid=next(iter(uids)), k=50, modalities=[wanted], exclude_self=False
+        ).hits
         assert {h.sop_instance_uid for h in hits} == expected
     stats = client.stats()
     assert stats.total == len(files)
@@ -107,6 +111,6 @@ def test_worker_killed_mid_task_loses_nothing(redis_env, procs, need_dcmtk):
     procs.append(replacement)
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.wait_until(lambda: client.stats().total == 1, 90, "redelivered task indexed")
-    hit = client.search(sop_instance_uid=uid, k=1).hits[0]
+    hit = client.search(sop_instance_uid=uid, k=1, exclude_self=False).hits[0]
     assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
     support.wait_until(lambda: not spooled.exists(), 30, "archived (the point is visible just before)")

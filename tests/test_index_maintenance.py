@@ -11,7 +11,7 @@ import pytest
 
 from services.core.config import IndexSettings, QuerySettings
 from services.core.errors import ConfigError
-from services.index import EdgeIndex, IndexPoint, QdrantServerIndex, VectorIndex, point_id
+from services.index import EdgeIndex, HitFilter, IndexPoint, QdrantServerIndex, VectorIndex, point_id
 
 
 def _points(n: int, dim: int = 8, seed: int = 0) -> list[IndexPoint]:
@@ -73,7 +73,7 @@ def test_int8_quantisation_is_built_and_searches_rescore(tmp_path: Path) -> None
     assert index.optimize()
     assert list((tmp_path / "index").rglob("quantized.data")), "optimize() built no int8 codes"
     for probe in (5, 1234, 3999):
-        (hit, *_) = index.search(points[probe].vector, 5, [points[probe].payload["modality"]])
+        (hit, *_) = index.search(points[probe].vector, 5, HitFilter([points[probe].payload["modality"]]))
         assert hit.payload["sop_instance_uid"] == f"1.2.3.{probe}" and hit.distance == pytest.approx(
             0, abs=1e-5
         )

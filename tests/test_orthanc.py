@@ -194,9 +194,9 @@ def test_orthanc_pushes_every_modality_and_each_is_found(tmp_path: Path) -> None
             assert sum(counts.values()) == len(objects) and len(counts) == 4, counts
             for path, modality, uid in objects:
                 assert (archive / f"{uid}.dcm").exists(), uid
-                by_uid = client.search(sop_instance_uid=uid, k=3).hits
+                by_uid = client.search(sop_instance_uid=uid, k=3, exclude_self=False).hits
                 assert by_uid[0].sop_instance_uid == uid and by_uid[0].distance < 1e-4, (modality, by_uid)
-                by_bytes = client.search(dicom=path.read_bytes(), k=3).hits
+                by_bytes = client.search(dicom=path.read_bytes(), k=3, exclude_self=False).hits
                 assert by_bytes[0].sop_instance_uid == uid and by_bytes[0].distance < 1e-4, (
                     modality,
                     by_bytes,

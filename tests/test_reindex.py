@@ -41,7 +41,7 @@ def test_reindex_switches_alias_and_keeps_every_instance(data_dir, procs, need_d
     assert stats.total == len(files)
     for path in files:
         uid = support.sop_uid(path)
-        hit = client.search(sop_instance_uid=uid, k=1).hits[0]
+        hit = client.search(sop_instance_uid=uid, k=1, exclude_self=False).hits[0]
         assert hit.sop_instance_uid == uid and hit.distance == pytest.approx(0.0, abs=1e-4)
 
 
@@ -76,7 +76,7 @@ def test_online_reindex_keeps_answering_and_misses_nothing_pushed_meanwhile(
     def search_all_the_time() -> None:
         while not stop.is_set():
             try:
-                hits = client.search(sop_instance_uid=probe, k=10).hits
+                hits = client.search(sop_instance_uid=probe, k=10, exclude_self=False).hits
                 total = client.stats().total
                 if len(hits) != 10 or hits[0].sop_instance_uid != probe or total < len(first):
                     problems.append(
@@ -116,9 +116,9 @@ def test_online_reindex_keeps_answering_and_misses_nothing_pushed_meanwhile(
     assert stats.collection != before and stats.collection.startswith(before.split("--")[0])
     assert f"into {stats.collection}" in out
     for path in later:  # in the new collection, which the alias now names
-        assert client.search(sop_instance_uid=support.sop_uid(path), k=1).hits[0].distance == pytest.approx(
-            0, abs=1e-4
-        )
+        assert client.search(sop_instance_uid=support.sop_uid(path), k=1, exclude_self=False).hits[
+            0
+        ].distance == pytest.approx(0, abs=1e-4)
     verify = subprocess.run(
         [str(support.CBMIR), "verify", "--server", f"127.0.0.1:{grpc_port}", "--token", admin],
         env=env,

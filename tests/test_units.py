@@ -14,7 +14,7 @@ import pytest
 
 from services.core.config import ListenerSettings, WorkerSettings
 from services.core.errors import BackendUnavailable, ConfigError, InvalidInput, NotFound, StorageError
-from services.index import EdgeIndex, IndexPoint, QdrantServerIndex, point_id
+from services.index import EdgeIndex, HitFilter, IndexPoint, QdrantServerIndex, point_id
 from services.ingest.spool import Spool, spool_name_for
 from workers.batching import MicroBatcher
 
@@ -132,7 +132,7 @@ def test_index_matches_numpy_brute_force(tmp_path, store):
         ]
         assert np.allclose([h.distance for h in hits], np.sort(distances)[:10], atol=1e-4)
         mask = (modalities == "mri") & (np.arange(300) % 7 != q % 7)
-        filtered = index.search(vectors[q], 5, ["mri"], exclude_study=f"9.{q % 7}")
+        filtered = index.search(vectors[q], 5, HitFilter(["mri"], exclude_study=f"9.{q % 7}"))
         expected = np.where(mask)[0][np.argsort(distances[mask])[:5]]
         assert [h.payload["sop_instance_uid"] for h in filtered] == [f"1.2.{i}" for i in expected]
     assert sum(index.counts_by_modality().values()) == 300
@@ -178,7 +178,7 @@ def test_edge_index_moves_a_point_whose_modality_changed(tmp_path):
     index.upsert([IndexPoint(point_id("1.2.9"), [0.0, 0.0, 1.0], dict(payload, modality="xray"))])
     assert index.counts_by_modality() == {"xray": 1}
     assert [h.payload["modality"] for h in index.search([0, 0, 1], 5)] == ["xray"]
-    assert index.search([0, 0, 1], 5, ["other"]) == []
+    assert index.search([0, 0, 1], 5, HitFilter(["other"])) == []
     index.close()
 
 

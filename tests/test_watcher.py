@@ -206,11 +206,11 @@ def test_dicom_png_and_edf_are_indexed_and_found(stack: Stack, tmp_path: Path) -
     assert (sc.modality, sc.modality_code) == ("xray", "CR")  # from the folder name
     assert (eeg.modality, eeg.modality_code) == ("eeg", "EEG")
 
-    hits = stack.client.search(sop_instance_uid=dicom_uid, k=3).hits
+    hits = stack.client.search(sop_instance_uid=dicom_uid, k=3, exclude_self=False).hits
     assert hits[0].sop_instance_uid == dicom_uid and hits[0].distance < 1e-4
     hits = stack.client.search(image=png, image_modality="xray", k=3).hits
     assert hits[0].sop_instance_uid == sc.sop_instance_uid and hits[0].distance < 1e-4, hits
-    hits = stack.client.search(sop_instance_uid=eeg.sop_instance_uid, k=3).hits
+    hits = stack.client.search(sop_instance_uid=eeg.sop_instance_uid, k=3, exclude_self=False).hits
     assert hits[0].sop_instance_uid == eeg.sop_instance_uid and hits[0].distance < 1e-4
 
     # the EDF became a waveform the worker renders like the training corpus: compare pictures

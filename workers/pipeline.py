@@ -16,6 +16,7 @@ from services.core.errors import StorageError
 from services.dicom.decode import DecodeLimits, decode_for_embedding
 from services.index import RemoteIndexWriter, VectorIndex, open_index
 from services.index.points import index_points, model_inputs
+from services.ingest.library import ReferenceLibrary
 from services.ingest.spool import Spool
 from workers.batching import MicroBatcher
 
@@ -41,6 +42,7 @@ class EmbeddingPipeline:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.spool = Spool(settings.layout)
+        self.library = ReferenceLibrary(settings.layout)
         self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
         logger.info(
             "worker encoder %s version %s runs on %s",
@@ -89,7 +91,12 @@ class EmbeddingPipeline:
         vectors = self.batcher.submit(model_inputs(frames, self.encoder.contract))
         clock.lap("embed")
         points = index_points(
-            header, frames, vectors, model_version=self.encoder.version, spool_name=path.name
+            header,
+            frames,
+            vectors,
+            model_version=self.encoder.version,
+            spool_name=path.name,
+            finding=self.library.finding_for(header.sop_instance_uid, path),
         )
         if self.spool.erased_recently(path.name):
             return None

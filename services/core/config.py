@@ -259,6 +259,12 @@ class DataLayout:
         return self.root / "erased"
 
     @property
+    def library(self) -> Path:
+        """The reference library's findings: one JSON record per imported instance
+        (``cbmir library import``); the objects themselves are archived like any other."""
+        return self.root / "library"
+
+    @property
     def audit_log(self) -> Path:
         """Administrative changes (erasure, purge, repair): one JSON line each, no PHI."""
         return self.root / "audit" / "admin.jsonl"
@@ -630,6 +636,22 @@ class WatcherSettings:
         )
 
 
+@dataclass(frozen=True)
+class LibrarySettings:
+    """``cbmir library``: the data folder the library's findings and objects go into, and the
+    broker that tells the workers."""
+
+    layout: DataLayout
+    broker: BrokerSettings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LibrarySettings:
+        """The library command's settings from ``env`` (default: the process environment)."""
+        env = os.environ if env is None else env
+        layout = _data_layout(env)
+        return cls(layout=layout, broker=BrokerSettings.from_env(env, layout))
+
+
 __all__ = [
     "ENVIRONMENT",
     "AccessSettings",
@@ -637,6 +659,7 @@ __all__ = [
     "DataLayout",
     "DecodeSettings",
     "IndexSettings",
+    "LibrarySettings",
     "ListenerSettings",
     "MetricsSettings",
     "ModelSettings",
@@ -646,3 +669,84 @@ __all__ = [
     "WorkerSettings",
     "replace",
 ]
+
+
+# --- the browser gateway (``cbmir gateway``) -------------------------------------------------------
+
+GATEWAY_ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "CBMIR_HTTP_HOST": ("127.0.0.1", "Address the HTTP gateway (`cbmir gateway`, the panel) binds."),
+    "CBMIR_HTTP_PORT": (
+        "8080",
+        "Port of the HTTP gateway (0 = any free port); `cbmir serve`: set, it runs the gateway too.",
+    ),
+    "CBMIR_QUERY_TARGET": ("127.0.0.1:50051", "HOST:PORT of the gRPC query service the gateway calls."),
+    "CBMIR_HTTP_CORS_ORIGINS": (
+        "(unset = no CORS headers)",
+        "Comma-separated browser origins allowed to call the gateway from another site.",
+    ),
+    "CBMIR_HTTP_TLS_CERT": ("(unset = plain HTTP)", "PEM certificate chain of the gateway's HTTPS."),
+    "CBMIR_HTTP_TLS_KEY": ("(unset)", "PEM private key of CBMIR_HTTP_TLS_CERT."),
+    "CBMIR_HTTP_ALLOW_PLAINTEXT": (
+        "0",
+        "1: serve plain HTTP on a non-loopback address (behind a TLS-terminating ingress; warned about).",
+    ),
+}
+ENVIRONMENT.update(GATEWAY_ENVIRONMENT)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The HTTP gateway (``cbmir gateway``): where it listens (HTTP or HTTPS, CORS), and the gRPC
+    query service it passes calls to (with the client side of ``tls``: CA, and a certificate for
+    mTLS). ``query_max_bytes`` bounds uploads; ``timeout_s`` is each call's deadline. On a
+    non-loopback address calls without a token are refused unless ``CBMIR_ALLOW_ANONYMOUS=1``: the
+    query service takes callers from loopback, as the gateway is, to be its operator."""
+
+    host: str
+    port: int
+    query_target: str
+    cors_origins: tuple[str, ...]
+    https_cert: Path | None
+    https_key: Path | None
+    allow_plaintext: bool
+    tls: TlsSettings
+    query_max_bytes: int
+    timeout_s: float
+    allow_anonymous: bool = False  # on a non-loopback address, pass on calls without a token too
+
+    @property
+    def https(self) -> bool:
+        """Whether the gateway serves HTTPS itself."""
+        return self.https_cert is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """The gateway's settings from ``env`` (default: the process environment)."""
+        env = os.environ if env is None else env
+        port = _int(env, "CBMIR_HTTP_PORT", 8080)
+        if port > 65535:
+            raise ConfigError(f"CBMIR_HTTP_PORT must be a port (0..65535), got {port}")
+        cert, key = _file(env, "CBMIR_HTTP_TLS_CERT"), _file(env, "CBMIR_HTTP_TLS_KEY")
+        if (cert is None) != (key is None):
+            raise ConfigError("CBMIR_HTTP_TLS_CERT and CBMIR_HTTP_TLS_KEY go together: set both or neither")
+        target = _env(env, "CBMIR_QUERY_TARGET", "127.0.0.1:50051").strip()
+        host, _, target_port = target.rpartition(":")
+        if not host or not target_port.isdigit() or any(c.isspace() for c in target):
+            raise ConfigError(f"CBMIR_QUERY_TARGET must be HOST:PORT, got {target!r}")
+        origins = tuple(o.strip() for o in env.get("CBMIR_HTTP_CORS_ORIGINS", "").split(",") if o.strip())
+        return cls(
+            host=_env(env, "CBMIR_HTTP_HOST", "127.0.0.1"),
+            port=port,
+            query_target=target,
+            cors_origins=origins,
+            https_cert=cert,
+            https_key=key,
+            allow_plaintext=_flag(env, "CBMIR_HTTP_ALLOW_PLAINTEXT"),
+            tls=TlsSettings.from_env(env),
+            query_max_bytes=_int(env, "CBMIR_QUERY_MAX_BYTES", 64 * 1024 * 1024, minimum=1024),
+            timeout_s=_float(env, "CBMIR_QUERY_TIMEOUT_S", 30.0),
+            allow_anonymous=_flag(env, "CBMIR_ALLOW_ANONYMOUS"),
+        )
+
+
+__all__ += ["GATEWAY_ENVIRONMENT", "GatewaySettings"]

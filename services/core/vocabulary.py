@@ -32,6 +32,19 @@ MODALITY_TO_PB: dict[str, search_pb2.Modality] = {
 }
 PB_TO_MODALITY: dict[int, str] = {value: name for name, value in MODALITY_TO_PB.items()}
 
+# Where a case comes from: the curated reference library (with verified findings) or the clinical
+# stream (the PACS, the watcher); name <-> cbmir.v1.CaseSource (CASE_SOURCE_ANY has no name).
+LIBRARY = "library"
+CLINICAL = "clinical"
+SOURCE_TO_PB: dict[str, search_pb2.CaseSource] = {
+    LIBRARY: search_pb2.CASE_SOURCE_LIBRARY,
+    CLINICAL: search_pb2.CASE_SOURCE_CLINICAL,
+}
+PB_TO_SOURCE: dict[int, str] = {value: name for name, value in SOURCE_TO_PB.items()}
+# A finding label of the reference library: a short lower-case term of one to four words joined by
+# "_" or "-" ("glioma", "bacterial", "interictal_focal"), at most 32 characters; never free text.
+FINDING_PATTERN = re.compile(r"^(?=.{1,32}$)[a-z][a-z0-9]*(?:[_-][a-z0-9]+){0,3}$")
+
 # The DICOM Modality (0008,0060) of objects cbmir builds for each modality (dicomize, the watcher).
 DICOM_MODALITY_CODES: dict[str, str] = {XRAY: "CR", MRI: "MR", OCT: "OPT", EEG: "EEG", OTHER: "OT"}
 

@@ -37,10 +37,12 @@ non-EEG waveforms), :class:`DecodeError` (no codec, corrupt compressed stream) a
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -88,6 +90,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # A deflated data set is inflated in memory: never more than this (a 1 MB file can inflate to GBs).
 MAX_INFLATED_BYTES = 256 * 2**20
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+STUDY_DATE = re.compile(r"^(19|20)[0-9]{6}$")
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -113,6 +116,7 @@ class InstanceHeader:
     columns: int
     transfer_syntax_uid: str
     patient_key: str = ""  # keyed hash of issuer + Patient ID (services.core.patients), when a secret is set
+    study_date: str = ""  # Study Date as YYYYMMDD when it is a valid date, else ""
 
 
 @dataclass
@@ -413,7 +417,20 @@ def _header_from_dataset(ds: Dataset, patient_key_secret: bytes | None = None) -
             if patient_key_secret
             else ""
         ),
+        study_date=study_date(_text(ds, "StudyDate")),
     )
+
+
+def study_date(value: str) -> str:
+    """A DICOM DA value as YYYYMMDD when it is a real calendar date, else ""."""
+    value = value.strip()
+    if not STUDY_DATE.match(value):
+        return ""
+    try:
+        dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return ""
+    return value
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from services.core.config import IndexSettings
 from services.index.base import (
+    CLINICAL,
     INDEXED_FIELDS,
+    LIBRARY,
+    HitFilter,
     IndexPoint,
     SearchHit,
     VectorIndex,
@@ -28,8 +31,11 @@ from services.index.qdrant import QdrantServerIndex
 from services.index.writer import RemoteIndexWriter
 
 __all__ = [
+    "CLINICAL",
     "INDEXED_FIELDS",
+    "LIBRARY",
     "EdgeIndex",
+    "HitFilter",
     "IndexPoint",
     "QdrantServerIndex",
     "RemoteIndexWriter",

@@ -14,10 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import ConfigError
-from services.core.vocabulary import MODALITIES
+from services.core.vocabulary import CLINICAL, LIBRARY, MODALITIES
 
 # Payload keys with a keyword index in every collection.
-INDEXED_FIELDS = ("modality", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_key")
+INDEXED_FIELDS = (
+    "modality",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "patient_key",
+    "source",
+)
+# The payload ``source`` of a reference-library point is LIBRARY; a point without one is CLINICAL.
 # Scalar quantisation: int8 codes searched first, then the best OVERSAMPLING x k candidates rescored
 # with the full float32 vectors, so the order of the answer is exact among the candidates.
 QUANTILE = 0.99
@@ -51,6 +59,38 @@ class IndexPoint:
     point_id: str
     vector: Sequence[float]
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HitFilter:
+    """Which points a search may return: within ``modalities`` (empty: all), from ``source``
+    (``library``, ``clinical`` or None for both), and none of the excluded study, instances or
+    patient (the keyed patient reference)."""
+
+    modalities: Sequence[str] = ()
+    exclude_study: str | None = None
+    exclude_sops: Sequence[str] = ()
+    exclude_patient: str | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in (None, LIBRARY, CLINICAL):
+            raise ConfigError(f"source must be {LIBRARY} or {CLINICAL}, got {self.source!r}")
+
+    def exclusions(self) -> list[tuple[str, str]]:
+        """(payload key, value) pairs no hit may have."""
+        pairs = [("sop_instance_uid", uid) for uid in self.exclude_sops if uid]
+        if self.exclude_study:
+            pairs.append(("study_instance_uid", self.exclude_study))
+        if self.exclude_patient:
+            pairs.append(("patient_key", self.exclude_patient))
+        if self.source == CLINICAL:
+            pairs.append(("source", LIBRARY))
+        return pairs
+
+    def requirements(self) -> list[tuple[str, str]]:
+        """(payload key, value) pairs every hit must have (besides the modality)."""
+        return [("source", LIBRARY)] if self.source == LIBRARY else []
 
 
 @dataclass(frozen=True)
@@ -88,14 +128,8 @@ class VectorIndex(ABC):
         too when the points' model made it (:func:`dual_write_targets`)."""
 
     @abstractmethod
-    def search(
-        self,
-        vector: Sequence[float],
-        k: int,
-        modalities: Sequence[str] = (),
-        exclude_study: str | None = None,
-    ) -> list[SearchHit]:
-        """The ``k`` nearest points, ascending distance, optionally within ``modalities``."""
+    def search(self, vector: Sequence[float], k: int, where: HitFilter | None = None) -> list[SearchHit]:
+        """The ``k`` nearest points that ``where`` admits, ascending distance."""
 
     @abstractmethod
     def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:

@@ -24,6 +24,7 @@ from services.index.base import (
     INDEXED_FIELDS,
     OVERSAMPLING,
     QUANTILE,
+    HitFilter,
     IndexPoint,
     SearchHit,
     VectorIndex,
@@ -255,21 +256,16 @@ class EdgeIndex(VectorIndex):
                             stale.flush()
 
     @override
-    def search(
-        self,
-        vector: Sequence[float],
-        k: int,
-        modalities: Sequence[str] = (),
-        exclude_study: str | None = None,
-    ) -> list[SearchHit]:
+    def search(self, vector: Sequence[float], k: int, where: HitFilter | None = None) -> list[SearchHit]:
         qe = self._qe
+        where = where or HitFilter()
         collection = self._current()
-        wanted = modality_filter_values(modalities) or MODALITIES
-        flt = None
-        if exclude_study:
-            flt = qe.Filter(
-                must_not=[qe.FieldCondition(key="study_instance_uid", match=qe.MatchValue(exclude_study))]
-            )
+        wanted = modality_filter_values(where.modalities) or MODALITIES
+        must = [qe.FieldCondition(key=key, match=qe.MatchValue(value)) for key, value in where.requirements()]
+        must_not = [
+            qe.FieldCondition(key=key, match=qe.MatchValue(value)) for key, value in where.exclusions()
+        ]
+        flt = qe.Filter(must=must or None, must_not=must_not or None) if must or must_not else None
         params = None
         if self._quantized(collection):
             params = qe.SearchParams(

@@ -16,9 +16,9 @@ import numpy as np
 from models.preprocess import PreprocessContract, to_model_input
 from services.core.errors import InvalidInput
 from services.core.patients import PATIENT_KEY_PATTERN
-from services.core.vocabulary import DICOM_MODALITY_TERMS, MODALITIES, is_valid_uid
-from services.dicom.decode import DecodedFrame, InstanceHeader
-from services.index import IndexPoint, point_id
+from services.core.vocabulary import DICOM_MODALITY_TERMS, FINDING_PATTERN, MODALITIES, is_valid_uid
+from services.dicom.decode import STUDY_DATE, DecodedFrame, InstanceHeader
+from services.index import LIBRARY, IndexPoint, point_id
 
 
 def model_inputs(frames: Sequence[DecodedFrame], contract: PreprocessContract) -> np.ndarray:
@@ -34,9 +34,11 @@ def index_points(
     model_version: str,
     spool_name: str,
     ingested_at: float | None = None,
+    finding: str | None = None,
 ) -> list[IndexPoint]:
     """One point per embedded frame; the point ID is uuid5 of the SOP Instance UID (plus the frame
-    number for the second and later frames of an object embedded frame by frame)."""
+    number for the second and later frames of an object embedded frame by frame). ``finding``: the
+    instance is in the reference library with this verified finding (``source`` = library)."""
     now = time.time() if ingested_at is None else ingested_at
     multi = len(frames) > 1
     points = []
@@ -55,6 +57,11 @@ def index_points(
         }
         if header.patient_key:
             payload["patient_key"] = header.patient_key
+        if header.study_date:
+            payload["study_date"] = header.study_date
+        if finding:
+            payload["finding"] = finding
+            payload["source"] = LIBRARY
         frame_key = frame.frame_number if multi and frame.frame_number > 1 else None
         points.append(IndexPoint(point_id(header.sop_instance_uid, frame_key), vector.tolist(), payload))
     return points
@@ -73,6 +80,9 @@ PAYLOAD_FIELDS: dict[str, tuple[type, bool]] = {
     "ingested_at": (float, False),
     "spool_name": (str, False),
     "patient_key": (str, False),
+    "study_date": (str, False),
+    "finding": (str, False),
+    "source": (str, False),
 }
 MAX_FRAME_NUMBER = 2**32 - 1  # a Hit's frame_number is a uint32
 _UID_FIELDS = ("sop_instance_uid", "study_instance_uid", "series_instance_uid", "sop_class_uid")
@@ -120,6 +130,12 @@ def check_point(point: IndexPoint, dim: int) -> None:
         raise InvalidInput(f"point {point.point_id}: payload modality_code is not a DICOM Modality term")
     if "patient_key" in payload and not PATIENT_KEY_PATTERN.match(payload["patient_key"]):
         raise InvalidInput(f"point {point.point_id}: payload patient_key is not a keyed patient reference")
+    if "study_date" in payload and not STUDY_DATE.match(payload["study_date"]):
+        raise InvalidInput(f"point {point.point_id}: payload study_date is not a DICOM date (YYYYMMDD)")
+    if "finding" in payload and not FINDING_PATTERN.match(payload["finding"]):
+        raise InvalidInput(f"point {point.point_id}: payload finding is not a finding label")
+    if payload.get("source", LIBRARY) != LIBRARY or ("source" in payload) != ("finding" in payload):
+        raise InvalidInput(f"point {point.point_id}: payload source must be {LIBRARY}, with a finding")
     if not _SPOOL_NAME.match(payload.get("spool_name", "0.dcm")):
         raise InvalidInput(f"point {point.point_id}: payload spool_name is not a spool file name")
     if payload["modality"] not in MODALITIES:

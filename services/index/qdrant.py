@@ -21,6 +21,7 @@ from services.index.base import (
     OVERSAMPLING,
     QUANTILE,
     REINDEX_TARGET_TTL_S,
+    HitFilter,
     IndexPoint,
     SearchHit,
     VectorIndex,
@@ -225,34 +226,30 @@ class QdrantServerIndex(VectorIndex):
             wait=True,
         )
 
-    def _filter(self, modalities: Sequence[str], exclude_study: str | None) -> Any:
+    def _filter(self, where: HitFilter) -> Any:
         models = self._models
-        must: list[Any] = []
-        must_not: list[Any] = []
-        values = modality_filter_values(modalities)
+        must: list[Any] = [
+            models.FieldCondition(key=key, match=models.MatchValue(value=value))
+            for key, value in where.requirements()
+        ]
+        must_not: list[Any] = [
+            models.FieldCondition(key=key, match=models.MatchValue(value=value))
+            for key, value in where.exclusions()
+        ]
+        values = modality_filter_values(where.modalities)
         if values:
             must.append(models.FieldCondition(key="modality", match=models.MatchAny(any=values)))
-        if exclude_study:
-            must_not.append(
-                models.FieldCondition(key="study_instance_uid", match=models.MatchValue(value=exclude_study))
-            )
         if not must and not must_not:
             return None
         return models.Filter(must=must or None, must_not=must_not or None)
 
     @override
-    def search(
-        self,
-        vector: Sequence[float],
-        k: int,
-        modalities: Sequence[str] = (),
-        exclude_study: str | None = None,
-    ) -> list[SearchHit]:
+    def search(self, vector: Sequence[float], k: int, where: HitFilter | None = None) -> list[SearchHit]:
         response = self._call(
             self._client.query_points,
             self._read_target(),
             query=[float(x) for x in vector],
-            query_filter=self._filter(modalities, exclude_study),
+            query_filter=self._filter(where or HitFilter()),
             limit=int(k),
             with_payload=True,
             # ignored by a collection without quantisation

@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
         "services.ops.cli", "run a Celery embedding worker", "add_worker_arguments", "run_worker"
     ),
     "query": Command("services.query.service", "run the gRPC query service (owns the embedded index)"),
+    "gateway": Command(
+        "services.gateway.server",
+        "serve the HTTP/JSON API and the similar-cases panel (calls the query service)",
+    ),
     "search": Command(
         "services.ops.cli",
         "find similar cases (prints one JSON object per hit)",
@@ -78,6 +82,9 @@ COMMANDS: dict[str, Command] = {
         "the keyed patient reference of a Patient ID read from standard input",
         "add_patient_key_arguments",
         "run_patient_key",
+    ),
+    "library": Command(
+        "services.ops.library", "import a labelled reference library (findings on hits), or list it"
     ),
     "demo": Command("services.ops.demo", "run the whole path on this machine and print similar cases"),
     "dicomize": Command("services.dicom.dicomize", "build DICOM objects from images and signals"),
@@ -227,38 +234,69 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exclude-same-study", action="store_true", help="drop hits from the query's own study"
     )
+    parser.add_argument(
+        "--exclude-same-patient",
+        action="store_true",
+        help="drop hits of the query's patient (needs CBMIR_PATIENT_KEY_SECRET on the service)",
+    )
+    parser.add_argument(
+        "--include-self",
+        action="store_true",
+        help="keep the query's own instance among the hits (left out by default when it is indexed)",
+    )
+    parser.add_argument(
+        "--group-by", choices=("instance", "study"), default="instance", help="one hit per image or per study"
+    )
+    parser.add_argument(
+        "--max-distance", type=float, default=0.0, help="drop hits farther than this (0: none)"
+    )
+    parser.add_argument(
+        "--offset", type=int, default=0, help="paging: skip this many hits (offset + k <= 1000)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=("library", "clinical"),
+        help="only reference-library cases, or only clinical ones",
+    )
 
 
 def run_search(args: argparse.Namespace) -> int:
     """``cbmir search``: one JSON object per hit on stdout."""
     import grpc
 
-    from services.query.client import hit_dict
+    from services.core.answers import hit_json
 
     client = client_from_args(args)
+    options = {
+        "k": args.k,
+        "modalities": args.modality,
+        "exclude_same_study": args.exclude_same_study,
+        "exclude_same_patient": args.exclude_same_patient,
+        "exclude_self": False if args.include_self else None,
+        "group_by": args.group_by,
+        "max_distance": args.max_distance,
+        "offset": args.offset,
+        "source": args.source,
+    }
     try:
         if args.uid:
-            response = client.search(
-                sop_instance_uid=args.uid,
-                k=args.k,
-                modalities=args.modality,
-                exclude_same_study=args.exclude_same_study,
-            )
+            response = client.search(sop_instance_uid=args.uid, **options)
         else:
             image_modality = args.image_modality or (args.modality[0] if args.modality else None)
-            response = client.search_file(
-                Path(args.file),
-                k=args.k,
-                modalities=args.modality,
-                image_modality=image_modality,
-                exclude_same_study=args.exclude_same_study,
-            )
+            response = client.search_file(Path(args.file), image_modality=image_modality, **options)
     except grpc.RpcError as exc:
         return _rpc_failure(exc)
     finally:
         client.close()
     for hit in response.hits:
-        print(json.dumps(hit_dict(hit)))
+        print(json.dumps({key: value for key, value in hit_json(hit).items() if key != "rendered"}))
+    # the page's state goes to stderr, so stdout stays one JSON object per hit
+    print(
+        f"cbmir search: {len(response.hits)} hits"
+        + (f"; next page: --offset {response.next_offset}" if response.next_offset else "; no further page")
+        + ("; the query itself left out (--include-self shows it)" if response.excluded_self else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -271,11 +309,11 @@ def run_stats(args: argparse.Namespace) -> int:
     """``cbmir stats``: the index statistics as one JSON document."""
     import grpc
 
-    from services.query.client import stats_dict
+    from services.core.answers import stats_json
 
     client = client_from_args(args)
     try:
-        print(json.dumps(stats_dict(client.stats()), indent=2))
+        print(json.dumps(stats_json(client.stats()), indent=2))
     except grpc.RpcError as exc:
         return _rpc_failure(exc)
     finally:

@@ -3,16 +3,21 @@
 1. starts ``cbmir serve`` (listener + Celery worker + gRPC query service; embedded broker and
    index, no servers needed);
 2. pushes real DICOM over a real association: the image files of the ``pydicom`` and
-   ``pydicom-data`` packages, plus DICOM built from ``../shared/data`` when it exists;
-3. waits until everything is indexed (or quarantined, with its reason);
-4. asks the gRPC service for similar cases and prints queries and hits as a table;
-5. stops everything cleanly.
+   ``pydicom-data`` packages (the clinical stream);
+3. when ``../shared/data`` exists, imports its training split as the reference library
+   (``cbmir library import``), so hits carry verified findings; without it, says there are none;
+4. waits until everything is indexed (or quarantined, with its reason);
+5. asks the gRPC service for similar cases (held-out shared test images against the library, and
+   indexed instances, which are never their own hit), prints them as a table and writes an HTML
+   report with the query and its hits as pictures, with modality, finding and distance;
+6. stops everything cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -23,13 +28,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
+import grpc
 from tqdm import tqdm
 
+from models.data import shared_data_dir
+from services.core.answers import stats_json
 from services.core.errors import CbmirError
 from services.core.processes import stop_process
 from services.core.vocabulary import PB_TO_MODALITY, TRAINED_MODALITIES, accepted_sop_class_uids
+from services.dicom.render import thumbnail_png
 from services.grpc_gen.cbmir.v1 import search_pb2
-from services.query.client import SearchClient, stats_dict
+from services.ops.report import Card, QuerySection, write_report
+from services.query.client import SearchClient
 
 logger = logging.getLogger(__name__)
 
@@ -68,43 +78,69 @@ def package_dicom_files() -> list[Path]:
     return chosen[:MAX_PACKAGE_FILES]
 
 
-def shared_dicom_files(out_dir: Path, per_modality: int) -> tuple[list[Path], dict[str, dict[str, str]]]:
-    """Build DICOM from ../shared/data (train rows to index, test rows to query), if it exists."""
-    from models.data import shared_data_dir
+def shared_query_files(out_dir: Path, per_modality: int) -> list[tuple[Path, dict[str, str]]]:
+    """Held-out queries: DICOM built from test rows of ../shared/data (none when it is absent),
+    spread over the findings of each modality."""
     from services.dicom.dicomize import UidFactory, dicomize_row, read_manifest
 
     source = shared_data_dir()
     if not (source / "manifest.csv").exists():
-        print("demo: no ../shared/data here; using the DICOM files of the pydicom packages")
-        return [], {}
+        return []
     rows = read_manifest(source)
     picked: list[dict[str, str]] = []
     for modality in TRAINED_MODALITIES:
-        for split, count in (("train", per_modality), ("test", 2)):
-            # spread over the labels so queries have something to find
-            candidates = [r for r in rows if r["modality"] == modality and r["split"] == split]
-            labels = sorted({r["label"] for r in candidates})
-            for i in range(count):
-                label_rows = [r for r in candidates if r["label"] == labels[i % len(labels)]]
-                if i // len(labels) < len(label_rows):
-                    picked.append(label_rows[i // len(labels)])
+        candidates = [r for r in rows if r["modality"] == modality and r["split"] == "test"]
+        labels = sorted({r["label"] for r in candidates})
+        for i in range(per_modality):
+            label_rows = [r for r in candidates if r["label"] == labels[i % len(labels)]]
+            if i // len(labels) < len(label_rows):
+                picked.append(label_rows[i // len(labels)])
     uids = UidFactory(seed=7)
-    files: list[Path] = []
-    rows_by_file: dict[str, dict[str, str]] = {}
-    for i, row in enumerate(tqdm(picked, desc="building DICOM from shared data", unit="obj")):
-        path = dicomize_row(row, source, out_dir / f"{i:04d}.dcm", uids=uids)
-        files.append(path)
-        rows_by_file[str(path)] = row
-    return files, rows_by_file
+    return [
+        (dicomize_row(row, source, out_dir / f"query-{i:03d}.dcm", uids=uids), row)
+        for i, row in enumerate(picked)
+    ]
+
+
+def import_library(data_dir: Path, per_label: int) -> bool:
+    """``cbmir library import`` of the shared training split (``per_label`` cases per finding)
+    into the running demo's data folder; False when there is no ../shared/data."""
+    source = shared_data_dir()
+    if not (source / "manifest.csv").exists():
+        return False
+    env = dict(os.environ, CBMIR_DATA_DIR=str(data_dir))
+    argv = [sys.executable, "-m", "services", "library", "import", str(source), "--split", "train"]
+    result = subprocess.run(
+        [*argv, "--per-label", str(per_label)],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=3600,
+        check=False,
+    )
+    summary = [line for line in result.stdout.splitlines() if line.startswith("cbmir library:")]
+    print(f"demo: reference library from the shared training split: {summary[-1] if summary else ''}")
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir demo``."""
     parser.add_argument("--data-dir", help="keep the demo's data here (default: a temporary folder)")
     parser.add_argument(
-        "--per-modality", type=int, default=12, help="shared-data images per modality, when ../shared exists"
+        "--library-per-label",
+        type=int,
+        default=8,
+        help="reference-library cases per finding from the shared training split, when ../shared exists",
+    )
+    parser.add_argument(
+        "--queries-per-modality", type=int, default=2, help="held-out shared test images queried per modality"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the index")
+    parser.add_argument(
+        "--report", help="where to write the HTML report (default: <work folder>/report.html)"
+    )
 
 
 # Some pydicom test files are broken on purpose; what pydicom and the decoder say about them while
@@ -112,19 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 QUIET_LOGGERS = ("pydicom", "py.warnings", "services.dicom.decode")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``cbmir demo``: serve, push, wait, query, print, stop."""
-    import pydicom  # noqa: F401 - pydicom sets its logger's level when imported: import it first
-
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from services.dicom.decode import read_header
-    from services.dicom.scu import send_files
-
-    work = Path(args.data_dir).resolve() if args.data_dir else Path(tempfile.mkdtemp(prefix="cbmir-demo-"))
-    data_dir, build_dir = work / "data", work / "built"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    print(f"demo: working in {work}")
+def _start_serve(data_dir: Path, log: IO[str]) -> tuple[subprocess.Popen[str], re.Match[str] | None]:
     serve = subprocess.Popen(
         [
             sys.executable,
@@ -144,18 +168,48 @@ def run(args: argparse.Namespace) -> int:
         bufsize=1,
     )
     assert serve.stdout is not None
+    for line in serve.stdout:
+        log.write(line)
+        if match := re.search(r"cbmir serve: ready dicom=([^:]+):(\d+) ae=(\S+) grpc=(\S+)", line):
+            _drain(serve.stdout, log)
+            return serve, match
+    return serve, None
+
+
+def _wait_for_index(client: SearchClient, expected: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=expected, desc="indexing", unit="obj") as bar:
+        while True:
+            stats = client.stats()
+            done = stats.total + stats.quarantined
+            bar.n = min(done, expected)
+            bar.refresh()
+            if stats.pending == 0 and done >= expected:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``cbmir demo``: serve, push, import the library, wait, query, print, write the report, stop."""
+    import pydicom  # noqa: F401 - pydicom sets its logger's level when imported: import it first
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from services.dicom.decode import read_header
+    from services.dicom.scu import send_files
+
+    work = Path(args.data_dir).resolve() if args.data_dir else Path(tempfile.mkdtemp(prefix="cbmir-demo-"))
+    data_dir, build_dir = work / "data", work / "built"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    print(f"demo: working in {work}")
     log = open(work / "serve.log", "w")  # noqa: SIM115 - written by a thread until serve stops
+    serve, ready = _start_serve(data_dir, log)
     try:
-        ready = None
-        for line in serve.stdout:
-            log.write(line)
-            if match := re.search(r"cbmir serve: ready dicom=([^:]+):(\d+) ae=(\S+) grpc=(\S+)", line):
-                ready = match
-                break
         if ready is None:
             print("demo: cbmir serve failed to start; see", work / "serve.log", file=sys.stderr)
             return 1
-        _drain(serve.stdout, log)
         host, dicom_port, ae_title, grpc_target = (
             ready.group(1),
             int(ready.group(2)),
@@ -165,57 +219,67 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: serving DICOM {ae_title}@{host}:{dicom_port}, gRPC {grpc_target}")
 
         package_files = package_dicom_files()
-        shared_files, shared_rows = shared_dicom_files(build_dir, args.per_modality)
-        query_files = [p for p in shared_files if shared_rows[str(p)]["split"] == "test"]
-        to_push = package_files + [p for p in shared_files if p not in query_files]
-        with tqdm(total=len(to_push), desc="C-STORE to cbmir", unit="obj") as bar:
-            statuses = send_files(host, dicom_port, to_push, called_ae=ae_title, progress=bar)
+        with tqdm(total=len(package_files), desc="C-STORE to cbmir", unit="obj") as bar:
+            statuses = send_files(host, dicom_port, package_files, called_ae=ae_title, progress=bar)
         accepted = sum(1 for s in statuses.values() if s == 0)
-        print(f"demo: pushed {len(to_push)} objects, {accepted} acknowledged")
+        print(f"demo: pushed {len(package_files)} objects, {accepted} acknowledged")
+        has_library = import_library(data_dir, args.library_per_label)
+        if not has_library:
+            print(
+                "demo: no ../shared/data here: the reference library is empty, so hits carry no findings "
+                "(cbmir library import DIR adds one)"
+            )
+        queries = shared_query_files(build_dir, args.queries_per_modality)
 
         client = SearchClient(grpc_target)
-        deadline = time.monotonic() + args.timeout
-        with tqdm(total=accepted, desc="indexing", unit="obj") as bar:
-            while True:
-                stats = client.stats()
-                done = stats.total + stats.quarantined
-                bar.n = min(done, accepted)
-                bar.refresh()
-                if stats.pending == 0 and done >= accepted:
-                    break
-                if time.monotonic() > deadline:
-                    print("demo: timed out waiting for the index", file=sys.stderr)
-                    return 1
-                time.sleep(0.5)
-        summary = stats_dict(client.stats())
+        library_size = client.stats().library
+        if not _wait_for_index(client, accepted + library_size, args.timeout):
+            print("demo: timed out waiting for the index", file=sys.stderr)
+            return 1
+        summary = stats_json(client.stats())
         print(
             f"demo: index holds {summary['total']} points {summary['per_modality']}, "
-            f"{summary['quarantined']} quarantined {summary['quarantine_reasons']} "
-            f"(model {summary['model_version']})"
+            f"{summary['quarantined']} quarantined {summary['quarantine_reasons']}, "
+            f"{summary['library']} reference-library cases with findings (model {summary['model_version']})"
         )
 
-        labels_by_uid = {
-            read_header(Path(name)).sop_instance_uid: f"{row['modality']}/{row['label']}"
-            for name, row in shared_rows.items()
-        }
+        sections: list[QuerySection] = []
         print()
         print(
-            f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'label':<22} hit SOP Instance UID"
+            f"{'query':<46} {'rank':>4} {'distance':>9}  {'modality':<8} {'finding':<20} hit SOP Instance UID"
         )
         print("-" * 130)
-        for path in query_files:
-            row = shared_rows[str(path)]
-            response = client.search(dicom=path.read_bytes(), k=5)
-            _print_hits(f"held-out {row['modality']}/{row['label']} (DICOM)", response.hits, labels_by_uid)
-        uids = [read_header(p).sop_instance_uid for p, s in statuses.items() if s == 0 and p in package_files]
-        for uid in uids[:: max(1, len(uids) // 6)][:6]:
+        matches = total = 0
+        for path, row in queries:
+            response = client.search(dicom=path.read_bytes(), k=5, source="library")
+            title = f"held-out {row['modality']} / {row['label']} (DICOM)"
+            _print_hits(title, response.hits)
+            matches += sum(1 for hit in response.hits if hit.finding == row["label"])
+            total += len(response.hits)
+            sections.append(_section(client, title, _query_png(path), response.hits, row["label"]))
+        indexed = [(read_header(p).sop_instance_uid, p) for p, s in statuses.items() if s == 0]
+        for uid, path in indexed[:: max(1, len(indexed) // 6)][:6]:
             response = client.search(sop_instance_uid=uid, k=5)
-            _print_hits(f"indexed {uid[:36]}", response.hits, labels_by_uid)
-        if summary["model_version"].endswith("untrained"):
-            print(
-                "\nnote: the shipped encoder is untrained; distances show the path works, "
-                "not retrieval quality."
+            title = f"indexed {uid[:36]}"
+            _print_hits(title, response.hits)
+            sections.append(_section(client, title, _query_png(path), response.hits, None))
+        notes = []
+        if total:
+            notes.append(
+                f"{matches} of {total} library hits ({100 * matches / total:.0f}%) carry the held-out "
+                "query's own finding."
             )
+            print(f"demo: {notes[-1]}")
+        if not has_library:
+            notes.append("No reference library: without ../shared/data the hits carry no findings.")
+        if summary["model_version"].endswith("untrained"):
+            notes.append(
+                "The shipped encoder is untrained: distances show the path works, not retrieval quality."
+            )
+            print(f"\nnote: {notes[-1]}")
+        report = Path(args.report).resolve() if args.report else work / "report.html"
+        write_report(report, f"cbmir demo: similar cases (model {summary['model_version']})", sections, notes)
+        print(f"demo: report with pictures: {report}")
         client.close()
         return 0
     finally:
@@ -224,12 +288,49 @@ def run(args: argparse.Namespace) -> int:
         print("demo: stopped" + ("" if args.data_dir else f"; logs and data in {work}"))
 
 
-def _print_hits(title: str, hits: Iterable[search_pb2.Hit], labels_by_uid: dict[str, str]) -> None:
+def _query_png(path: Path) -> bytes | None:
+    """The query's thumbnail, rendered here through the same display pipeline as the hits'."""
+    from services.dicom.decode import decode_for_embedding
+
+    try:
+        _, frames = decode_for_embedding(path, frames="middle")
+    except CbmirError:
+        return None
+    return thumbnail_png(frames[0].image, 160)[0]
+
+
+def _section(
+    client: SearchClient,
+    title: str,
+    query_png: bytes | None,
+    hits: Iterable[search_pb2.Hit],
+    label: str | None,
+) -> QuerySection:
+    """The report's row for one query: its picture, then each hit's thumbnail and caption."""
+    cards = []
     for rank, hit in enumerate(hits, 1):
-        label = labels_by_uid.get(hit.sop_instance_uid, hit.modality_code)
+        try:
+            png: bytes | None = client.render(
+                hit.study_instance_uid, hit.series_instance_uid, hit.sop_instance_uid, 160
+            ).png
+        except grpc.RpcError:
+            png = None
+        lines = [
+            PB_TO_MODALITY.get(hit.modality, "?") + (f" ({hit.modality_code})" if hit.modality_code else ""),
+            f"finding: {hit.finding or 'not known'}",
+            f"distance {hit.distance:.4f}",
+        ]
+        if hit.study_date:
+            lines.append(f"study {hit.study_date[:4]}-{hit.study_date[4:6]}-{hit.study_date[6:]}")
+        cards.append(Card(png, f"#{rank}", lines, highlight=bool(label) and hit.finding == label))
+    return QuerySection(Card(query_png, title, [f"finding: {label}"] if label else []), cards)
+
+
+def _print_hits(title: str, hits: Iterable[search_pb2.Hit]) -> None:
+    for rank, hit in enumerate(hits, 1):
         print(
             f"{title if rank == 1 else '':<46} {rank:>4} {hit.distance:>9.4f}  "
-            f"{PB_TO_MODALITY.get(hit.modality, '?'):<8} {label:<22} {hit.sop_instance_uid}"
+            f"{PB_TO_MODALITY.get(hit.modality, '?'):<8} {hit.finding or '-':<20} {hit.sop_instance_uid}"
         )
     print()
 

@@ -6,6 +6,10 @@ The worker is a real Celery worker consuming real messages; nothing runs eagerly
 dies is restarted; the spool keeps every acknowledged instance, and the listener re-sends the
 pending ones when it starts.
 
+With ``--http-port`` (``CBMIR_HTTP_PORT``) a fourth child, ``cbmir gateway``, serves the HTTP API
+and the similar-cases panel on ``--host``, calling the query child's gRPC port; the ready line then
+ends in ``http=HOST:PORT``.
+
 With ``--metrics-port`` (``CBMIR_METRICS_PORT``) the children run in prometheus-client's
 multiprocess mode, writing their metrics into ``<data dir>/metrics`` (emptied at each start), and
 this process serves them merged, with the spool and queue state read at each scrape, on one port.
@@ -27,7 +31,7 @@ from typing import IO
 
 from services.core import metrics
 from services.core.config import BrokerSettings, DataLayout, MetricsSettings
-from services.core.errors import BackendUnavailable, CbmirError
+from services.core.errors import BackendUnavailable, CbmirError, ConfigError
 from services.core.processes import stop_process, wait_for_stop_signal
 from services.ingest.spool import Spool
 
@@ -39,7 +43,7 @@ _PORT_LINE = re.compile(r":(\d+)\s*$")
 @dataclass
 class ServeOptions:
     """What ``cbmir serve`` was asked for: data folder, ports, AE title, bind address, watch folder,
-    metrics endpoint."""
+    HTTP gateway, metrics endpoint."""
 
     data_dir: Path
     dicom_port: int
@@ -47,6 +51,7 @@ class ServeOptions:
     ae_title: str
     host: str = "127.0.0.1"
     watch_dir: Path | None = None
+    http_port: int | None = None  # the HTTP gateway's port (0: any free port); None: no gateway
     metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(host="127.0.0.1", port=None))
 
 
@@ -152,9 +157,22 @@ class Supervisor:
         self._start_child("worker", {}, False)
         if o.watch_dir is not None:
             self._start_child("watch", {"CBMIR_WATCH_DIR": str(o.watch_dir)}, False)
+        http = ""
+        if o.http_port is not None:
+            gateway = self._start_child(
+                "gateway",
+                {
+                    "CBMIR_HTTP_HOST": o.host,
+                    "CBMIR_HTTP_PORT": str(o.http_port),
+                    "CBMIR_QUERY_TARGET": f"{_reachable(o.host)}:{query.port}",
+                },
+                True,
+            )
+            gateway.env["CBMIR_HTTP_PORT"] = str(gateway.port)
+            http = f" http={o.host}:{gateway.port}"
         print(
             f"cbmir serve: ready dicom={o.host}:{scp.port} ae={o.ae_title} grpc={o.host}:{query.port} "
-            f"data={o.data_dir}",
+            f"data={o.data_dir}{http}",
             flush=True,
         )
         threading.Thread(target=self._watch_children, name="supervisor", daemon=True).start()
@@ -199,6 +217,24 @@ class Supervisor:
             self.metrics.close()
 
 
+def _reachable(host: str) -> str:
+    """An address of this machine on which a server bound to ``host`` is reached (loopback for a
+    wildcard address)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host.strip("[]") == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _http_port_from_env() -> int | None:
+    """``CBMIR_HTTP_PORT``: unset, no gateway."""
+    raw = os.environ.get("CBMIR_HTTP_PORT", "").strip()
+    if raw and not raw.isdigit():
+        raise ConfigError(f"CBMIR_HTTP_PORT must be a port (0..65535), got {raw!r}")
+    return int(raw) if raw else None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``cbmir serve`` (defaults from the environment, as the parts would read it)."""
     parser.add_argument(
@@ -226,6 +262,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default loopback)")
     parser.add_argument("--watch", metavar="DIR", help="also run the file watcher on DIR")
     parser.add_argument(
+        "--http-port",
+        type=int,
+        metavar="P",
+        default=_http_port_from_env(),
+        help="also serve the HTTP API and the similar-cases panel on HOST:P (cbmir gateway), 0 for any free "
+        "port (default CBMIR_HTTP_PORT; unset: no HTTP)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         metavar="P",
@@ -249,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
         metrics_settings = replace(metrics_settings, port=args.metrics_port)
     if args.metrics_host:
         metrics_settings = replace(metrics_settings, host=args.metrics_host)
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        print(f"cbmir serve: --http-port must be 0..65535, got {args.http_port}", file=sys.stderr)
+        return 2
     options = ServeOptions(
         data_dir=Path(args.data_dir).expanduser().resolve(),
         dicom_port=args.dicom_port,
@@ -256,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         ae_title=args.ae_title,
         host=args.host,
         watch_dir=Path(args.watch).expanduser().resolve() if args.watch else None,
+        http_port=args.http_port,
         metrics=metrics_settings,
     )
     supervisor = Supervisor(options)

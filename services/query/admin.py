@@ -30,6 +30,7 @@ from services.dicom.decode import read_header, read_identity
 from services.grpc_gen.cbmir.v1 import admin_pb2, admin_pb2_grpc
 from services.index import VectorIndex
 from services.index.base import SELECTABLE_FIELDS
+from services.ingest.library import ReferenceLibrary
 from services.ingest.spool import (
     REASON_SUFFIX,
     REPLACED_DIR,
@@ -125,6 +126,7 @@ class IndexMaintenance:
         self.model_version = model_version
         self._send = send
         self._secret = patient_key_secret
+        self.library = ReferenceLibrary(spool.layout)
         self.lock = threading.Lock()  # one change at a time (a reindex writes its batches under it too)
 
     # -- the audit trail ------------------------------------------------------------------------
@@ -255,6 +257,7 @@ class IndexMaintenance:
         report.points_deleted += self._delete_points(selector, value)
         report.points_deleted += self._delete_points_of(uids)
         report.sop_instance_uids = sorted(u for u in uids if u)
+        self.library.forget(report.sop_instance_uids)  # an erased library case loses its finding too
 
     def _current_points(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if self.index.current_collection() is None:

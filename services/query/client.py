@@ -9,9 +9,11 @@ from typing import Any
 import grpc
 
 from services.core.security import grpc_channel
-from services.core.vocabulary import MODALITY_TO_PB, PB_TO_MODALITY
+from services.core.vocabulary import MODALITY_TO_PB, SOURCE_TO_PB
 from services.dicom.decode import looks_like_dicom
 from services.grpc_gen.cbmir.v1 import admin_pb2_grpc, search_pb2, search_pb2_grpc
+
+GROUP_BY_TO_PB = {"instance": search_pb2.GROUP_BY_INSTANCE, "study": search_pb2.GROUP_BY_STUDY}
 
 
 class SearchClient:
@@ -51,11 +53,28 @@ class SearchClient:
         k: int = 5,
         modalities: Sequence[str] = (),
         exclude_same_study: bool = False,
+        exclude_self: bool | None = None,
+        exclude_same_patient: bool = False,
+        group_by: str = "instance",
+        max_distance: float = 0.0,
+        offset: int = 0,
+        source: str | None = None,
     ) -> search_pb2.SearchSimilarResponse:
-        """``SearchSimilar`` by DICOM bytes, picture bytes (with their modality) or an indexed UID."""
+        """``SearchSimilar`` by DICOM bytes, picture bytes (with their modality) or an indexed UID.
+        ``group_by`` is ``instance`` or ``study``; ``source`` is ``library``, ``clinical`` or None
+        (both); ``exclude_self`` None leaves the service's default (an indexed query is left out)."""
         request = search_pb2.SearchSimilarRequest(
-            k=k, modalities=[MODALITY_TO_PB[m] for m in modalities], exclude_same_study=exclude_same_study
+            k=k,
+            modalities=[MODALITY_TO_PB[m] for m in modalities],
+            exclude_same_study=exclude_same_study,
+            exclude_same_patient=exclude_same_patient,
+            group_by=GROUP_BY_TO_PB[group_by],
+            max_distance=max_distance,
+            offset=offset,
+            source=SOURCE_TO_PB[source] if source else search_pb2.CASE_SOURCE_ANY,
         )
+        if exclude_self is not None:
+            request.exclude_self = exclude_self
         if dicom is not None:
             request.dicom = dicom
         elif image is not None:
@@ -75,6 +94,22 @@ class SearchClient:
             return self.search(dicom=data, **kwargs)
         return self.search(image=data, **kwargs)
 
+    def render(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, max_size: int = 0
+    ) -> search_pb2.RenderedInstance:
+        """``RenderInstance``: a PNG thumbnail of an indexed instance."""
+        response: search_pb2.RenderedInstance = self._stub.RenderInstance(
+            search_pb2.RenderInstanceRequest(
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series_instance_uid,
+                sop_instance_uid=sop_instance_uid,
+                max_size=max_size,
+            ),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
+        return response
+
     def stats(self) -> search_pb2.GetIndexStatsResponse:
         """``GetIndexStats``."""
         response: search_pb2.GetIndexStatsResponse = self._stub.GetIndexStats(
@@ -90,31 +125,3 @@ class SearchClient:
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
-
-
-def hit_dict(hit: search_pb2.Hit) -> dict[str, Any]:
-    """A hit as a JSON-ready dict (modality by name)."""
-    return {
-        "sop_instance_uid": hit.sop_instance_uid,
-        "study_instance_uid": hit.study_instance_uid,
-        "series_instance_uid": hit.series_instance_uid,
-        "sop_class_uid": hit.sop_class_uid,
-        "modality": PB_TO_MODALITY.get(hit.modality, "unspecified"),
-        "modality_code": hit.modality_code,
-        "frame_number": hit.frame_number,
-        "distance": round(float(hit.distance), 6),
-    }
-
-
-def stats_dict(stats: search_pb2.GetIndexStatsResponse) -> dict[str, Any]:
-    """Index statistics as a JSON-ready dict (modalities by name)."""
-    return {
-        "total": stats.total,
-        "per_modality": {PB_TO_MODALITY.get(m.modality, "unspecified"): m.count for m in stats.per_modality},
-        "quarantined": stats.quarantined,
-        "quarantine_reasons": {r.reason: r.count for r in stats.quarantine_reasons},
-        "pending": stats.pending,
-        "oldest_pending_age_s": stats.oldest_pending_age_s,
-        "model_version": stats.model_version,
-        "collection": stats.collection,
-    }

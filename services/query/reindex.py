@@ -37,6 +37,7 @@ from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, de
 from services.index import VectorIndex, collection_name
 from services.index.base import REINDEX_TARGET_TTL_S
 from services.index.points import index_points, model_inputs
+from services.ingest.library import ReferenceLibrary
 from services.ingest.spool import Spool, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class ReindexJob:
         erasure_lock: threading.Lock | None = None,
     ):
         self.index, self.spool, self.encoder = index, spool, encoder
+        self.library = ReferenceLibrary(spool.layout)
         self.alias, self.limits, self.frames, self.batch_size = alias, limits, frames, batch_size
         self.secret, self.grace_s, self.settle_s = patient_key_secret, grace_s, settle_s
         self.on_switch = on_switch
@@ -279,6 +281,7 @@ class ReindexJob:
                 vectors[start : start + len(frames)],
                 model_version=self.encoder.version,
                 spool_name=name,
+                finding=self.library.finding_for(header.sop_instance_uid, self.spool.archived_path(name)),
             )
             start += len(frames)
         with self._erasure_lock:  # an object erased meanwhile is not written into the new collection

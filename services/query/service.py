@@ -1,9 +1,9 @@
 """The gRPC query service (``cbmir query``): "find similar cases".
 
-It serves ``cbmir.v1.SimilarCases`` (SearchSimilar, GetIndexStats), the standard health service
-and server reflection, behind the access policy of :mod:`services.core.security` (API tokens and
-roles; TLS and mTLS when configured). Every search is written to the ``cbmir.audit`` log. In the
-embedded default it is also the one process that owns the index, and serves
+It serves ``cbmir.v1.SimilarCases`` (SearchSimilar, GetIndexStats, RenderInstance), the standard
+health service and server reflection, behind the access policy of :mod:`services.core.security`
+(API tokens and roles; TLS and mTLS when configured). Every search is written to the
+``cbmir.audit`` log. In the embedded default it is also the one process that owns the index, and serves
 ``cbmir.v1.IndexWriter`` so that workers upsert through it: never on the public port, but on
 ``CBMIR_INDEX_WRITER`` (a Unix socket in the data folder by default).
 
@@ -16,22 +16,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import hmac
 import json
 import logging
+import math
 import shutil
 import threading
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from PIL import Image
 from typing_extensions import override
 
 from models.preprocess import decode_image_bytes, to_model_input
@@ -58,8 +62,19 @@ from services.core.security import (
     grpc_server_credentials,
     is_loopback,
 )
-from services.core.vocabulary import MODALITIES, MODALITY_TO_PB, OTHER, PB_TO_MODALITY
+from services.core.vocabulary import (
+    CLINICAL,
+    LIBRARY,
+    MODALITIES,
+    MODALITY_TO_PB,
+    OTHER,
+    PB_TO_MODALITY,
+    PB_TO_SOURCE,
+    SOURCE_TO_PB,
+    is_valid_uid,
+)
 from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.dicom.render import check_thumbnail_size, display_base, png_of
 from services.grpc_gen.cbmir.v1 import (
     admin_pb2_grpc,
     index_writer_pb2,
@@ -67,11 +82,11 @@ from services.grpc_gen.cbmir.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
-from services.index import IndexPoint, SearchHit, VectorIndex, open_index
+from services.index import HitFilter, IndexPoint, SearchHit, VectorIndex, open_index
 from services.index.base import belongs_to_model
 from services.index.points import check_point
 from services.ingest.dispatch import TaskDispatcher
-from services.ingest.spool import Spool
+from services.ingest.spool import Spool, spool_name_for
 from services.query.admin import IndexMaintenance, make_servicer
 from services.query.reindex import ReindexJob
 
@@ -79,6 +94,51 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_K = 5
 MAX_K = 1000
+# group_by STUDY: the first candidate pool is this many instances per study wanted; it grows by
+# POOL_GROWTH until it holds enough studies or reaches MAX_POOL instances.
+POOL_PER_STUDY = 4
+POOL_GROWTH = 4
+MAX_POOL = 20 * MAX_K
+NO_PATIENT_KEYS = (
+    "exclude_same_patient is unavailable: this site has set no CBMIR_PATIENT_KEY_SECRET, "
+    "so the index holds no patient references"
+)
+# rendered thumbnails kept in memory (by ETag), and the decoded pictures they are scaled from
+THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024
+BASE_CACHE_BYTES = 64 * 1024 * 1024
+RENDERS_AT_ONCE = 1  # decodes for thumbnails at once, beside the query decodes
+
+Cached = TypeVar("Cached")
+
+
+class ByteBudgetCache(Generic[Cached]):
+    """A thread-safe LRU map that drops its oldest entries when their sizes add up past ``budget``."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[str, tuple[Cached, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Cached | None:
+        """The entry (now the most recent), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def put(self, key: str, value: Cached, size: int) -> None:
+        """Keep ``value`` under ``key``, then drop the oldest entries while over the budget."""
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key)[1]
+            self._items[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.budget and len(self._items) > 1:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
 
 audit = logging.getLogger("cbmir.audit")
 
@@ -87,6 +147,8 @@ audit = logging.getLogger("cbmir.audit")
 SEARCH_METHOD = "/cbmir.v1.SimilarCases/SearchSimilar"
 METHOD_ROLES = {
     SEARCH_METHOD: SEARCH,
+    "/cbmir.v1.SimilarCases/RenderInstance": SEARCH,
+    "/cbmir.v1.SimilarCases/GetCaller": SEARCH,
     "/cbmir.v1.SimilarCases/GetIndexStats": ADMIN,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": SEARCH,
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
@@ -134,12 +196,32 @@ def _guarded(
     return wrapper
 
 
+@dataclass(frozen=True)
+class Query:
+    """A query turned into a vector, with what the exclusions need to know about it."""
+
+    vector: np.ndarray
+    modality: str
+    study_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+    patient_key: str | None = None
+    indexed: bool = False  # the query is itself an indexed instance
+
+
+@dataclass
+class _StudyGroup:
+    best: SearchHit
+    matching: int = 1
+
+
 class QueryEngine:
     """Turns a query (DICOM, picture, or UID) into a vector and searches the index.
 
     Query images are bounded before they cost memory: the picture's or DICOM frame's size is read
     from its header and refused over ``max_pixels``; at most ``decodes`` images are decoded and
-    embedded at once, and a call waits for its turn only until its deadline.
+    embedded at once, and a call waits for its turn only until its deadline. Thumbnails of
+    archived instances are decoded within ``render_limits`` (those the workers applied) in the
+    same slots.
     """
 
     def __init__(
@@ -152,16 +234,25 @@ class QueryEngine:
         decodes: int = 2,
         timeout_s: float = 30.0,
         alias: str = "",
+        patient_key_secret: bytes | None = None,
+        render_limits: DecodeLimits | None = None,
     ):
         self.index = index
         self.alias = alias
         self.encoder = encoder
         self.spool = spool
         self.limits = limits
+        self.render_limits = render_limits or limits
         self.timeout_s = timeout_s
+        self.patient_key_secret = patient_key_secret
         self.collection: str | None = None
         self._lock = threading.Lock()
         self._decode_slots = threading.BoundedSemaphore(decodes)
+        self._thumbnails: ByteBudgetCache[search_pb2.RenderedInstance] = ByteBudgetCache(
+            THUMBNAIL_CACHE_BYTES
+        )
+        self._bases: ByteBudgetCache[Image.Image] = ByteBudgetCache(BASE_CACHE_BYTES)
+        self._render_slots = threading.BoundedSemaphore(RENDERS_AT_ONCE)
 
     def ready_collection(self) -> str:
         """The collection, created on first use; raises BackendUnavailable while the store is down."""
@@ -191,10 +282,16 @@ class QueryEngine:
         finally:
             self._decode_slots.release()
 
+    def _indexed_payload(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        try:
+            return self.index.find_sop(sop_instance_uid)[1]
+        except NotFound:
+            return None
+
     def query_vector(
         self, request: search_pb2.SearchSimilarRequest, deadline_s: float | None = None
-    ) -> tuple[np.ndarray, str, str | None]:
-        """Returns (vector, query modality, query study UID or None)."""
+    ) -> Query:
+        """The query's vector, modality, and identity (study, instance, patient key, indexed or not)."""
         kind = request.WhichOneof("query")
         if kind is None:
             raise InvalidInput("the request names no query: set dicom, image or sop_instance_uid")
@@ -205,7 +302,18 @@ class QueryEngine:
                 header, frames = decode_for_embedding(
                     bytes(request.dicom), frames="middle", limits=self.limits
                 )
-                return self._embed_image(frames[0].image), header.modality, header.study_instance_uid
+                vector = self._embed_image(frames[0].image)
+            # the patient is the one the index knows for this instance, never one the upload names:
+            # else a caller could learn which studies belong to any Patient ID it guesses
+            stored = self._indexed_payload(header.sop_instance_uid)
+            return Query(
+                vector,
+                header.modality,
+                header.study_instance_uid,
+                header.sop_instance_uid,
+                stored.get("patient_key") if stored else None,
+                stored is not None,
+            )
         if kind == "image":
             if request.image.modality not in PB_TO_MODALITY:
                 names = ", ".join(f"MODALITY_{name.upper()}" for name in MODALITIES)
@@ -214,48 +322,179 @@ class QueryEngine:
                 raise InvalidInput("image.data is empty")
             with self._decode_slot(deadline_s):
                 picture = decode_image_bytes(bytes(request.image.data), max_pixels=self.limits.max_pixels)
-                return self._embed_image(picture), PB_TO_MODALITY[request.image.modality], None
+                return Query(self._embed_image(picture), PB_TO_MODALITY[request.image.modality])
         uid = request.sop_instance_uid.strip()
         if not uid:
             raise InvalidInput("sop_instance_uid is empty")
-        vector, payload = self.index.find_sop(uid)
-        return (
-            np.asarray(vector, dtype=np.float32),
+        if not is_valid_uid(uid):
+            raise InvalidInput("sop_instance_uid is not a DICOM UID")
+        found, payload = self.index.find_sop(uid)
+        return Query(
+            np.asarray(found, dtype=np.float32),
             payload.get("modality", OTHER),
             payload.get("study_instance_uid"),
+            uid,
+            payload.get("patient_key"),
+            indexed=True,
         )
+
+    def _hit_filter(self, request: search_pb2.SearchSimilarRequest, query: Query) -> tuple[HitFilter, bool]:
+        """The filter the request asks for, and whether it leaves the query's own instance out."""
+        modalities = [PB_TO_MODALITY[value] for value in request.modalities]
+        exclude_self = request.exclude_self if request.HasField("exclude_self") else query.indexed
+        if request.exclude_same_study and not query.study_instance_uid:
+            raise InvalidInput("exclude_same_study needs a query with a study (DICOM or an indexed UID)")
+        exclude_patient = None
+        if request.exclude_same_patient:
+            if not self.patient_key_secret:
+                raise ConfigError(NO_PATIENT_KEYS)
+            if request.WhichOneof("query") == "image":
+                raise InvalidInput(
+                    "exclude_same_patient needs a query with a patient (DICOM or an indexed UID)"
+                )
+            if not query.indexed:
+                raise InvalidInput(
+                    "exclude_same_patient needs an indexed query instance (its UID, or a DICOM whose "
+                    "instance is indexed): the patient is the one the index holds for it"
+                )
+            if not query.patient_key:
+                raise InvalidInput(
+                    "exclude_same_patient: the query instance has no patient reference (no Patient ID, "
+                    "or indexed before CBMIR_PATIENT_KEY_SECRET was set: reindex)"
+                )
+            exclude_patient = query.patient_key
+        where = HitFilter(
+            modalities=modalities,
+            exclude_study=query.study_instance_uid if request.exclude_same_study else None,
+            exclude_sops=[query.sop_instance_uid] if exclude_self and query.sop_instance_uid else [],
+            exclude_patient=exclude_patient,
+            source=PB_TO_SOURCE.get(request.source),
+        )
+        return where, bool(exclude_self and query.indexed)
 
     def search(
         self, request: search_pb2.SearchSimilarRequest, deadline_s: float | None = None
     ) -> search_pb2.SearchSimilarResponse:
-        """Validate the request, embed or look up the query, search the index."""
+        """Validate the request, embed or look up the query, search the index, group and page."""
         k = request.k or DEFAULT_K
         if not 1 <= k <= MAX_K:
             raise InvalidInput(f"k must be between 1 and {MAX_K}, got {k}")
-        modalities = []
+        if request.offset > MAX_K - k:
+            raise InvalidInput(f"offset + k must be at most {MAX_K}, got {request.offset} + {k}")
+        if not math.isfinite(request.max_distance) or request.max_distance < 0:
+            raise InvalidInput("max_distance must be a finite number >= 0 (0: no cut-off)")
         for value in request.modalities:
             if value not in PB_TO_MODALITY:
                 raise InvalidInput(f"unknown modality value {value} in modalities")
-            modalities.append(PB_TO_MODALITY[value])
+        if request.source != search_pb2.CASE_SOURCE_ANY and request.source not in PB_TO_SOURCE:
+            raise InvalidInput(f"unknown source value {request.source}")
+        if request.group_by not in (search_pb2.GROUP_BY_INSTANCE, search_pb2.GROUP_BY_STUDY):
+            raise InvalidInput(f"unknown group_by value {request.group_by}")
+        if request.exclude_same_patient and not self.patient_key_secret:
+            raise ConfigError(NO_PATIENT_KEYS)  # before any decoding
         self.ready_collection()
-        vector, query_modality, study = self.query_vector(request, deadline_s)
-        exclude = study if request.exclude_same_study else None
-        if request.exclude_same_study and not study:
-            raise InvalidInput("exclude_same_study needs a query with a study (DICOM or an indexed UID)")
-        hits = self.index.search(vector.tolist(), k, modalities, exclude)
+        query = self.query_vector(request, deadline_s)
+        where, excluded_self = self._hit_filter(request, query)
+        wanted = request.offset + k + 1  # one more than the page: is there a next one?
+        if request.group_by == search_pb2.GROUP_BY_STUDY:
+            ranked = self._best_studies(query.vector, wanted, where, request.max_distance)
+        else:
+            ranked = [
+                (hit, 0)
+                for hit in sorted(self.index.search(query.vector.tolist(), wanted, where), key=_rank)
+                if not request.max_distance or hit.distance <= request.max_distance
+            ]
+        page = ranked[request.offset : request.offset + k]
+        more = len(ranked) > request.offset + k and request.offset + k < MAX_K
         return search_pb2.SearchSimilarResponse(
-            hits=[_hit_message(hit) for hit in hits],
+            hits=[_hit_message(hit, matching) for hit, matching in page],
             model_version=self.encoder.version,
-            query_modality=MODALITY_TO_PB.get(query_modality, MODALITY_TO_PB[OTHER]),
+            query_modality=MODALITY_TO_PB.get(query.modality, MODALITY_TO_PB[OTHER]),
+            next_offset=request.offset + k if more else 0,
+            excluded_self=excluded_self,
         )
+
+    def _best_studies(
+        self, vector: np.ndarray, wanted: int, where: HitFilter, max_distance: float
+    ) -> list[tuple[SearchHit, int]]:
+        """Up to ``wanted`` studies by their best instance, each with its matching instances among
+        the candidates: the pool of nearest instances grows until it holds enough studies, runs
+        out of points, or reaches MAX_POOL."""
+        pool = max(POOL_PER_STUDY * wanted, 64)
+        while True:
+            hits = self.index.search(vector.tolist(), min(pool, MAX_POOL), where)
+            studies: dict[str, _StudyGroup] = {}
+            for hit in hits:
+                if max_distance and hit.distance > max_distance:
+                    break  # ascending: the rest are farther still
+                study = str(hit.payload.get("study_instance_uid", hit.point_id))
+                if study in studies:
+                    studies[study].matching += 1
+                else:
+                    studies[study] = _StudyGroup(hit)
+            exhausted = len(hits) < min(pool, MAX_POOL) or (
+                bool(max_distance) and bool(hits) and hits[-1].distance > max_distance
+            )
+            if len(studies) >= wanted or exhausted or pool >= MAX_POOL:
+                ranked = sorted(studies.values(), key=lambda group: _rank(group.best))
+                return [(group.best, group.matching) for group in ranked[:wanted]]
+            pool *= POOL_GROWTH
+
+    def render(
+        self, request: search_pb2.RenderInstanceRequest, deadline_s: float | None = None
+    ) -> search_pb2.RenderedInstance:
+        """A PNG thumbnail of an indexed instance, through the display pipeline the encoder sees."""
+        uids = (request.study_instance_uid, request.series_instance_uid, request.sop_instance_uid)
+        if not all(is_valid_uid(uid) for uid in uids):
+            raise InvalidInput("study, series and SOP Instance UIDs must all be DICOM UIDs")
+        size = check_thumbnail_size(request.max_size)
+        self.ready_collection()
+        _, payload = self.index.find_sop(request.sop_instance_uid)
+        if (payload.get("study_instance_uid"), payload.get("series_instance_uid")) != uids[:2]:
+            raise NotFound("no such instance in that study and series")
+        path = self.spool.archived_path(str(payload.get("spool_name") or spool_name_for(uids[2])))
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise NotFound("the instance is indexed but its object is not in the archive") from None
+        version = f"{uids[2]}:{stat.st_size}:{stat.st_mtime_ns}"
+        etag = hashlib.sha256(f"{version}:{size}".encode()).hexdigest()[:32]
+        cached = self._thumbnails.get(etag)
+        if cached is not None:
+            return cached
+        base = self._bases.get(version)
+        if base is None:
+            # one decode per stored object, in its own slot: thumbnails never take a query's slot,
+            # and other sizes of the same instance are a downscale of the cached base
+            wait_s = self.timeout_s if deadline_s is None else max(0.0, min(self.timeout_s, deadline_s))
+            if not self._render_slots.acquire(timeout=wait_s):
+                raise BackendUnavailable(
+                    f"busy: no thumbnail slot came free within {wait_s:.1f} s; try again"
+                )
+            try:
+                base = self._bases.get(version)
+                if base is None:
+                    _, frames = decode_for_embedding(path, frames="middle", limits=self.render_limits)
+                    base = display_base(frames[0].image)
+                    self._bases.put(version, base, base.width * base.height)
+            finally:
+                self._render_slots.release()
+        png, width, height = png_of(base, size)
+        rendered = search_pb2.RenderedInstance(png=png, etag=etag, width=width, height=height)
+        self._thumbnails.put(etag, rendered, len(png))
+        return rendered
 
     def stats(self) -> search_pb2.GetIndexStatsResponse:
         """Points per modality, quarantine by reason, pending instances (and the oldest one's age),
-        model and collection."""
+        the reference library by finding, model and collection."""
         self.ready_collection()
         counts = self.index.counts_by_modality()
         reasons = self.spool.quarantine_counts()
         pending = self.spool.pending_since()
+        library = Counter(  # indexed library cases (an imported one may still wait, or be quarantined)
+            (str(payload.get("modality", OTHER)), str(payload.get("finding", "")))
+            for _, payload in self.index.scroll(field="source", value=LIBRARY)
+        )
         return search_pb2.GetIndexStatsResponse(
             total=sum(counts.values()),
             per_modality=[
@@ -270,10 +509,21 @@ class QueryEngine:
             collection=self.collection,
             pending=len(pending),
             oldest_pending_age_s=round(max(0.0, time.time() - pending[0][0]), 1) if pending else 0.0,
+            library=sum(library.values()),
+            library_findings=[
+                search_pb2.FindingCount(modality=MODALITY_TO_PB[modality], finding=finding, count=count)
+                for (modality, finding), count in sorted(library.items())
+            ],
         )
 
 
-def _hit_message(hit: SearchHit) -> search_pb2.Hit:
+def _rank(hit: SearchHit) -> tuple[float, str, int]:
+    """Ascending distance; equal distances (duplicate images) in UID order, so pages never overlap."""
+    payload = hit.payload
+    return hit.distance, str(payload.get("sop_instance_uid", "")), int(payload.get("frame_number", 1) or 1)
+
+
+def _hit_message(hit: SearchHit, matching_instances: int = 0) -> search_pb2.Hit:
     payload = hit.payload
     return search_pb2.Hit(
         sop_instance_uid=payload.get("sop_instance_uid", ""),
@@ -284,7 +534,30 @@ def _hit_message(hit: SearchHit) -> search_pb2.Hit:
         modality_code=payload.get("modality_code", ""),
         frame_number=int(payload.get("frame_number", 1) or 1),
         distance=float(hit.distance),
+        finding=str(payload.get("finding", "")),
+        source=SOURCE_TO_PB[LIBRARY if payload.get("source") == LIBRARY else CLINICAL],
+        matching_instances=matching_instances,
+        study_date=str(payload.get("study_date", "")),
     )
+
+
+class _Outcome:
+    """The status a call ends with (its gRPC code's name), for its audit line and metrics."""
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.OK.name
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Note the code of an exception that leaves the block (and let it go on)."""
+        try:
+            yield
+        except CbmirError as exc:
+            self.code = grpc_code_for(exc).name
+            raise
+        except Exception:
+            self.code = grpc.StatusCode.INTERNAL.name
+            raise
 
 
 class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
@@ -301,20 +574,15 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
     ) -> search_pb2.SearchSimilarResponse:
         started = time.monotonic()
         caller = self._policy.authorize(context.invocation_metadata(), SEARCH)  # checked already: who
-        outcome, hits = grpc.StatusCode.OK.name, 0
+        outcome, hits = _Outcome(), 0
         try:
-            response = self._engine.search(request, context.time_remaining())
+            with outcome.watch():
+                response = self._engine.search(request, context.time_remaining())
             hits = len(response.hits)
             return response
-        except CbmirError as exc:
-            outcome = grpc_code_for(exc).name
-            raise
-        except Exception:
-            outcome = grpc.StatusCode.INTERNAL.name
-            raise
         finally:
             kind = request.WhichOneof("query") or "none"
-            metrics.SEARCH_REQUESTS.labels(kind, outcome).inc()
+            metrics.SEARCH_REQUESTS.labels(kind, outcome.code).inc()
             metrics.SEARCH_SECONDS.labels(kind).observe(time.monotonic() - started)
             # who, what kind of query, how many asked and found, how it ended; never the query itself
             audit.info(
@@ -324,7 +592,7 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
                 request.k or DEFAULT_K,
                 len(request.modalities),
                 hits,
-                outcome,
+                outcome.code,
                 (time.monotonic() - started) * 1000,
             )
 
@@ -334,6 +602,27 @@ class SimilarCasesServicer(search_pb2_grpc.SimilarCasesServicer):
         self, request: search_pb2.GetIndexStatsRequest, context: grpc.ServicerContext
     ) -> search_pb2.GetIndexStatsResponse:
         return self._engine.stats()
+
+    @override
+    @_guarded
+    def RenderInstance(
+        self, request: search_pb2.RenderInstanceRequest, context: grpc.ServicerContext
+    ) -> search_pb2.RenderedInstance:
+        caller = self._policy.authorize(context.invocation_metadata(), SEARCH)
+        outcome = _Outcome()
+        try:
+            with outcome.watch():
+                return self._engine.render(request, context.time_remaining())
+        finally:
+            audit.info("render caller=%s size=%d status=%s", caller.token_id, request.max_size, outcome.code)
+
+    @override
+    @_guarded
+    def GetCaller(
+        self, request: search_pb2.GetCallerRequest, context: grpc.ServicerContext
+    ) -> search_pb2.Caller:
+        caller = self._policy.authorize(context.invocation_metadata(), SEARCH)
+        return search_pb2.Caller(token_id=caller.token_id, role=caller.role)
 
 
 class IndexWriterServicer(index_writer_pb2_grpc.IndexWriterServicer):
@@ -515,6 +804,8 @@ class QueryServer:
             decodes=settings.query_decodes,
             timeout_s=settings.query_timeout_s,
             alias=settings.index.collection,
+            patient_key_secret=settings.patient_key_secret,
+            render_limits=DecodeLimits.from_settings(settings.decode),
         )
         try:
             self.engine.ready_collection()

@@ -99,6 +99,15 @@ Fail early on what cbmir cannot run without in a cluster.
 {{- if and .Values.worker.keda.enabled (not .Values.worker.keda.redisAddress) }}
 {{- fail "worker.keda.redisAddress (host:port of the broker's Redis, as KEDA reaches it) is required with worker.keda.enabled" }}
 {{- end }}
+{{- if and .Values.gateway.ingress.enabled (not .Values.gateway.enabled) }}
+{{- fail "gateway.ingress.enabled routes to the HTTP gateway: it needs gateway.enabled" }}
+{{- end }}
+{{- if and .Values.gateway.enabled (eq (int .Values.gateway.port) 50051) }}
+{{- fail "gateway.port must differ from the query container's gRPC port 50051 (they share the pod)" }}
+{{- end }}
+{{- if and .Values.gateway.enabled .Values.metrics.enabled (eq (int .Values.gateway.port) (int .Values.metrics.port)) }}
+{{- fail "gateway.port must differ from metrics.port (they share the query pod)" }}
+{{- end }}
 {{- if not (or .Values.auth.tokens .Values.auth.existingSecret .Values.auth.allowAnonymous) }}
 {{- fail "auth.tokens or auth.existingSecret (API tokens for the query service) is required; auth.allowAnonymous=true serves callers without a token" }}
 {{- end }}
@@ -267,4 +276,41 @@ Celery remote-control ping of this pod's worker node (the node name is celery@<p
   from workers.app import create_app;
   app = create_app(WorkerSettings.from_env());
   sys.exit(0 if app.control.ping(destination=['celery@' + socket.gethostname()], timeout=5) else 1)
+{{- end }}
+
+{{/*
+The HTTP gateway's way to the query container beside it in the pod: gRPC on the pod's loopback. With
+tls.secretName the query container serves TLS with a certificate made out to a name, not to 127.0.0.1:
+the gateway then calls that name (gateway.queryServerName, by default the query Service's
+<fullname>-query.<namespace>.svc), which the pod's hosts file maps to 127.0.0.1 (cbmir.gatewayHostAliases),
+trusting the Secret's ca.crt and, with client certificates required, showing the Secret's certificate.
+*/}}
+{{- define "cbmir.gatewayQueryName" -}}
+{{- default (printf "%s-query.%s.svc" (include "cbmir.fullname" .) .Release.Namespace) .Values.gateway.queryServerName }}
+{{- end }}
+
+{{- define "cbmir.gatewayQueryEnv" -}}
+{{- if .Values.tls.secretName }}
+- name: CBMIR_QUERY_TARGET
+  value: {{ printf "%s:50051" (include "cbmir.gatewayQueryName" .) | quote }}
+- name: CBMIR_TLS_CA
+  value: /etc/cbmir/tls/ca.crt
+{{- if .Values.tls.requireClientCertificates }}
+- name: CBMIR_TLS_CERT
+  value: /etc/cbmir/tls/tls.crt
+- name: CBMIR_TLS_KEY
+  value: /etc/cbmir/tls/tls.key
+{{- end }}
+{{- else }}
+- name: CBMIR_QUERY_TARGET
+  value: "127.0.0.1:50051"
+{{- end }}
+{{- end }}
+
+{{- define "cbmir.gatewayHostAliases" -}}
+{{- if and .Values.gateway.enabled .Values.tls.secretName -}}
+- ip: 127.0.0.1
+  hostnames:
+    - {{ include "cbmir.gatewayQueryName" . | quote }}
+{{- end }}
 {{- end }}

@@ -44,6 +44,16 @@ class SimilarCasesStub:
                 request_serializer=cbmir_dot_v1_dot_search__pb2.GetIndexStatsRequest.SerializeToString,
                 response_deserializer=cbmir_dot_v1_dot_search__pb2.GetIndexStatsResponse.FromString,
                 _registered_method=True)
+        self.RenderInstance = channel.unary_unary(
+                '/cbmir.v1.SimilarCases/RenderInstance',
+                request_serializer=cbmir_dot_v1_dot_search__pb2.RenderInstanceRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_search__pb2.RenderedInstance.FromString,
+                _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/cbmir.v1.SimilarCases/GetCaller',
+                request_serializer=cbmir_dot_v1_dot_search__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=cbmir_dot_v1_dot_search__pb2.Caller.FromString,
+                _registered_method=True)
 
 
 class SimilarCasesServicer:
@@ -61,6 +71,18 @@ class SimilarCasesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenderInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCaller(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SimilarCasesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +95,16 @@ def add_SimilarCasesServicer_to_server(servicer, server):
                     servicer.GetIndexStats,
                     request_deserializer=cbmir_dot_v1_dot_search__pb2.GetIndexStatsRequest.FromString,
                     response_serializer=cbmir_dot_v1_dot_search__pb2.GetIndexStatsResponse.SerializeToString,
+            ),
+            'RenderInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderInstance,
+                    request_deserializer=cbmir_dot_v1_dot_search__pb2.RenderInstanceRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_search__pb2.RenderedInstance.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=cbmir_dot_v1_dot_search__pb2.GetCallerRequest.FromString,
+                    response_serializer=cbmir_dot_v1_dot_search__pb2.Caller.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +161,60 @@ class SimilarCases:
             '/cbmir.v1.SimilarCases/GetIndexStats',
             cbmir_dot_v1_dot_search__pb2.GetIndexStatsRequest.SerializeToString,
             cbmir_dot_v1_dot_search__pb2.GetIndexStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbmir.v1.SimilarCases/RenderInstance',
+            cbmir_dot_v1_dot_search__pb2.RenderInstanceRequest.SerializeToString,
+            cbmir_dot_v1_dot_search__pb2.RenderedInstance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbmir.v1.SimilarCases/GetCaller',
+            cbmir_dot_v1_dot_search__pb2.GetCallerRequest.SerializeToString,
+            cbmir_dot_v1_dot_search__pb2.Caller.FromString,
             options,
             channel_credentials,
             insecure,
