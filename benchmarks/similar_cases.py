@@ -8,7 +8,8 @@ What it compares
     in the payload), 10 % of the studies in the reference library with a finding. Queries go by
     ``sop_instance_uid``, k = 5, one at a time:
 
-    * instance hits (the query left out, as by default), study-level hits (``group_by`` STUDY),
+    * instance hits with the query kept (``exclude_self`` false: no exclusion at all), instance
+      hits (the query left out, as by default), study-level hits (``group_by`` STUDY),
       the same patient left out, library cases only: gRPC p50/p99 against numpy brute force doing
       the same (exact distances with precomputed norms, the exclusions as masks, grouping by
       study over the nearest candidates), and the agreement of the two answers (recall@5);
@@ -80,7 +81,8 @@ class Reference:
 
     def search(self, row: int, variant: str) -> list[int]:
         d2 = self.norms - 2.0 * (self.vectors @ self.vectors[row])
-        d2[row] = np.inf  # the query is not its own hit
+        if variant != "query kept":
+            d2[row] = np.inf  # the query is not its own hit
         if variant == "same patient left out":
             d2[self.patient == self.patient[row]] = np.inf
         elif variant == "library only":
@@ -95,6 +97,7 @@ class Reference:
 
 
 VARIANTS = {
+    "query kept": {"exclude_self": False},
     "instance": {},
     "study-level": {"group_by": "study"},
     "same patient left out": {"exclude_same_patient": True},

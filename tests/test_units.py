@@ -279,3 +279,51 @@ def test_spool_file_completes_on_the_last_fragment(tmp_path):
     assert path.read_bytes() == b"abcdef" and spool_file.error is None
     spool_file.close()  # pynetdicom closes again after the handler: harmless
     assert path.read_bytes() == b"abcdef"
+
+
+@pytest.mark.parametrize("post_filter_max", [0, 2000])
+def test_exclusions_give_the_same_hits_filtered_by_the_engine_or_dropped_after(
+    tmp_path, monkeypatch, post_filter_max
+):
+    """The query engine drops small exclusions (an instance, a study, a patient) from a larger
+    candidate list instead of having the engine filter them: the hits must be the same, exact ones."""
+    from models.runtime import OnnxEncoder
+    from services.core.config import DataLayout
+    from services.dicom.decode import DecodeLimits
+    from services.ingest.spool import Spool
+    from services.query import service
+
+    monkeypatch.setattr(service, "POST_FILTER_MAX", post_filter_max)
+    encoder = OnnxEncoder(device="cpu")
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((400, encoder.dim)).astype(np.float32)
+    index = EdgeIndex(tmp_path / "index", "c")
+    try:
+        index.ensure_collection(encoder.dim, encoder.version)
+        index.upsert(
+            [
+                IndexPoint(
+                    point_id(f"1.2.{i}"),
+                    vectors[i].tolist(),
+                    {
+                        "modality": "mri",
+                        "sop_instance_uid": f"1.2.{i}",
+                        "study_instance_uid": f"9.{i // 4}",
+                        "patient_key": f"{i // 12:032x}",
+                    },
+                )
+                for i in range(400)
+            ]
+        )
+        engine = service.QueryEngine(index, encoder, Spool(DataLayout(tmp_path / "data")), DecodeLimits())
+        for q in range(0, 400, 53):
+            distances = np.linalg.norm(vectors - vectors[q], axis=1)
+            keep = (np.arange(400) != q) & (np.arange(400) // 4 != 7) & (np.arange(400) // 12 != q // 12)
+            where = HitFilter(
+                exclude_sops=[f"1.2.{q}"], exclude_study="9.7", exclude_patient=f"{q // 12:032x}"
+            )
+            hits = engine._nearest(vectors[q], 10, where)
+            expected = np.where(keep)[0][np.argsort(distances[keep])[:10]]
+            assert [h.payload["sop_instance_uid"] for h in hits] == [f"1.2.{i}" for i in expected]
+    finally:
+        index.close()

@@ -103,6 +103,9 @@ NO_PATIENT_KEYS = (
     "exclude_same_patient is unavailable: this site has set no CBMIR_PATIENT_KEY_SECRET, "
     "so the index holds no patient references"
 )
+# excluded instances, studies and patients with at most this many points are dropped from a larger
+# candidate list rather than filtered by the engine (see QueryEngine._nearest)
+POST_FILTER_MAX = 2000
 # rendered thumbnails kept in memory (by ETag), and the decoded pictures they are scaled from
 THUMBNAIL_CACHE_BYTES = 32 * 1024 * 1024
 BASE_CACHE_BYTES = 64 * 1024 * 1024
@@ -401,7 +404,7 @@ class QueryEngine:
         else:
             ranked = [
                 (hit, 0)
-                for hit in sorted(self.index.search(query.vector.tolist(), wanted, where), key=_rank)
+                for hit in sorted(self._nearest(query.vector, wanted, where), key=_rank)
                 if not request.max_distance or hit.distance <= request.max_distance
             ]
         page = ranked[request.offset : request.offset + k]
@@ -414,6 +417,48 @@ class QueryEngine:
             excluded_self=excluded_self,
         )
 
+    def _nearest(self, vector: np.ndarray, limit: int, where: HitFilter) -> list[SearchHit]:
+        """The ``limit`` nearest points ``where`` admits.
+
+        The excluded instances, study and patient are few points: the engine would test every
+        candidate's payload against them, which costs more than the search itself. So when they
+        hold at most POST_FILTER_MAX points (counted through their payload index), the search asks
+        for that many more candidates and drops theirs here; otherwise the engine filters.
+        """
+        exclusions: dict[str, set[str]] = {
+            "sop_instance_uid": {uid for uid in where.exclude_sops if uid},
+            "study_instance_uid": {where.exclude_study} if where.exclude_study else set(),
+            "patient_key": {where.exclude_patient} if where.exclude_patient else set(),
+        }
+        dropped: list[tuple[str, set[str]]] = []
+        extra = 0
+        for field, values in exclusions.items():
+            count = self._count_points(field, values, POST_FILTER_MAX - extra) if values else None
+            if count is not None:  # None: none, or too many (the engine filters them)
+                dropped.append((field, values))
+                extra += count
+        if not dropped:
+            return self.index.search(vector.tolist(), limit, where)
+        here = {field for field, _ in dropped}
+        engine = replace(
+            where,
+            exclude_sops=() if "sop_instance_uid" in here else where.exclude_sops,
+            exclude_study=None if "study_instance_uid" in here else where.exclude_study,
+            exclude_patient=None if "patient_key" in here else where.exclude_patient,
+        )
+        hits = self.index.search(vector.tolist(), limit + extra, engine)
+        return [h for h in hits if not any(h.payload.get(f) in values for f, values in dropped)][:limit]
+
+    def _count_points(self, field: str, values: set[str], cap: int) -> int | None:
+        """How many points have ``field`` in ``values``; None as soon as it is more than ``cap``."""
+        count = 0
+        for value in values:
+            for _ in self.index.scroll(field=field, value=value):
+                count += 1
+                if count > cap:
+                    return None
+        return count
+
     def _best_studies(
         self, vector: np.ndarray, wanted: int, where: HitFilter, max_distance: float
     ) -> list[tuple[SearchHit, int]]:
@@ -422,7 +467,7 @@ class QueryEngine:
         out of points, or reaches MAX_POOL."""
         pool = max(POOL_PER_STUDY * wanted, 64)
         while True:
-            hits = self.index.search(vector.tolist(), min(pool, MAX_POOL), where)
+            hits = self._nearest(vector, min(pool, MAX_POOL), where)
             studies: dict[str, _StudyGroup] = {}
             for hit in hits:
                 if max_distance and hit.distance > max_distance:
