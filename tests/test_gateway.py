@@ -777,3 +777,36 @@ def test_serve_refuses_a_bad_http_port(data_dir: Path) -> None:
         argv, env=dict(env, CBMIR_HTTP_PORT="eighty"), capture_output=True, text=True, timeout=60
     )
     assert variable.returncode == 2 and "CBMIR_HTTP_PORT must be a port" in variable.stderr
+
+
+def test_gateway_checks_the_query_service_by_the_name_its_certificate_carries(
+    data_dir: Path, procs, tmp_path: Path
+) -> None:
+    """In a pod the gateway reaches the query container on 127.0.0.1, whose certificate names the
+    Service: CBMIR_QUERY_SERVER_NAME is the name it checks instead (and nothing else passes)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("cbmir-query.radiology.svc")
+    pem, key, ca_pem = tmp_path / "query.pem", tmp_path / "query.key", tmp_path / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(pem))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    query, grpc_port = support.start_query(
+        support.base_env(data_dir, CBMIR_TLS_CERT=str(pem), CBMIR_TLS_KEY=str(key))
+    )
+    procs.append(query)
+    for server_name, expected in (("cbmir-query.radiology.svc", 200), ("", 503), ("someone.else", 503)):
+        env = support.base_env(
+            data_dir,
+            CBMIR_HTTP_PORT="0",
+            CBMIR_QUERY_TARGET=f"127.0.0.1:{grpc_port}",
+            CBMIR_TLS_CA=str(ca_pem),
+            CBMIR_QUERY_SERVER_NAME=server_name,
+        )
+        gateway = _gateway(env)
+        try:
+            port = int(gateway.wait_for(r"cbmir gateway: HTTP on 127\.0\.0\.1:(\d+)$", timeout_s=60).group(1))
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                assert http.get("/healthz").status_code == expected, server_name
+        finally:
+            gateway.stop()

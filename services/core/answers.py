@@ -1,4 +1,5 @@
-"""The JSON shapes of the API's answers: one definition for the HTTP gateway and the command line.
+"""The JSON shapes of the API's answers, and its thumbnail limits: one definition for the query
+service, the HTTP gateway and the command line.
 
 Modalities and sources by name, the study date as YYYY-MM-DD, empty strings as null, and each
 hit's thumbnail as its DICOMweb ``rendered`` path.
@@ -10,6 +11,11 @@ from typing import Any
 
 from services.core.vocabulary import PB_TO_MODALITY, PB_TO_SOURCE, is_valid_uid
 from services.grpc_gen.cbmir.v1 import search_pb2
+
+# RenderInstanceRequest.max_size: the longest side of a thumbnail, in pixels (0 asks for the default)
+MIN_THUMBNAIL = 1
+MAX_THUMBNAIL = 1024
+DEFAULT_THUMBNAIL = 256
 
 
 def iso_date(value: str) -> str | None:

@@ -680,6 +680,13 @@ GATEWAY_ENVIRONMENT: dict[str, tuple[str, str]] = {
         "Port of the HTTP gateway (0 = any free port); `cbmir serve`: set, it runs the gateway too.",
     ),
     "CBMIR_QUERY_TARGET": ("127.0.0.1:50051", "HOST:PORT of the gRPC query service the gateway calls."),
+    "CBMIR_QUERY_SERVER_NAME": (
+        "(unset = the target's host)",
+        (
+            "With TLS to the query service: the name its certificate must carry, when the gateway "
+            "reaches it by another address (127.0.0.1 in the same pod)."
+        ),
+    ),
     "CBMIR_HTTP_CORS_ORIGINS": (
         "(unset = no CORS headers)",
         "Comma-separated browser origins allowed to call the gateway from another site.",
@@ -713,6 +720,7 @@ class GatewaySettings:
     query_max_bytes: int
     timeout_s: float
     allow_anonymous: bool = False  # on a non-loopback address, pass on calls without a token too
+    query_server_name: str | None = None  # TLS: the name the query service's certificate carries
 
     @property
     def https(self) -> bool:
@@ -746,6 +754,7 @@ class GatewaySettings:
             query_max_bytes=_int(env, "CBMIR_QUERY_MAX_BYTES", 64 * 1024 * 1024, minimum=1024),
             timeout_s=_float(env, "CBMIR_QUERY_TIMEOUT_S", 30.0),
             allow_anonymous=_flag(env, "CBMIR_ALLOW_ANONYMOUS"),
+            query_server_name=env.get("CBMIR_QUERY_SERVER_NAME", "").strip() or None,
         )
 
 

@@ -278,10 +278,16 @@ def grpc_server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
 
 
 def grpc_channel(
-    target: str, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+    target: str,
+    *,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    server_name: str | None = None,
 ) -> grpc.Channel:
     """A channel to ``target``: TLS when a CA is given (with a client certificate for mTLS when
-    ``cert`` and ``key`` are), else plain."""
+    ``cert`` and ``key`` are), else plain. ``server_name``: the name the service's certificate must
+    carry when ``target`` reaches it by another address."""
     if ca is None:
         if cert is not None:
             raise ConfigError(
@@ -291,7 +297,8 @@ def grpc_channel(
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes(), private_key=_read(key), certificate_chain=_read(cert)
     )
-    return grpc.secure_channel(target, credentials)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else None
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def tls_files_stamp(tls: TlsSettings) -> tuple[int, ...]:

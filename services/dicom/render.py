@@ -14,11 +14,8 @@ import numpy as np
 from PIL import Image
 
 from models.preprocess import to_grey
+from services.core.answers import DEFAULT_THUMBNAIL, MAX_THUMBNAIL, MIN_THUMBNAIL
 from services.core.errors import InvalidInput
-
-MIN_THUMBNAIL = 16
-MAX_THUMBNAIL = 1024
-DEFAULT_THUMBNAIL = 256
 
 
 def check_thumbnail_size(max_size: int) -> int:

@@ -27,7 +27,6 @@ from services.grpc_gen.cbmir.v1 import search_pb2
 # The API's contract (proto/cbmir/v1/search.proto): at most 1000 hits, offset + k <= 1000.
 MAX_K = 1000
 DEFAULT_K = 5
-MAX_RENDER_SIZE = 1024  # RenderInstanceRequest.max_size
 
 GROUP_BY: dict[str, int] = {
     name.removeprefix("GROUP_BY_").lower(): value for name, value in search_pb2.GroupBy.items()

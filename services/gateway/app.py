@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.core import answers
+from services.core.answers import MAX_THUMBNAIL, MIN_THUMBNAIL
 from services.core.config import GatewaySettings
 from services.core.errors import CbmirError, InvalidInput, Unauthenticated
 from services.core.security import is_loopback
@@ -233,8 +234,10 @@ def _render_size(viewport: str | None, size: int | None) -> int:
         if not (width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 1:
             raise InvalidInput("viewport must be W,H (two positive integers)")
         size = min(int(width), int(height))
-    if size is not None and not 1 <= size <= api.MAX_RENDER_SIZE:
-        raise InvalidInput(f"the thumbnail size must be 1..{api.MAX_RENDER_SIZE}")
+    if size is not None and not MIN_THUMBNAIL <= size <= MAX_THUMBNAIL:
+        raise InvalidInput(
+            f"a thumbnail's size must be {MIN_THUMBNAIL} to {MAX_THUMBNAIL} pixels, got {size}"
+        )
     return size or 0
 
 
@@ -243,7 +246,7 @@ Viewport = Annotated[
     str | None, QueryParam(pattern=r"^[0-9]{1,5},[0-9]{1,5}$", description="W,H: fit the thumbnail in")
 ]
 Size = Annotated[
-    int | None, QueryParam(ge=1, le=api.MAX_RENDER_SIZE, description="the longest side in pixels")
+    int | None, QueryParam(ge=MIN_THUMBNAIL, le=MAX_THUMBNAIL, description="the longest side in pixels")
 ]
 
 # documents the token in the OpenAPI document; the query service checks it, not this

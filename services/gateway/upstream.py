@@ -36,7 +36,13 @@ class QueryUpstream:
         tls = settings.tls
         self.settings = settings
         self.target = settings.query_target
-        self._channel = grpc_channel(settings.query_target, ca=tls.ca, cert=tls.cert, key=tls.key)
+        self._channel = grpc_channel(
+            settings.query_target,
+            ca=tls.ca,
+            cert=tls.cert,
+            key=tls.key,
+            server_name=settings.query_server_name,
+        )
         self._stub = search_pb2_grpc.SimilarCasesStub(self._channel)
         # the stubs' types list no methods on HealthStub
         self._health: Any = health_pb2_grpc.HealthStub(self._channel)

@@ -281,18 +281,20 @@ Celery remote-control ping of this pod's worker node (the node name is celery@<p
 {{/*
 The HTTP gateway's way to the query container beside it in the pod: gRPC on the pod's loopback. With
 tls.secretName the query container serves TLS with a certificate made out to a name, not to 127.0.0.1:
-the gateway then calls that name (gateway.queryServerName, by default the query Service's
-<fullname>-query.<namespace>.svc), which the pod's hosts file maps to 127.0.0.1 (cbmir.gatewayHostAliases),
-trusting the Secret's ca.crt and, with client certificates required, showing the Secret's certificate.
+the gateway checks it against that name (CBMIR_QUERY_SERVER_NAME: gateway.queryServerName, by default
+the query Service's <fullname>-query.<namespace>.svc), trusting the Secret's ca.crt and, with client
+certificates required, showing the Secret's certificate.
 */}}
 {{- define "cbmir.gatewayQueryName" -}}
 {{- default (printf "%s-query.%s.svc" (include "cbmir.fullname" .) .Release.Namespace) .Values.gateway.queryServerName }}
 {{- end }}
 
 {{- define "cbmir.gatewayQueryEnv" -}}
-{{- if .Values.tls.secretName }}
 - name: CBMIR_QUERY_TARGET
-  value: {{ printf "%s:50051" (include "cbmir.gatewayQueryName" .) | quote }}
+  value: "127.0.0.1:50051"
+{{- if .Values.tls.secretName }}
+- name: CBMIR_QUERY_SERVER_NAME
+  value: {{ include "cbmir.gatewayQueryName" . | quote }}
 - name: CBMIR_TLS_CA
   value: /etc/cbmir/tls/ca.crt
 {{- if .Values.tls.requireClientCertificates }}
@@ -301,16 +303,5 @@ trusting the Secret's ca.crt and, with client certificates required, showing the
 - name: CBMIR_TLS_KEY
   value: /etc/cbmir/tls/tls.key
 {{- end }}
-{{- else }}
-- name: CBMIR_QUERY_TARGET
-  value: "127.0.0.1:50051"
-{{- end }}
-{{- end }}
-
-{{- define "cbmir.gatewayHostAliases" -}}
-{{- if and .Values.gateway.enabled .Values.tls.secretName -}}
-- ip: 127.0.0.1
-  hostnames:
-    - {{ include "cbmir.gatewayQueryName" . | quote }}
 {{- end }}
 {{- end }}
