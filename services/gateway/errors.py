@@ -1,8 +1,9 @@
 """Every failure the gateway answers, as an HTTP status: the one table.
 
 A failure has a code name: the gRPC status a call ended with, the gRPC code of a cbmir error
-raised here (the same classes the query service maps), or one of three conditions only HTTP has
-(``PAYLOAD_TOO_LARGE``, ``UNSUPPORTED_MEDIA_TYPE``, ``NOT_ACCEPTABLE``). :data:`HTTP_STATUS` turns
+raised here (:func:`services.core.grpc_status.grpc_code_for`, as the query service answers), or
+one of the gateway's own (``PAYLOAD_TOO_LARGE``, ``UNSUPPORTED_MEDIA_TYPE``, ``NOT_ACCEPTABLE``,
+``REQUEST_TIMEOUT``, and ``RESOURCE_EXHAUSTED`` for its own limits). :data:`HTTP_STATUS` turns
 the name into the status; anything not listed is 500, with a fixed message and no traceback. The
 body is always ``{"error": {"code": NAME, "message": TEXT}}``.
 
@@ -19,17 +20,11 @@ import grpc
 from fastapi.responses import JSONResponse
 
 from services.core.errors import (
-    BackendUnavailable,
     CbmirError,
-    ConfigError,
-    InvalidInput,
-    NotFound,
-    PermissionDenied,
-    StorageError,
     TooLarge,
-    Unauthenticated,
     UnsupportedInput,
 )
+from services.core.grpc_status import grpc_code_for
 from services.core.logs import mask_values
 
 logger = logging.getLogger(__name__)
@@ -89,19 +84,14 @@ class BodyTimeout(CbmirError):
     reason = "request-timeout"
 
 
-# cbmir's errors -> code name, the most specific class first
-_ERROR_CODES: tuple[tuple[type[CbmirError] | tuple[type[CbmirError], ...], str], ...] = (
+# the gateway's own errors -> code name (checked first: some subclass InvalidInput); every other
+# cbmir error has the gRPC code the query service would answer with (grpc_code_for)
+_GATEWAY_CODES: tuple[tuple[type[CbmirError], str], ...] = (
     (PayloadTooLarge, "PAYLOAD_TOO_LARGE"),
     (UnsupportedMediaType, "UNSUPPORTED_MEDIA_TYPE"),
     (NotAcceptable, "NOT_ACCEPTABLE"),
     (TooManyRequests, "RESOURCE_EXHAUSTED"),
     (BodyTimeout, "REQUEST_TIMEOUT"),
-    (InvalidInput, "INVALID_ARGUMENT"),
-    (NotFound, "NOT_FOUND"),
-    (Unauthenticated, "UNAUTHENTICATED"),
-    (PermissionDenied, "PERMISSION_DENIED"),
-    ((BackendUnavailable, StorageError), "UNAVAILABLE"),
-    (ConfigError, "FAILED_PRECONDITION"),
 )
 
 # what a caller is told for codes whose details are the transport's, not the service's
@@ -116,7 +106,7 @@ def code_for(exc: BaseException) -> str:
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
         return exc.code().name
     if isinstance(exc, CbmirError):
-        return next((code for classes, code in _ERROR_CODES if isinstance(exc, classes)), INTERNAL)
+        return next((code for kind, code in _GATEWAY_CODES if isinstance(exc, kind)), grpc_code_for(exc).name)
     return INTERNAL
 
 

@@ -13,8 +13,9 @@ from services.core.security import grpc_channel, is_loopback
 from services.grpc_gen.cbmir.v1 import index_writer_pb2, index_writer_pb2_grpc
 from services.index.base import IndexPoint
 
-# What the index owner's status codes mean for a worker (the reverse of the query service's
-# grpc_code_for). Anything else (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...) may pass: retry.
+# What the index owner's status codes mean for a worker (the reverse of
+# services.core.grpc_status.grpc_code_for). Anything else (UNAVAILABLE, DEADLINE_EXCEEDED,
+# INTERNAL, ...) may pass: retry.
 _CODE_ERRORS: dict[grpc.StatusCode, type[CbmirError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,  # these points will never be accepted
     grpc.StatusCode.NOT_FOUND: NotFound,

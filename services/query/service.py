@@ -7,8 +7,8 @@ health service and server reflection, behind the access policy of :mod:`services
 ``cbmir.v1.IndexWriter`` so that workers upsert through it: never on the public port, but on
 ``CBMIR_INDEX_WRITER`` (a Unix socket in the data folder by default).
 
-Errors become gRPC status codes in exactly one place, :func:`grpc_code_for`; clients never see a
-traceback.
+Errors become gRPC status codes in exactly one place, :func:`services.core.grpc_status.grpc_code_for`;
+clients never see a traceback.
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ from services.core.errors import (
     ConfigError,
     InvalidInput,
     NotFound,
-    PermissionDenied,
-    StorageError,
     Unauthenticated,
 )
+from services.core.grpc_status import grpc_code_for
 from services.core.logs import mask_values
 from services.core.processes import run_until_stopped
 from services.core.security import (
@@ -157,23 +156,6 @@ METHOD_ROLES = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
 }
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-def grpc_code_for(exc: BaseException) -> grpc.StatusCode:
-    """The one place cbmir errors become gRPC status codes."""
-    if isinstance(exc, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, (BackendUnavailable, StorageError)):  # the index or the disk: try again later
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(exc, ConfigError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(exc, PermissionDenied):
-        return grpc.StatusCode.PERMISSION_DENIED
-    return grpc.StatusCode.INTERNAL
 
 
 Servicer = TypeVar("Servicer")
