@@ -330,14 +330,8 @@ class QueryEngine:
         if request.exclude_same_study and not query.study_instance_uid:
             raise InvalidInput("exclude_same_study needs a query with a study (DICOM or an indexed UID)")
         exclude_patient = None
-        if request.exclude_same_patient:
-            if not self.patient_key_secret:
-                raise ConfigError(NO_PATIENT_KEYS)
-            if request.WhichOneof("query") == "image":
-                raise InvalidInput(
-                    "exclude_same_patient needs a query with a patient (DICOM or an indexed UID)"
-                )
-            if not query.indexed:
+        if request.exclude_same_patient:  # the site secret is checked before the query is decoded
+            if not query.indexed:  # a picture never is
                 raise InvalidInput(
                     "exclude_same_patient needs an indexed query instance (its UID, or a DICOM whose "
                     "instance is indexed): the patient is the one the index holds for it"
