@@ -230,6 +230,35 @@ class Service:
         self.stop()
 
 
+def query_service_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's own ``cbmir query``: its data folder, any free port on
+    loopback, the CPU, the embedded index, no tokens (a loopback caller may do everything)."""
+    env = dict(
+        os.environ,
+        CBMIR_DATA_DIR=str(data_dir),
+        CBMIR_GRPC_HOST="127.0.0.1",
+        CBMIR_GRPC_PORT="0",
+        CBMIR_DEVICE="cpu",
+        CBMIR_LOG_LEVEL="WARNING",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in (
+        "QDRANT_URL",
+        "QDRANT_API_KEY",
+        "CBMIR_COLLECTION",
+        "CBMIR_API_TOKENS",
+        "CBMIR_API_TOKENS_FILE",
+    ):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def start_query_service(env: dict[str, str]) -> Service:
+    """``cbmir query`` with ``env`` (see :func:`query_service_env`); its port is ``.port``."""
+    return Service([python(), "-m", "services", "query"], env, "cbmir query: gRPC on", "query")
+
+
 def python() -> str:
     """The interpreter running this script (the project's venv when run as documented)."""
     return sys.executable

@@ -48,21 +48,6 @@ import _common as common
 K = 5
 
 
-def start_query_service(data_dir: Path) -> common.Service:
-    env = dict(
-        os.environ,
-        CBMIR_DATA_DIR=str(data_dir),
-        CBMIR_GRPC_HOST="127.0.0.1",
-        CBMIR_GRPC_PORT="0",
-        CBMIR_DEVICE="cpu",
-        CBMIR_LOG_LEVEL="WARNING",
-        PYTHONUNBUFFERED="1",
-    )
-    for name in ("QDRANT_URL", "QDRANT_API_KEY", "CBMIR_COLLECTION"):
-        env.pop(name, None)
-    return common.Service([common.python(), "-m", "services", "query"], env, "cbmir query: gRPC on", "query")
-
-
 def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str, batch: int) -> float:
     """Upsert rows [start, stop) through IndexWriter/UpsertPoints; returns seconds."""
     from services.index import IndexPoint, point_id
@@ -151,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     vs = common.make_vectors(sizes[-1], dim, seed=args.seed)
     data = Path(tempfile.mkdtemp(prefix="cbmir-search-"))
     rows, summary = [], {}
-    service = start_query_service(data)
+    service = common.start_query_service(common.query_service_env(data))
     try:
         target = f"127.0.0.1:{service.port}"
         client = SearchClient(target)

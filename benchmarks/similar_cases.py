@@ -189,25 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     vectors = rng.standard_normal((n, dim), dtype=np.float32)
     uids = [f"2.25.5{i:09d}" for i in range(n)]
     data = Path(tempfile.mkdtemp(prefix="cbmir-similar-"))
-    env = dict(
-        os.environ,
-        CBMIR_DATA_DIR=str(data),
-        CBMIR_GRPC_HOST="127.0.0.1",
-        CBMIR_GRPC_PORT="0",
-        CBMIR_DEVICE="cpu",
-        CBMIR_LOG_LEVEL="WARNING",
-        CBMIR_PATIENT_KEY_SECRET=SECRET,
-        PYTHONUNBUFFERED="1",
-    )
-    for name in (
-        "QDRANT_URL",
-        "QDRANT_API_KEY",
-        "CBMIR_COLLECTION",
-        "CBMIR_API_TOKENS",
-        "CBMIR_API_TOKENS_FILE",
-    ):
-        env.pop(name, None)
-    query = common.Service([common.python(), "-m", "services", "query"], env, "cbmir query: gRPC on", "query")
+    env = common.query_service_env(data, CBMIR_PATIENT_KEY_SECRET=SECRET)
+    query = common.start_query_service(env)
     gateway = None
     try:
         target = f"127.0.0.1:{query.port}"
