@@ -12,6 +12,9 @@ from typing import Any
 from services.core.vocabulary import PB_TO_MODALITY, PB_TO_SOURCE, is_valid_uid
 from services.grpc_gen.cbmir.v1 import search_pb2
 
+# SearchSimilarRequest.k: hits per page (0 asks for DEFAULT_K), and offset + k at most MAX_K
+DEFAULT_K = 5
+MAX_K = 1000
 # RenderInstanceRequest.max_size: the longest side of a thumbnail, in pixels (0 asks for the default)
 MIN_THUMBNAIL = 1
 MAX_THUMBNAIL = 1024

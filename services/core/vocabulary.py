@@ -41,6 +41,11 @@ SOURCE_TO_PB: dict[str, search_pb2.CaseSource] = {
     CLINICAL: search_pb2.CASE_SOURCE_CLINICAL,
 }
 PB_TO_SOURCE: dict[int, str] = {value: name for name, value in SOURCE_TO_PB.items()}
+# How hits are counted: name ("instance", "study") <-> cbmir.v1.GroupBy.
+GROUP_BY_TO_PB: dict[str, search_pb2.GroupBy] = {
+    "instance": search_pb2.GROUP_BY_INSTANCE,
+    "study": search_pb2.GROUP_BY_STUDY,
+}
 # A finding label of the reference library: a short lower-case term of one to four words joined by
 # "_" or "-" ("glioma", "bacterial", "interictal_focal"), at most 32 characters; never free text.
 FINDING_PATTERN = re.compile(r"^(?=.{1,32}$)[a-z][a-z0-9]*(?:[_-][a-z0-9]+){0,3}$")
@@ -96,7 +101,8 @@ EEG_WAVEFORM_CLASS_NAMES = (
 EXTRA_IMAGE_CLASS_NAMES = ("OphthlamicOpticalCoherenceTomographyBscanVolumeAnalysisStorage",)
 
 
-_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"  # a DICOM UID's characters; at most 64 of them
+_UID_PATTERN = re.compile(UID_PATTERN)
 
 
 def is_valid_uid(uid: str) -> bool:

@@ -15,8 +15,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from services.core.answers import DEFAULT_K, MAX_K
 from services.core.errors import InvalidInput
 from services.core.vocabulary import (
+    GROUP_BY_TO_PB,
     MODALITIES,
     MODALITY_TO_PB,
     SOURCE_TO_PB,
@@ -24,17 +26,9 @@ from services.core.vocabulary import (
 from services.gateway.errors import PayloadTooLarge, UnsupportedMediaType
 from services.grpc_gen.cbmir.v1 import search_pb2
 
-# The API's contract (proto/cbmir/v1/search.proto): at most 1000 hits, offset + k <= 1000.
-MAX_K = 1000
-DEFAULT_K = 5
-
-GROUP_BY: dict[str, int] = {
-    name.removeprefix("GROUP_BY_").lower(): value for name, value in search_pb2.GroupBy.items()
-}
 # a request may ask for either source ("any", CASE_SOURCE_ANY, which has no name in the vocabulary)
 ANY_SOURCE = "any"
 SOURCES: dict[str, int] = {ANY_SOURCE: search_pb2.CASE_SOURCE_ANY, **SOURCE_TO_PB}
-UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
 
 def base64_length(size: int) -> int:
@@ -88,7 +82,9 @@ class SearchQuery(BaseModel):
         json_schema_extra={"items": {"type": "string", "enum": list(MODALITIES)}},
     )
     group_by: str = Field(
-        "instance", description="one hit per image, or per study", json_schema_extra={"enum": list(GROUP_BY)}
+        "instance",
+        description="one hit per image, or per study",
+        json_schema_extra={"enum": list(GROUP_BY_TO_PB)},
     )
     exclude_same_patient: bool = Field(False, description="drop hits of the query's patient")
     exclude_same_study: bool = Field(False, description="drop hits of the query's study")
@@ -107,8 +103,8 @@ class SearchQuery(BaseModel):
         for name in (self.modality, *self.modalities):
             if name is not None and name not in MODALITY_TO_PB:
                 raise ValueError(f"unknown modality; one of {', '.join(MODALITIES)}")
-        if self.group_by not in GROUP_BY:
-            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
+        if self.group_by not in GROUP_BY_TO_PB:
+            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY_TO_PB)}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}")
         if self.k + self.offset > MAX_K:
@@ -183,7 +179,7 @@ def search_request(
         modalities=[MODALITY_TO_PB[name] for name in query.modalities],
         exclude_same_study=query.exclude_same_study,
         exclude_same_patient=query.exclude_same_patient,
-        group_by=GROUP_BY[query.group_by],  # type: ignore[arg-type]  # a GroupBy value
+        group_by=GROUP_BY_TO_PB[query.group_by],
         # a positive cut-off too small for float32 would become 0, which means "none": the smallest
         # positive float32 keeps it a cut-off
         max_distance=min(max(query.max_distance, FLOAT32_TINY), FLOAT32_MAX) if query.max_distance else 0.0,

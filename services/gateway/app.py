@@ -46,6 +46,7 @@ from services.core.answers import MAX_THUMBNAIL, MIN_THUMBNAIL
 from services.core.config import GatewaySettings
 from services.core.errors import CbmirError, InvalidInput, Unauthenticated
 from services.core.security import is_loopback
+from services.core.vocabulary import UID_PATTERN
 from services.gateway import api
 from services.gateway.errors import (
     BodyTimeout,
@@ -241,7 +242,7 @@ def _render_size(viewport: str | None, size: int | None) -> int:
     return size or 0
 
 
-Uid = Annotated[str, PathParam(pattern=api.UID_PATTERN, max_length=64)]
+Uid = Annotated[str, PathParam(pattern=UID_PATTERN, max_length=64)]
 Viewport = Annotated[
     str | None, QueryParam(pattern=r"^[0-9]{1,5},[0-9]{1,5}$", description="W,H: fit the thumbnail in")
 ]

@@ -9,11 +9,9 @@ from typing import Any
 import grpc
 
 from services.core.security import grpc_channel
-from services.core.vocabulary import MODALITY_TO_PB, SOURCE_TO_PB
+from services.core.vocabulary import GROUP_BY_TO_PB, MODALITY_TO_PB, SOURCE_TO_PB
 from services.dicom.decode import looks_like_dicom
 from services.grpc_gen.cbmir.v1 import admin_pb2_grpc, search_pb2, search_pb2_grpc
-
-GROUP_BY_TO_PB = {"instance": search_pb2.GROUP_BY_INSTANCE, "study": search_pb2.GROUP_BY_STUDY}
 
 
 class SearchClient:

@@ -41,6 +41,7 @@ from typing_extensions import override
 from models.preprocess import decode_image_bytes, to_model_input
 from models.runtime import OnnxEncoder
 from services.core import metrics
+from services.core.answers import DEFAULT_K, MAX_K
 from services.core.config import MetricsSettings, QuerySettings
 from services.core.errors import (
     BackendUnavailable,
@@ -91,8 +92,6 @@ from services.query.reindex import ReindexJob
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_K = 5
-MAX_K = 1000
 # group_by STUDY: the first candidate pool is this many instances per study wanted; it grows by
 # POOL_GROWTH until it holds enough studies or reaches MAX_POOL instances.
 POOL_PER_STUDY = 4
