@@ -16,15 +16,45 @@ What it compares
     (:class:`services.index.RemoteIndexWriter`,
     model version read from ``GetIndexStats``, dimension from ``OnnxEncoder().dim``), and queries
     by ``sop_instance_uid`` (the service looks up the stored vector, then searches) over the gRPC
-    socket, one call at a time from one client. The index is not optimised (no HNSW): the service
-    never calls ``optimize()``, so this is what a freshly filled index serves.
+    socket, one call at a time from one client. The index is not optimised (no HNSW): the service's
+    background graph builder is switched off (``CBMIR_HNSW_MIN_POINTS=0``), so this is what a freshly
+    filled index serves before its graphs are built (``--million`` compares with the graphs).
 
     Goal: filtered p99 <= 10 ms at 100k.
+
+``--million``: exact search vs HNSW vs int8 at 1M points on real embeddings
+    The shipped encoder (``models/weights``, 48-d) embeds every image and EEG segment of
+    ``../shared/data`` (the workers' preprocessing contract; the embeddings are cached in a temp
+    file, ``$TMPDIR/cbmir-search-embeddings-*.npz``, for later runs). The ``train`` and ``val``
+    embeddings are the sources of the database; it reaches 1,000,000 points with **jittered copies**
+    of them: source + Gaussian noise whose expected length is half the median distance from a real
+    embedding to its nearest real neighbour of the same modality (so copies are near, never equal,
+    and keep each modality's real cluster structure and proportions). The ``test`` embeddings are
+    held out: they are indexed as real instances but no copy is made of them, and they are the
+    queries, by ``sop_instance_uid`` with a filter on their own modality (as a viewer asks) and
+    the service's default of leaving the query instance out. Without ``../shared/data`` it falls
+    back to the synthetic random vectors above (4 uniform modalities, held-out rows as queries) and
+    says so: recall on those is much harder than on real embeddings.
+
+    The index is filled once through ``IndexWriter/UpsertPoints`` with graph building off
+    (``CBMIR_HNSW_MIN_POINTS=0``), and the service answers from it: the exact row (every segment
+    scanned, what the service served before it built graphs). Then, per row of HNSW parameters, a
+    copy of that index gets its graphs built (``EdgeIndex.build_graphs``, the out-of-process build
+    the service's background builder runs; timed as "build s") and a fresh ``cbmir query`` is
+    started on it with ``CBMIR_HNSW_M``/``CBMIR_HNSW_EF_CONSTRUCT``/``CBMIR_HNSW_EF`` (and
+    ``CBMIR_QUANTIZATION=int8`` for the int8 rows: the copy's collection is switched to int8
+    before its build). Per row: gRPC p50/p99 of the filtered ``SearchSimilar``, recall@10 against
+    exact numpy brute force (float64, the query instance left out), the query process's RSS minus
+    its RSS with an empty index, and the allocated size of the index folder on disk.
+
+    Goal (issue #12): filtered p99 <= 5 ms at 1M with recall@10 >= 0.99.
 
 Run
     .venv/bin/python benchmarks/search.py --quick     # < 2 minutes (200 queries per row)
     .venv/bin/python benchmarks/search.py             # 1000 queries per row
     .venv/bin/python benchmarks/search.py --sizes 10000,100000,200000
+    .venv/bin/python benchmarks/search.py --million --quick   # 60k points, < 2 minutes
+    .venv/bin/python benchmarks/search.py --million           # 1M points, ~20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -46,6 +76,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common
 
 K = 5
+K_MILLION = 10
+# HNSW rows of --million: (m, ef_construct, quantization, search-time ef values)
+MILLION_CONFIGS = [
+    (48, 300, "none", (64, 128, 256)),
+    (16, 100, "none", (128,)),
+    (48, 300, "int8", (128,)),
+]
+QUICK_CONFIGS = [(48, 300, "none", (64, 128)), (16, 100, "none", (128,))]
 
 
 def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str, batch: int) -> float:
@@ -111,9 +149,309 @@ def health_floor(target: str, calls: int) -> list[float]:
     return times
 
 
+# -- --million: exact vs HNSW vs int8 on real embeddings -----------------------------------------------
+def real_embeddings(quick: bool, seed: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]] | None:
+    """(sources, their modalities, held-out queries, their modalities) embedded by the shipped encoder
+    from ``../shared/data``, or None without it. Cached in a temp file keyed by model and manifest."""
+    import hashlib
+
+    from models.data import model_inputs, read_manifest, shared_data_dir
+    from models.runtime import OnnxEncoder
+
+    data = shared_data_dir()
+    if not (data / "manifest.csv").is_file():
+        return None
+    encoder = OnnxEncoder(device="cpu")
+    sources = read_manifest(data, splits=("train", "val"))
+    queries = read_manifest(data, splits=("test",))
+    if quick:  # a sample, so that a first (uncached) quick run stays under 2 minutes
+        rng = np.random.default_rng(seed)
+        sources = [sources[i] for i in sorted(rng.choice(len(sources), 2500, replace=False))]
+        queries = [queries[i] for i in sorted(rng.choice(len(queries), 200, replace=False))]
+    key = hashlib.sha256(
+        (encoder.version + "\n" + "\n".join(r.key for r in sources + queries)).encode()
+    ).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / f"cbmir-search-embeddings-{key}.npz"
+    if cache.is_file():
+        vectors = np.load(cache)["vectors"]
+        print(f"# {len(vectors):,} real embeddings from the cache {cache}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        records = sources + queries
+        vectors = np.concatenate(
+            [
+                encoder.embed(model_inputs(records[lo : lo + 512], encoder.contract))
+                for lo in range(0, len(records), 512)
+            ]
+        ).astype(np.float32)
+        np.savez(cache, vectors=vectors)
+        print(
+            f"# embedded {len(vectors):,} real images and EEG segments of {data} with {encoder.version} "
+            f"in {time.perf_counter() - t0:.0f}s (cached in {cache})",
+            flush=True,
+        )
+    n = len(sources)
+    return vectors[:n], [r.modality for r in sources], vectors[n:], [r.modality for r in queries]
+
+
+def million_database(
+    total: int, dim: int, quick: bool, seed: int
+) -> tuple[common.VectorSet, np.ndarray, str]:
+    """The database (queries included, as its last rows), the query rows, and what the vectors are."""
+    rng = np.random.default_rng(seed)
+    real = real_embeddings(quick, seed)
+    if real is None:
+        n_queries = 200 if quick else 1000
+        vs = common.make_vectors(total, dim, seed=seed)
+        what = (
+            "SYNTHETIC random vectors (../shared/data is absent: no real embeddings), "
+            f"{len(common.BENCH_MODALITIES)} uniform modalities"
+        )
+        return vs, np.arange(total - n_queries, total), what
+    src, src_modality, queries, query_modality = real
+    names = list(common.BENCH_MODALITIES)
+    src_m = np.array([names.index(m) for m in src_modality])
+    q_m = np.array([names.index(m) for m in query_modality])
+    # the jitter: half the median nearest-real-neighbour distance (same modality), as expected length
+    nearest = []
+    for m in range(len(names)):
+        rows = np.flatnonzero(src_m == m)
+        sample = rows[rng.permutation(len(rows))[:500]]
+        for i in sample:
+            d2 = ((src[rows] - src[i]) ** 2).sum(axis=1)
+            d2[rows == i] = np.inf
+            nearest.append(float(np.sqrt(d2.min())))
+    sigma = 0.5 * float(np.median(nearest)) / np.sqrt(dim)
+    copies = total - len(src) - len(queries)
+    if copies < 0:
+        raise SystemExit(f"--points {total} is smaller than the real embeddings ({len(src) + len(queries)})")
+    parent = rng.integers(0, len(src), size=copies)
+    jitter = src[parent] + rng.standard_normal((copies, dim), dtype=np.float32) * np.float32(sigma)
+    vectors = np.concatenate([src, jitter, queries]).astype(np.float32)
+    modalities = np.concatenate([src_m, src_m[parent], q_m])
+    uids = [f"2.25.{seed}{i:09d}" for i in range(total)]
+    what = (
+        f"{len(src):,} real embeddings (train+val) + {copies:,} jittered copies (noise sigma {sigma:.4f} "
+        f"per dimension, 0.5 x median real nearest-neighbour distance {np.median(nearest):.3f}) + "
+        f"{len(queries):,} held-out real test embeddings (the queries)"
+    )
+    return common.VectorSet(vectors, modalities, uids), np.arange(total - len(queries), total), what
+
+
+def exact_truth(vs: common.VectorSet, query_rows: np.ndarray, k: int) -> list[list[str]]:
+    """The exact k nearest of each query within its modality, the query itself left out (float32
+    candidates, re-ranked in float64)."""
+    knn = common.NumpyKnn(vs.vectors, vs.modalities)
+    truth = []
+    for row in query_rows:
+        m = int(vs.modalities[row])
+        candidates = knn.search(vs.vectors[row], 4 * k + 1, m)
+        candidates = candidates[candidates != row]
+        d2 = ((vs.vectors[candidates].astype(np.float64) - vs.vectors[row].astype(np.float64)) ** 2).sum(1)
+        truth.append([vs.uids[i] for i in candidates[np.argsort(d2, kind="stable")[:k]]])
+    return truth
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def folder_mb(root: Path) -> float:
+    """Allocated size (the engine preallocates sparse files: their apparent size says little)."""
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file()) / 2**20
+
+
+def measure_service(
+    data: Path, env: dict[str, str], vs: common.VectorSet, query_rows: np.ndarray, truth: list[list[str]]
+) -> dict:
+    """Start ``cbmir query`` on ``data``, time the filtered SearchSimilar of every query, stop it."""
+    from services.query.client import SearchClient
+
+    service = common.start_query_service(common.query_service_env(data, **env))
+    try:
+        client = SearchClient(f"127.0.0.1:{service.port}")
+        client.wait_ready(60)
+        for row in query_rows[:30]:  # warm-up (loads the shards' pages)
+            name = common.BENCH_MODALITIES[int(vs.modalities[row])]
+            client.search(sop_instance_uid=vs.uids[row], k=K_MILLION, modalities=[name])
+        times, recalls = [], []
+        for row, expected in zip(query_rows, truth, strict=True):
+            name = common.BENCH_MODALITIES[int(vs.modalities[row])]
+            t0 = time.perf_counter()
+            response = client.search(sop_instance_uid=vs.uids[row], k=K_MILLION, modalities=[name])
+            times.append((time.perf_counter() - t0) * 1000)
+            recalls.append(common.recall([h.sop_instance_uid for h in response.hits], expected))
+        rss = rss_mb(service.process.pid)
+        client.close()
+    finally:
+        service.stop()
+    return {
+        "p50": common.percentile(times, 50),
+        "p99": common.percentile(times, 99),
+        "recall": float(np.mean(recalls)),
+        "rss": rss,
+    }
+
+
+def million(args: argparse.Namespace) -> int:
+    from models.runtime import OnnxEncoder
+    from services.index import EdgeIndex, HnswParams, RemoteIndexWriter
+    from services.query.client import SearchClient
+
+    total = args.points or (60_000 if args.quick else 1_000_000)
+    configs = QUICK_CONFIGS if args.quick else MILLION_CONFIGS
+    dim = OnnxEncoder(device="cpu").dim
+    print(f"search benchmark --million | {common.machine_line()} | dim {dim} | k={K_MILLION}", flush=True)
+    vs, query_rows, what = million_database(total, dim, args.quick, args.seed)
+    print(f"# database: {total:,} points = {what}", flush=True)
+    t0 = time.perf_counter()
+    truth = exact_truth(vs, query_rows, K_MILLION)
+    print(
+        f"# exact numpy answers of {len(query_rows):,} queries in {time.perf_counter() - t0:.0f}s", flush=True
+    )
+    work = Path(tempfile.mkdtemp(prefix="cbmir-search-million-"))
+    base = work / "base"
+    no_graphs = {"CBMIR_HNSW_MIN_POINTS": "0"}
+    rows = []
+    try:
+        service = common.start_query_service(common.query_service_env(base, **no_graphs))
+        try:
+            client = SearchClient(f"127.0.0.1:{service.port}")
+            client.wait_ready(60)
+            model_version = client.stats().model_version
+            empty_rss = rss_mb(service.process.pid)
+            writer = RemoteIndexWriter(f"unix:{base / 'index-writer.sock'}")
+            seconds = fill(writer, vs, 0, total, model_version, args.batch)
+            print(
+                f"# upserted {total:,} points via IndexWriter/UpsertPoints in {seconds:.0f}s "
+                f"({total / seconds:,.0f}/s), index now {client.stats().total:,}; query process RSS "
+                f"{empty_rss:.0f} MB empty, {rss_mb(service.process.pid):.0f} MB filled",
+                flush=True,
+            )
+            writer.close()
+            client.close()
+        finally:
+            service.stop()
+        r = measure_service(base, no_graphs, vs, query_rows, truth)
+        disk = folder_mb(base / "index")
+        rows.append(
+            [
+                "exact (no HNSW)",
+                "-",
+                "-",
+                "-",
+                "-",
+                r["p50"],
+                r["p99"],
+                f"{r['recall']:.4f}",
+                r["rss"] - empty_rss,
+                disk,
+            ]
+        )
+        print(f"  exact: p50 {r['p50']:.2f} ms p99 {r['p99']:.2f} ms recall@10 {r['recall']:.4f}", flush=True)
+        for m, ef_construct, quantization, efs in configs:
+            run = work / "run"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(base, run, ignore=shutil.ignore_patterns("*.sock", ".owner.lock"))
+            if quantization == "int8":  # the copy's collection becomes int8: its build makes the codes
+                for meta in (run / "index" / "shards").glob("*.json"):
+                    meta.write_text(
+                        meta.read_text().replace('"quantization": "none"', '"quantization": "int8"')
+                    )
+            index = EdgeIndex(
+                run / "index",
+                "cbmir",
+                quantization=quantization,
+                hnsw=HnswParams(m=m, ef_construct=ef_construct, min_points=1000),
+            )
+            t0 = time.perf_counter()
+            index.build_graphs()
+            build_s = time.perf_counter() - t0
+            segments, in_graphs = index.segment_counts()
+            index.close()
+            disk = folder_mb(run / "index")
+            print(
+                f"# m={m} ef_construct={ef_construct} {quantization}: built in {build_s:.0f}s, "
+                f"{in_graphs:,} vectors in graphs, {segments} segments",
+                flush=True,
+            )
+            for ef in efs:
+                env = dict(
+                    no_graphs,
+                    CBMIR_HNSW_M=str(m),
+                    CBMIR_HNSW_EF_CONSTRUCT=str(ef_construct),
+                    CBMIR_HNSW_EF=str(ef),
+                    CBMIR_QUANTIZATION=quantization,
+                )
+                r = measure_service(run, env, vs, query_rows, truth)
+                label = "HNSW + int8" if quantization == "int8" else "HNSW"
+                rows.append(
+                    [
+                        label,
+                        m,
+                        ef_construct,
+                        ef,
+                        build_s,
+                        r["p50"],
+                        r["p99"],
+                        f"{r['recall']:.4f}",
+                        r["rss"] - empty_rss,
+                        disk,
+                    ]
+                )
+                print(
+                    f"  {label} m={m} ef_construct={ef_construct} ef={ef}: p50 {r['p50']:.2f} ms "
+                    f"p99 {r['p99']:.2f} ms recall@10 {r['recall']:.4f}",
+                    flush=True,
+                )
+            shutil.rmtree(run, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        common.table(
+            [
+                "index",
+                "m",
+                "ef_construct",
+                "ef",
+                "build s",
+                "gRPC p50 ms",
+                "gRPC p99 ms",
+                f"recall@{K_MILLION}",
+                "RSS MB",
+                "disk MB",
+            ],
+            rows,
+            title=f"SearchSimilar by sop_instance_uid, modality filter, k={K_MILLION}, {total:,} points "
+            f"(dim {dim}), {len(query_rows):,} held-out queries; {what}",
+        )
+    )
+    print(
+        "build s: EdgeIndex.build_graphs (out of process, all modalities, on this machine's cores); "
+        f"RSS MB: the query process after the row's queries minus its {empty_rss:.0f} MB with an empty "
+        f"index; disk MB: allocated size of the index folder (WAL files included); both at {total:,} "
+        "points"
+    )
+    ok = [row for row in rows if row[6] <= 5.0 and float(row[7]) >= 0.99]
+    print(
+        f"goal: filtered p99 <= 5 ms with recall@{K_MILLION} >= 0.99 at {total:,}: "
+        + ("met by " + "; ".join(f"{r[0]} m={r[1]} ef={r[3]}" for r in ok) if ok else "NOT met")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 queries per row (< 2 minutes)")
+    parser.add_argument(
+        "--million",
+        action="store_true",
+        help="exact vs HNSW vs int8 at 1M points of real embeddings (with --quick: 60k points)",
+    )
+    parser.add_argument("--points", type=int, help="--million: database size instead of 1M (quick 60k)")
     parser.add_argument(
         "--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)"
     )
@@ -121,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1000, help="points per UpsertPoints call")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.million:
+        return million(args)
     sizes = sorted(int(s) for s in args.sizes.split(",") if s.strip())
     queries = args.queries or (200 if args.quick else 1000)
 
@@ -136,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     vs = common.make_vectors(sizes[-1], dim, seed=args.seed)
     data = Path(tempfile.mkdtemp(prefix="cbmir-search-"))
     rows, summary = [], {}
-    service = common.start_query_service(common.query_service_env(data))
+    service = common.start_query_service(common.query_service_env(data, CBMIR_HNSW_MIN_POINTS="0"))
     try:
         target = f"127.0.0.1:{service.port}"
         client = SearchClient(target)

@@ -20,6 +20,7 @@ from services.index.base import (
     INDEXED_FIELDS,
     LIBRARY,
     HitFilter,
+    HnswParams,
     IndexPoint,
     SearchHit,
     VectorIndex,
@@ -36,6 +37,7 @@ __all__ = [
     "LIBRARY",
     "EdgeIndex",
     "HitFilter",
+    "HnswParams",
     "IndexPoint",
     "QdrantServerIndex",
     "RemoteIndexWriter",
@@ -48,7 +50,15 @@ __all__ = [
 
 
 def open_index(settings: IndexSettings) -> VectorIndex:
-    """The index for the settings: the Qdrant server at ``QDRANT_URL``, else the embedded store."""
+    """The index for the settings: the Qdrant server at ``QDRANT_URL``, else the embedded store, whose
+    owner builds HNSW graphs in the background (:meth:`EdgeIndex.start_graph_builder`)."""
+    hnsw = HnswParams(
+        m=settings.hnsw_m,
+        ef_construct=settings.hnsw_ef_construct,
+        ef=settings.hnsw_ef,
+        min_points=settings.hnsw_min_points,
+        debounce_s=settings.hnsw_debounce_s,
+    )
     if settings.qdrant_url:
         return QdrantServerIndex(
             settings.collection,
@@ -57,5 +67,10 @@ def open_index(settings: IndexSettings) -> VectorIndex:
             quantization=settings.quantization,
             shards=settings.qdrant_shards,
             replicas=settings.qdrant_replicas,
+            hnsw=hnsw,
         )
-    return EdgeIndex(settings.embedded_path, settings.collection, quantization=settings.quantization)
+    index = EdgeIndex(
+        settings.embedded_path, settings.collection, quantization=settings.quantization, hnsw=hnsw
+    )
+    index.start_graph_builder()
+    return index

@@ -22,6 +22,7 @@ from services.index.base import (
     QUANTILE,
     REINDEX_TARGET_TTL_S,
     HitFilter,
+    HnswParams,
     IndexPoint,
     SearchHit,
     VectorIndex,
@@ -51,12 +52,16 @@ class QdrantServerIndex(VectorIndex):
         quantization: str = "none",
         shards: int = 1,
         replicas: int = 1,
+        hnsw: HnswParams | None = None,
     ):
         from qdrant_client import QdrantClient, models
 
         self._models = models
         self._alias = alias
         self._quantization = quantization
+        # the server builds its HNSW graphs itself (its own indexing threshold); m, ef_construct and
+        # the search-time ef come from the settings
+        self._hnsw = hnsw or HnswParams()
         self._layout = {} if url is None else {"shard_number": shards, "replication_factor": replicas}
         self._next_cached: str | None = None
         self._current_cached: str | None = None
@@ -149,6 +154,7 @@ class QdrantServerIndex(VectorIndex):
                 self._client.create_collection,
                 collection,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.EUCLID),
+                hnsw_config=models.HnswConfigDiff(m=self._hnsw.m, ef_construct=self._hnsw.ef_construct),
                 **self._layout,
                 quantization_config=(
                     models.ScalarQuantization(
@@ -254,7 +260,8 @@ class QdrantServerIndex(VectorIndex):
             with_payload=True,
             # ignored by a collection without quantisation
             search_params=self._models.SearchParams(
-                quantization=self._models.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING)
+                hnsw_ef=self._hnsw.ef,
+                quantization=self._models.QuantizationSearchParams(rescore=True, oversampling=OVERSAMPLING),
             ),
         )
         return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]

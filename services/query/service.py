@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -82,7 +82,7 @@ from services.grpc_gen.cbmir.v1 import (
     search_pb2,
     search_pb2_grpc,
 )
-from services.index import HitFilter, IndexPoint, SearchHit, VectorIndex, open_index
+from services.index import EdgeIndex, HitFilter, IndexPoint, SearchHit, VectorIndex, open_index
 from services.index.base import belongs_to_model
 from services.index.points import check_point
 from services.ingest.dispatch import TaskDispatcher
@@ -397,8 +397,9 @@ class QueryEngine:
 
         The excluded instances, study and patient are few points: the engine would test every
         candidate's payload against them, which costs more than the search itself. So when they
-        hold at most POST_FILTER_MAX points (counted through their payload index), the search asks
-        for that many more candidates and drops theirs here; otherwise the engine filters.
+        hold at most POST_FILTER_MAX points (counted through their payload index, within the
+        modalities searched: the others cannot be candidates), the search asks for that many more
+        candidates and drops theirs here; otherwise the engine filters.
         """
         exclusions: dict[str, set[str]] = {
             "sop_instance_uid": {uid for uid in where.exclude_sops if uid},
@@ -408,7 +409,11 @@ class QueryEngine:
         dropped: list[tuple[str, set[str]]] = []
         extra = 0
         for field, values in exclusions.items():
-            count = self._count_points(field, values, POST_FILTER_MAX - extra) if values else None
+            count = (
+                self._count_points(field, values, POST_FILTER_MAX - extra, where.modalities)
+                if values
+                else None
+            )
             if count is not None:  # None: none, or too many (the engine filters them)
                 dropped.append((field, values))
                 extra += count
@@ -424,11 +429,24 @@ class QueryEngine:
         hits = self.index.search(vector.tolist(), limit + extra, engine)
         return [h for h in hits if not any(h.payload.get(f) in values for f, values in dropped)][:limit]
 
-    def _count_points(self, field: str, values: set[str], cap: int) -> int | None:
-        """How many points have ``field`` in ``values``; None as soon as it is more than ``cap``."""
+    def _count_points(
+        self, field: str, values: set[str], cap: int, modalities: Sequence[str] = ()
+    ) -> int | None:
+        """How many points of ``modalities`` (empty: any) have ``field`` in ``values``; None when it
+        is more than ``cap``."""
         count = 0
+        index = self.index
+        if isinstance(index, EdgeIndex):  # counted by the engine, in the searched shards only
+            for value in values:
+                count += index.count_points(field, value, modalities)
+                if count > cap:
+                    return None
+            return count
+        wanted = set(modalities)
         for value in values:
-            for _ in self.index.scroll(field=field, value=value):
+            for _, payload in index.scroll(field=field, value=value):
+                if wanted and payload.get("modality") not in wanted:
+                    continue
                 count += 1
                 if count > cap:
                     return None
