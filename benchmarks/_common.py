@@ -262,3 +262,148 @@ def start_query_service(env: dict[str, str]) -> Service:
 def python() -> str:
     """The interpreter running this script (the project's venv when run as documented)."""
     return sys.executable
+
+
+# -- DICOM corpora for the ingest and pipeline benchmarks ------------------------------------------
+# (ingest.py, pipeline.py). One corpus = a folder of Part 10 files with their own SOP Instance UIDs;
+# building the same key again with another ``seed`` gives new UIDs (and the same pixels).
+SHARED_DATA = Path(os.environ.get("CBMIR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@dataclass(frozen=True)
+class CorpusKind:
+    key: str
+    label: str
+    default_count: int
+    quick_count: int
+
+
+CORPORA = {
+    "shared-mr": CorpusKind("shared-mr", "MR 224x224 (cbmir dicomize of shared data)", 311, 100),
+    "mr224": CorpusKind("mr224", "MR 224x224x16 (pydicom)", 311, 100),
+    "mr512": CorpusKind("mr512", "MR 512x512x16 (pydicom)", 200, 60),
+    "cr2048": CorpusKind("cr2048", "CR 2048x2048x16 (pydicom)", 40, 12),
+}
+
+
+def shared_data_present() -> bool:
+    return (SHARED_DATA / "manifest.csv").is_file()
+
+
+def default_corpora() -> list[str]:
+    """The MR objects ``cbmir dicomize`` builds from the shared data when it is there, else
+    pydicom-built 512x512 MR and 2048x2048 CR."""
+    return ["shared-mr"] if shared_data_present() else ["mr512", "cr2048"]
+
+
+@dataclass
+class Corpus:
+    key: str
+    label: str
+    folder: Path
+    files: list[Path]
+    mean_bytes: float
+
+
+def make_corpus(key: str, folder: Path, count: int, seed: int = 0) -> Corpus:
+    """``count`` files of corpus ``key`` in ``folder`` (created); UIDs differ between seeds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if key == "shared-mr":
+        files = _dicomize_shared_mr(folder, count, seed)
+    else:
+        from services.core.vocabulary import CR_IMAGE, DICOM_MODALITY_CODES, MR_IMAGE, MRI, XRAY
+
+        rows, sop, modality = {
+            "mr224": (224, MR_IMAGE, DICOM_MODALITY_CODES[MRI]),
+            "mr512": (512, MR_IMAGE, DICOM_MODALITY_CODES[MRI]),
+            "cr2048": (2048, CR_IMAGE, DICOM_MODALITY_CODES[XRAY]),
+        }[key]
+        files = synthetic_dicom(folder, rows, rows, sop, modality, count, seed)
+    mean = sum(p.stat().st_size for p in files) / max(1, len(files))
+    return Corpus(key, CORPORA[key].label, folder, files, mean)
+
+
+def synthetic_dicom(
+    folder: Path, rows: int, columns: int, sop_class: str, modality: str, count: int, seed: int = 0
+) -> list[Path]:
+    """Uncompressed 16-bit objects (Explicit VR Little Endian) of one series, cheap per-file variation."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(seed)
+    base = (np.add.outer(np.arange(rows), np.arange(columns)) % 4096).astype(np.uint16)
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i in range(count):
+        uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = uid
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.Modality = modality
+        ds.PatientID = "BENCH"
+        ds.PatientName = "Bench^Ingest"
+        ds.InstanceNumber = i + 1
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        noise = rng.integers(0, 64, size=(rows, 1), dtype=np.uint16)
+        ds.PixelData = (base + noise).astype(np.uint16).tobytes()
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def _dicomize_shared_mr(folder: Path, count: int, seed: int) -> list[Path]:
+    """MR objects as ``cbmir dicomize`` builds them from the shared data: the test split first
+    (then val, train), all labels, in manifest order."""
+    from services.dicom import dicomize
+    from services.dicom.build import write_dataset
+
+    manifest = dicomize.read_manifest(SHARED_DATA)
+    rows: list = []
+    for split in ("test", "val", "train"):
+        rows += dicomize.select_rows(manifest, splits=[split], modalities=["mri"])
+    if len(rows) < count:
+        raise RuntimeError(f"the shared data has {len(rows)} MR images, fewer than {count}")
+    uids = dicomize.UidFactory(seed=f"cbmir-bench-{seed}")
+    return [
+        write_dataset(
+            dicomize.build_dataset(row, SHARED_DATA, uids=uids, instance_number=i + 1),
+            folder / f"{i:05d}.dcm",
+        )
+        for i, row in enumerate(rows[:count])
+    ]
+
+
+def split_round_robin(files: Sequence[Path], folder: Path, parts: int) -> list[Path]:
+    """Hard-link (else copy) ``files`` into ``parts`` sub-folders of ``folder``, dealt in turn."""
+    import shutil
+
+    dirs = [folder / f"part{i}" for i in range(parts)]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(files):
+        target = dirs[i % parts] / path.name
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy(path, target)
+    return dirs
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``); nan when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

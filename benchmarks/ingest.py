@@ -1,50 +1,71 @@
-"""DICOM ingest throughput: the ``cbmir scp`` listener versus dcmtk's ``storescp``.
+"""DICOM ingest throughput: the ``cbmir scp`` listener versus Orthanc and dcmtk's ``storescp``.
 
 What it compares
-    Instances per second *received and spooled* by our listener (the real ``cbmir scp`` process:
+    Instances per second *received and stored* by our listener (the real ``cbmir scp`` process:
     parse-check, write to ``spool/incoming`` with fsync of file and folder, send the Celery task to
-    the broker, answer) versus dcmtk's ``storescp`` writing the same objects to a folder. Both
-    receive the same N files from the same ``storescu`` command on this machine, in the same run,
-    with the servers taken in turns within each repetition. The time is the wall time of
-    ``storescu`` (one association, all N files): every C-STORE response it waits for is sent only
-    after the object is on disk, so the time covers receiving and storing. Median over repetitions.
+    the broker, answer) versus a PACS, Orthanc 1.10 (its own configuration, started here on
+    loopback), and versus dcmtk's ``storescp`` writing the same objects to a folder. Every receiver
+    gets the same N files from the same sender command on this machine, in the same run, with the
+    receivers taken in turns within each repetition. The time is the sender's wall time: every
+    C-STORE response it waits for is sent only after the receiver stored the object, so the time
+    covers receiving and storing. Median over repetitions; every figure that matters is a ratio
+    against a peer measured in the same run.
 
-    Two sizes of realistic uncompressed objects are made with pydicom (Explicit VR Little Endian,
-    which ``storescu`` can send without conversion): 512x512 16-bit MR (~0.5 MB) and 2048x2048
-    16-bit CR (~8 MB).
+    Each receiver is fed over 1 association (all N files) and over 4 parallel associations (the
+    files dealt round-robin into 4 folders, 4 senders started together; rate = N / wall time
+    until the last of them finished), as several modalities or a PACS with parallel jobs would.
 
-dcmtk options, and why
-    ``storescp -aet STORESCP -od DIR -pdu 131072 PORT`` (plain: one process, no ``--fork``, the
-    default file writing; 131072 is dcmtk's largest accepted max PDU) and, as a second reference,
-    the same with ``+B`` (bit-preserving: the data set is streamed to the file as received, which
-    is what our listener does semantically). ``storescu -aet BENCH -aec AE -R -pdu 131072 +sd DIR``
-    (``-R``: propose only the SOP classes present, so both servers negotiate the same few
-    contexts). The *matched* comparison is our listener at ``CBMIR_MAX_PDU=131072`` against
-    ``storescp -pdu 131072``: storescu sends P-DATA PDUs as large as the receiver's max PDU, so both
-    get the same fragmenting. ``TCP_NODELAY=1`` is set for both dcmtk tools (Debian's dcmtk keeps
-    Nagle's algorithm on otherwise and each small PDU then waits tens of ms for an ACK).
-    Neither ``storescp`` mode fsyncs; our listener fsyncs every object and its folder before it
-    answers (an acknowledged instance survives a power cut). The ``fsync floor`` line prints what
-    that alone costs per object on this disk.
+Corpora (``--corpus``)
+    ``shared-mr``: MR objects as ``cbmir dicomize`` builds them from ``../shared/data`` (224x224,
+    16-bit, Explicit VR Little Endian; ~0.1 MB); the default when that folder exists (311 files,
+    like the issue's corpus). Otherwise ``mr512`` and ``cr2048``: pydicom-built 512x512 16-bit MR
+    (~0.5 MB) and 2048x2048 16-bit CR (~8 MB). ``mr224`` is the 224x224 MR corpus built with
+    pydicom (for machines without the shared data).
 
-    Our listener is also run at several ``CBMIR_MAX_PDU`` values (16384, 65536, 131072, 262144,
-    0 = unlimited) and the fastest is reported.
+Sender, and why
+    ``dcmsend -aet BENCH -aec AE +sd 127.0.0.1 PORT FOLDER`` (dcmtk; it proposes each file's own
+    transfer syntax, one association for these single-class folders), with ``TCP_NODELAY=1``
+    (Debian's dcmtk keeps Nagle's algorithm on otherwise and each small PDU then waits tens of ms
+    for an ACK). ``--sender storescu`` uses the earlier ``storescu -R -pdu 131072 +sd`` instead.
+    A sender sends P-DATA PDUs as large as the receiver's max PDU allows.
+
+Receivers
+    ``cbmir scp`` at its default ``CBMIR_MAX_PDU`` (``--pdus`` or ``--pdu-sweep`` for 16384,
+    65536, 131072, 262144, 0 = unlimited). Broker ``--broker redis`` (default;
+    ``redis://127.0.0.1:6379/15`` with a queue name of its own, deleted afterwards) or
+    ``--broker embedded`` (the SQLite default under the data folder); the task messages are counted
+    (each stored instance must have reached the broker) and removed between runs.
+
+    Orthanc (``/usr/sbin/Orthanc``, ``--no-jobs``): loopback only, no remote access, no
+    authentication, SQLite index and storage in a temporary folder, ``StorageCompression`` off,
+    ``DicomThreadsCount`` 4, its defaults otherwise (``MaximumPduLength`` 16384,
+    ``SyncStorageArea`` true: it fsyncs the stored files), ``TCP_NODELAY=1``. Emptied through its
+    REST API between runs (it would otherwise answer a known instance without storing it).
+
+    ``storescp -aet STORESCP -od DIR -pdu 131072 PORT`` (plain: no ``--fork``, so its 4-association
+    row serves them one after the other, the default file writing; 131072 is dcmtk's largest
+    accepted max PDU); ``storescp +sync`` = plain plus ``--exec-on-reception "sync #p/#f #p"
+    --exec-sync``, i.e. the file and its folder fsynced before the response, like our spool (it
+    also pays a fork/exec per object); ``--bit-preserving`` adds ``storescp +B`` (the data set
+    streamed to the file as received). Neither plain mode fsyncs; our listener fsyncs every object
+    and its folder before it answers. The ``fsync floor`` line prints what that alone costs per
+    object on this disk.
 
 Run
     .venv/bin/python benchmarks/ingest.py --quick          # < 2 minutes
-    .venv/bin/python benchmarks/ingest.py                  # more files and repetitions
+    .venv/bin/python benchmarks/ingest.py                  # more files and repetitions (< 5 minutes)
+    .venv/bin/python benchmarks/ingest.py --corpus mr224,mr512,cr2048 --pdu-sweep --bit-preserving
     .venv/bin/python benchmarks/ingest.py --profile        # also profile our listener with py-spy
 
-Broker: ``--broker redis`` (default; ``redis://127.0.0.1:6379/15`` with a queue name of its own,
-deleted afterwards) or ``--broker embedded`` (the SQLite default under the data directory).
-``--profile`` needs ``py-spy`` (``pip install py-spy``; it is not a project dependency) on PATH or
-given with ``--py-spy``.
+``--profile`` needs ``py-spy`` (``pip install py-spy``; it is not a project dependency) on PATH,
+next to the interpreter, or given with ``--py-spy``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import shutil
 import signal
@@ -53,76 +74,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import ClassVar
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common
 
 from services.core.processes import stop_process
-from services.core.vocabulary import CR_IMAGE, DICOM_MODALITY_CODES, MR_IMAGE, MRI, XRAY
 
 STORESCP_PDU = 131072  # dcmtk accepts 4096..131072
+ORTHANC_PDU = 16384  # Orthanc's default MaximumPduLength
 DEFAULT_PDUS = (16384, 65536, 131072, 262144, 0)
 REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-# -- test objects ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Size:
-    label: str
-    rows: int
-    columns: int
-    sop_class: str
-    modality: str
-
-
-SIZES = {
-    "512": Size("MR 512x512x16", 512, 512, MR_IMAGE, DICOM_MODALITY_CODES[MRI]),
-    "2048": Size("CR 2048x2048x16", 2048, 2048, CR_IMAGE, DICOM_MODALITY_CODES[XRAY]),
-}
-
-
-def make_files(folder: Path, size: Size, count: int, seed: int = 0) -> int:
-    """Write ``count`` uncompressed objects; returns the size in bytes of one file."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = (np.add.outer(np.arange(size.rows), np.arange(size.columns)) % 4096).astype(np.uint16)
-    study = generate_uid()
-    series = generate_uid()
-    nbytes = 0
-    for i in range(count):
-        uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = size.sop_class
-        meta.MediaStorageSOPInstanceUID = uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = size.sop_class
-        ds.SOPInstanceUID = uid
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.Modality = size.modality
-        ds.PatientID = "BENCH"
-        ds.PatientName = "Bench^Ingest"
-        ds.InstanceNumber = i + 1
-        ds.Rows, ds.Columns = size.rows, size.columns
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        noise = rng.integers(0, 64, size=(size.rows, 1), dtype=np.uint16)  # cheap per-file variation
-        ds.PixelData = (base + noise).astype(np.uint16).tobytes()
-        path = folder / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        nbytes = path.stat().st_size
-    return nbytes
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+SENDERS = ("dcmsend", "storescu")
 
 
 def fsync_floor_ms(folder: Path, nbytes: int, count: int = 10) -> float:
@@ -179,7 +146,9 @@ def dcmtk_env() -> dict[str, str]:
 
 class Receiver:
     name: str
-    pdu: int
+    pdu: int | None
+    ae: str
+    port: int
 
     def prepare(self) -> None:  # empty the output before a timed run
         ...
@@ -228,15 +197,103 @@ class StoreScp(Receiver):
         stop_process(self.process, timeout_s=10)
 
 
+class Orthanc(Receiver):
+    """Orthanc on loopback with its own configuration, SQLite index and storage under ``root``."""
+
+    def __init__(self, root: Path, threads: int = 4):
+        if ORTHANC is None:
+            raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+        self.name = "Orthanc"
+        self.ae = "ORTHANC"
+        self.pdu = ORTHANC_PDU
+        self.port = common.free_port()
+        self.http_port = common.free_port()
+        while self.http_port == self.port:
+            self.http_port = common.free_port()
+        self.root = root / "orthanc"
+        self.root.mkdir(parents=True)
+        config = {
+            "Name": "cbmir-bench-pacs",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "StorageCompression": False,
+            "HttpPort": self.http_port,
+            "DicomPort": self.port,
+            "DicomAet": self.ae,
+            "DicomThreadsCount": threads,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "SslEnabled": False,
+            "Plugins": [],
+            "ConcurrentJobs": 1,
+            "SaveJobs": False,
+        }
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        self.log = self.root / "orthanc.log"
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [ORTHANC, "--no-jobs", str(path)],
+            env=dcmtk_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"Orthanc exited ({self.process.returncode}): {self.log.read_text()[-2000:]}"
+                )
+            try:
+                self.version = self._rest("GET", "/system")["Version"]
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("Orthanc's REST API did not come up in 60 s") from None
+                time.sleep(0.2)
+        common.wait_port(self.port)
+
+    def _rest(self, method: str, path: str, body: object = None):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Content-Type": "application/json"} if body is not None else {},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read() or b"null")
+
+    def prepare(self) -> None:
+        patients = self._rest("GET", "/patients")
+        if not patients:
+            return
+        try:
+            self._rest("POST", "/tools/bulk-delete", {"Resources": patients})
+        except urllib.error.HTTPError:  # an Orthanc without bulk-delete: one by one
+            for patient in patients:
+                self._rest("DELETE", f"/patients/{patient}")
+
+    def stored(self) -> int:
+        return int(self._rest("GET", "/statistics")["CountInstances"])
+
+    def stop(self) -> None:
+        stop_process(self.process, timeout_s=20)
+        self._log.close()
+
+
 def cbmir_argv() -> list[str]:
     script = Path(sys.executable).with_name("cbmir")
     return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services", "scp"]
 
 
 class CbmirScp(Receiver):
-    def __init__(self, root: Path, pdu: int, broker: str, queue: str):
+    """The real ``cbmir scp``; ``pdu`` None leaves ``CBMIR_MAX_PDU`` at the product's default."""
+
+    def __init__(self, root: Path, pdu: int | None, broker: str, queue: str):
         self.pdu = pdu
-        self.name = f"cbmir scp pdu={pdu or 'unlimited'}"
+        self.name = "cbmir scp" if pdu is None else f"cbmir scp pdu={pdu or 'unlimited'}"
         self.data = root / f"cbmir-{pdu}"
         self.ae = "CBMIR"
         self.queue = queue
@@ -246,18 +303,20 @@ class CbmirScp(Receiver):
             CBMIR_DATA_DIR=str(self.data),
             CBMIR_DICOM_HOST="127.0.0.1",
             CBMIR_DICOM_PORT="0",
-            CBMIR_MAX_PDU=str(pdu),
             CBMIR_QUEUE=queue,
             CBMIR_AE_TITLE=self.ae,
             CBMIR_ALLOWED_AE_TITLES="",
             CBMIR_LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
+        env.pop("CBMIR_MAX_PDU", None)
+        if pdu is not None:
+            env["CBMIR_MAX_PDU"] = str(pdu)
         env.pop("CBMIR_BROKER_URL", None)
         if broker == "redis":
             env["CBMIR_BROKER_URL"] = REDIS_URL
         self.service = common.Service(cbmir_argv(), env, "cbmir scp:", self.name)
-        self.port = self.service.port
+        self.port = self.service.port or 0
         self.pid = self.service.process.pid
 
     @property
@@ -272,50 +331,95 @@ class CbmirScp(Receiver):
         return sum(1 for _ in self.incoming.iterdir())
 
     def drain_embedded(self) -> int:
-        """Embedded broker: count and delete the task messages in this listener's SQLite broker."""
+        """Embedded broker: delete the task messages in this listener's SQLite broker; returns how many
+        spool names they carried."""
         db = self.data / "broker" / "broker.sqlite"
         if not db.exists():
             return 0
         con = sqlite3.connect(db, timeout=30)
         try:
             try:
-                n = con.execute("SELECT count(*) FROM kombu_message").fetchone()[0]
+                rows = con.execute("SELECT id, payload FROM kombu_message").fetchall()
             except sqlite3.OperationalError:  # no message table yet: nothing was sent
                 return 0
-            con.execute("DELETE FROM kombu_message")
+            con.executemany("DELETE FROM kombu_message WHERE id = ?", [(row[0],) for row in rows])
             con.commit()
         finally:
             con.close()
-        return int(n)
+        return sum(task_names(row[1]) for row in rows)
 
     def stop(self) -> None:
         self.service.stop()
 
 
-def storescu(folder: Path, receiver: Receiver, timeout_s: float = 600.0) -> float:
-    """Send every file in ``folder`` over one association; returns seconds."""
-    argv = [
-        "storescu",
-        "-aet",
-        "BENCH",
-        "-aec",
-        receiver.ae,
-        "-R",
-        "-pdu",
-        str(STORESCP_PDU),
-        "+sd",
-        "127.0.0.1",
-        str(receiver.port),
-        str(folder),
-    ]
+def sender_argv(sender: str, folder: Path, ae: str, port: int) -> list[str]:
+    """One sender command: every file of ``folder`` over one association."""
+    if sender == "storescu":
+        return [
+            "storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            ae,
+            "-R",
+            "-pdu",
+            str(STORESCP_PDU),
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ]
+    return ["dcmsend", "-aet", "BENCH", "-aec", ae, "+sd", "127.0.0.1", str(port), str(folder)]
+
+
+def send(
+    folders: list[Path], ae: str, port: int, sender: str = "dcmsend", timeout_s: float = 600.0, name: str = ""
+) -> float:
+    """Start one sender per folder at once (one association each); seconds until the last one ended."""
     t0 = time.perf_counter()
-    done = subprocess.run(
-        argv, check=False, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout_s
-    )
+    procs = [
+        subprocess.Popen(
+            sender_argv(sender, folder, ae, port),
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for folder in folders
+    ]
+    errors = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=timeout_s)
+            if proc.returncode != 0:
+                errors.append(f"{sender} exit {proc.returncode}: {err[-1500:]}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                stop_process(proc, timeout_s=5)
     elapsed = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu to {receiver.name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    if errors:
+        raise RuntimeError(f"{sender} to {name or ae} failed: " + "\n".join(errors))
     return elapsed
+
+
+def send_to(folders: list[Path], receiver: Receiver, sender: str) -> float:
+    return send(folders, receiver.ae, receiver.port, sender, name=receiver.name)
+
+
+def task_names(raw: bytes | str) -> int:
+    """How many spool names one Celery task message (kombu's JSON envelope, protocol 2) carries:
+    one for ``cbmir.embed_instance(name)``, N for a batch task ``(names)``."""
+    import base64
+
+    message = json.loads(raw)
+    body = message.get("body", "")
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    args = json.loads(body)[0] if body else []
+    if not args:
+        return 1
+    return len(args[0]) if isinstance(args[0], list) else 1
 
 
 class RedisQueue:
@@ -329,9 +433,11 @@ class RedisQueue:
         self.client.ping()
 
     def drain(self) -> int:
-        n = int(self.client.llen(self.queue))
-        self.client.delete(self.queue)
-        return n
+        """Remove the queued task messages; returns how many spool names they carried."""
+        names = 0
+        while (raw := self.client.lpop(self.queue)) is not None:
+            names += task_names(raw)
+        return names
 
     def cleanup(self) -> None:
         keys = list(self.client.scan_iter(match=f"*{self.queue}*"))
@@ -344,7 +450,7 @@ def drain_tasks(receiver, redis_queue, expected: int, timeout_s: float = 20.0) -
     """Count (and delete) the listener's task messages until ``expected`` arrived or time is up.
 
     The listener answers C-STORE as soon as the object is durable and sends the task from a
-    background thread, so the last tasks reach the broker shortly after storescu returns.
+    background thread, so the last tasks reach the broker shortly after the sender returns.
     """
     sent, deadline = 0, time.monotonic() + timeout_s
     while True:
@@ -355,58 +461,65 @@ def drain_tasks(receiver, redis_queue, expected: int, timeout_s: float = 20.0) -
         time.sleep(0.05)
 
 
-def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: Path, modes) -> dict:
-    """Every receiver gets, in each repetition and in rotating order, the 2 warm-up files (the fixed cost:
-    storescu start, association) and then all ``count`` files; both runs are timed."""
-    size = SIZES[size_key]
-    files = root / f"files-{size_key}"
+def measure_corpus(key: str, count: int, reps: int, options: argparse.Namespace, root: Path) -> dict:
+    """Every receiver gets, in each repetition and in rotating order, for each association count: (one
+    association only) the 2 warm-up files (the fixed cost: sender start, association) and then all
+    ``count`` files, dealt over that many parallel associations; every send is timed."""
     t0 = time.perf_counter()
-    nbytes = make_files(files, size, count)
-    warm = root / f"warm-{size_key}"
-    warm.mkdir()
-    for path in sorted(files.iterdir())[:2]:
-        shutil.copy(path, warm / path.name)
+    corpus = common.make_corpus(key, root / f"files-{key}", count)
+    warm = common.split_round_robin(corpus.files[:2], root / f"warm-{key}", 1)[0]
+    folders = {
+        n: [corpus.folder] if n == 1 else common.split_round_robin(corpus.files, root / f"split-{key}-{n}", n)
+        for n in options.assocs
+    }
     print(
-        f"# {size.label}: {count} files of {nbytes / 1e6:.2f} MB made in {time.perf_counter() - t0:.1f}s",
+        f"# {corpus.label}: {count} files of {corpus.mean_bytes / 1e6:.2f} MB (mean) "
+        f"made in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
-    queue = f"bench.ingest.{os.getpid()}.{size_key}"
-    redis_queue = RedisQueue(queue) if broker == "redis" else None
+    queue = f"bench.ingest.{os.getpid()}.{key}"
+    redis_queue = RedisQueue(queue) if options.broker == "redis" else None
     receivers: list[Receiver] = []
-    times: dict[str, list[float]] = collections.defaultdict(list)
+    times: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     fixed: dict[str, list[float]] = collections.defaultdict(list)
+    where = root / key
     try:
-        receivers += [StoreScp(root / size_key, mode) for mode in modes]
-        receivers += [CbmirScp(root / size_key, pdu, broker, queue) for pdu in pdus]
+        receivers += [StoreScp(where, mode) for mode in options.modes]
+        if options.orthanc:
+            receivers.append(Orthanc(where))
+        receivers += [CbmirScp(where, pdu, options.broker, queue) for pdu in options.pdus]
         for receiver in receivers:  # first association, imports, page cache of the files
             receiver.prepare()
-            storescu(warm, receiver)
-        warm_count = len(list(warm.iterdir()))
-        for receiver in receivers:
+            send_to([warm], receiver, options.sender)
             if isinstance(receiver, CbmirScp):  # the listener sends tasks just after answering
-                drain_tasks(receiver, redis_queue, warm_count)
+                drain_tasks(receiver, redis_queue, 2)
+            receiver.prepare()
         for rep in range(reps):
             order = receivers[rep % len(receivers) :] + receivers[: rep % len(receivers)]
             for receiver in order:
-                receiver.prepare()
-                fixed[receiver.name].append(storescu(warm, receiver))
-                receiver.prepare()
-                elapsed = storescu(files, receiver)
-                stored = receiver.stored()
-                if stored != count:
-                    raise RuntimeError(f"{receiver.name} stored {stored} of {count} objects")
-                if isinstance(receiver, CbmirScp):  # every stored instance must also have reached the broker
-                    sent = drain_tasks(receiver, redis_queue, count + warm_count)
-                    if sent != count + warm_count:
-                        raise RuntimeError(
-                            f"{receiver.name} sent {sent} tasks for {count} + 2 objects "
-                            f"(broker {broker}):\n" + "".join(receiver.service.tail[-5:])
-                        )
-                times[receiver.name].append(elapsed)
-                receiver.prepare()
+                for n in options.assocs:
+                    warm_sent = 0
+                    if n == 1:
+                        receiver.prepare()
+                        fixed[receiver.name].append(send_to([warm], receiver, options.sender))
+                        warm_sent = 2
+                    receiver.prepare()
+                    elapsed = send_to(folders[n], receiver, options.sender)
+                    stored = receiver.stored()
+                    if stored != count:
+                        raise RuntimeError(f"{receiver.name} x{n} stored {stored} of {count} objects")
+                    if isinstance(receiver, CbmirScp):  # every stored instance must have reached the broker
+                        sent = drain_tasks(receiver, redis_queue, count + warm_sent)
+                        if sent != count + warm_sent:
+                            raise RuntimeError(
+                                f"{receiver.name} sent {sent} tasks for {count} + {warm_sent} objects "
+                                f"(broker {options.broker}):\n" + "".join(receiver.service.tail[-5:])
+                            )
+                    times[(receiver.name, n)].append(elapsed)
+                    receiver.prepare()
             print(
                 f"  rep {rep + 1}/{reps}: "
-                + ", ".join(f"{r.name} {count / times[r.name][-1]:.0f}/s" for r in receivers),
+                + ", ".join(f"{name} x{n} {count / ts[-1]:.0f}/s" for (name, n), ts in times.items()),
                 flush=True,
             )
     finally:
@@ -414,52 +527,66 @@ def measure_size(size_key: str, count: int, reps: int, pdus, broker: str, root: 
             receiver.stop()
         if redis_queue:
             redis_queue.cleanup()
-    floor = fsync_floor_ms(root / f"fsync-{size_key}", nbytes)
-    send = dispatch_floor_ms(broker, root)
-    shutil.rmtree(files, ignore_errors=True)
-    shutil.rmtree(root / size_key, ignore_errors=True)
+    nbytes = int(corpus.mean_bytes)
+    floor = fsync_floor_ms(root / f"fsync-{key}", nbytes)
+    dispatch = dispatch_floor_ms(options.broker, root)
+    shutil.rmtree(root / f"files-{key}", ignore_errors=True)
+    shutil.rmtree(where, ignore_errors=True)
+    for n in options.assocs:
+        shutil.rmtree(root / f"split-{key}-{n}", ignore_errors=True)
+    shutil.rmtree(root / f"warm-{key}", ignore_errors=True)
     return {
-        "size": size,
+        "corpus": corpus,
         "count": count,
         "nbytes": nbytes,
         "times": times,
         "fixed": fixed,
-        "receivers": receivers,
+        "receivers": [(r.name, r.pdu) for r in receivers],
         "fsync_ms": floor,
-        "dispatch_ms": send,
+        "dispatch_ms": dispatch,
         "reps": reps,
+        "assocs": list(options.assocs),
+        "orthanc_version": next((r.version for r in receivers if isinstance(r, Orthanc)), None),
     }
 
 
-def report(result: dict) -> dict:
-    size, count, mb = result["size"], result["count"], result["nbytes"] / 1e6
+def _ratio(a: float | None, b: float | None) -> float:
+    return a / b if a and b else float("nan")
+
+
+def report(result: dict) -> list[dict]:
+    corpus, count, mb = result["corpus"], result["count"], result["nbytes"] / 1e6
     times, fixed = result["times"], result["fixed"]
-    rates = {name: count / common.median(ts) for name, ts in times.items()}
-    marginal = {}
-    for name, ts in times.items():  # per-instance cost without storescu start-up and association set-up
-        extra = common.median(ts) - common.median(fixed[name])
-        marginal[name] = (count - 2) / extra if extra > 0 else float("nan")
-    plain = rates["storescp"]
-    durable = rates.get("storescp +sync")
+    rates = {key: count / common.median(ts) for key, ts in times.items()}
     rows = []
-    for receiver in result["receivers"]:
-        name = receiver.name
-        rows.append(
-            [
-                name,
-                receiver.pdu or "unlimited",
-                rates[name],
-                rates[name] * mb,
-                common.median(times[name]) * 1000 / count,
-                marginal[name],
-                rates[name] / plain,
-                rates[name] / durable if durable else float("nan"),
-            ]
-        )
+    for n in result["assocs"]:
+        plain, durable = rates.get(("storescp", n)), rates.get(("storescp +sync", n))
+        orthanc = rates.get(("Orthanc", n))
+        for name, pdu in result["receivers"]:
+            rate = rates[(name, n)]
+            marginal = float("nan")
+            if n == 1:  # per-instance cost without the sender's start-up and association set-up
+                extra = common.median(times[(name, n)]) - common.median(fixed[name])
+                marginal = (count - 2) / extra if extra > 0 else float("nan")
+            rows.append(
+                [
+                    name,
+                    n,
+                    "default" if pdu is None else (pdu or "unlimited"),
+                    rate,
+                    rate * mb,
+                    1000.0 / rate,
+                    marginal,
+                    _ratio(rate, plain),
+                    _ratio(rate, durable),
+                    _ratio(rate, orthanc),
+                ]
+            )
     print(
         common.table(
             [
                 "receiver",
+                "assocs",
                 "max PDU",
                 "inst/s",
                 "MB/s",
@@ -467,43 +594,52 @@ def report(result: dict) -> dict:
                 "marginal inst/s",
                 "vs storescp",
                 "vs storescp +sync",
+                "vs Orthanc",
             ],
             rows,
-            title=f"{size.label}: {count} instances, median of {result['reps']} reps, {mb:.2f} MB each",
+            title=f"{corpus.label}: {count} instances ({mb:.2f} MB mean), median of {result['reps']} reps",
         )
     )
-    ours = {name: rate for name, rate in rates.items() if name.startswith("cbmir")}
-    best = max(ours, key=ours.get)
-    matched = f"cbmir scp pdu={STORESCP_PDU}"
     print(
         f"fsync floor (write + fsync file + rename + fsync folder, {mb:.2f} MB): "
         f"{result['fsync_ms']:.1f} ms/inst; "
         f"broker send floor (TaskDispatcher.embed): {result['dispatch_ms']:.1f} ms/inst"
+        + (f"; Orthanc {result['orthanc_version']}" if result["orthanc_version"] else "")
     )
-    if matched in ours:
-        print(f"ratio at matched PDU {STORESCP_PDU}: cbmir/storescp = {ours[matched] / plain:.2f}")
-    print(
-        f"fastest listener setting: {best}: ratio {ours[best] / plain:.2f} vs storescp "
-        f"(goal >= 0.8: {'met' if ours[best] / plain >= 0.8 else 'NOT met'})"
-        + (f", {ours[best] / durable:.2f} vs storescp +sync" if durable else "")
-    )
-    return {
-        "size": size.label,
-        "best": best,
-        "ratio": ours[best] / plain,
-        "ratio_matched": ours.get(matched, float("nan")) / plain,
-        "ratio_durable": ours[best] / durable if durable else float("nan"),
-    }
+    summary = []
+    for n in result["assocs"]:
+        ours = {name: rates[(name, n)] for name, _ in result["receivers"] if name.startswith("cbmir")}
+        best = max(ours, key=lambda name: ours[name])
+        vs_orthanc = _ratio(ours[best], rates.get(("Orthanc", n)))
+        vs_plain = _ratio(ours[best], rates.get(("storescp", n)))
+        vs_durable = _ratio(ours[best], rates.get(("storescp +sync", n)))
+        verdict = "-" if vs_orthanc != vs_orthanc else ("met" if vs_orthanc >= 1.0 else "NOT met")
+        print(
+            f"{n} association{'s' if n > 1 else ''}: {best} {ours[best]:.0f} inst/s; ratio vs Orthanc "
+            f"{vs_orthanc:.2f} (goal >= 1.0: {verdict}), vs storescp {vs_plain:.2f}, "
+            f"vs storescp +sync {vs_durable:.2f}"
+        )
+        summary.append(
+            {
+                "corpus": corpus.label,
+                "assocs": n,
+                "best": best,
+                "rate": ours[best],
+                "orthanc": rates.get(("Orthanc", n), float("nan")),
+                "vs_orthanc": vs_orthanc,
+                "vs_plain": vs_plain,
+                "vs_durable": vs_durable,
+            }
+        )
+    return summary
 
 
 # -- profiling --------------------------------------------------------------------------------------
 def profile(
-    py_spy: str, size_key: str, count: int, pdu: int, broker: str, root: Path, rate: int = 250
+    py_spy: str, key: str, count: int, pdu: int | None, broker: str, root: Path, sender: str, rate: int = 250
 ) -> None:
-    """Record our listener with py-spy while storescu sends, and print where the time goes."""
-    size = SIZES[size_key]
-    files = root / f"pfiles-{size_key}"
-    make_files(files, size, count, seed=1)
+    """Record our listener with py-spy while one sender sends, and print where the time goes."""
+    corpus = common.make_corpus(key, root / f"pfiles-{key}", count, seed=1)
     queue = f"bench.ingest.{os.getpid()}.profile"
     redis_queue = RedisQueue(queue) if broker == "redis" else None
     receiver = CbmirScp(root / "profile", pdu, broker, queue)
@@ -532,7 +668,7 @@ def profile(
         time.sleep(1.5)
         if recorder.poll() is not None:
             raise RuntimeError(f"py-spy could not attach: {recorder.stdout.read()[-1000:]}")
-        elapsed = storescu(files, receiver)
+        elapsed = send_to([corpus.folder], receiver, sender)
         time.sleep(0.3)
         recorder.send_signal(signal.SIGINT)
         recorder.wait(timeout=30)
@@ -541,11 +677,11 @@ def profile(
         if redis_queue:
             redis_queue.cleanup()
     print(
-        f"\nprofile: {size.label}, {count} instances, pdu={pdu or 'unlimited'}, {count / elapsed:.1f} inst/s "
+        f"\nprofile: {corpus.label}, {count} instances, {receiver.name}, {count / elapsed:.1f} inst/s "
         f"under py-spy ({rate} Hz, --idle --nonblocking)"
     )
     summarize_profile(raw, rate, count)
-    shutil.rmtree(files, ignore_errors=True)
+    shutil.rmtree(corpus.folder, ignore_errors=True)
 
 
 def summarize_profile(raw: Path, rate: int, count: int, top: int = 12) -> None:
@@ -623,62 +759,107 @@ def _source_roots() -> list[Path]:
 
 
 # -- main --------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(p) for p in text.split(",") if p.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer files and repetitions (< 2 minutes)")
-    parser.add_argument("--sizes", default="512,2048", help="comma-separated: 512, 2048")
-    parser.add_argument("--count-512", type=int, help="files of 512x512 (default 200, quick 60)")
-    parser.add_argument("--count-2048", type=int, help="files of 2048x2048 (default 40, quick 12)")
-    parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 3)")
     parser.add_argument(
-        "--pdus",
-        default=",".join(map(str, DEFAULT_PDUS)),
-        help="CBMIR_MAX_PDU values for our listener (0 = unlimited)",
+        "--corpus",
+        help=f"comma-separated, of {', '.join(common.CORPORA)} "
+        f"(default: {','.join(common.default_corpora())})",
     )
+    parser.add_argument(
+        "--count",
+        type=int,
+        help="files per corpus (default: "
+        + ", ".join(f"{k} {c.default_count}/quick {c.quick_count}" for k, c in common.CORPORA.items())
+        + ")",
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 3)")
+    parser.add_argument("--assocs", default="1,4", help="parallel association counts (default 1,4)")
+    parser.add_argument("--sender", choices=SENDERS, default="dcmsend")
+    parser.add_argument(
+        "--pdus", help="CBMIR_MAX_PDU values for our listener (0 = unlimited; default: its default)"
+    )
+    parser.add_argument("--pdu-sweep", action="store_true", help=f"--pdus {','.join(map(str, DEFAULT_PDUS))}")
     parser.add_argument("--broker", choices=("redis", "embedded"), default="redis")
-    parser.add_argument("--no-bit-preserving", action="store_true", help="skip the storescp +B reference")
+    parser.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc receiver")
+    parser.add_argument("--no-sync", action="store_true", help="skip the storescp +sync reference")
+    parser.add_argument("--bit-preserving", action="store_true", help="add the storescp +B reference")
     parser.add_argument("--profile", action="store_true", help="also profile our listener with py-spy")
-    parser.add_argument("--profile-pdu", type=int, default=STORESCP_PDU, help="CBMIR_MAX_PDU while profiling")
-    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    parser.add_argument(
+        "--profile-pdu", type=int, help="CBMIR_MAX_PDU while profiling (default: its default)"
+    )
+    parser.add_argument(
+        "--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    )
     parser.add_argument("--workdir", help="where to put files and spools (default: a temporary folder)")
     args = parser.parse_args(argv)
-    for tool in ("storescu", "storescp"):
+    for tool in ("storescp", args.sender):
         if not shutil.which(tool):
             parser.error(f"{tool} not found: apt-get install dcmtk")
-    counts = {
-        "512": args.count_512 or (60 if args.quick else 200),
-        "2048": args.count_2048 or (12 if args.quick else 40),
-    }
+    keys = [k.strip() for k in (args.corpus or ",".join(common.default_corpora())).split(",") if k.strip()]
+    for key in keys:
+        if key not in common.CORPORA:
+            parser.error(f"unknown corpus {key!r}; one of {', '.join(common.CORPORA)}")
+        if key == "shared-mr" and not common.shared_data_present():
+            parser.error(f"shared-mr needs {common.SHARED_DATA}/manifest.csv")
     reps = args.reps or (3 if args.quick else 5)
-    pdus = [int(p) for p in args.pdus.split(",") if p.strip()]
+    args.assocs = _ints(args.assocs)
+    args.pdus = list(DEFAULT_PDUS) if args.pdu_sweep else (_ints(args.pdus) if args.pdus else [None])
+    args.modes = ["plain"] + ([] if args.no_sync else ["sync"]) + (["B"] if args.bit_preserving else [])
+    args.orthanc = not args.no_orthanc
+    if args.orthanc and ORTHANC is None:
+        print("# Orthanc is not installed: no Orthanc rows", flush=True)
+        args.orthanc = False
     print(
-        f"ingest benchmark | {common.machine_line()} | broker {args.broker} | storescp {STORESCP_PDU} PDU | "
-        f"reps {reps}",
+        f"ingest benchmark | {common.machine_line()} | sender {args.sender} | broker {args.broker} | "
+        f"reps {reps} | associations {args.assocs}",
         flush=True,
     )
     root = Path(tempfile.mkdtemp(prefix="cbmir-ingest-", dir=args.workdir))
-    summary = []
-    modes = ["plain", "sync"] + ([] if args.no_bit_preserving else ["B"])
+    summary: list[dict] = []
     try:
-        for key in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-            result = measure_size(key, counts[key], reps, pdus, args.broker, root, modes)
-            summary.append(report(result))
+        for key in keys:
+            kind = common.CORPORA[key]
+            count = args.count or (kind.quick_count if args.quick else kind.default_count)
+            summary += report(measure_corpus(key, count, reps, args, root))
         print(
             common.table(
                 [
-                    "size",
+                    "corpus",
+                    "assocs",
                     "fastest cbmir setting",
-                    "ratio vs storescp",
-                    f"ratio at PDU {STORESCP_PDU}",
-                    "ratio vs storescp +sync",
+                    "cbmir inst/s",
+                    "Orthanc inst/s",
+                    "vs Orthanc",
+                    "vs storescp",
+                    "vs storescp +sync",
                 ],
-                [[r["size"], r["best"], r["ratio"], r["ratio_matched"], r["ratio_durable"]] for r in summary],
-                title="summary (goal: ratio vs storescp >= 0.8)",
+                [
+                    [
+                        r["corpus"],
+                        r["assocs"],
+                        r["best"],
+                        r["rate"],
+                        r["orthanc"],
+                        r["vs_orthanc"],
+                        r["vs_plain"],
+                        r["vs_durable"],
+                    ]
+                    for r in summary
+                ],
+                title="summary (goal: cbmir scp vs Orthanc >= 1.0)",
             )
         )
         if args.profile:
-            for key in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-                profile(args.py_spy, key, counts[key] * 2, args.profile_pdu, args.broker, root)
+            for key in keys:
+                kind = common.CORPORA[key]
+                count = args.count or (kind.quick_count if args.quick else kind.default_count)
+                profile(args.py_spy, key, count * 2, args.profile_pdu, args.broker, root, args.sender)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -99,7 +99,7 @@ def test_worker_killed_mid_task_loses_nothing(redis_env, procs, need_dcmtk):
 
     query.signal(signal.SIGSTOP)
     support.storescu(dicom_port, [path])  # acknowledged: from here on it must not be lost
-    worker.wait_for(r"Task cbmir\.embed_instance\[.*\] received", timeout_s=60)
+    worker.wait_for(r"Task cbmir\.embed_instances?\[.*\] received", timeout_s=60)
     spooled = support.Path(env["CBMIR_DATA_DIR"]) / "spool" / "incoming" / f"{uid}.dcm"
     support.wait_until(lambda: "indexed" not in worker.output() and spooled.exists(), 5, "task in flight")
     worker.signal(signal.SIGKILL)

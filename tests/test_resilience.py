@@ -62,7 +62,7 @@ def test_worker_killed_under_serve_loses_nothing(data_dir, procs, tmp_path, need
     os.kill(query_pid, signal.SIGSTOP)  # the index owner stalls: the worker holds tasks in flight
     try:
         support.storescu(dicom_port, files)
-        serve.wait_for(r"\[worker\] .*Task cbmir\.embed_instance\[.*\] received", timeout_s=60)
+        serve.wait_for(r"\[worker\] .*Task cbmir\.embed_instances?\[.*\] received", timeout_s=60)
         time.sleep(1.0)
         os.kill(worker_pid, signal.SIGKILL)
     finally:

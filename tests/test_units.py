@@ -327,3 +327,93 @@ def test_exclusions_give_the_same_hits_filtered_by_the_engine_or_dropped_after(
             assert [h.payload["sop_instance_uid"] for h in hits] == [f"1.2.{i}" for i in expected]
     finally:
         index.close()
+
+
+def test_group_writer_writes_concurrent_lists_together_and_hands_errors_to_each():
+    import threading
+    import time
+
+    from workers.batching import GroupWriter
+
+    writes: list[list[int]] = []
+    gate = threading.Event()
+
+    def write(items: list[int]) -> None:
+        gate.wait(5)
+        if -1 in items:
+            raise RuntimeError("index down")
+        writes.append(items)
+
+    writer: GroupWriter[int] = GroupWriter(write, max_items=100)
+    threads = [threading.Thread(target=writer.submit, args=([n, n + 10],)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)  # the first write is held at the gate; the other three queue behind it
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert writes[0] == [0, 10] and sorted(writes[1]) == [1, 2, 3, 11, 12, 13]
+    with pytest.raises(RuntimeError, match="index down"):
+        writer.submit([-1])
+    writer.submit([7])  # a failed write does not stop the writer
+    assert writes[-1] == [7]
+    writer.close()
+
+
+def test_background_dispatch_gathers_names_into_tasks_of_at_most_a_batch():
+    from services.ingest.dispatch import BackgroundDispatch
+
+    class Recorder:
+        batch_size = 3
+
+        def __init__(self) -> None:
+            self.sent: list[list[str]] = []
+
+        def embed_many(self, names: list[str]) -> int:
+            self.sent.append(list(names))
+            return len(names)
+
+    recorder = Recorder()
+    dispatch = BackgroundDispatch(recorder, wait_s=0.5)  # type: ignore[arg-type]
+    for n in range(5):
+        dispatch(f"{n}.dcm")
+    dispatch.close()
+    assert recorder.sent == [["0.dcm", "1.dcm", "2.dcm"], ["3.dcm", "4.dcm"]]
+
+
+def test_group_writer_fails_only_the_writer_whose_items_fail():
+    import threading
+    import time
+
+    from workers.batching import GroupWriter
+
+    gate, writes, results = threading.Event(), [], {}
+
+    def write(items: list[int]) -> None:
+        gate.wait(5)
+        if -1 in items:
+            raise ValueError("the index refused a point")
+        writes.append(sorted(items))
+
+    writer: GroupWriter[int] = GroupWriter(write, max_items=100)
+
+    def run(key: str, items: list[int]) -> None:
+        try:
+            writer.submit(items)
+            results[key] = "written"
+        except ValueError:
+            results[key] = "refused"
+
+    threads = [threading.Thread(target=run, args=("first", [0]))]
+    threads[0].start()
+    time.sleep(0.05)  # held at the gate; the next two queue behind it and form one group
+    threads += [threading.Thread(target=run, args=args) for args in (("bad", [-1]), ("good", [5]))]
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.05)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert results == {"first": "written", "bad": "refused", "good": "written"}
+    assert writes == [[0], [5]]  # the failed group [-1, 5] was written again writer by writer
+    writer.close()

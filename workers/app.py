@@ -1,14 +1,18 @@
-"""The Celery application and its one task, ``cbmir.embed_instance``.
+"""The Celery application and its tasks, ``cbmir.embed_instances`` and ``cbmir.embed_instance``.
 
-Tasks carry a spool file name, never pixels. They are idempotent (the point ID is uuid5 of the
-SOP Instance UID, so a repeat overwrites the same point) and acknowledged late. What happens on a
-failure depends on what failed:
+Tasks carry spool file names, never pixels: ``cbmir.embed_instances`` a batch (what the listener,
+the watcher and the sweep send), ``cbmir.embed_instance`` one (what earlier versions sent, and
+what a batch hands an instance that failed unexpectedly, so that it gets its own retries). They are
+idempotent (the point ID is uuid5 of the SOP Instance UID, so a repeat overwrites the same point)
+and acknowledged late. What happens on a failure depends on what failed:
 
 * the input (InvalidInput: undecodable, unsupported, too large): quarantined with its reason;
-* a backend or the disk (BackendUnavailable, StorageError, ConfigError): retried with capped
-  exponential backoff for ``CBMIR_RETRY_BUDGET_S``, never quarantined; past the budget the
-  instance stays in the spool and the listener sends it again;
-* anything else (a bug): ``CBMIR_MAX_RETRIES`` retries, then quarantined as ``internal-error``.
+* a backend or the disk (BackendUnavailable, StorageError, ConfigError): the task (the whole
+  batch) is retried with capped exponential backoff for ``CBMIR_RETRY_BUDGET_S``, never
+  quarantined; past the budget the instances stay in the spool and the listener sends them again;
+* anything else (a bug): ``CBMIR_MAX_RETRIES`` retries, then quarantined as ``internal-error``;
+  in a batch, the instance (or, for a failure of the batch's shared stages, every instance) is
+  sent again as its own ``cbmir.embed_instance`` task, so the others are not held back.
 """
 
 from __future__ import annotations
@@ -16,23 +20,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from celery import Celery, Task
 
 from services.core import metrics
-from services.core.broker import EMBED_TASK, celery_app
+from services.core.broker import EMBED_BATCH_TASK, EMBED_TASK, celery_app
 from services.core.config import WorkerSettings
-from services.core.errors import BackendUnavailable, CbmirError, ConfigError, InvalidInput, StorageError
+from services.core.errors import BackendUnavailable, CbmirError, InvalidInput, StorageError
 from services.core.logs import describe
-from workers.pipeline import EmbeddingPipeline
+from workers.pipeline import TRANSIENT, EmbeddingPipeline
 
 logger = logging.getLogger(__name__)
 
-# Failures that pass: the index owner or the broker is down, the disk is full, the model is being
-# changed. They are retried with capped backoff for CBMIR_RETRY_BUDGET_S and never quarantine.
-TRANSIENT = (BackendUnavailable, StorageError, ConfigError)
 MAX_BACKOFF_S = 120.0
+# An instance spooled this long ago is marked as being worked on (Spool.mark_attempt) before a
+# batch starts, so the listener's sweep does not send it again beside the worker. A fresh one
+# needs no mark (the sweep waits CBMIR_RESEND_AFTER_S, 10 minutes by default, and a duplicate would
+# only cost work); at hundreds of instances a second the marker files cost more than the embedding.
+MARK_ATTEMPT_AFTER_S = 60.0
 
 
 class PipelineHolder:
@@ -116,6 +123,112 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
         metrics.TASKS.labels("indexed").inc()
         logger.info("indexed %s (%d point%s)", spool_name, points, "" if points == 1 else "s")
         return {"status": "indexed", "spool_name": spool_name, "points": points}
+
+    @app.task(name=EMBED_BATCH_TASK, bind=True, acks_late=True, max_retries=None)
+    def embed_instances(task: Task, spool_names: list[str]) -> dict:
+        pipeline = holder.get()
+        counts: Counter[str] = Counter()
+        present: list[Path] = []
+        for name in dict.fromkeys(spool_names):
+            path = pipeline.locate(name)
+            if path is None:
+                outcome = pipeline.outcome_without_file(name)
+                metrics.TASKS.labels(outcome.status).inc()
+                counts[outcome.status] += 1
+                continue
+            if task.request.retries or time.time() - spooled_at(path) > MARK_ATTEMPT_AFTER_S:
+                pipeline.spool.mark_attempt(name)  # the sweep does not send it again beside us
+            present.append(path)
+        if not present:
+            return {"status": "done", "counts": dict(counts)}
+        what = f"{len(present)} instance(s) from {present[0].name}"
+        try:
+            result = pipeline.embed_and_upsert_many(present)
+        except TRANSIENT as exc:
+            waited_s = time.time() - min(spooled_at(path) for path in present)
+            if waited_s > settings.retry_budget_s:
+                logger.error(
+                    "%s still failing after %.0f s (%s); left in the spool for the listener to send again",
+                    what,
+                    waited_s,
+                    exc,
+                )
+                metrics.TASKS.labels("pending").inc(len(present))
+                return {"status": "pending", "counts": {**counts, "pending": len(present)}}
+            metrics.TASK_RETRIES.labels("transient").inc()
+            raise _retry(task, exc, what, max_retries=None) from exc
+        except Exception as exc:  # noqa: BLE001 - a bug in a shared stage: each instance on its own
+            logger.error("%s: batch failed (%s); each is retried as its own task", what, describe(exc))
+            for path in present:
+                embed_instance.apply_async(args=[path.name], queue=settings.broker.queue)
+            return {"status": "split", "counts": {**counts, "split": len(present)}}
+        # each name on its own from here: one that cannot be moved is retried, not the others
+        again: dict[str, Exception] = dict(result.transient)
+        done = [name for name in result.indexed if not pipeline.spool.erased_recently(name)]
+        result.erased += [name for name in result.indexed if name not in done]
+        again.update(pipeline.spool.archive_many(done))
+        archived = [name for name in done if name not in again]
+        metrics.TASKS.labels("indexed").inc(len(archived))
+        counts["indexed"] += len(archived)
+        for name, invalid in result.invalid.items():
+            try:
+                pipeline.quarantine(pipeline.spool.incoming_path(name), invalid.reason, str(invalid))
+            except StorageError as exc:
+                again[name] = exc
+                continue
+            metrics.TASKS.labels("quarantined").inc()
+            counts["quarantined"] += 1
+        for name, failure in result.failed.items():
+            logger.warning("%s failed (%s); it is retried as its own task", name, describe(failure))
+            try:
+                embed_instance.apply_async(args=[name], queue=settings.broker.queue)
+            except Exception as exc:  # noqa: BLE001 - the broker: this task is retried with it
+                again[name] = BackendUnavailable(f"cannot send task to broker: {describe(exc)}")
+                continue
+            counts["split"] += 1
+        metrics.TASKS.labels("erased").inc(len(result.erased))
+        counts["erased"] += len(result.erased)
+        logger.info(
+            "indexed %d of %d instance(s) (%d points) from %s",
+            counts["indexed"],
+            len(spool_names),
+            sum(result.indexed.values()),
+            present[0].name,
+        )
+        if again:
+            return _retry_names(task, again, pipeline, counts)
+        return {"status": "done", "counts": dict(counts)}
+
+    def _retry_names(
+        task: Task, again: dict[str, Exception], pipeline: EmbeddingPipeline, counts: Counter
+    ) -> dict:
+        """Retry the task for ``again`` only (a disk or a backend that failed for those names),
+        within the retry budget; past it they stay in the spool for the listener's sweep."""
+        names = list(again)
+        exc = next(iter(again.values()))
+        waited_s = time.time() - min(spooled_at(pipeline.spool.incoming_path(name)) for name in names)
+        if waited_s > settings.retry_budget_s:
+            logger.error(
+                "%d instance(s) still failing after %.0f s (%s); left in the spool for the listener",
+                len(names),
+                waited_s,
+                exc,
+            )
+            metrics.TASKS.labels("pending").inc(len(names))
+            return {"status": "pending", "counts": {**counts, "pending": len(names)}}
+        metrics.TASK_RETRIES.labels("transient").inc()
+        countdown = min(MAX_BACKOFF_S, settings.retry_backoff_s * (2 ** min(task.request.retries, 16)))
+        logger.warning(
+            "%d instance(s) from %s failed (%s: %s); retry %d in %.1fs",
+            len(names),
+            names[0],
+            type(exc).__name__,
+            exc,
+            task.request.retries + 1,
+            countdown,
+        )
+        retry: Exception = task.retry(args=[names], exc=exc, countdown=countdown, max_retries=None)
+        raise retry
 
     def _retry(task: Task, exc: Exception, spool_name: str, max_retries: int | None) -> Exception:
         countdown = min(MAX_BACKOFF_S, settings.retry_backoff_s * (2 ** min(task.request.retries, 16)))

@@ -1,4 +1,7 @@
-"""What one worker process does with one spooled instance: decode, embed, upsert, archive.
+"""What one worker process does with spooled instances: decode, embed, upsert, archive.
+
+A task carries a batch of spool names; the batch is decoded one by one, embedded in one encoder
+call and upserted in one index call. One instance's bad input does not fail the others.
 
 Built once per worker process (the ONNX session included) and shared by its task threads.
 """
@@ -6,19 +9,22 @@ Built once per worker process (the ONNX session included) and shared by its task
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from models.runtime import OnnxEncoder
 from services.core import metrics
 from services.core.config import WorkerSettings
-from services.core.errors import StorageError
-from services.dicom.decode import DecodeLimits, decode_for_embedding
+from services.core.errors import BackendUnavailable, ConfigError, InvalidInput, StorageError
+from services.dicom.decode import DecodeLimits, InstanceHeader, decode_for_embedding
 from services.index import RemoteIndexWriter, VectorIndex, open_index
-from services.index.points import index_points, model_inputs
+from services.index.base import IndexPoint
+from services.index.points import check_point, index_points, model_inputs
 from services.ingest.library import ReferenceLibrary
 from services.ingest.spool import Spool
-from workers.batching import MicroBatcher
+from workers.batching import GroupWriter, MicroBatcher
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,30 @@ class Outcome:
         return {"status": self.status, "spool_name": self.spool_name, "points": self.points}
 
 
+# Failures that pass: the index owner or the broker is down, the disk is full, the model is being
+# changed. They fail a whole batch, which is retried; they never quarantine.
+TRANSIENT = (BackendUnavailable, StorageError, ConfigError)
+
+
+@dataclass
+class BatchResult:
+    """What became of each instance of a batch (by spool name)."""
+
+    indexed: dict[str, int] = field(default_factory=dict)  # name -> points written
+    erased: list[str] = field(default_factory=list)  # erased (``cbmir delete``) meanwhile: not written
+    invalid: dict[str, InvalidInput] = field(default_factory=dict)  # will never index: quarantine
+    failed: dict[str, Exception] = field(default_factory=dict)  # unexpected: retried on its own
+    transient: dict[str, Exception] = field(default_factory=dict)  # the disk or a backend: retry later
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    path: Path
+    header: InstanceHeader
+    frame_numbers: list[int]
+    inputs: np.ndarray  # the encoder's input rows, one per frame
+
+
 class EmbeddingPipeline:
     """Per-process state: spool, encoder session, batcher, index writer."""
 
@@ -51,7 +81,10 @@ class EmbeddingPipeline:
             self.encoder.providers[0],
         )
         self.batcher = MicroBatcher(self.encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0)
+        # the points of tasks finishing together go to the index in one write (one flush)
+        self.writer: GroupWriter[IndexPoint] = GroupWriter(self._write_points, max_items=4096)
         self.limits = DecodeLimits.from_settings(settings.decode)
+        self._warm_up()
         self._remote: RemoteIndexWriter | None = None
         self._direct: VectorIndex | None = None
         if settings.index.embedded:
@@ -61,6 +94,12 @@ class EmbeddingPipeline:
         else:
             self._direct = open_index(settings.index)
             self._direct.ensure_collection(self.encoder.dim, self.encoder.version)
+
+    def _warm_up(self) -> None:
+        """Run the encoder once and load the pixel decoders, so the first task does not pay for it."""
+        import pydicom.pixels  # noqa: F401 - imported for its side effect: the decoders are loaded
+
+        self.encoder.embed(np.zeros((1, *self.encoder.input_shape), np.float32))
 
     # ------------------------------------------------------------------------------------------
     def locate(self, spool_name: str) -> Path | None:
@@ -78,35 +117,96 @@ class EmbeddingPipeline:
         return Outcome("missing", spool_name)
 
     def embed_and_upsert(self, path: Path) -> int | None:
-        """Decode, preprocess, embed (batched) and upsert (each stage timed); raises cbmir errors.
-        None: the instance was erased meanwhile (``cbmir delete``), and nothing was indexed."""
-        clock = metrics.StageClock()
-        header, frames = decode_for_embedding(
-            path,
-            frames=self.settings.decode.frames,
-            limits=self.limits,
-            patient_key_secret=self.settings.patient_key_secret,
-        )
+        """One instance through :meth:`embed_and_upsert_many`; raises its cbmir error. None: the
+        instance was erased meanwhile (``cbmir delete``), and nothing was indexed."""
+        result = self.embed_and_upsert_many([path])
+        if path.name in result.invalid:
+            raise result.invalid[path.name]
+        for failures in (result.failed, result.transient):
+            if path.name in failures:
+                raise failures[path.name]
+        return result.indexed.get(path.name)
+
+    def embed_and_upsert_many(self, paths: list[Path]) -> BatchResult:
+        """Decode and preprocess each instance, embed them all in one call, upsert all their points
+        in one call (each stage timed once per batch). An instance's own failure, transient or not,
+        is reported in the result; a failure of the shared encoder or write raises."""
+        clock, result = metrics.StageClock(), BatchResult()
+        decoded = [item for path in paths if (item := self._decode(path, result)) is not None]
         clock.lap("decode")
-        vectors = self.batcher.submit(model_inputs(frames, self.encoder.contract))
-        clock.lap("embed")
-        points = index_points(
-            header,
-            frames,
-            vectors,
-            model_version=self.encoder.version,
-            spool_name=path.name,
-            finding=self.library.finding_for(header.sop_instance_uid, path),
+        if not decoded:
+            return result
+        inputs = np.concatenate([item.inputs for item in decoded])
+        step = self.settings.batch_size  # rows per encoder call: bounds the memory of a batch
+        vectors = np.concatenate(
+            [self.batcher.submit(inputs[i : i + step]) for i in range(0, len(inputs), step)]
         )
-        if self.spool.erased_recently(path.name):
-            return None
+        clock.lap("embed")
+        points, start = [], 0
+        for item in decoded:
+            rows = vectors[start : start + len(item.inputs)]
+            start += len(item.inputs)
+            if self.spool.erased_recently(item.path.name):
+                result.erased.append(item.path.name)
+                continue
+            written = index_points(
+                item.header,
+                item.frame_numbers,
+                rows,
+                model_version=self.encoder.version,
+                spool_name=item.path.name,
+                finding=self.library.finding_for(item.header.sop_instance_uid, item.path),
+            )
+            try:  # what the index would refuse fails this instance only, not the shared write
+                for point in written:
+                    check_point(point, self.encoder.dim)
+            except InvalidInput as exc:
+                result.invalid[item.path.name] = exc
+                continue
+            points += written
+            result.indexed[item.path.name] = len(written)
+        if points:
+            self.writer.submit(points)
+        clock.lap("upsert")
+        for item in decoded:
+            if item.path.name in result.indexed:
+                metrics.INSTANCES_INDEXED.labels(metrics.slug(item.header.modality)).inc()
+        return result
+
+    def _write_points(self, points: list[IndexPoint]) -> None:
+        # checked again here, just before the write: a write can wait behind another group's
+        erased = {
+            n for n in {str(p.payload.get("spool_name", "")) for p in points} if self.spool.erased_recently(n)
+        }
+        points = [p for p in points if str(p.payload.get("spool_name", "")) not in erased]
+        if not points:
+            return
         if self._remote is not None:
             self._remote.upsert(points, self.encoder.version)
         elif self._direct is not None:
             self._direct.upsert(points)
-        clock.lap("upsert")
-        metrics.INSTANCES_INDEXED.labels(metrics.slug(header.modality)).inc()
-        return len(points)
+
+    def _decode(self, path: Path, result: BatchResult) -> _Decoded | None:
+        """One instance's header and encoder input rows (frames are not kept: a batch of large
+        images would hold them all); its own failure goes into ``result``."""
+        try:
+            header, frames = decode_for_embedding(
+                path,
+                frames=self.settings.decode.frames,
+                limits=self.limits,
+                patient_key_secret=self.settings.patient_key_secret,
+            )
+            inputs = model_inputs(frames, self.encoder.contract)
+        except InvalidInput as exc:
+            result.invalid[path.name] = exc
+            return None
+        except TRANSIENT as exc:
+            result.transient[path.name] = exc
+            return None
+        except Exception as exc:  # noqa: BLE001 - a bug with this instance: handled on its own
+            result.failed[path.name] = exc
+            return None
+        return _Decoded(path, header, [frame.frame_number for frame in frames], inputs)
 
     def archive(self, spool_name: str) -> None:
         """Move the indexed object from incoming to the archive."""
@@ -124,6 +224,7 @@ class EmbeddingPipeline:
     def close(self) -> None:
         """Stop the batcher and close the index connection (at worker shutdown)."""
         self.batcher.close()
+        self.writer.close()
         if self._remote is not None:
             self._remote.close()
         if self._direct is not None:

@@ -7,6 +7,8 @@ Celery app with :func:`celery_app`, so both reach the broker the same way.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from json import loads
 from queue import Empty
 from typing import Any
@@ -14,11 +16,15 @@ from typing import Any
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sql
 from kombu.utils.encoding import bytes_to_str
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
 
 from services.core.config import BrokerSettings
 
-EMBED_TASK = "cbmir.embed_instance"
+logger = logging.getLogger(__name__)
+
+EMBED_TASK = "cbmir.embed_instance"  # one spool name (what earlier versions sent; still served)
+EMBED_BATCH_TASK = "cbmir.embed_instances"  # a list of spool names: what every sender sends now
 EMBEDDED_SCHEME = "sqla+"
 
 
@@ -32,6 +38,16 @@ class PruningChannel(kombu_sql.Channel):
     """
 
     _pruned: set[str]
+
+    def _engine_from_config(self) -> Engine:
+        """kombu's engine; on SQLite in WAL mode with ``synchronous=NORMAL``: a commit appends to
+        the log without an fsync, and the listener's writes no longer wait for the workers' reads.
+        A power cut may lose the last tasks, never a spooled instance: the spool is the record,
+        and the listener sends what is pending again when it starts."""
+        engine: Engine = super()._engine_from_config()
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_wal)
+        return engine
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         obj = self._get_or_create(queue)
@@ -58,6 +74,23 @@ class PruningChannel(kombu_sql.Channel):
             return loads(bytes_to_str(payload))
         finally:
             self.session.commit()
+
+
+def _sqlite_wal(connection: Any, _record: Any) -> None:
+    """WAL with ``synchronous=NORMAL`` where the filesystem allows it (WAL needs shared memory,
+    which a network filesystem may not offer): otherwise SQLite's default journal, as before."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=10000")
+        try:
+            mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            mode = None
+            logger.warning("embedded broker: WAL mode refused (%s); keeping SQLite's default journal", exc)
+        if mode and str(mode[0]).lower() == "wal":
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
 
 
 class EmbeddedSQLTransport(kombu_sql.Transport):

@@ -115,6 +115,23 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "none",
         "none or int8: scalar quantisation of new collections (a reindex applies it); rescored searches.",
     ),
+    "CBMIR_HNSW_M": (
+        "48",
+        "Embedded index: edges per node of the HNSW graphs the index owner builds in the background.",
+    ),
+    "CBMIR_HNSW_EF_CONSTRUCT": ("300", "Embedded index: candidates per insertion while building a graph."),
+    "CBMIR_HNSW_EF": (
+        "128",
+        "Candidates per search in an HNSW graph (more: better recall, slower); embedded and server.",
+    ),
+    "CBMIR_HNSW_MIN_POINTS": (
+        "20000",
+        "Embedded index: points of a modality outside any graph before one is built for them; 0 = never.",
+    ),
+    "CBMIR_HNSW_DEBOUNCE_S": (
+        "10",
+        "Embedded index: quiet seconds after the last write before a graph is built (at most 30x longer).",
+    ),
     "CBMIR_MODEL_PATH": (
         "(the encoder shipped in models/weights)",
         "ONNX encoder the workers and the query service load.",
@@ -138,6 +155,14 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "CBMIR_VISIBILITY_TIMEOUT_S": (
         "300",
         "Redis broker: an unacknowledged task is redelivered after this long.",
+    ),
+    "CBMIR_DISPATCH_BATCH": (
+        "32",
+        "Listener, its sweep and `cbmir reindex`: the most instances one embedding task carries.",
+    ),
+    "CBMIR_DISPATCH_WAIT_MS": (
+        "20",
+        "Listener: how long instances received after a first one are gathered into its task.",
     ),
     "CBMIR_FRAMES": ("middle", "Multi-frame objects: 'middle' embeds the central frame, 'all' every frame."),
     "CBMIR_MAX_ROWS": ("8192", "Largest image height accepted for decoding."),
@@ -351,6 +376,13 @@ class IndexSettings:
     reindex_grace_s: float = 86400.0  # how long a collection replaced by a reindex is kept
     qdrant_shards: int = 1  # a Qdrant server's shards per new collection
     qdrant_replicas: int = 1  # and copies of each shard
+    # HNSW graphs (see services.index.base.HnswParams): built by the embedded index's owner in the
+    # background once hnsw_min_points points of a modality are outside any graph
+    hnsw_m: int = 48
+    hnsw_ef_construct: int = 300
+    hnsw_ef: int = 128  # search-time candidates
+    hnsw_min_points: int = 20000  # 0: never build
+    hnsw_debounce_s: float = 10.0
 
     @property
     def embedded(self) -> bool:
@@ -359,7 +391,8 @@ class IndexSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> IndexSettings:
-        """From ``CBMIR_COLLECTION``, ``QDRANT_URL``, ``QDRANT_API_KEY``, ``CBMIR_INDEX_WRITER``."""
+        """From ``CBMIR_COLLECTION``, ``QDRANT_URL``, ``QDRANT_API_KEY``, ``CBMIR_INDEX_WRITER``, the
+        quantisation, the Qdrant server's layout and the ``CBMIR_HNSW_*`` graph settings."""
         return cls(
             collection=_env(env, "CBMIR_COLLECTION", "cbmir"),
             qdrant_url=env.get("QDRANT_URL") or None,
@@ -371,6 +404,11 @@ class IndexSettings:
             reindex_grace_s=_float(env, "CBMIR_REINDEX_GRACE_S", 86400.0),
             qdrant_shards=_int(env, "CBMIR_QDRANT_SHARDS", 1, minimum=1),
             qdrant_replicas=_int(env, "CBMIR_QDRANT_REPLICAS", 1, minimum=1),
+            hnsw_m=_int(env, "CBMIR_HNSW_M", 48, minimum=4),
+            hnsw_ef_construct=_int(env, "CBMIR_HNSW_EF_CONSTRUCT", 300, minimum=4),
+            hnsw_ef=_int(env, "CBMIR_HNSW_EF", 128, minimum=1),
+            hnsw_min_points=_int(env, "CBMIR_HNSW_MIN_POINTS", 20000),
+            hnsw_debounce_s=_float(env, "CBMIR_HNSW_DEBOUNCE_S", 10.0),
         )
 
 
@@ -381,6 +419,8 @@ class BrokerSettings:
     url: str
     queue: str
     visibility_timeout_s: int
+    dispatch_batch: int = 32  # instances per task at most (CBMIR_DISPATCH_BATCH)
+    dispatch_wait_ms: int = 20  # how long a sender gathers instances for one task (CBMIR_DISPATCH_WAIT_MS)
 
     @property
     def embedded(self) -> bool:
@@ -402,11 +442,14 @@ class BrokerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], layout: DataLayout) -> BrokerSettings:
-        """From ``CBMIR_BROKER_URL``, ``CBMIR_QUEUE``, ``CBMIR_VISIBILITY_TIMEOUT_S``."""
+        """From ``CBMIR_BROKER_URL``, ``CBMIR_QUEUE``, ``CBMIR_VISIBILITY_TIMEOUT_S``,
+        ``CBMIR_DISPATCH_BATCH``, ``CBMIR_DISPATCH_WAIT_MS``."""
         return cls(
             url=_env(env, "CBMIR_BROKER_URL", layout.embedded_broker_url()),
             queue=_env(env, "CBMIR_QUEUE", "cbmir.embed"),
             visibility_timeout_s=_int(env, "CBMIR_VISIBILITY_TIMEOUT_S", 300, minimum=1),
+            dispatch_batch=_int(env, "CBMIR_DISPATCH_BATCH", 32, minimum=1),
+            dispatch_wait_ms=_int(env, "CBMIR_DISPATCH_WAIT_MS", 20),
         )
 
 

@@ -121,7 +121,7 @@ TASK_RETRIES = Counter(
 )
 WORKER_STAGE_SECONDS = Histogram(
     "cbmir_worker_stage_duration_seconds",
-    "Time per instance in each worker stage: decode, embed (the micro-batch wait included), upsert.",
+    "Time per task (a batch of instances) in each worker stage: decode, embed, upsert (the group write).",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
 )

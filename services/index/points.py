@@ -28,7 +28,7 @@ def model_inputs(frames: Sequence[DecodedFrame], contract: PreprocessContract) -
 
 def index_points(
     header: InstanceHeader,
-    frames: Sequence[DecodedFrame],
+    frame_numbers: Sequence[int],
     vectors: np.ndarray,
     *,
     model_version: str,
@@ -36,13 +36,14 @@ def index_points(
     ingested_at: float | None = None,
     finding: str | None = None,
 ) -> list[IndexPoint]:
-    """One point per embedded frame; the point ID is uuid5 of the SOP Instance UID (plus the frame
-    number for the second and later frames of an object embedded frame by frame). ``finding``: the
-    instance is in the reference library with this verified finding (``source`` = library)."""
+    """One point per embedded frame (``frame_numbers``: 1-based, one per row of ``vectors``); the
+    point ID is uuid5 of the SOP Instance UID (plus the frame number for the second and later
+    frames of an object embedded frame by frame). ``finding``: the instance is in the reference
+    library with this verified finding (``source`` = library)."""
     now = time.time() if ingested_at is None else ingested_at
-    multi = len(frames) > 1
+    multi = len(frame_numbers) > 1
     points = []
-    for frame, vector in zip(frames, vectors, strict=True):
+    for frame_number, vector in zip(frame_numbers, vectors, strict=True):
         payload = {
             "modality": header.modality,
             "modality_code": header.modality_code,
@@ -50,7 +51,7 @@ def index_points(
             "series_instance_uid": header.series_instance_uid,
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
-            "frame_number": int(frame.frame_number),
+            "frame_number": int(frame_number),
             "model_version": model_version,
             "ingested_at": now,
             "spool_name": spool_name,
@@ -62,7 +63,7 @@ def index_points(
         if finding:
             payload["finding"] = finding
             payload["source"] = LIBRARY
-        frame_key = frame.frame_number if multi and frame.frame_number > 1 else None
+        frame_key = frame_number if multi and frame_number > 1 else None
         points.append(IndexPoint(point_id(header.sop_instance_uid, frame_key), vector.tolist(), payload))
     return points
 

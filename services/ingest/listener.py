@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import queue
 import shutil
 import ssl
 import threading
@@ -38,7 +37,7 @@ from services.core.security import dicom_ssl_context, tls_files_stamp
 from services.core.vocabulary import accepted_storage_classes
 from services.dicom.decode import inflated, read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
-from services.ingest.dispatch import PendingSweep, TaskDispatcher
+from services.ingest.dispatch import BackgroundDispatch, PendingSweep, TaskDispatcher
 from services.ingest.spool import Spool, spool_name_for
 
 logger = logging.getLogger(__name__)
@@ -74,41 +73,6 @@ def dicom_status_for(exc: BaseException) -> int:
     if isinstance(exc, InvalidInput):
         return STATUS_CANNOT_UNDERSTAND
     return STATUS_PROCESSING_FAILURE
-
-
-class BackgroundDispatch:
-    """Sends tasks from a thread, so the C-STORE response never waits for the broker.
-
-    Safe because the spool, not the broker, is the record: an instance whose task is lost in a
-    crash is still in ``spool/incoming`` and is re-sent when the listener starts.
-    """
-
-    def __init__(self, dispatcher: TaskDispatcher):
-        self._dispatcher = dispatcher
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="dispatch", daemon=True)
-        self._thread.start()
-
-    def __call__(self, spool_name: str) -> None:
-        """Queue a spool name to be sent (returns at once)."""
-        self._queue.put(spool_name)
-
-    def _run(self) -> None:
-        while (name := self._queue.get()) is not None:
-            self._dispatcher.embed(name)
-            self._queue.task_done()
-
-    def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything handed over so far was sent (or put in the backlog)."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        """Send what is queued, then stop the thread."""
-        self.drain()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
 
 
 class DiskGuard:
@@ -225,9 +189,8 @@ class StoreHandler:
 
     @staticmethod
     def _check_dataset(received: Path, event: evt.Event, sop_instance_uid: str) -> None:
-        """The header must parse (through the same adapter the workers use, so every stage names a
-        defect alike) and every other element too; large values are skipped, not read."""
-        header = read_header(received)
+        """Every element must parse (large values are skipped, not read), and the header through the
+        same adapter the workers use, so every stage names a defect alike. One parse serves both."""
         try:
             with open(received, "rb") as file:
                 stream, size = inflated(file)  # a deflated data set: inflated, within a budget
@@ -239,6 +202,7 @@ class StoreHandler:
             raise
         except Exception as exc:
             raise UnreadableInput(f"dataset cannot be parsed: {describe(exc)}", reason="parse-error") from exc
+        header = read_header(dataset)
         # read_header may take the UIDs from the File Meta; here that meta was made from the request
         if not dataset.get("SOPInstanceUID") or not dataset.get("SOPClassUID"):
             raise UnreadableInput(
@@ -280,7 +244,7 @@ class Listener:
         self.settings = settings
         self.spool = spool
         self.dispatcher = dispatcher
-        self.dispatch = BackgroundDispatch(dispatcher)
+        self.dispatch = BackgroundDispatch(dispatcher, settings.broker.dispatch_wait_ms / 1000)
         self.room = DiskGuard(spool.layout.root, settings.min_free_mb)
         self.handler = StoreHandler(spool, self.dispatch, self.room)
         self._server: SpoolingAssociationServer | None = None

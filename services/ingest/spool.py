@@ -155,8 +155,25 @@ class Spool:
         """Where an indexed object is kept."""
         return self.layout.archive / _plain_name(name)
 
-    def archive(self, name: str) -> Path:
-        """Move an indexed object from incoming to the archive.
+    def archive_many(self, names: list[str]) -> dict[str, StorageError]:
+        """:meth:`archive` each of ``names``, with one fsync of the archive folder for them all;
+        returns the names that could not be archived, with why (the others are archived)."""
+        failed: dict[str, StorageError] = {}
+        for name in names:
+            try:
+                self.archive(name, sync=False)
+            except StorageError as exc:
+                failed[name] = exc
+        if len(failed) < len(names):
+            try:
+                fsync_dir(self.layout.archive)
+            except OSError as exc:  # the moves happened; a lost one only means indexing again
+                logger.warning("cannot sync the archive folder: %s", exc.strerror or exc)
+        return failed
+
+    def archive(self, name: str, *, sync: bool = True) -> Path:
+        """Move an indexed object from incoming to the archive (``sync``: and fsync the folder; an
+        archive move lost in a crash only means the instance is indexed again, idempotently).
 
         A SOP Instance UID sent again with other content replaces the archived object, whose
         earlier copy is kept in ``archive/.replaced/<name>.<time>``. A second delivery of the same
@@ -177,7 +194,8 @@ class Spool:
                     kept.relative_to(self.layout.root),
                 )
             os.replace(source, target)
-            fsync_dir(target.parent)
+            if sync:
+                fsync_dir(target.parent)
             self.forget_attempts(name)
         except FileNotFoundError:
             if target.exists():

@@ -204,7 +204,7 @@ def resend(settings: WorkerSettings, requeue_reason: str | None = None) -> int:
     else:
         names = [path.name for path in spool.pending()]
     dispatcher = TaskDispatcher(settings.broker)
-    sent = sum(dispatcher.embed(name) for name in names)
+    sent = dispatcher.embed_many(names)
     dispatcher.close()
     print(f"cbmir reindex: sent {sent} of {len(names)} instance(s) to the workers")
     return 0 if sent == len(names) else 1

@@ -277,7 +277,7 @@ class ReindexJob:
         for header, frames, name in batch:
             points += index_points(
                 header,
-                frames,
+                [frame.frame_number for frame in frames],
                 vectors[start : start + len(frames)],
                 model_version=self.encoder.version,
                 spool_name=name,
