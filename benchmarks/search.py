@@ -75,6 +75,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common
 
+from services.index.base import HnswParams
+
 K = 5
 K_MILLION = 10
 # HNSW rows of --million: (m, ef_construct, quantization, search-time ef values)
@@ -84,6 +86,7 @@ MILLION_CONFIGS = [
     (48, 300, "int8", (128,)),
 ]
 QUICK_CONFIGS = [(48, 300, "none", (64, 128)), (16, 100, "none", (128,))]
+DEFAULT_HNSW = HnswParams()  # what the service builds when nothing is set
 
 
 def fill(writer, vs: common.VectorSet, start: int, stop: int, model_version: str, batch: int) -> float:
@@ -303,6 +306,8 @@ def million(args: argparse.Namespace) -> int:
 
     total = args.points or (60_000 if args.quick else 1_000_000)
     configs = QUICK_CONFIGS if args.quick else MILLION_CONFIGS
+    if args.defaults_only:
+        configs = [(DEFAULT_HNSW.m, DEFAULT_HNSW.ef_construct, "none", (DEFAULT_HNSW.ef,))]
     dim = OnnxEncoder(device="cpu").dim
     print(f"search benchmark --million | {common.machine_line()} | dim {dim} | k={K_MILLION}", flush=True)
     vs, query_rows, what = million_database(total, dim, args.quick, args.seed)
@@ -452,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
         help="exact vs HNSW vs int8 at 1M points of real embeddings (with --quick: 60k points)",
     )
     parser.add_argument("--points", type=int, help="--million: database size instead of 1M (quick 60k)")
+    parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="--million: only exact search and HNSW at the shipped defaults (about 12 minutes)",
+    )
     parser.add_argument(
         "--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)"
     )

@@ -116,14 +116,16 @@ def test_client_commands_report_an_unreachable_service(data_dir: Path) -> None:
 
 
 def _queued_tasks(queue: str) -> list[list[str]]:
-    """The spool names in the Celery messages waiting in a Redis queue (kombu keeps a list per queue)."""
+    """The spool names of each ``cbmir.embed_instances`` message waiting in a Redis queue (kombu
+    keeps a list per queue)."""
     import redis
 
     client = redis.Redis.from_url(support.REDIS_URL)
     names = []
     for raw in client.lrange(queue, 0, -1):
-        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        names.append(body[0])
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "cbmir.embed_instances"
+        names.append(json.loads(base64.b64decode(message["body"]))[0][0])
     client.delete(queue)
     return names
 
@@ -136,7 +138,7 @@ def test_reindex_pending_resends_every_spooled_instance(redis_env: dict[str, str
     result = cbmir("reindex", "--pending", env=redis_env)
     assert result.returncode == 0, result.stderr
     assert "sent 2 of 2 instance(s)" in result.stdout
-    assert sorted(_queued_tasks(redis_env["CBMIR_QUEUE"])) == [["1.2.3.1.dcm"], ["1.2.3.2.dcm"]]
+    assert _queued_tasks(redis_env["CBMIR_QUEUE"]) == [["1.2.3.1.dcm", "1.2.3.2.dcm"]]  # one task
 
 
 def test_reindex_requeue_quarantined_by_reason(redis_env: dict[str, str], data_dir: Path) -> None:

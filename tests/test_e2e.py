@@ -56,7 +56,9 @@ def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.wait_until(lambda: client.stats().total == len(files), 120, "all instances indexed")
     _assert_self_nearest_and_filters(client, files)
-    # Everything indexed moved from the spool's incoming folder to the archive.
+    # Everything indexed moved from the spool's incoming folder to the archive (a batch is archived
+    # just after its points are written).
+    support.wait_until(lambda: client.stats().pending == 0, 30, "every indexed instance archived")
     assert not list(
         (redis_env_data := support.Path(redis_env["CBMIR_DATA_DIR"])).joinpath("spool", "incoming").iterdir()
     )

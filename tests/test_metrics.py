@@ -123,8 +123,12 @@ def test_serve_exposes_all_parts_on_one_port(data_dir, procs, need_dcmtk, tmp_pa
     assert after.value("cbmir_tasks_total", outcome="indexed") == len(files)
     assert after.value("cbmir_tasks_total", outcome="quarantined") == 1
     assert after.value("cbmir_instances_quarantined_total", stage="worker", reason="missing-pixel-data") == 1
-    for stage in ("decode", "embed", "upsert"):
-        assert after.value("cbmir_worker_stage_duration_seconds_count", stage=stage) == len(files)
+    # observed once per task (a batch): every task decodes; those with an image also embed and write
+    stages = {
+        s: after.value("cbmir_worker_stage_duration_seconds_count", stage=s)
+        for s in ("decode", "embed", "upsert")
+    }
+    assert 1 <= stages["embed"] == stages["upsert"] <= stages["decode"] <= len(files) + 1
     # query child
     assert after.value("cbmir_search_requests_total", kind="sop_instance_uid", code="OK") == 1
     assert after.value("cbmir_search_duration_seconds_count", kind="sop_instance_uid") == 1

@@ -186,6 +186,8 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
                 again[name] = BackendUnavailable(f"cannot send task to broker: {describe(exc)}")
                 continue
             counts["split"] += 1
+        for name in result.erased:
+            logger.info("%s was erased while it was being indexed; nothing kept", name)
         metrics.TASKS.labels("erased").inc(len(result.erased))
         counts["erased"] += len(result.erased)
         logger.info(
