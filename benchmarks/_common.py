@@ -174,6 +174,12 @@ def wait_port(port: int, timeout_s: float = 30.0, host: str = "127.0.0.1") -> No
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
 
 
+def cbmir_argv(*args: str) -> list[str]:
+    """The installed ``cbmir`` command with ``args`` (``python -m services`` where it is not installed)."""
+    script = Path(sys.executable).with_name("cbmir")
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "services", *args]
+
+
 class Service:
     """A child process that announces its address on stdout (``... HOST:PORT``); stdout is drained."""
 

@@ -283,11 +283,6 @@ class Orthanc(Receiver):
         self._log.close()
 
 
-def cbmir_argv() -> list[str]:
-    script = Path(sys.executable).with_name("cbmir")
-    return [str(script), "scp"] if script.exists() else [sys.executable, "-m", "services", "scp"]
-
-
 class CbmirScp(Receiver):
     """The real ``cbmir scp``; ``pdu`` None leaves ``CBMIR_MAX_PDU`` at the product's default."""
 
@@ -315,7 +310,7 @@ class CbmirScp(Receiver):
         env.pop("CBMIR_BROKER_URL", None)
         if broker == "redis":
             env["CBMIR_BROKER_URL"] = REDIS_URL
-        self.service = common.Service(cbmir_argv(), env, "cbmir scp:", self.name)
+        self.service = common.Service(common.cbmir_argv("scp"), env, "cbmir scp:", self.name)
         self.port = self.service.port or 0
         self.pid = self.service.process.pid
 

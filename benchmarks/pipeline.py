@@ -75,10 +75,8 @@ class Child:
         self.name = name
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
-        script = Path(sys.executable).with_name("cbmir")
-        argv = [str(script), *args] if script.exists() else [sys.executable, "-m", "services", *args]
         self.process = subprocess.Popen(
-            argv,
+            common.cbmir_argv(*args),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

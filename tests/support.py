@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from services.core.processes import stop_process
 
@@ -148,6 +148,28 @@ def start_worker(env: dict[str, str], query_port: int | None = None) -> Proc:
     proc = Proc("worker", [str(CBMIR), "worker"], env)
     proc.wait_for(r"celery@\S+ ready|ready\.", timeout_s=90)
     return proc
+
+
+class Parts(NamedTuple):
+    """The query service, the listener and a worker as separate processes."""
+
+    query: Proc
+    grpc_port: int
+    scp: Proc
+    dicom_port: int
+    worker: Proc
+
+
+def start_parts(env: dict[str, str], procs: list[Proc]) -> Parts:
+    """``cbmir query``, ``cbmir scp`` and ``cbmir worker`` on ``env``, each put in ``procs`` (which
+    the fixture stops) as soon as it runs."""
+    query, grpc_port = start_query(env)
+    procs.append(query)
+    scp, dicom_port = start_scp(env)
+    procs.append(scp)
+    worker = start_worker(env, grpc_port)
+    procs.append(worker)
+    return Parts(query, grpc_port, scp, dicom_port, worker)
 
 
 def storescu(

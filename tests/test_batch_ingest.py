@@ -71,12 +71,7 @@ def test_the_listener_sends_one_task_for_instances_that_arrive_together(
 ):
     env = dict(redis_env, CBMIR_DISPATCH_WAIT_MS="2000", CBMIR_DISPATCH_BATCH="8")
     files = support.mr_series(tmp_path / "in", 12)
-    query, grpc_port = support.start_query(env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(env)
-    procs.append(scp)
-    worker = support.start_worker(env, grpc_port)
-    procs.append(worker)
+    _query, grpc_port, _scp, dicom_port, worker = support.start_parts(env, procs)
 
     support.storescu(dicom_port, files)  # one association, well inside the 2 s gathering time
     client = SearchClient(f"127.0.0.1:{grpc_port}")

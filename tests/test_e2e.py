@@ -45,12 +45,7 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
 
 def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):
     files = support.e2e_files()
-    query, grpc_port = support.start_query(redis_env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(redis_env)
-    procs.append(scp)
-    worker = support.start_worker(redis_env, grpc_port)
-    procs.append(worker)
+    _query, grpc_port, _scp, dicom_port, _worker = support.start_parts(redis_env, procs)
 
     support.storescu(dicom_port, list(files))
     client = SearchClient(f"127.0.0.1:{grpc_port}")
@@ -92,12 +87,7 @@ def test_worker_killed_mid_task_loses_nothing(redis_env, procs, need_dcmtk):
     env = dict(redis_env, CBMIR_VISIBILITY_TIMEOUT_S="5", CBMIR_RETRY_BACKOFF_S="0.5")
     path = support.pydicom_file("MR_small.dcm")
     uid = support.sop_uid(path)
-    query, grpc_port = support.start_query(env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(env)
-    procs.append(scp)
-    worker = support.start_worker(env, grpc_port)
-    procs.append(worker)
+    query, grpc_port, _scp, dicom_port, worker = support.start_parts(env, procs)
 
     query.signal(signal.SIGSTOP)
     support.storescu(dicom_port, [path])  # acknowledged: from here on it must not be lost

@@ -148,12 +148,7 @@ def test_serve_exposes_all_parts_on_one_port(data_dir, procs, need_dcmtk, tmp_pa
 def test_separate_processes_each_serve_their_own(redis_env, procs, need_dcmtk):
     files = [support.pydicom_file(name) for name in list(PUSHED)[:2]]
     env = dict(redis_env, CBMIR_METRICS_PORT="0")
-    query, grpc_port = support.start_query(env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(env)
-    procs.append(scp)
-    worker = support.start_worker(env, grpc_port)
-    procs.append(worker)
+    query, grpc_port, scp, dicom_port, worker = support.start_parts(env, procs)
     urls = {proc.name: proc.wait_for(METRICS_LINE, timeout_s=10).group(1) for proc in (query, scp, worker)}
     assert len(set(urls.values())) == 3
     before = {name: Scrape(url) for name, url in urls.items()}

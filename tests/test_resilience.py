@@ -159,12 +159,7 @@ def test_the_sweep_leaves_alone_what_a_worker_is_retrying(redis_env, data_dir):
 @pytest.mark.slow
 def test_index_owner_down_for_three_minutes_quarantines_nothing(redis_env, procs, tmp_path, need_dcmtk):
     env = dict(redis_env, CBMIR_RESEND_AFTER_S="600")
-    query, grpc_port = support.start_query(env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(env)
-    procs.append(scp)
-    worker = support.start_worker(env)
-    procs.append(worker)
+    query, grpc_port, _scp, dicom_port, worker = support.start_parts(env, procs)
     query.stop()  # the index owner is gone
     files = support.mr_series(tmp_path / "mr", 6)
     support.storescu(dicom_port, files)
@@ -475,12 +470,7 @@ def test_health_follows_the_index_backend(data_dir, procs):
 
 
 def test_an_instance_sent_again_keeps_its_earlier_copy(redis_env, procs, tmp_path, need_dcmtk):
-    query, grpc_port = support.start_query(redis_env)
-    procs.append(query)
-    scp, dicom_port = support.start_scp(redis_env)
-    procs.append(scp)
-    worker = support.start_worker(redis_env)
-    procs.append(worker)
+    _query, grpc_port, _scp, dicom_port, worker = support.start_parts(redis_env, procs)
     (first,) = support.mr_series(tmp_path / "v1", 1, seed=1)
     again = tmp_path / "v2" / first.name
     again.parent.mkdir()

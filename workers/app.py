@@ -7,9 +7,10 @@ idempotent (the point ID is uuid5 of the SOP Instance UID, so a repeat overwrite
 and acknowledged late. What happens on a failure depends on what failed:
 
 * the input (InvalidInput: undecodable, unsupported, too large): quarantined with its reason;
-* a backend or the disk (BackendUnavailable, StorageError, ConfigError): the task (the whole
-  batch) is retried with capped exponential backoff for ``CBMIR_RETRY_BUDGET_S``, never
-  quarantined; past the budget the instances stay in the spool and the listener sends them again;
+* a backend or the disk (BackendUnavailable, StorageError, ConfigError): the task is retried,
+  for the instances it hit (all of them when it hit the shared encoder or index write), with
+  capped exponential backoff for ``CBMIR_RETRY_BUDGET_S``, never quarantined; past the budget the
+  instances stay in the spool and the listener sends them again;
 * anything else (a bug): ``CBMIR_MAX_RETRIES`` retries, then quarantined as ``internal-error``;
   in a batch, the instance (or, for a failure of the batch's shared stages, every instance) is
   sent again as its own ``cbmir.embed_instance`` task, so the others are not held back.
@@ -141,24 +142,17 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
             present.append(path)
         if not present:
             return {"status": "done", "counts": dict(counts)}
-        what = f"{len(present)} instance(s) from {present[0].name}"
         try:
             result = pipeline.embed_and_upsert_many(present)
-        except TRANSIENT as exc:
-            waited_s = time.time() - min(spooled_at(path) for path in present)
-            if waited_s > settings.retry_budget_s:
-                logger.error(
-                    "%s still failing after %.0f s (%s); left in the spool for the listener to send again",
-                    what,
-                    waited_s,
-                    exc,
-                )
-                metrics.TASKS.labels("pending").inc(len(present))
-                return {"status": "pending", "counts": {**counts, "pending": len(present)}}
-            metrics.TASK_RETRIES.labels("transient").inc()
-            raise _retry(task, exc, what, max_retries=None) from exc
+        except TRANSIENT as exc:  # the encoder or the write: the whole batch again
+            return _retry_names(task, dict.fromkeys((path.name for path in present), exc), pipeline, counts)
         except Exception as exc:  # noqa: BLE001 - a bug in a shared stage: each instance on its own
-            logger.error("%s: batch failed (%s); each is retried as its own task", what, describe(exc))
+            logger.error(
+                "%d instance(s) from %s: batch failed (%s); each is retried as its own task",
+                len(present),
+                present[0].name,
+                describe(exc),
+            )
             for path in present:
                 embed_instance.apply_async(args=[path.name], queue=settings.broker.queue)
             return {"status": "split", "counts": {**counts, "split": len(present)}}
@@ -208,31 +202,23 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
         within the retry budget; past it they stay in the spool for the listener's sweep."""
         names = list(again)
         exc = next(iter(again.values()))
+        what = f"{len(names)} instance(s) from {names[0]}"
         waited_s = time.time() - min(spooled_at(pipeline.spool.incoming_path(name)) for name in names)
         if waited_s > settings.retry_budget_s:
             logger.error(
-                "%d instance(s) still failing after %.0f s (%s); left in the spool for the listener",
-                len(names),
+                "%s still failing after %.0f s (%s); left in the spool for the listener to send again",
+                what,
                 waited_s,
                 exc,
             )
             metrics.TASKS.labels("pending").inc(len(names))
             return {"status": "pending", "counts": {**counts, "pending": len(names)}}
         metrics.TASK_RETRIES.labels("transient").inc()
-        countdown = min(MAX_BACKOFF_S, settings.retry_backoff_s * (2 ** min(task.request.retries, 16)))
-        logger.warning(
-            "%d instance(s) from %s failed (%s: %s); retry %d in %.1fs",
-            len(names),
-            names[0],
-            type(exc).__name__,
-            exc,
-            task.request.retries + 1,
-            countdown,
-        )
-        retry: Exception = task.retry(args=[names], exc=exc, countdown=countdown, max_retries=None)
-        raise retry
+        raise _retry(task, exc, what, max_retries=None, args=[names]) from exc
 
-    def _retry(task: Task, exc: Exception, spool_name: str, max_retries: int | None) -> Exception:
+    def _retry(
+        task: Task, exc: Exception, spool_name: str, max_retries: int | None, args: list | None = None
+    ) -> Exception:
         countdown = min(MAX_BACKOFF_S, settings.retry_backoff_s * (2 ** min(task.request.retries, 16)))
         logger.warning(
             "%s failed (%s: %s); retry %d in %.1fs",
@@ -242,7 +228,7 @@ def create_app(settings: WorkerSettings, holder: PipelineHolder | None = None) -
             task.request.retries + 1,
             countdown,
         )
-        retry: Exception = task.retry(exc=exc, countdown=countdown, max_retries=max_retries)
+        retry: Exception = task.retry(args=args, exc=exc, countdown=countdown, max_retries=max_retries)
         return retry
 
     return app

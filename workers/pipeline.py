@@ -1,7 +1,8 @@
 """What one worker process does with spooled instances: decode, embed, upsert, archive.
 
-A task carries a batch of spool names; the batch is decoded one by one, embedded in one encoder
-call and upserted in one index call. One instance's bad input does not fail the others.
+A task carries a batch of spool names; the batch is decoded one by one, embedded in encoder calls
+of ``CBMIR_BATCH_SIZE`` rows and upserted in one index write. One instance's failure does not fail
+the others.
 
 Built once per worker process (the ONNX session included) and shared by its task threads.
 """
@@ -43,7 +44,8 @@ class Outcome:
 
 
 # Failures that pass: the index owner or the broker is down, the disk is full, the model is being
-# changed. They fail a whole batch, which is retried; they never quarantine.
+# changed. They are retried (for the instances they hit; for the whole batch when they hit the
+# shared encoder or write) and never quarantine.
 TRANSIENT = (BackendUnavailable, StorageError, ConfigError)
 
 
@@ -120,9 +122,7 @@ class EmbeddingPipeline:
         """One instance through :meth:`embed_and_upsert_many`; raises its cbmir error. None: the
         instance was erased meanwhile (``cbmir delete``), and nothing was indexed."""
         result = self.embed_and_upsert_many([path])
-        if path.name in result.invalid:
-            raise result.invalid[path.name]
-        for failures in (result.failed, result.transient):
+        for failures in (result.invalid, result.failed, result.transient):
             if path.name in failures:
                 raise failures[path.name]
         return result.indexed.get(path.name)
@@ -174,7 +174,7 @@ class EmbeddingPipeline:
         return result
 
     def _write_points(self, points: list[IndexPoint]) -> None:
-        # checked again here, just before the write: a write can wait behind another group's
+        # erasures checked again just before the write: a write can wait behind another group's write
         erased = {
             n for n in {str(p.payload.get("spool_name", "")) for p in points} if self.spool.erased_recently(n)
         }

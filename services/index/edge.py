@@ -29,6 +29,7 @@ from typing import IO, Any
 from typing_extensions import override
 
 from services.core.errors import BackendUnavailable, ConfigError, NotFound
+from services.core.files import fsync_dir
 from services.core.vocabulary import MODALITIES, OTHER
 from services.index.base import (
     INDEXED_FIELDS,
@@ -612,7 +613,7 @@ class EdgeIndex(VectorIndex):
                 shutil.rmtree(retired, ignore_errors=True)
                 os.rename(path, retired)
                 os.rename(work, path)
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 # a failed load leaves the shard to be loaded again by the next call
                 self._shard(collection, modality)
             shutil.rmtree(retired, ignore_errors=True)
@@ -757,14 +758,6 @@ def build_graphs_child(argv: Sequence[str]) -> None:
     shard.optimize()
     shard.flush()
     shard.close()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _recover_swaps(shards: Path) -> None:

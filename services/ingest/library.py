@@ -26,8 +26,8 @@ from pathlib import Path
 
 from services.core.config import DataLayout
 from services.core.errors import InvalidInput, StorageError
+from services.core.files import fsync_dir
 from services.core.vocabulary import FINDING_PATTERN, MODALITIES, is_valid_uid
-from services.ingest.spool import fsync_dir
 
 logger = logging.getLogger(__name__)
 

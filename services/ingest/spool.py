@@ -27,6 +27,7 @@ from pathlib import Path
 
 from services.core.config import DataLayout
 from services.core.errors import StorageError
+from services.core.files import fsync_dir
 from services.core.logs import file_ref, mask_values
 from services.core.vocabulary import is_valid_uid
 
@@ -42,15 +43,6 @@ def spool_name_for(sop_instance_uid: str, suffix: str = ".dcm") -> str:
     if is_valid_uid(uid):
         return uid + suffix
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40] + suffix
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or new file in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,12 @@ from watchdog.observers.api import BaseObserver
 from services.core import metrics
 from services.core.config import MetricsSettings, WatcherSettings
 from services.core.errors import CbmirError, ConfigError, StorageError
+from services.core.files import fsync_dir
 from services.core.logs import describe, file_ref
 from services.core.processes import run_until_stopped
 from services.ingest.convert import FileConverter
 from services.ingest.dispatch import PendingSweep, TaskDispatcher
-from services.ingest.spool import Spool, fsync_dir
+from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import grpc
 from typing_extensions import override
 
 from services.core.errors import CbmirError, ConfigError, InvalidInput, NotFound, StorageError
+from services.core.files import fsync_dir
 from services.core.logs import append_audit
 from services.core.patients import PATIENT_KEY_PATTERN
 from services.core.vocabulary import is_valid_uid
@@ -36,7 +37,6 @@ from services.ingest.spool import (
     REPLACED_DIR,
     QuarantineEntry,
     Spool,
-    fsync_dir,
     spool_name_for,
 )
 from services.query.reindex import ReindexJob, ReindexState

@@ -32,13 +32,14 @@ import numpy as np
 from models.runtime import OnnxEncoder
 from services.core.config import DecodeSettings, FramePolicy, IndexSettings
 from services.core.errors import CbmirError, ConfigError
+from services.core.files import fsync_dir
 from services.core.logs import append_audit
 from services.dicom.decode import DecodedFrame, DecodeLimits, InstanceHeader, decode_for_embedding
 from services.index import VectorIndex, collection_name
 from services.index.base import REINDEX_TARGET_TTL_S
 from services.index.points import index_points, model_inputs
 from services.ingest.library import ReferenceLibrary
-from services.ingest.spool import Spool, fsync_dir
+from services.ingest.spool import Spool
 
 logger = logging.getLogger(__name__)
 
