@@ -413,7 +413,9 @@ def pipeline_bound(corpus: common.Corpus, data: Path) -> dict:
         for start in range(0, len(paths), batch):
             inputs = []
             for path in paths[start : start + batch]:
-                _, frames = decode_for_embedding(path, frames=settings.decode.frames, limits=limits)
+                _, frames = decode_for_embedding(
+                    path, frames=settings.decode.frames, limits=limits, eeg_render=encoder.contract.eeg_render
+                )
                 inputs.append(model_inputs(frames, encoder.contract))
             stacked = np.concatenate(inputs, axis=0)
             encoder.embed(stacked)

@@ -49,6 +49,7 @@ class Record:
     label: str
     split: str
     patient: str = ""
+    source: str = ""
 
     @property
     def finding(self) -> str:
@@ -95,16 +96,19 @@ def read_manifest(
                     label=row["label"],
                     split=row["split"],
                     patient=row.get("patient", "") or "",
+                    source=row.get("source", "") or "",
                 )
             )
     return records
 
 
-def load_picture(path: str | Path, modality: str | None = None) -> np.ndarray:
-    """A data file -> 2-D uint8 picture (EEG ``.txt`` files are rendered at the Bonn rate)."""
+def load_picture(path: str | Path, modality: str | None = None, *, eeg_render: str) -> np.ndarray:
+    """A data file -> 2-D uint8 picture (EEG ``.txt`` files are drawn by ``eeg_render`` at the Bonn rate).
+
+    ``eeg_render`` has no default on purpose: it must be the one of the model's contract."""
     path = Path(path)
     if modality == EEG or path.suffix.lower() == ".txt":
-        return eeg.render_eeg_trace(eeg.read_bonn_txt(path), eeg.BONN_SAMPLING_HZ)
+        return eeg.render_eeg(eeg.read_bonn_txt(path), eeg.BONN_SAMPLING_HZ, eeg_render)
     return load_image_file(path)
 
 
@@ -120,7 +124,9 @@ def model_inputs(
 
         iterator = tqdm(iterator, total=len(records), desc="preprocess", unit="img", leave=False)
     for i, record in iterator:
-        out[i] = to_model_input(load_picture(record.path, record.modality), contract)
+        out[i] = to_model_input(
+            load_picture(record.path, record.modality, eeg_render=contract.eeg_render), contract
+        )
     return out
 
 
@@ -145,6 +151,11 @@ def cached_model_inputs(
                     eeg.ROWS,
                     eeg.WIDTH,
                     eeg.HEIGHT,
+                    *(
+                        [eeg.SPEC_WINDOW, eeg.SPEC_FRAMES, eeg.SPEC_BINS, eeg.SPEC_DB_MIN, eeg.SPEC_DB_MAX]
+                        if contract.eeg_render != eeg.TRACE
+                        else []
+                    ),
                 ],
                 "files": [
                     [str(r.path), os.stat(r.path).st_size, int(os.stat(r.path).st_mtime)] for r in records

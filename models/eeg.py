@@ -16,6 +16,22 @@ on black). Everything about the picture is fixed, never derived from the signal'
   clipped to the strip's edge. No autoscaling.
 * **Drawing**: in every pixel column the vertical span between the lowest and the highest value
   the (linearly connected) trace reaches in that column is set to 255.
+
+:func:`render_eeg_trace_spectrogram` (render ``"trace-spectrogram"``, contract ``eeg_render``) is
+the same signal as a 256×256 picture in two panels, so that a 64×64 model input still carries the
+rhythm (band power) as well as the waveform's shape:
+
+* **Top half (rows 0-127)**: the trace as above, in ``ROWS // 2`` = 4 strips of 5.9 s, 32 px tall.
+* **Bottom half (rows 128-255)**: a spectrogram with fixed axes and scale. ``SPEC_FRAMES`` = 64
+  Hann windows of ``SPEC_WINDOW`` = 256 samples (1.47 s), centred at equal steps over the
+  duration (the signal is zero-padded at both ends), each 4 px wide; ``SPEC_BINS`` = 64 frequency
+  bins from 0 to 42.7 Hz (0.68 Hz each, 2 px tall, low frequencies at the bottom). The one-sided
+  power spectral density in dB re 1 µV²/Hz is mapped linearly from [``SPEC_DB_MIN``,
+  ``SPEC_DB_MAX``] = [-20, 45] dB to 0-255 and clipped. No autoscaling: the range was read once
+  off the Bonn training segments (0.5 % to 99.5 % of their values, rounded) and is now a constant.
+
+A model's preprocessing contract names its render (``PreprocessContract.eeg_render``); serving
+draws what the model was trained on, through :func:`render_eeg`.
 """
 
 from __future__ import annotations
@@ -39,6 +55,14 @@ MAX_SAMPLING_HZ = 65_536.0
 ROWS = 8
 WIDTH = 256
 HEIGHT = 256
+SPEC_WINDOW = 256
+SPEC_FRAMES = 64
+SPEC_BINS = 64
+SPEC_DB_MIN = -20.0
+SPEC_DB_MAX = 45.0
+TRACE = "trace"
+TRACE_SPECTROGRAM = "trace-spectrogram"
+RENDERS = (TRACE, TRACE_SPECTROGRAM)
 
 
 def read_bonn_txt(path: str | Path) -> np.ndarray:
@@ -78,18 +102,57 @@ def resample_to_render_rate(samples_uv: np.ndarray, sampling_hz: float) -> np.nd
     return np.interp(target_t, source_t, x)
 
 
+def render_eeg(samples_uv: np.ndarray, sampling_hz: float, render: str = TRACE) -> np.ndarray:
+    """The named render (one of ``RENDERS``) of a single-channel EEG in µV -> 256×256 uint8."""
+    if render == TRACE:
+        return render_eeg_trace(samples_uv, sampling_hz)
+    if render == TRACE_SPECTROGRAM:
+        return render_eeg_trace_spectrogram(samples_uv, sampling_hz)
+    raise InvalidInput(f"unknown EEG render {render!r}; known: {', '.join(RENDERS)}")
+
+
 def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
     """Single-channel EEG (µV) at ``sampling_hz`` -> 256×256 uint8 strip-chart picture."""
     x = resample_to_render_rate(samples_uv, sampling_hz)
+    return _draw_trace(x - x.mean(), ROWS, HEIGHT)
+
+
+def render_eeg_trace_spectrogram(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
+    """Single-channel EEG (µV) -> 256×256 uint8: trace (top half) over a spectrogram (bottom half)."""
+    x = resample_to_render_rate(samples_uv, sampling_hz)
     x = x - x.mean()
+    image = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    image[: HEIGHT // 2] = _draw_trace(x, ROWS // 2, HEIGHT // 2)
+    image[HEIGHT // 2 :] = _draw_spectrogram(x, HEIGHT // 2)
+    return image
+
+
+def _draw_spectrogram(x: np.ndarray, height: int) -> np.ndarray:
+    """Fixed-axis, fixed-scale spectrogram panel (see the module docstring), ``height`` × ``WIDTH``."""
     total = round(DURATION_S * RENDER_RATE_HZ)
-    per_row = int(np.ceil(total / ROWS))
-    row_h = HEIGHT // ROWS
+    padded = np.zeros(total + SPEC_WINDOW, dtype=np.float64)
+    padded[SPEC_WINDOW // 2 : SPEC_WINDOW // 2 + x.size] = x[:total]
+    centres = np.round((np.arange(SPEC_FRAMES) + 0.5) * total / SPEC_FRAMES).astype(np.int64)
+    window = np.hanning(SPEC_WINDOW)
+    frames = np.stack([padded[c : c + SPEC_WINDOW] for c in centres]) * window
+    psd = 2.0 * np.abs(np.fft.rfft(frames, axis=1)[:, :SPEC_BINS]) ** 2
+    psd /= RENDER_RATE_HZ * float((window**2).sum())
+    db = 10.0 * np.log10(psd + 1e-12)
+    level = np.clip((db - SPEC_DB_MIN) / (SPEC_DB_MAX - SPEC_DB_MIN), 0.0, 1.0)
+    cells = np.round(level * 255.0).astype(np.uint8).T[::-1]  # rows = bins, low frequency at the bottom
+    return np.repeat(np.repeat(cells, height // SPEC_BINS, axis=0), WIDTH // SPEC_FRAMES, axis=1)
+
+
+def _draw_trace(x: np.ndarray, rows: int, height: int) -> np.ndarray:
+    """Zero-mean µV trace drawn as ``rows`` strips stacked in a ``height`` × ``WIDTH`` picture."""
+    total = round(DURATION_S * RENDER_RATE_HZ)
+    per_row = int(np.ceil(total / rows))
+    row_h = height // rows
     half = (row_h - 1) / 2.0
     # amplitude -> fractional pixel row inside a strip (0 = top); clip, never autoscale
     y = half - np.clip(x / AMPLITUDE_UV, -1.0, 1.0) * half
-    image = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
-    for row in range(ROWS):
+    image = np.zeros((height, WIDTH), dtype=np.uint8)
+    for row in range(rows):
         seg = y[row * per_row : (row + 1) * per_row + 1]  # +1: connect to the next strip's start
         if seg.size < 2:
             if seg.size == 1:

@@ -135,6 +135,7 @@ def _plot_grid(
     database: Sequence[data_mod.Record],
     rankings: np.ndarray,
     path: Path,
+    eeg_render: str,
     per_modality: int = 2,
     seed: int = 0,
 ) -> None:
@@ -156,7 +157,7 @@ def _plot_grid(
             if col >= len(items):
                 continue
             item = items[col]
-            ax.imshow(data_mod.load_picture(item.path, item.modality), cmap="gray")
+            ax.imshow(data_mod.load_picture(item.path, item.modality, eeg_render=eeg_render), cmap="gray")
             match = item.finding == queries[q].finding
             colour = "black" if col == 0 else ("green" if match else "red")
             ax.set_title(("query: " if col == 0 else f"#{col}: ") + item.finding, fontsize=7, color=colour)
@@ -354,7 +355,9 @@ def run_evaluation(
         _plot_pr(curves, out_dir / "pr_curves.png", f"{encoder.card.get('name')}: finding-level PR")
         plot_files["Precision-recall per modality (finding level)"] = "pr_curves.png"
         metrics["pr_curves"] = {"recall": RECALL_GRID.tolist(), **{m: v.tolist() for m, v in curves.items()}}
-        _plot_grid(queries, database, rankings, out_dir / "query_grid.jpg", seed=seed)
+        _plot_grid(
+            queries, database, rankings, out_dir / "query_grid.jpg", encoder.contract.eeg_render, seed=seed
+        )
         plot_files["Queries and their top 5"] = "query_grid.jpg"
         db_emb = (
             retriever.embeddings
@@ -369,6 +372,93 @@ def run_evaluation(
     write_report(out_dir / "report.md", metrics, plot_files)
     logger.info("wrote %s", out_dir / "report.md")
     return metrics
+
+
+def cross_site_evaluation(
+    data_dir: str | Path,
+    model_path: str | Path | None = None,
+    device: str = "auto",
+    database_splits: Sequence[str] = ("train", "val"),
+    subset: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Finding-level mAP@10 on sources the encoder never trained on, per modality.
+
+    For every modality whose manifest rows come from more than one ``source``: the training
+    sources are those with rows in the ``train`` split; the database is their rows in
+    ``database_splits`` (this modality only); the queries are every row of each other source
+    (held out), and, as the in-site reference, the training sources' ``val`` rows. Modalities
+    with one source are listed under ``single_source``: the data cannot test them off site.
+    """
+    from models.runtime import OnnxEncoder
+
+    data_dir = Path(data_dir)
+    records = data_mod.read_manifest(data_dir)
+    encoder = OnnxEncoder(model_path, device=device)
+    result: dict[str, Any] = {
+        "model": {"version": encoder.version, "sha256": data_mod.sha256_file(encoder.model_path)},
+        "manifest_sha256": data_mod.manifest_sha256(data_dir),
+        "database": list(database_splits),
+        "subset": subset,
+        "ranking": "exact Euclidean within the modality, ties by database order",
+        "modalities": {},
+        "single_source": {},
+    }
+    for modality in sorted({r.modality for r in records}):
+        rows = [r for r in records if r.modality == modality]
+        sources = sorted({r.source for r in rows})
+        trained_on = sorted({r.source for r in rows if r.split == "train"})
+        if len(sources) < 2:
+            result["single_source"][modality] = sources[0] if sources else ""
+            continue
+        database = [r for r in rows if r.source in trained_on and r.split in database_splits]
+        groups = {"in-site (val)": [r for r in rows if r.source in trained_on and r.split == "val"]}
+        groups.update(
+            {
+                source: [r for r in rows if r.source == source]
+                for source in sources
+                if source not in trained_on
+            }
+        )
+        if subset:
+            from models.train import select_subset
+
+            database = select_subset(database, subset, seed + 1)
+            groups = {name: select_subset(group, subset, seed) for name, group in groups.items()}
+        retriever = NumpyRetriever(encoder)
+        retriever.index(database)
+        entry: dict[str, Any] = {"training_sources": trained_on, "n_database": len(database), "queries": {}}
+        for name, queries in groups.items():
+            if not queries:
+                continue
+            metrics, _ = evaluate_retriever(retriever, queries, database, index=False)
+            finding = metrics["finding"][modality]
+            entry["queries"][name] = {
+                "n_queries": len(queries),
+                "map@10": finding["map@10"],
+                "precision@10": finding["precision@10"],
+                "queries_without_relevant": finding["queries_without_relevant"],
+            }
+        result["modalities"][modality] = entry
+    return result
+
+
+def cross_site_lines(result: dict[str, Any]) -> list[str]:
+    """The cross-site result as printable lines."""
+    lines = []
+    for modality, entry in result["modalities"].items():
+        trained = ", ".join(entry["training_sources"])
+        for name, figures in entry["queries"].items():
+            value = figures["map@10"]
+            shown = "n/a" if value is None else f"{value:.3f}"
+            lines.append(
+                f"{modality}: trained on {trained}; queries {name} ({figures['n_queries']}) mAP@10 {shown}"
+            )
+    lines += [
+        f"{modality}: one source only ({source}); no off-site check possible with these data"
+        for modality, source in result["single_source"].items()
+    ]
+    return lines
 
 
 def summary_line(metrics: dict[str, Any]) -> str:
@@ -403,6 +493,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pr-depth", type=int, default=None, help="ranking depth for PR curves (default: the whole database)"
     )
+    parser.add_argument(
+        "--cross-site",
+        action="store_true",
+        help="also write cross_site.json: each modality's held-out sources against its training sources",
+    )
 
 
 def run(
@@ -429,6 +524,12 @@ def run(
         pr_depth=args.pr_depth or default_pr_depth,
     )
     print(summary_line(metrics))
+    if getattr(args, "cross_site", False):
+        cross = cross_site_evaluation(
+            data_dir, args.model, args.device, args.database.split(","), args.subset
+        )
+        (Path(args.out) / "cross_site.json").write_text(json.dumps(cross, indent=2) + "\n")
+        print("\n".join(cross_site_lines(cross)))
     if not metrics["model"]["trained"]:
         print("WARNING: untrained model; not a retrieval result")
     return 0

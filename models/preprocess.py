@@ -16,6 +16,9 @@ in order, are fixed:
    antialiased bilinear filter on a 32-bit float image. Pillow's filter is deterministic.
 4. **Standardise**: ``(x - mean) / std`` with the contract's ``mean`` and ``std``.
 
+EEG signals become pictures before step 1, by the render the contract names (``eeg_render``, one
+of :data:`models.eeg.RENDERS`; ``"trace"`` when a stored contract has no such field).
+
 The result is float32 of shape ``(1, S, S)``; stack them to ``(N, 1, S, S)`` for an encoder.
 This module imports numpy and Pillow only (no torch), so the serving path can use it.
 """
@@ -32,6 +35,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from models.eeg import RENDERS as EEG_RENDERS
+from models.eeg import TRACE
 from models.errors import InvalidInput, TooLarge, UnreadableInput
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class PreprocessContract:
     std: float = 1.0
     channels: int = 1
     version: int = 1
+    eeg_render: str = TRACE  # how an EEG signal is drawn before step 1 (models.eeg.render_eeg)
 
     def __post_init__(self) -> None:
         if self.input_size < 8:
@@ -68,6 +74,8 @@ class PreprocessContract:
             raise InvalidInput(f"unknown interpolation {self.interpolation!r}")
         if not self.std > 0:
             raise InvalidInput("std must be > 0")
+        if self.eeg_render not in EEG_RENDERS:
+            raise InvalidInput(f"unknown EEG render {self.eeg_render!r}; known: {', '.join(EEG_RENDERS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -94,7 +94,13 @@ class NumpyRetriever:
         for start in starts:
             chunk = items[start : start + self.batch_size]
             batch = np.stack(
-                [to_model_input(load_picture(it.path, it.modality), self.encoder.contract) for it in chunk]
+                [
+                    to_model_input(
+                        load_picture(it.path, it.modality, eeg_render=self.encoder.contract.eeg_render),
+                        self.encoder.contract,
+                    )
+                    for it in chunk
+                ]
             )
             out[start : start + len(chunk)] = self.encoder.embed(batch)
         return out

@@ -141,8 +141,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
+# 10: step 9 with the EEG drawn as trace over spectrogram (models.eeg, render "trace-spectrogram")
+RECIPES["ours-s10-eeg-spectrogram"] = (
+    "paper",
+    dict(RECIPES["ours-s9-augment-longer"][1], eeg_render="trace-spectrogram"),
+)
 # "ours" = the last kept step of the ladder (what models/weights ships)
-RECIPES["ours"] = RECIPES["ours-s9-augment-longer"]
+RECIPES["ours"] = RECIPES["ours-s10-eeg-spectrogram"]
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "full": {"subset": None},
     # a class-balanced subset and 2 epochs: a few minutes on a 2-core CPU
@@ -159,6 +164,8 @@ BASE_CONFIG: dict[str, Any] = {
     "threads": 1,
     "patience": None,
     "channels_last": True,
+    "eeg_render": "trace",  # models.eeg.RENDERS; stored in the model's preprocessing contract
+    "modalities": None,  # train and select on these modalities only (None: all of them)
 }
 # settings allowed to change when resuming: performance-only ones, and ``epochs`` (extending a
 # run gives the same result as a longer run from scratch: per-step LR decay, per-epoch seeded batches)
@@ -411,7 +418,7 @@ class Trainer:
         self.device = resolve_torch_device(config.get("device", "cpu"))
         # torch's annotations of Module.to omit the memory_format it accepts
         self.model = self.model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
-        self.contract = PreprocessContract(input_size=arch_kwargs["input_size"])
+        self.contract = training_contract(config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
         decay = config["lr_decay"]
@@ -645,14 +652,22 @@ class Trainer:
         logger.info("epoch %s: %s", metrics.get("epoch"), shown)
 
 
+def training_contract(config: dict[str, Any]) -> PreprocessContract:
+    """The preprocessing contract a run trains with (and its exported model serves with)."""
+    return PreprocessContract(
+        input_size=config["arch_kwargs"]["input_size"], eeg_render=config.get("eeg_render", "trace")
+    )
+
+
 def load_training_data(
     config: dict[str, Any], cache_dir: Path | None = data_mod.DEFAULT_CACHE_DIR
 ) -> tuple[list[data_mod.Record], np.ndarray, list[data_mod.Record], np.ndarray, str]:
     """(train records, train inputs, val records, val inputs, manifest sha256) per the config."""
     data_dir = Path(config["data"])
-    contract = PreprocessContract(input_size=config["arch_kwargs"]["input_size"])
-    train = data_mod.read_manifest(data_dir, splits=["train"])
-    val = data_mod.read_manifest(data_dir, splits=["val"])
+    contract = training_contract(config)
+    modalities = config.get("modalities")
+    train = data_mod.read_manifest(data_dir, splits=["train"], modalities=modalities)
+    val = data_mod.read_manifest(data_dir, splits=["val"], modalities=modalities)
     subset = config.get("subset")
     if subset:
         train = select_subset(train, subset["train"], config["seed"])

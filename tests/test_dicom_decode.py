@@ -558,6 +558,13 @@ def test_eeg_waveform_round_trip() -> None:
     check_frame(frames[0])
     expected = eeg.render_eeg_trace(stored[0] * 1.0 + 10.0, 173.61).astype(np.float32) / 255
     np.testing.assert_array_equal(frames[0].image, expected)
+    # the render the encoder's contract names is the one drawn
+    _, spectro = decode_for_embedding(dataset_bytes(ds), eeg_render=eeg.TRACE_SPECTROGRAM)
+    expected = eeg.render_eeg(stored[0] * 1.0 + 10.0, 173.61, eeg.TRACE_SPECTROGRAM).astype(np.float32) / 255
+    np.testing.assert_array_equal(spectro[0].image, expected)
+    assert not np.array_equal(spectro[0].image, frames[0].image)
+    with pytest.raises(CbmirError):
+        decode_for_embedding(dataset_bytes(ds), eeg_render="waterfall")
 
 
 def test_non_eeg_waveform_and_broken_eeg() -> None:

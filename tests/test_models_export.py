@@ -37,9 +37,13 @@ def test_export_is_single_file_with_sidecars(tiny_model):
     assert path.is_file() and not path.with_name(path.name + ".data").exists()
     assert sorted(p.name for p in path.parent.iterdir()) == [
         "tiny.card.json",
+        "tiny.card.md",
         "tiny.onnx",
         "tiny.preprocess.json",
     ]
+    card_md = path.with_name("tiny.card.md").read_text()
+    assert card_md.startswith("# Model card: tiny test-1") and "UNTRAINED" in card_md
+    assert "## Intended use" in card_md and "## Limitations" in card_md
     assert card["onnx"]["parity_max_abs_diff"] < 1e-4
     card_path, contract_path = sidecar_paths(path)
     assert json.loads(card_path.read_text())["version"] == "test-1"
@@ -107,6 +111,8 @@ def test_shipped_default_model_and_cards():
         card_path, contract_path = sidecar_paths(onnx_path)
         card = json.loads(card_path.read_text())
         assert contract_path.is_file()
+        # the governance board's view of the same card, written by the export
+        assert card_path.with_suffix(".md").read_text().startswith(f"# Model card: {card['name']}")
         for key in (
             "version",
             "architecture",
@@ -129,3 +135,51 @@ def test_serving_modules_do_not_import_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_card_markdown_shows_population_figures_and_off_site_check(tmp_path):
+    from models.card import card_markdown, training_population
+    from models.data import Record
+
+    records = [
+        Record(f"o{i}", tmp_path / f"o{i}.png", "oct", "cnv", split, source=source)
+        for i, (split, source) in enumerate(
+            [
+                ("train", "retinal-oct-c8"),
+                ("train", "retinal-oct-c8"),
+                ("val", "retinal-oct-c8"),
+                ("test", "kermany-oct-test"),
+            ]
+        )
+    ]
+    population = training_population(records)
+    assert population["oct"]["images"] == {"test": 1, "train": 2, "val": 1}
+    assert population["oct"]["sources"]["retinal-oct-c8"]["images"] == {"train": 2, "val": 1}
+    assert "Kermany OCT2017" in population["oct"]["sources"]["kermany-oct-test"]["what"]
+    finding = {m: {"map@10": 0.5} for m in ("xray", "mri", "oct", "eeg", "macro")}
+    card = {
+        "name": "m",
+        "version": "9",
+        "trained": True,
+        "intended_use": "use",
+        "limitations": "limits",
+        "training": {"population": population},
+        "metrics": {
+            "val": {"finding": finding, "modality": {"precision@20": 0.99}},
+            "cross_site": {
+                "modalities": {
+                    "oct": {
+                        "training_sources": ["retinal-oct-c8"],
+                        "queries": {"kermany-oct-test": {"n_queries": 1, "map@10": 0.25}},
+                    }
+                },
+                "single_source": {"xray": "kermany-cxr"},
+            },
+        },
+    }
+    text = card_markdown(card)
+    assert "| oct | retinal-oct-c8: " in text and "| 2 / 1 / 0 |" in text
+    assert "| val | 99.00 % | 0.500 | 0.500 | 0.500 | 0.500 | 0.500 |" in text
+    assert "| oct | retinal-oct-c8 | kermany-oct-test | 1 | 0.250 |" in text
+    assert "| xray | kermany-cxr | no second source in the data | - | - |" in text
+    assert "| test |" not in text  # no test figures were given, none are shown

@@ -136,6 +136,50 @@ def test_render_fixed_duration():
     assert not short[-eeg.HEIGHT // eeg.ROWS :].any()  # the last strip stays black
 
 
+def test_spectrogram_render_panels_axes_and_fixed_scale():
+    x = bonn_like()
+    img = eeg.render_eeg(x, eeg.BONN_SAMPLING_HZ, eeg.TRACE_SPECTROGRAM)
+    assert img.shape == (eeg.HEIGHT, eeg.WIDTH) and img.dtype == np.uint8
+    top, spectrogram = img[: eeg.HEIGHT // 2], img[eeg.HEIGHT // 2 :]
+    assert set(np.unique(top)) <= {0, 255}  # the trace panel is a binary drawing
+    # 10 Hz is the strongest rhythm of bonn_like: its band is the brightest row of every frame;
+    # a row is 0.68 Hz, low frequencies at the bottom, 2 px per bin
+    bin_hz = eeg.RENDER_RATE_HZ / eeg.SPEC_WINDOW
+    row_of_10hz = eeg.HEIGHT // 2 - 1 - 2 * round(10 / bin_hz)
+    brightest = spectrogram.argmax(axis=0)
+    assert np.all(np.abs(brightest - row_of_10hz) <= 2)
+    # fixed dB scale, no autoscaling: half the amplitude is -6 dB, darker by 6.02/65 of 255
+    quieter = eeg.render_eeg(x / 2, eeg.BONN_SAMPLING_HZ, eeg.TRACE_SPECTROGRAM)[eeg.HEIGHT // 2 :]
+    step = 255 * 20 * np.log10(2) / (eeg.SPEC_DB_MAX - eeg.SPEC_DB_MIN)
+    peak = spectrogram[row_of_10hz].astype(float), quieter[row_of_10hz].astype(float)
+    assert np.allclose(peak[0] - peak[1], step, atol=1.5)
+    # the DC offset is removed, and the picture does not depend on the sampling rate
+    assert np.array_equal(img, eeg.render_eeg(x + 500.0, eeg.BONN_SAMPLING_HZ, eeg.TRACE_SPECTROGRAM))
+    t = np.arange(4097) / eeg.BONN_SAMPLING_HZ
+    t2 = np.arange(int(t[-1] * 512.0) + 1) / 512.0
+    other_rate = eeg.render_eeg(np.interp(t2, t, x), 512.0, eeg.TRACE_SPECTROGRAM)[eeg.HEIGHT // 2 :]
+    difference = np.abs(other_rate.astype(int) - spectrogram)
+    assert difference[row_of_10hz].max() <= 3  # the rhythm is the same; the noise floor moves a little
+    assert difference.mean() < 6
+
+
+def test_render_is_named_by_the_contract():
+    x = bonn_like()
+    assert np.array_equal(
+        eeg.render_eeg(x, eeg.BONN_SAMPLING_HZ), eeg.render_eeg_trace(x, eeg.BONN_SAMPLING_HZ)
+    )
+    with pytest.raises(InvalidInput):
+        eeg.render_eeg(x, eeg.BONN_SAMPLING_HZ, "waterfall")
+    with pytest.raises(InvalidInput):
+        PreprocessContract(eeg_render="waterfall")
+    # a stored contract without the field (every model before 1.2.0) draws the trace
+    stored = PreprocessContract().to_dict()
+    del stored["eeg_render"]
+    assert PreprocessContract.from_dict(stored).eeg_render == eeg.TRACE
+    spectro = PreprocessContract(eeg_render=eeg.TRACE_SPECTROGRAM)
+    assert PreprocessContract.from_dict(spectro.to_dict()) == spectro
+
+
 def test_read_bonn_txt(tmp_path):
     path = tmp_path / "Z001.txt"
     path.write_text("\n".join(str(v) for v in [12, -5, 33, 0]) + "\n")

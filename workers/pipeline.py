@@ -195,6 +195,7 @@ class EmbeddingPipeline:
                 frames=self.settings.decode.frames,
                 limits=self.limits,
                 patient_key_secret=self.settings.patient_key_secret,
+                eeg_render=self.encoder.contract.eeg_render,
             )
             inputs = model_inputs(frames, self.encoder.contract)
         except InvalidInput as exc:

@@ -1037,16 +1037,16 @@ def read_eeg_waveform(source: DicomSource, *, limits: DecodeLimits | None = None
         raise UnreadableInput(f"waveform could not be read ({describe(exc)})", reason="parse-error") from None
 
 
-def _render_eeg(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
+def _render_eeg(samples_uv: np.ndarray, sampling_hz: float, render: str) -> np.ndarray:
     try:
-        from models.eeg import render_eeg_trace
+        from models.eeg import render_eeg
     except ImportError as exc:
         raise ConfigError(
-            f"EEG trace renderer models.eeg.render_eeg_trace unavailable ({exc})",
+            f"EEG renderer models.eeg.render_eeg unavailable ({exc})",
             reason="eeg-renderer-missing",
         ) from None
     try:
-        picture = np.asarray(render_eeg_trace(samples_uv, sampling_hz))
+        picture = np.asarray(render_eeg(samples_uv, sampling_hz, render))
     except CbmirError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom and the codecs raise many types; all mean one thing here
@@ -1068,11 +1068,13 @@ def decode_for_embedding(
     frames: FramePolicy = "middle",
     limits: DecodeLimits | None = None,
     patient_key_secret: bytes | None = None,
+    eeg_render: str = "trace",
 ) -> tuple[InstanceHeader, list[DecodedFrame]]:
     """Header plus display-ready frames of one instance (image or EEG waveform).
 
     ``frames="middle"``: only the central frame ``(n + 1) // 2`` (1-based); ``"all"``: every
-    frame in order. Raises only :mod:`services.core.errors` classes.
+    frame in order. An EEG waveform is drawn by ``eeg_render`` (``models.eeg.render_eeg``; pass
+    the encoder's ``contract.eeg_render``). Raises only :mod:`services.core.errors` classes.
     """
     if frames not in ("middle", "all"):
         raise InvalidInput(f"frames must be middle or all, got {frames!r}")
@@ -1090,7 +1092,7 @@ def decode_for_embedding(
             f"instance could not be parsed ({describe(exc)})", reason="parse-error"
         ) from None
     if kind == "waveform":
-        decoded = [DecodedFrame(frame_number=1, image=_render_eeg(samples_uv, sampling_hz))]
+        decoded = [DecodedFrame(frame_number=1, image=_render_eeg(samples_uv, sampling_hz, eeg_render))]
     else:
         try:
             decoded = _decode_image(ds, header, frames, limits)

@@ -2,8 +2,8 @@
 
 The frame comes from :func:`services.dicom.decode.decode_for_embedding`, so a thumbnail shows what
 the encoder saw: Modality and VOI LUT applied, MONOCHROME1 inverted, the middle frame, an EEG as
-its trace picture. Only the contrast stretch (min to max, as the encoder's preprocessing does) and
-an aspect-preserving downscale are added here.
+the picture its model's render draws (``eeg_render`` of the contract). Only the contrast stretch
+(min to max, as the encoder's preprocessing does) and an aspect-preserving downscale are added here.
 """
 
 from __future__ import annotations

@@ -248,7 +248,11 @@ class ReindexJob:
         for path in todo:
             try:
                 header, frames = decode_for_embedding(
-                    path, frames=self.frames, limits=self.limits, patient_key_secret=self.secret
+                    path,
+                    frames=self.frames,
+                    limits=self.limits,
+                    patient_key_secret=self.secret,
+                    eeg_render=self.encoder.contract.eeg_render,
                 )
             except CbmirError as exc:
                 if exc.reason == "no-such-file":

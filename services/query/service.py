@@ -284,7 +284,10 @@ class QueryEngine:
                 raise InvalidInput("dicom is empty")
             with self._decode_slot(deadline_s):
                 header, frames = decode_for_embedding(
-                    bytes(request.dicom), frames="middle", limits=self.limits
+                    bytes(request.dicom),
+                    frames="middle",
+                    limits=self.limits,
+                    eeg_render=self.encoder.contract.eeg_render,
                 )
                 vector = self._embed_image(frames[0].image)
             # the patient is the one the index knows for this instance, never one the upload names:
@@ -512,7 +515,12 @@ class QueryEngine:
             try:
                 base = self._bases.get(version)
                 if base is None:
-                    _, frames = decode_for_embedding(path, frames="middle", limits=self.render_limits)
+                    _, frames = decode_for_embedding(
+                        path,
+                        frames="middle",
+                        limits=self.render_limits,
+                        eeg_render=self.encoder.contract.eeg_render,
+                    )
                     base = display_base(frames[0].image)
                     self._bases.put(version, base, base.width * base.height)
             finally:
