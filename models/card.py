@@ -139,13 +139,27 @@ def card_markdown(card: dict[str, Any]) -> str:
                 continue
             finding = metrics[split]["finding"]
             p20 = metrics[split]["modality"].get("precision@20")
-            cells = [_figure(finding.get(m, {}).get("map@10")) for m in (*MODALITIES, "macro")]
-            lines.append(f"| {split} | {100 * p20:.2f} % | " + " | ".join(cells) + " |")
+            cells = [
+                f"{_figure(finding[m].get('map@10'))} (n={finding[m]['n_queries']})"
+                if "n_queries" in finding.get(m, {})
+                else _figure(finding.get(m, {}).get("map@10"))
+                for m in MODALITIES
+            ]
+            cells.append(_figure(finding.get("macro", {}).get("map@10")))
+            shown = "n/a" if p20 is None else f"{100 * p20:.2f} %"
+            lines.append(f"| {split} | {shown} | " + " | ".join(cells) + " |")
         lines += [""]
     cross = metrics.get("cross_site")
     if cross:
         lines += [
-            "## Off-site check",
+            "## Held-out sources",
+            "",
+            (
+                "Queries from a source the model never trained on, against the training sources' items. "
+                "In these data that is OCT only, and its held-out sources come from the same centres "
+                "(Kermany OCT2017): a check across patients and collections, not across hospitals. "
+                "n counts the queries whose finding is in the database (DME and drusen are not)."
+            ),
             "",
             "| modality | trained on | queries | n | mAP@10 |",
             "|---|---|---|---|---|",
@@ -191,10 +205,13 @@ def refresh_card(
             logger.warning(
                 "%s is not the manifest %s was trained on: no population", data_dir, card_path.name
             )
-    tmp = card_path.with_name(f".{card_path.name}.tmp")
-    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, card_path)
-    card_path.with_suffix(".md").write_text(card_markdown(card))
+    for path, text in (
+        (card_path, json.dumps(card, indent=2, sort_keys=True) + "\n"),
+        (card_path.with_suffix(".md"), card_markdown(card)),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return card
 
 

@@ -4,7 +4,7 @@ A data folder holds ``manifest.csv`` with the columns ``path, modality, label, s
 ``source, patient, sha256``, optional); ``path`` is relative to the folder or absolute. Pictures
 are loaded with :func:`load_picture`: image files through
 :func:`models.preprocess.load_image_file`, EEG text files through
-:func:`models.eeg.render_eeg_trace`.
+:func:`models.eeg.render_eeg` with the render the model's contract names.
 """
 
 from __future__ import annotations

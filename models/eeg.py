@@ -29,6 +29,8 @@ rhythm (band power) as well as the waveform's shape:
   power spectral density in dB re 1 µV²/Hz is mapped linearly from [``SPEC_DB_MIN``,
   ``SPEC_DB_MAX``] = [-20, 45] dB to 0-255 and clipped. No autoscaling: the range was read once
   off the Bonn training segments (0.5 % to 99.5 % of their values, rounded) and is now a constant.
+  Two details are part of the fixed render and stay as they are: the 0 Hz bin is doubled like the
+  others (it reads 3 dB high), and ``np.hanning`` is the symmetric window.
 
 A model's preprocessing contract names its render (``PreprocessContract.eeg_render``); serving
 draws what the model was trained on, through :func:`render_eeg`.

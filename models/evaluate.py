@@ -434,7 +434,7 @@ def cross_site_evaluation(
             metrics, _ = evaluate_retriever(retriever, queries, database, index=False)
             finding = metrics["finding"][modality]
             entry["queries"][name] = {
-                "n_queries": len(queries),
+                "n_queries": finding["n_queries"],  # the queries with a relevant item in the database
                 "map@10": finding["map@10"],
                 "precision@10": finding["precision@10"],
                 "queries_without_relevant": finding["queries_without_relevant"],

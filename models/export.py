@@ -37,20 +37,26 @@ logger = logging.getLogger(__name__)
 PARITY_ATOL = 1e-4
 OPSET = 18
 INTENDED_USE = (
-    "Embedding greyscale medical pictures (chest X-ray, brain MRI, retinal OCT, rendered EEG "
-    "traces) for similar-case retrieval next to a PACS. Research and demonstration use only; "
+    "Embedding greyscale medical pictures (paediatric chest X-ray, brain MRI, retinal OCT, and "
+    "single-channel EEG drawn as the picture the preprocessing contract names) for similar-case "
+    "retrieval next to a PACS, queried within a modality. Research and demonstration use only; "
     "not a medical device, not for diagnosis."
 )
 LIMITATIONS = (
     "Trained on small public data sets (Kermany CXR/OCT, a brain-tumour MRI mix, Bonn EEG); "
     "other scanners, protocols, body parts or populations are out of distribution. "
-    "X-ray: paediatric (1-5 years) chest films from one hospital; on adult chest X-rays from another "
-    "hospital, normal-vs-abnormal retrieval was at chance level (mAP@10 about 0.51 on a private "
-    "hold-out), so it must not be used for adults. MRI: a mix of public collections without patient "
-    "grouping, scanner or sequence metadata. OCT: Spectralis B-scans of the Kermany centres; DME and "
-    "drusen were never trained on. EEG: single-channel 23.6 s segments of one centre's research "
-    "recordings; clinical multi-channel EEG is out of distribution. The shared data hold a second "
-    "source for OCT only (see the off-site check); nothing else was tested off site. "
+    "X-ray: paediatric (1-5 years) chest films from one hospital; the project's issue tracker reports "
+    "that on a private hold-out of adult chest X-rays from another hospital, normal-vs-abnormal "
+    "retrieval was at chance level (mAP@10 about 0.51; not re-measured with this version), so it "
+    "must not be used for adults. MRI: a mix of public collections without patient grouping, "
+    "scanner or sequence metadata. OCT: Spectralis B-scans of the Kermany centres; the training "
+    "source has no patient key; DME and drusen were never trained on, so such a query gets "
+    "neighbours of other findings. EEG: single-channel 23.6 s segments of one centre's research "
+    "recordings (10 people, no patient key, so segments of one person can be neighbours and the "
+    "EEG figures are likely optimistic); clinical multi-channel EEG is out of distribution. "
+    "Nothing is rejected as out of distribution: any picture gets neighbours. The data hold a "
+    "second source for OCT only, from the same centres; nothing was tested across hospitals. "
+    "A new model version changes every embedding: the index must be rebuilt (cbmir reindex). "
     "Retrieval neighbours carry no diagnostic guarantee."
 )
 

@@ -17,7 +17,7 @@ the JPEG 2000 codec), PALETTE COLOR goes through its palette; the frame becomes 
 divided by the largest sample value. Multi-frame: ``frames="middle"`` decodes only frame
 ``(n + 1) // 2`` (1-based; our documented default: one vector per instance, the frame number goes
 into the payload), ``"all"`` decodes every frame. EEG waveforms become one frame: the first
-channel rendered by ``models.eeg.render_eeg_trace``.
+channel drawn by ``models.eeg.render_eeg`` with the encoder contract's ``eeg_render``.
 
 Codecs: pydicom's pixel decoders with the pylibjpeg plug-ins (pylibjpeg-libjpeg for JPEG and
 JPEG-LS, pylibjpeg-openjpeg for JPEG 2000, pylibjpeg-rle for RLE), not python-gdcm, because

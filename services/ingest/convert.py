@@ -19,8 +19,8 @@
   modality, which is what cbmir indexes by.
 * **EDF/BDF** becomes a Routine Scalp EEG Waveform object holding the channel
   :func:`services.dicom.edf.read_edf_signal` picks (the first EEG channel), in µV at the file's own
-  sampling rate, one multiplex group as in :mod:`services.dicom.dicomize`; the worker renders it with the
-  same trace renderer as training.
+  sampling rate, one multiplex group as in :mod:`services.dicom.dicomize`; the worker draws it with the
+  render its encoder's contract names, as in training.
 * **UIDs.** Converted objects get new UIDs under pydicom's root, derived from the file's SHA-256
   (and the folder modality): a new object for every distinct file, and the same UIDs if the very
   same file is dropped again, so a repeat overwrites its index point instead of duplicating it.

@@ -498,7 +498,8 @@ class QueryEngine:
             stat = path.stat()
         except FileNotFoundError:
             raise NotFound("the instance is indexed but its object is not in the archive") from None
-        version = f"{uids[2]}:{stat.st_size}:{stat.st_mtime_ns}"
+        # the EEG render is part of what is drawn: a model with another render is another picture
+        version = f"{uids[2]}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder.contract.eeg_render}"
         etag = hashlib.sha256(f"{version}:{size}".encode()).hexdigest()[:32]
         cached = self._thumbnails.get(etag)
         if cached is not None:
