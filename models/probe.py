@@ -37,6 +37,8 @@ import numpy as np
 
 from models import data as data_mod
 from models.errors import ConfigError
+from models.metrics import finding_metrics
+from models.retrieval import rank_euclidean
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +99,17 @@ def extract_features(
 def map_at_10(
     queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray, db_labels: np.ndarray
 ) -> float:
-    """Finding-level mAP@10, exact Euclidean ranking, ties by database order."""
-    distance = (queries**2).sum(1)[:, None] - 2 * queries @ database.T + (database**2).sum(1)[None]
-    order = np.argsort(distance, axis=1, kind="stable")[:, :10]
-    relevant = db_labels[order] == query_labels[:, None]
-    in_database = np.array([(db_labels == label).sum() for label in query_labels])
-    precision = np.cumsum(relevant, axis=1) / np.arange(1, order.shape[1] + 1)
-    return float(((precision * relevant).sum(1) / np.maximum(np.minimum(10, in_database), 1)).mean())
+    """Finding-level mAP@10 of :mod:`models.metrics` on the exact Euclidean ranking of
+    :func:`models.retrieval.rank_euclidean` (ties by database order), for one modality's labels."""
+    order = rank_euclidean(queries, database, 10)
+    counts = {label: int((db_labels == label).sum()) for label in set(query_labels.tolist())}
+    result = finding_metrics(
+        ["probe"] * len(queries),
+        query_labels.tolist(),
+        [db_labels[row].tolist() for row in order],
+        [counts[label] for label in query_labels.tolist()],
+    )
+    return float(result["probe"]["map@10"])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
