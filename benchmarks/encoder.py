@@ -69,9 +69,15 @@ def torch_runner(card: dict, threads: int, batch: np.ndarray) -> Callable[[], ob
     arch = dict(card["architecture"])
     name = arch.pop("name")
     arch.pop("summary", None)
-    if "widths" in arch:
-        arch["widths"] = tuple(arch["widths"])
-    model = build_model(name, **arch).eval()
+    if name == "backbone-head":  # a packaged pretrained backbone and a head (models.transfer)
+        from models.probe import load_backbone
+        from models.transfer import BackboneHeadEncoder
+
+        model = BackboneHeadEncoder(load_backbone(), hidden=int(arch["hidden"])).eval()
+    else:
+        if "widths" in arch:
+            arch["widths"] = tuple(arch["widths"])
+        model = build_model(name, **arch).eval()
     tensor = torch.from_numpy(batch)
 
     def run() -> object:

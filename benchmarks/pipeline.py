@@ -396,30 +396,28 @@ def worker_prefilled(setup: Setup, corpus: common.Corpus, workers: int) -> dict:
 
 def pipeline_bound(corpus: common.Corpus, data: Path) -> dict:
     """Decode + preprocess + encode of the corpus in this process, batched as the worker batches."""
-    import numpy as np
 
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
     from services.core.config import WorkerSettings
     from services.dicom.decode import DecodeLimits, decode_for_embedding
     from services.index.points import model_inputs
 
     settings = WorkerSettings.from_env(cbmir_env(data))
-    encoder = OnnxEncoder(settings.model.model_path, device="cpu")
+    encoder = EncoderSet.load(settings.model.model_path, device="cpu")
     limits = DecodeLimits.from_settings(settings.decode)
     batch = settings.batch_size
 
     def run(paths: list[Path]) -> int:
         images = 0
         for start in range(0, len(paths), batch):
-            inputs = []
+            inputs, modalities = [], []
             for path in paths[start : start + batch]:
-                _, frames = decode_for_embedding(
-                    path, frames=settings.decode.frames, limits=limits, eeg_render=encoder.contract.eeg_render
+                header, frames = decode_for_embedding(
+                    path, frames=settings.decode.frames, limits=limits, eeg_render=encoder.eeg_render
                 )
-                inputs.append(model_inputs(frames, encoder.contract))
-            stacked = np.concatenate(inputs, axis=0)
-            encoder.embed(stacked)
-            images += len(stacked)
+                inputs.append(model_inputs(frames, encoder.for_modality(header.modality).contract))
+                modalities.append(header.modality)
+            images += sum(len(rows) for rows in encoder.embed_each(inputs, modalities))
         return images
 
     run(corpus.files[:batch])  # warm: session, allocations

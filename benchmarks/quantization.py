@@ -1,7 +1,8 @@
 """Scalar quantisation (``CBMIR_QUANTIZATION=int8``) on the shipped model's real embeddings.
 
 What it measures
-    Every image and EEG segment of ``../shared/data`` embedded by the shipped encoder (the same
+    Every image and EEG segment of ``../shared/data`` embedded by the shipped default encoder
+    (``ours-ae64``; the shipped set's X-ray encoder makes vectors of the same dimension) (the same
     preprocessing contract the workers use). The database is the ``train`` and ``val`` splits, the
     queries are the ``test`` split, each searched with k=10 within its own modality (as a viewer
     asks) and without a filter. Rows:

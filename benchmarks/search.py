@@ -23,7 +23,8 @@ What it compares
     Goal: filtered p99 <= 10 ms at 100k.
 
 ``--million``: exact search vs HNSW vs int8 at 1M points on real embeddings
-    The shipped encoder (``models/weights``, 48-d) embeds every image and EEG segment of
+    The shipped default encoder (``ours-ae64``, 48-d; the X-ray encoder of the shipped set makes
+    48-d vectors too, so the dimension and the index cost are the same) embeds every image and EEG segment of
     ``../shared/data`` (the workers' preprocessing contract; the embeddings are cached in a temp
     file, ``$TMPDIR/cbmir-search-embeddings-*.npz``, for later runs). The ``train`` and ``val``
     embeddings are the sources of the database; it reaches 1,000,000 points with **jittered copies**

@@ -121,7 +121,16 @@ def card_markdown(card: dict[str, Any]) -> str:
                     f"| {modality} | {source}: {about.get('what', '')} | {about.get('who', '')} | {counts} |"
                 )
         lines += [""]
-    metrics = card.get("metrics", {})
+    lines += performance_lines(card.get("metrics", {}))
+    lines += ["## Limitations", "", card.get("limitations", ""), ""]
+    if card.get("note"):
+        lines += ["## Note", "", card["note"], ""]
+    return "\n".join(lines)
+
+
+def performance_lines(metrics: dict[str, Any]) -> list[str]:
+    """The card's performance section (val and test rows) and held-out sources section."""
+    lines: list[str] = []
     if "val" in metrics or "test" in metrics:
         lines += [
             "## Performance (finding-level mAP@10; modality-level P@20)",
@@ -173,10 +182,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         for modality, source in cross["single_source"].items():
             lines.append(f"| {modality} | {source} | no second source in the data | - | - |")
         lines += [""]
-    lines += ["## Limitations", "", card.get("limitations", ""), ""]
-    if card.get("note"):
-        lines += ["## Note", "", card["note"], ""]
-    return "\n".join(lines)
+    return lines
 
 
 def refresh_card(

@@ -57,7 +57,10 @@ def evaluate_retriever(
     if isinstance(retriever, NumpyRetriever) and retriever.keys == [r.key for r in database]:
         # fast path, same result as search_many: indices instead of keys
         rankings = retriever.search_indices(
-            [q.key for q in queries], retriever.embed_items(list(queries)), depth
+            [q.key for q in queries],
+            retriever.embed_items(list(queries)),
+            depth,
+            [q.modality for q in queries],
         )
     else:
         if hasattr(retriever, "search_many"):
@@ -298,7 +301,7 @@ def run_evaluation(
     pr_depth: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write ``metrics.json`` / ``report.md`` / plots; returns the metrics dict."""
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,8 +314,8 @@ def run_evaluation(
         database = select_subset(database, subset, seed + 1)
     if not queries or not database:
         raise ValueError(f"no queries ({len(queries)}) or no database items ({len(database)}) in {data_dir}")
-    encoder = OnnxEncoder(model_path, device=device)
-    if not encoder.card.get("trained", False):
+    encoder = EncoderSet.load(model_path, device=device)
+    if not encoder.trained:
         logger.warning("model %s is UNTRAINED: numbers are for wiring checks only", encoder.model_path.name)
     retriever = retriever or NumpyRetriever(encoder, progress=True)
     depth = len(database) if pr_depth is None else max(pr_depth, METRICS_DEPTH)
@@ -326,9 +329,14 @@ def run_evaluation(
             "model": {
                 "name": encoder.card.get("name"),
                 "version": encoder.version,
-                "trained": bool(encoder.card.get("trained", False)),
+                "trained": encoder.trained,
                 "path": str(encoder.model_path),
                 "sha256": sha256_file(encoder.model_path),
+                "encoders": {
+                    m.model_path.name: {"version": m.version, "sha256": sha256_file(m.model_path)}
+                    for m in encoder.members()
+                },
+                "routes": {m: e.model_path.name for m, e in encoder.by_modality.items()},
                 "providers": encoder.providers,
                 "dim": encoder.dim,
             },
@@ -355,9 +363,7 @@ def run_evaluation(
         _plot_pr(curves, out_dir / "pr_curves.png", f"{encoder.card.get('name')}: finding-level PR")
         plot_files["Precision-recall per modality (finding level)"] = "pr_curves.png"
         metrics["pr_curves"] = {"recall": RECALL_GRID.tolist(), **{m: v.tolist() for m, v in curves.items()}}
-        _plot_grid(
-            queries, database, rankings, out_dir / "query_grid.jpg", encoder.contract.eeg_render, seed=seed
-        )
+        _plot_grid(queries, database, rankings, out_dir / "query_grid.jpg", encoder.eeg_render, seed=seed)
         plot_files["Queries and their top 5"] = "query_grid.jpg"
         db_emb = (
             retriever.embeddings
@@ -390,11 +396,11 @@ def cross_site_evaluation(
     (held out), and, as the in-site reference, the training sources' ``val`` rows. Modalities
     with one source are listed under ``single_source``: the data cannot test them off site.
     """
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
 
     data_dir = Path(data_dir)
     records = data_mod.read_manifest(data_dir)
-    encoder = OnnxEncoder(model_path, device=device)
+    encoder = EncoderSet.load(model_path, device=device)
     result: dict[str, Any] = {
         "model": {"version": encoder.version, "sha256": data_mod.sha256_file(encoder.model_path)},
         "manifest_sha256": data_mod.manifest_sha256(data_dir),

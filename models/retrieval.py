@@ -11,10 +11,13 @@ A :class:`Retriever` is anything with::
 and optionally ``search_many(items, k) -> list[list[str]]`` (same result, batched). Items are
 :class:`models.data.Record` (``key``, absolute ``path``, ``modality``, ``label``, ``split``).
 The offline :class:`NumpyRetriever` embeds each picture with ``models.data.load_picture`` ->
-``models.preprocess.to_model_input`` -> ``OnnxEncoder.embed`` and ranks the whole database (no
-modality filter) by exact Euclidean distance computed in float64, ties broken by database order
-(the order given to ``index``). A service-backed retriever (ingest + gRPC search) must index the
-same pictures with the same encoder and search the whole collection without filters to give the
+``models.preprocess.to_model_input`` -> ``OnnxEncoder.embed`` (the encoder and contract of the
+picture's modality, when the model is an :class:`~models.runtime.EncoderSet` with one encoder per
+modality) and ranks the whole database (no modality filter) by exact Euclidean distance computed in
+float64, ties broken by database order (the order given to ``index``). With several encoders, a
+query is ranked only against the database items its own encoder embedded, since distances across
+encoders mean nothing (the service does the same). A service-backed retriever (ingest + gRPC
+search) must index the same pictures with the same encoders and search without filters to give the
 same numbers; float32 distance arithmetic in a vector store may swap exact near-ties.
 """
 
@@ -30,7 +33,7 @@ from models.data import Record, load_picture
 from models.preprocess import to_model_input
 
 if TYPE_CHECKING:
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet, OnnxEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +78,14 @@ def rank_euclidean(
 class NumpyRetriever:
     """Offline brute-force retriever over ONNX embeddings (see module docstring)."""
 
-    def __init__(self, encoder: OnnxEncoder, batch_size: int = 64, progress: bool = False):
-        self.encoder = encoder
+    def __init__(self, encoder: OnnxEncoder | EncoderSet, batch_size: int = 64, progress: bool = False):
+        from models.runtime import EncoderSet
+
+        self.encoder = encoder if isinstance(encoder, EncoderSet) else EncoderSet(encoder)
         self.batch_size = batch_size
         self.progress = progress
         self.keys: list[str] = []
+        self.modalities: list[str] = []
         self.embeddings = np.zeros((0, 0), dtype=np.float32)
         self._position: dict[str, int] = {}
 
@@ -93,39 +99,74 @@ class NumpyRetriever:
             starts = tqdm(starts, desc="embed", unit="batch", leave=False)
         for start in starts:
             chunk = items[start : start + self.batch_size]
-            batch = np.stack(
-                [
-                    to_model_input(
-                        load_picture(it.path, it.modality, eeg_render=self.encoder.contract.eeg_render),
-                        self.encoder.contract,
-                    )
-                    for it in chunk
-                ]
-            )
-            out[start : start + len(chunk)] = self.encoder.embed(batch)
+            rows = [
+                to_model_input(
+                    load_picture(it.path, it.modality, eeg_render=self.encoder.eeg_render),
+                    self.encoder.for_modality(it.modality).contract,
+                )[None]
+                for it in chunk
+            ]
+            vectors = self.encoder.embed_each(rows, [it.modality for it in chunk])
+            out[start : start + len(chunk)] = np.concatenate(vectors)
         return out
 
-    def index_embeddings(self, keys: Sequence[str], embeddings: np.ndarray) -> None:
+    def index_embeddings(
+        self, keys: Sequence[str], embeddings: np.ndarray, modalities: Sequence[str] | None = None
+    ) -> None:
+        """Make these embeddings the database (``modalities``: one per key, needed with several encoders)."""
         if len(set(keys)) != len(keys):
             raise ValueError("database keys must be unique")
+        self.modalities = list(modalities) if modalities is not None else []
         self.keys = list(keys)
         self.embeddings = np.asarray(embeddings, dtype=np.float32)
         self._position = {key: i for i, key in enumerate(self.keys)}
 
     def index(self, items: Sequence[Record]) -> None:
-        self.index_embeddings([it.key for it in items], self.embed_items(items))
+        self.index_embeddings(
+            [it.key for it in items], self.embed_items(items), [it.modality for it in items]
+        )
 
-    def search_embeddings(self, keys: Sequence[str], embeddings: np.ndarray, k: int) -> list[list[str]]:
-        order = self.search_indices(keys, embeddings, k)
-        return [[self.keys[i] for i in row] for row in order]
+    def search_embeddings(
+        self, keys: Sequence[str], embeddings: np.ndarray, k: int, modalities: Sequence[str] | None = None
+    ) -> list[list[str]]:
+        order = self.search_indices(keys, embeddings, k, modalities)
+        return [[self.keys[i] for i in row if i >= 0] for row in order]
 
-    def search_indices(self, keys: Sequence[str], embeddings: np.ndarray, k: int) -> np.ndarray:
-        """Like :meth:`search_embeddings`, as indices into the indexed order."""
+    def search_indices(
+        self, keys: Sequence[str], embeddings: np.ndarray, k: int, modalities: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Like :meth:`search_embeddings`, as indices into the indexed order.
+
+        With several encoders, each query (of ``modalities``, one per query) is ranked against the
+        database items of its own encoder only; a row shorter than the others ends with -1.
+        """
         exclude = [self._position.get(key) for key in keys]
-        return rank_euclidean(embeddings, self.embeddings, k, exclude)
+        if not self.encoder.routed:
+            return rank_euclidean(embeddings, self.embeddings, k, exclude)
+        if modalities is None or len(modalities) != len(keys) or len(self.modalities) != len(self.keys):
+            raise ValueError(
+                "a model with several encoders ranks within each encoder: give the queries' modalities, "
+                "and index the database with index(items)"
+            )
+        from models.data import MODALITIES
+
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for q, modality in enumerate(modalities):
+            groups.setdefault(self.encoder.comparable(modality, MODALITIES), []).append(q)
+        out = np.full((len(keys), min(k, len(self.keys))), -1, dtype=np.int64)
+        database_modalities = np.array(self.modalities, dtype=object)
+        for allowed, members in groups.items():
+            rows = np.flatnonzero(np.isin(database_modalities, list(allowed)))
+            position = {int(row): j for j, row in enumerate(rows)}
+            own = [None if (e := exclude[q]) is None else position.get(e) for q in members]
+            order = rank_euclidean(embeddings[members], self.embeddings[rows], k, own)
+            out[members, : order.shape[1]] = rows[order]
+        return out
 
     def search_many(self, items: Sequence[Record], k: int) -> list[list[str]]:
-        return self.search_embeddings([it.key for it in items], self.embed_items(items), k)
+        return self.search_embeddings(
+            [it.key for it in items], self.embed_items(items), k, [it.modality for it in items]
+        )
 
     def search(self, item: Record, k: int) -> list[str]:
         return self.search_many([item], k)[0]

@@ -5,6 +5,10 @@ A model is ``<name>.onnx`` plus two sidecars beside it: ``<name>.card.json`` (mo
 ``image``, float32 ``(N, 1, S, S)`` with a dynamic batch axis; the output ``embedding`` is float32
 ``(N, dim)``. ``models/weights/default.json`` names the model the workers load by default.
 
+A model may also be a set of encoders, one per modality: a routes file ``<name>.routes.json`` beside
+the ONNX files names the encoder of each routed modality and the default one for the rest
+(:class:`EncoderSet`). Services load either kind with :func:`load_encoders`.
+
 Typical use::
 
     enc = OnnxEncoder()                       # default model, CUDA if usable, else CPU
@@ -16,11 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.data import EEG, MODALITIES
 from models.errors import ConfigError, InvalidInput, NotFound
 from models.preprocess import PreprocessContract
 
@@ -31,6 +37,7 @@ DEFAULT_POINTER = WEIGHTS_DIR / "default.json"
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 DEVICES = ("auto", "cpu", "cuda")
+ROUTES_SUFFIX = ".routes.json"
 
 
 class ModelNotFound(NotFound):
@@ -55,6 +62,19 @@ def default_model_path() -> Path:
     return WEIGHTS_DIR / pointer["model"]
 
 
+def is_routes_file(path: str | Path) -> bool:
+    """Whether ``path`` names an encoder set (``<name>.routes.json``) rather than one ONNX file."""
+    return Path(path).name.endswith(ROUTES_SUFFIX)
+
+
+def default_onnx_path() -> Path:
+    """The default model's ONNX file: the model itself, or its default encoder when it is a set."""
+    path = default_model_path()
+    if not is_routes_file(path):
+        return path
+    return path.with_name(str(_read_json(path, "encoder routes").get("default", {}).get("file", "")))
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -70,6 +90,26 @@ def load_sidecars(model_path: str | Path) -> tuple[dict[str, Any], PreprocessCon
     card = _read_json(card_path, "model card")
     contract = PreprocessContract.from_dict(_read_json(contract_path, "preprocessing contract"))
     return card, contract
+
+
+def model_version(model_path: str | Path | None = None) -> str:
+    """The version a model (an ONNX file or a routes file) writes into the index, read from its
+    card or routes file without loading any session."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if is_routes_file(path):
+        return str(_read_json(path, "encoder routes").get("version", "unknown"))
+    return str(load_sidecars(path)[0].get("version", "unknown"))
+
+
+def model_eeg_render(model_path: str | Path | None = None) -> str:
+    """How a model (an ONNX file or a routes file) draws an EEG, read from the contract of the
+    encoder that embeds EEG, without loading any session."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    if is_routes_file(path):
+        routes = _read_json(path, "encoder routes")
+        entry = dict(routes.get("modalities", {})).get(EEG) or routes.get("default") or {}
+        path = path.with_name(str(entry.get("file", "")))
+    return load_sidecars(path)[1].eeg_render
 
 
 def choose_providers(device: str) -> list[str]:
@@ -114,7 +154,7 @@ class OnnxEncoder:
     ):
         import onnxruntime as ort
 
-        self.model_path = Path(model_path) if model_path is not None else default_model_path()
+        self.model_path = Path(model_path) if model_path is not None else default_onnx_path()
         if not self.model_path.is_file():
             raise ModelNotFound(f"ONNX model missing: {self.model_path}")
         self.card, self.contract = load_sidecars(self.model_path)
@@ -169,3 +209,151 @@ class OnnxEncoder:
 
     def __repr__(self) -> str:
         return f"OnnxEncoder({str(self.model_path)!r}, version={self.version!r}, providers={self.providers})"
+
+
+class EncoderSet:
+    """The model a service runs: one ONNX encoder for every modality, or one per routed modality.
+
+    A routes file ``<name>.routes.json`` (beside its ONNX files) reads::
+
+        {"name": "ours", "version": "2.0.0",
+         "default": {"file": "ours-ae64.onnx", "version": "1.2.0"},
+         "modalities": {"xray": {"file": "ours-xray-effl0.onnx", "version": "1.0.0"}}}
+
+    Each member keeps its own preprocessing contract and card. All members make vectors of one
+    dimension, since one index (partitioned by modality) holds them, and each member's card must
+    carry the version the file names, so the set's version (the index's model version) changes with
+    any member. Distances between two members' vectors mean nothing: :meth:`comparable` says which
+    modalities a query of one modality may be compared with.
+    """
+
+    def __init__(
+        self,
+        default: OnnxEncoder,
+        by_modality: dict[str, OnnxEncoder] | None = None,
+        *,
+        version: str | None = None,
+        model_path: Path | None = None,
+        card: dict[str, Any] | None = None,
+    ):
+        self.default = default
+        self.by_modality = dict(by_modality or {})
+        unknown = sorted(set(self.by_modality) - set(MODALITIES))
+        if unknown:
+            raise ConfigError(
+                f"encoder routes name unknown modalities {unknown}; known: {', '.join(MODALITIES)}"
+            )
+        dims = {encoder.model_path.name: encoder.dim for encoder in self.members()}
+        if len(set(dims.values())) > 1:
+            raise ConfigError(f"the encoders of one set must make vectors of one dimension, got {dims}")
+        self.dim = default.dim
+        self.version = version or default.version
+        self.model_path = model_path or default.model_path
+        self.card = card if card is not None else default.card
+        self.providers = default.providers
+
+    @classmethod
+    def load(
+        cls, model_path: str | Path | None = None, device: str = "auto", intra_op_threads: int | None = None
+    ) -> EncoderSet:
+        """The set named by a routes file, or a set of the one encoder an ONNX file holds."""
+        path = Path(model_path) if model_path is not None else default_model_path()
+        if not is_routes_file(path):
+            return cls(OnnxEncoder(path, device=device, intra_op_threads=intra_op_threads))
+        routes = _read_json(path, "encoder routes")
+        loaded: dict[str, OnnxEncoder] = {}
+
+        def member(entry: Any, what: str) -> OnnxEncoder:
+            if not isinstance(entry, dict) or not entry.get("file") or not entry.get("version"):
+                raise ConfigError(f"{path}: {what} must be {{'file': ..., 'version': ...}}, got {entry!r}")
+            name = str(entry["file"])
+            if name not in loaded:  # a file routed twice is one session
+                loaded[name] = OnnxEncoder(
+                    path.with_name(name), device=device, intra_op_threads=intra_op_threads
+                )
+            if loaded[name].version != str(entry["version"]):
+                raise ConfigError(
+                    f"{path}: {what} is {name} version {entry['version']}, but its card says "
+                    f"{loaded[name].version}: the routes and the encoders do not belong together"
+                )
+            return loaded[name]
+
+        version = routes.get("version")
+        if not version:
+            raise ConfigError(f"{path}: the routes file names no version")
+        default = member(routes.get("default"), "the default encoder")
+        by_modality = {
+            m: member(e, f"the {m} encoder") for m, e in dict(routes.get("modalities", {})).items()
+        }
+        return cls(default, by_modality, version=str(version), model_path=path, card=routes)
+
+    @property
+    def routed(self) -> bool:
+        """Whether more than one encoder embeds (then queries stay within comparable modalities)."""
+        return any(encoder is not self.default for encoder in self.by_modality.values())
+
+    def for_modality(self, modality: str) -> OnnxEncoder:
+        """The encoder of a normalised modality (the default one for any modality not routed)."""
+        return self.by_modality.get(modality, self.default)
+
+    def members(self) -> list[OnnxEncoder]:
+        """Each encoder once, the default first."""
+        out = [self.default]
+        for encoder in self.by_modality.values():
+            if all(encoder is not seen for seen in out):
+                out.append(encoder)
+        return out
+
+    def comparable(self, modality: str, vocabulary: tuple[str, ...]) -> tuple[str, ...]:
+        """The modalities of ``vocabulary`` whose vectors come from the encoder of ``modality``."""
+        encoder = self.for_modality(modality)
+        return tuple(m for m in vocabulary if self.for_modality(m) is encoder)
+
+    @property
+    def trained(self) -> bool:
+        """Whether every encoder's card says it was trained (an untrained one only checks wiring)."""
+        return all(bool(encoder.card.get("trained", False)) for encoder in self.members())
+
+    @property
+    def eeg_render(self) -> str:
+        """How the EEG encoder's contract draws a signal (what an EEG becomes before preprocessing)."""
+        return self.for_modality(EEG).contract.eeg_render
+
+    def embed(self, batch: np.ndarray, modality: str) -> np.ndarray:
+        """Contract inputs of one modality -> its encoder's vectors."""
+        return self.for_modality(modality).embed(batch)
+
+    def embed_each(
+        self,
+        inputs: Sequence[np.ndarray],
+        modalities: Sequence[str],
+        run: Callable[[OnnxEncoder, np.ndarray], np.ndarray] | None = None,
+    ) -> list[np.ndarray]:
+        """The vectors of several items' input rows (each item's own contract), in their order.
+
+        The rows of all items of one encoder go through one ``run(encoder, rows)``
+        (default: ``encoder.embed``), so mixed modalities cost one call per encoder.
+        """
+        run = run or (lambda encoder, rows: encoder.embed(rows))
+        out: list[np.ndarray] = [np.zeros((0, self.dim), np.float32) for _ in inputs]
+        for encoder in self.members():
+            mine = [i for i, m in enumerate(modalities) if self.for_modality(m) is encoder and len(inputs[i])]
+            if not mine:
+                continue
+            vectors = run(encoder, np.concatenate([inputs[i] for i in mine]))
+            start = 0
+            for i in mine:
+                out[i] = vectors[start : start + len(inputs[i])]
+                start += len(inputs[i])
+        return out
+
+    def __repr__(self) -> str:
+        routes = {m: e.model_path.name for m, e in self.by_modality.items()}
+        return f"EncoderSet({self.default.model_path.name!r}, routes={routes}, version={self.version!r})"
+
+
+def load_encoders(
+    model_path: str | Path | None = None, device: str = "auto", intra_op_threads: int | None = None
+) -> EncoderSet:
+    """The model a service runs (:meth:`EncoderSet.load`): an ONNX file or a routes file."""
+    return EncoderSet.load(model_path, device=device, intra_op_threads=intra_op_threads)

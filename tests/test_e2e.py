@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 import signal
 
+import grpc
 import pytest
 
+from models.runtime import EncoderSet
+from services.core.vocabulary import MODALITIES
 from services.query.client import SearchClient
 from tests import support
 
@@ -31,13 +34,24 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
         assert by_bytes.hits[0].sop_instance_uid == uid
         assert by_bytes.hits[0].distance == pytest.approx(0.0, abs=1e-3)
         assert [h.distance for h in by_uid.hits] == sorted(h.distance for h in by_uid.hits)
-    # The modality filter keeps exactly the asked modality, across every indexed instance.
+    # The modality filter keeps exactly the asked modality, across every indexed instance. With no
+    # filter, a query is compared with the modalities its own encoder embeds (the shipped model
+    # has one for X-ray and one for the rest); a filter naming another encoder's modality is refused.
+    encoders = EncoderSet.load(device="cpu")  # the model the service runs: the shipped default
+    assert encoders.routed
     for wanted in ("xray", "mri", "other"):
         expected = {uid for uid, modality in uids.items() if modality == wanted}
-        hits = client.search(
-            sop_instance_uid=next(iter(uids)), k=50, modalities=[wanted], exclude_self=False
-        ).hits
+        query_uid = sorted(expected)[0]
+        hits = client.search(sop_instance_uid=query_uid, k=50, modalities=[wanted], exclude_self=False).hits
         assert {h.sop_instance_uid for h in hits} == expected
+        comparable = set(encoders.comparable(wanted, MODALITIES))
+        unfiltered = client.search(sop_instance_uid=query_uid, k=50, exclude_self=False).hits
+        assert {h.sop_instance_uid for h in unfiltered} == {u for u, m in uids.items() if m in comparable}
+        foreign = sorted({"xray", "mri", "other"} - comparable)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.search(sop_instance_uid=query_uid, k=5, modalities=foreign)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not comparable" in (refused.value.details() or "")
     stats = client.stats()
     assert stats.total == len(files)
     assert stats.quarantined == 0

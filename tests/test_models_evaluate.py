@@ -115,12 +115,13 @@ def test_service_style_retriever_matches_numpy_retriever(data_dir):
 
 @pytest.mark.slow
 def test_default_model_reproduces_its_recorded_subset_numbers(tmp_path):
-    """The card of the shipped model records a subset evaluation; rerunning it must match."""
+    """The card (or routes file) of the shipped model records a subset evaluation; rerunning it must
+    match."""
     if not (shared_data_dir() / "manifest.csv").is_file():
         pytest.skip("shared data not available")
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
 
-    card = OnnxEncoder(device="cpu").card
+    card = EncoderSet.load(device="cpu").card
     reference = card.get("metrics", {}).get("subset_check")
     if not reference:
         pytest.skip("the default model's card records no subset check")
@@ -196,9 +197,9 @@ def test_default_model_cross_site_numbers_match_its_card():
         pytest.skip("shared data not available")
     from models.data import manifest_sha256
     from models.evaluate import cross_site_evaluation
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
 
-    reference = OnnxEncoder(device="cpu").card.get("metrics", {}).get("cross_site")
+    reference = EncoderSet.load(device="cpu").card.get("metrics", {}).get("cross_site")
     if not reference:
         pytest.skip("the default model's card records no cross-site check")
     if reference["manifest_sha256"] != manifest_sha256(shared_data_dir()):

@@ -229,9 +229,9 @@ def test_full_disk_answers_a700_keeps_everything_alive_and_recovers(
         "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
         "frame_number": 1,
     }
-    from models.runtime import default_model_path, load_sidecars
+    from models.runtime import default_onnx_path, load_sidecars
 
-    dim = int(load_sidecars(default_model_path())[0]["embedding_dim"])
+    dim = int(load_sidecars(default_onnx_path())[0]["embedding_dim"])
     writer = RemoteIndexWriter(f"unix:{data / 'index-writer.sock'}", timeout_s=10)
     with pytest.raises(BackendUnavailable, match="refuses writes"):
         writer.upsert([IndexPoint(point_id("1.2.3.7"), [0.0] * dim, payload)], client.stats().model_version)

@@ -273,9 +273,9 @@ def test_dicom_tls_only_serves_no_plain_port(data_dir, procs, tmp_path, ca, need
 
 
 def _model_dim() -> int:
-    from models.runtime import default_model_path, load_sidecars
+    from models.runtime import default_onnx_path, load_sidecars
 
-    return int(load_sidecars(default_model_path())[0]["embedding_dim"])
+    return int(load_sidecars(default_onnx_path())[0]["embedding_dim"])
 
 
 def _point(uid: str, dim: int, **payload):

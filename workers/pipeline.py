@@ -2,7 +2,8 @@
 
 A task carries a batch of spool names; the batch is decoded one by one, embedded in encoder calls
 of ``CBMIR_BATCH_SIZE`` rows and upserted in one index write. One instance's failure does not fail
-the others.
+the others. Each instance goes through the encoder (and preprocessing contract) of its normalised
+modality (:class:`models.runtime.EncoderSet`).
 
 Built once per worker process (the ONNX session included) and shared by its task threads.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.runtime import OnnxEncoder
+from models.runtime import EncoderSet, OnnxEncoder
 from services.core import metrics
 from services.core.config import WorkerSettings
 from services.core.errors import BackendUnavailable, ConfigError, InvalidInput, StorageError
@@ -66,23 +67,30 @@ class _Decoded:
     header: InstanceHeader
     frame_numbers: list[int]
     inputs: np.ndarray  # the encoder's input rows, one per frame
+    modality: str  # normalised: names the encoder
 
 
 class EmbeddingPipeline:
-    """Per-process state: spool, encoder session, batcher, index writer."""
+    """Per-process state: spool, encoder sessions (one batcher each), index writer."""
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.spool = Spool(settings.layout)
         self.library = ReferenceLibrary(settings.layout)
-        self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
+        self.encoder = EncoderSet.load(settings.model.model_path, device=settings.model.device)
         logger.info(
-            "worker encoder %s version %s runs on %s",
+            "worker model %s version %s runs on %s",
             self.encoder.model_path.name,
             self.encoder.version,
             self.encoder.providers[0],
         )
-        self.batcher = MicroBatcher(self.encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0)
+        # one batcher per encoder session: concurrent tasks' rows of one encoder share its calls
+        self.batchers = {
+            encoder.model_path.name: MicroBatcher(
+                encoder.embed, settings.batch_size, settings.batch_wait_ms / 1000.0
+            )
+            for encoder in self.encoder.members()
+        }
         # the points of tasks finishing together go to the index in one write (one flush)
         self.writer: GroupWriter[IndexPoint] = GroupWriter(self._write_points, max_items=4096)
         self.limits = DecodeLimits.from_settings(settings.decode)
@@ -101,7 +109,8 @@ class EmbeddingPipeline:
         """Run the encoder once and load the pixel decoders, so the first task does not pay for it."""
         import pydicom.pixels  # noqa: F401 - imported for its side effect: the decoders are loaded
 
-        self.encoder.embed(np.zeros((1, *self.encoder.input_shape), np.float32))
+        for encoder in self.encoder.members():
+            encoder.embed(np.zeros((1, *encoder.input_shape), np.float32))
 
     # ------------------------------------------------------------------------------------------
     def locate(self, spool_name: str) -> Path | None:
@@ -136,16 +145,10 @@ class EmbeddingPipeline:
         clock.lap("decode")
         if not decoded:
             return result
-        inputs = np.concatenate([item.inputs for item in decoded])
-        step = self.settings.batch_size  # rows per encoder call: bounds the memory of a batch
-        vectors = np.concatenate(
-            [self.batcher.submit(inputs[i : i + step]) for i in range(0, len(inputs), step)]
-        )
+        vectors = self._embed(decoded)
         clock.lap("embed")
-        points, start = [], 0
-        for item in decoded:
-            rows = vectors[start : start + len(item.inputs)]
-            start += len(item.inputs)
+        points = []
+        for item, rows in zip(decoded, vectors, strict=True):
             if self.spool.erased_recently(item.path.name):
                 result.erased.append(item.path.name)
                 continue
@@ -173,6 +176,16 @@ class EmbeddingPipeline:
                 metrics.INSTANCES_INDEXED.labels(metrics.slug(item.header.modality)).inc()
         return result
 
+    def _embed(self, decoded: list[_Decoded]) -> list[np.ndarray]:
+        """Each instance's vectors: its modality's encoder, through that encoder's batcher."""
+        step = self.settings.batch_size  # rows per encoder call: bounds the memory of a batch
+
+        def run(encoder: OnnxEncoder, rows: np.ndarray) -> np.ndarray:
+            batcher = self.batchers[encoder.model_path.name]
+            return np.concatenate([batcher.submit(rows[j : j + step]) for j in range(0, len(rows), step)])
+
+        return self.encoder.embed_each([d.inputs for d in decoded], [d.modality for d in decoded], run)
+
     def _write_points(self, points: list[IndexPoint]) -> None:
         # erasures checked again just before the write: a write can wait behind another group's write
         erased = {
@@ -195,9 +208,9 @@ class EmbeddingPipeline:
                 frames=self.settings.decode.frames,
                 limits=self.limits,
                 patient_key_secret=self.settings.patient_key_secret,
-                eeg_render=self.encoder.contract.eeg_render,
+                eeg_render=self.encoder.eeg_render,
             )
-            inputs = model_inputs(frames, self.encoder.contract)
+            inputs = model_inputs(frames, self.encoder.for_modality(header.modality).contract)
         except InvalidInput as exc:
             result.invalid[path.name] = exc
             return None
@@ -207,7 +220,7 @@ class EmbeddingPipeline:
         except Exception as exc:  # noqa: BLE001 - a bug with this instance: handled on its own
             result.failed[path.name] = exc
             return None
-        return _Decoded(path, header, [frame.frame_number for frame in frames], inputs)
+        return _Decoded(path, header, [frame.frame_number for frame in frames], inputs, header.modality)
 
     def archive(self, spool_name: str) -> None:
         """Move the indexed object from incoming to the archive."""
@@ -224,7 +237,8 @@ class EmbeddingPipeline:
 
     def close(self) -> None:
         """Stop the batcher and close the index connection (at worker shutdown)."""
-        self.batcher.close()
+        for batcher in self.batchers.values():
+            batcher.close()
         self.writer.close()
         if self._remote is not None:
             self._remote.close()

@@ -133,8 +133,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "Embedded index: quiet seconds after the last write before a graph is built (at most 30x longer).",
     ),
     "CBMIR_MODEL_PATH": (
-        "(the encoder shipped in models/weights)",
-        "ONNX encoder the workers and the query service load.",
+        "(the model shipped in models/weights)",
+        "The model the workers and the query service load: one ONNX encoder, or a routes file "
+        '(`<name>.routes.json`) naming one encoder per modality (see "Data and models").',
     ),
     "CBMIR_DEVICE": ("auto", "auto, cpu or cuda: execution provider preference of onnxruntime."),
     "CBMIR_BATCH_SIZE": ("16", "Largest encoder batch a worker process forms from waiting tasks."),
@@ -455,7 +456,8 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which encoder to load, and where to run it."""
+    """Which model to load (an ONNX encoder, or a ``.routes.json`` set of one encoder per modality),
+    and where to run it."""
 
     model_path: Path | None
     device: str

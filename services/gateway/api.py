@@ -78,7 +78,10 @@ class SearchQuery(BaseModel):
     modalities: list[str] = Field(
         default_factory=list,
         max_length=len(MODALITIES),
-        description="restrict hits to these modalities; empty: all",
+        description=(
+            "restrict hits to these modalities; empty: all that are comparable with the query (with one "
+            "encoder per modality, those its encoder embeds; another encoder's modality is refused)"
+        ),
         json_schema_extra={"items": {"type": "string", "enum": list(MODALITIES)}},
     )
     group_by: str = Field(

@@ -72,7 +72,7 @@ def _admin_call(args: argparse.Namespace) -> Iterator[Call]:
 
 
 def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
-    from models.runtime import OnnxEncoder
+    from models.runtime import model_version
     from services.ingest.dispatch import TaskDispatcher
     from services.ingest.spool import Spool
 
@@ -82,7 +82,6 @@ def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
     settings = WorkerSettings.from_env(env)
     if not settings.layout.root.is_dir():
         raise ConfigError(f"{settings.layout.root} is not a data folder")
-    encoder = OnnxEncoder(settings.model.model_path, device="cpu")
     index = open_local_index(settings.index)
     dispatcher: list[TaskDispatcher] = []
 
@@ -94,7 +93,7 @@ def _local_maintenance(data_dir: Path | None) -> IndexMaintenance:
     return IndexMaintenance(
         index,
         Spool(settings.layout),
-        model_version=encoder.version,
+        model_version=model_version(settings.model.model_path),
         send=send,
         patient_key_secret=settings.patient_key_secret,
     )

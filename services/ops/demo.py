@@ -291,13 +291,12 @@ def run(args: argparse.Namespace) -> int:
 def _query_png(path: Path) -> bytes | None:
     """The query's thumbnail, rendered here through the same display pipeline as the hits'
     (an EEG drawn by the served model's render)."""
-    from models.runtime import default_model_path, load_sidecars
+    from models.runtime import model_eeg_render
     from services.core.config import ModelSettings
     from services.dicom.decode import decode_for_embedding
 
     try:
-        model_path = ModelSettings.from_env(os.environ).model_path or default_model_path()
-        eeg_render = load_sidecars(model_path)[1].eeg_render
+        eeg_render = model_eeg_render(ModelSettings.from_env(os.environ).model_path)
         _, frames = decode_for_embedding(path, frames="middle", eeg_render=eeg_render)
     except CbmirError:
         return None

@@ -99,13 +99,13 @@ def _report(state: ReindexState | admin_pb2.ReindexStatus, alias: str) -> int:
 
 
 def _in_this_process(settings: WorkerSettings, drop_old: bool) -> ReindexState:
-    from models.runtime import OnnxEncoder
+    from models.runtime import EncoderSet
     from services.ops.admin import open_local_index
     from services.query.reindex import ReindexJob
 
     index = open_local_index(settings.index)
     try:
-        encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
+        encoder = EncoderSet.load(settings.model.model_path, device=settings.model.device)
         job = ReindexJob.for_settings(
             index,
             Spool(settings.layout),

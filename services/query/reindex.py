@@ -27,9 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from models.runtime import OnnxEncoder
+from models.runtime import EncoderSet
 from services.core.config import DecodeSettings, FramePolicy, IndexSettings
 from services.core.errors import CbmirError, ConfigError
 from services.core.files import fsync_dir
@@ -71,7 +69,7 @@ class ReindexJob:
         self,
         index: VectorIndex,
         spool: Spool,
-        encoder: OnnxEncoder,
+        encoder: EncoderSet,
         *,
         alias: str,
         limits: DecodeLimits,
@@ -103,7 +101,7 @@ class ReindexJob:
         cls,
         index: VectorIndex,
         spool: Spool,
-        encoder: OnnxEncoder,
+        encoder: EncoderSet,
         settings: IndexSettings,
         decode: DecodeSettings,
         patient_key_secret: bytes | None,
@@ -252,7 +250,7 @@ class ReindexJob:
                     frames=self.frames,
                     limits=self.limits,
                     patient_key_secret=self.secret,
-                    eeg_render=self.encoder.contract.eeg_render,
+                    eeg_render=self.encoder.eeg_render,
                 )
             except CbmirError as exc:
                 if exc.reason == "no-such-file":
@@ -276,19 +274,23 @@ class ReindexJob:
     ) -> None:
         if not batch:
             return
-        inputs = np.concatenate([model_inputs(frames, self.encoder.contract) for _, frames, _ in batch])
-        vectors = self.encoder.embed(inputs)
-        start, points = 0, []
-        for header, frames, name in batch:
+        vectors = self.encoder.embed_each(
+            [
+                model_inputs(frames, self.encoder.for_modality(header.modality).contract)
+                for header, frames, _ in batch
+            ],
+            [header.modality for header, _, _ in batch],
+        )
+        points = []
+        for (header, frames, name), rows in zip(batch, vectors, strict=True):
             points += index_points(
                 header,
                 [frame.frame_number for frame in frames],
-                vectors[start : start + len(frames)],
+                rows,
                 model_version=self.encoder.version,
                 spool_name=name,
                 finding=self.library.finding_for(header.sop_instance_uid, self.spool.archived_path(name)),
             )
-            start += len(frames)
         with self._erasure_lock:  # an object erased meanwhile is not written into the new collection
             kept = [p for p in points if not self.spool.erased_recently(str(p.payload.get("spool_name", "")))]
             self.index.upsert(kept, collection=self.state.target)

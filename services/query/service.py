@@ -39,7 +39,7 @@ from PIL import Image
 from typing_extensions import override
 
 from models.preprocess import decode_image_bytes, to_model_input
-from models.runtime import OnnxEncoder
+from models.runtime import EncoderSet
 from services.core import metrics
 from services.core.answers import DEFAULT_K, MAX_K
 from services.core.config import MetricsSettings, QuerySettings
@@ -211,7 +211,7 @@ class QueryEngine:
     def __init__(
         self,
         index: VectorIndex,
-        encoder: OnnxEncoder,
+        encoder: EncoderSet,
         spool: Spool,
         limits: DecodeLimits,
         *,
@@ -252,8 +252,9 @@ class QueryEngine:
                     self.collection = collection
         return self.collection
 
-    def _embed_image(self, image: np.ndarray) -> np.ndarray:
-        return self.encoder.embed(to_model_input(image, self.encoder.contract)[None])[0]
+    def _embed_image(self, image: np.ndarray, modality: str) -> np.ndarray:
+        encoder = self.encoder.for_modality(modality)
+        return encoder.embed(to_model_input(image, encoder.contract)[None])[0]
 
     @contextlib.contextmanager
     def _decode_slot(self, deadline_s: float | None) -> Iterator[None]:
@@ -287,9 +288,9 @@ class QueryEngine:
                     bytes(request.dicom),
                     frames="middle",
                     limits=self.limits,
-                    eeg_render=self.encoder.contract.eeg_render,
+                    eeg_render=self.encoder.eeg_render,
                 )
-                vector = self._embed_image(frames[0].image)
+                vector = self._embed_image(frames[0].image, header.modality)
             # the patient is the one the index knows for this instance, never one the upload names:
             # else a caller could learn which studies belong to any Patient ID it guesses
             stored = self._indexed_payload(header.sop_instance_uid)
@@ -309,7 +310,8 @@ class QueryEngine:
                 raise InvalidInput("image.data is empty")
             with self._decode_slot(deadline_s):
                 picture = decode_image_bytes(bytes(request.image.data), max_pixels=self.limits.max_pixels)
-                return Query(self._embed_image(picture), PB_TO_MODALITY[request.image.modality])
+                modality = PB_TO_MODALITY[request.image.modality]
+                return Query(self._embed_image(picture, modality), modality)
         uid = request.sop_instance_uid.strip()
         if not uid:
             raise InvalidInput("sop_instance_uid is empty")
@@ -327,7 +329,7 @@ class QueryEngine:
 
     def _hit_filter(self, request: search_pb2.SearchSimilarRequest, query: Query) -> tuple[HitFilter, bool]:
         """The filter the request asks for, and whether it leaves the query's own instance out."""
-        modalities = [PB_TO_MODALITY[value] for value in request.modalities]
+        modalities = self._searchable(query.modality, [PB_TO_MODALITY[value] for value in request.modalities])
         exclude_self = request.exclude_self if request.HasField("exclude_self") else query.indexed
         if request.exclude_same_study and not query.study_instance_uid:
             raise InvalidInput("exclude_same_study needs a query with a study (DICOM or an indexed UID)")
@@ -352,6 +354,27 @@ class QueryEngine:
             source=PB_TO_SOURCE.get(request.source),
         )
         return where, bool(exclude_self and query.indexed)
+
+    def _searchable(self, query_modality: str, requested: list[str]) -> list[str]:
+        """The modalities a query may be compared with (empty: all).
+
+        With one encoder per modality (a routed model), distances between two encoders' vectors
+        mean nothing: a query is compared only with the modalities its own encoder embeds. With no
+        filter, that is the search; a filter naming another encoder's modality is refused.
+        """
+        if not self.encoder.routed:
+            return requested
+        allowed = self.encoder.comparable(query_modality, MODALITIES)
+        if not requested:
+            return list(allowed)
+        foreign = [m for m in requested if m not in allowed]
+        if foreign:
+            raise InvalidInput(
+                f"a {query_modality} query can only be compared with {', '.join(allowed)}: model "
+                f"{self.encoder.version} embeds {', '.join(foreign)} with another encoder, whose "
+                "distances are not comparable"
+            )
+        return requested
 
     def search(
         self, request: search_pb2.SearchSimilarRequest, deadline_s: float | None = None
@@ -499,7 +522,7 @@ class QueryEngine:
         except FileNotFoundError:
             raise NotFound("the instance is indexed but its object is not in the archive") from None
         # the EEG render is part of what is drawn: a model with another render is another picture
-        version = f"{uids[2]}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder.contract.eeg_render}"
+        version = f"{uids[2]}:{stat.st_size}:{stat.st_mtime_ns}:{self.encoder.eeg_render}"
         etag = hashlib.sha256(f"{version}:{size}".encode()).hexdigest()[:32]
         cached = self._thumbnails.get(etag)
         if cached is not None:
@@ -520,7 +543,7 @@ class QueryEngine:
                         path,
                         frames="middle",
                         limits=self.render_limits,
-                        eeg_render=self.encoder.contract.eeg_render,
+                        eeg_render=self.encoder.eeg_render,
                     )
                     base = display_base(frames[0].image)
                     self._bases.put(version, base, base.width * base.height)
@@ -836,7 +859,7 @@ class QueryServer:
     def __init__(self, settings: QuerySettings):
         self.settings = settings
         self.policy = AccessPolicy.for_service(settings.access, settings.host)
-        self.encoder = OnnxEncoder(settings.model.model_path, device=settings.model.device)
+        self.encoder = EncoderSet.load(settings.model.model_path, device=settings.model.device)
         self.index = open_index(settings.index)
         limits = replace(
             DecodeLimits.from_settings(settings.decode),
