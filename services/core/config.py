@@ -134,8 +134,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     ),
     "CBMIR_MODEL_PATH": (
         "(the model shipped in models/weights)",
-        "The model the workers and the query service load: one ONNX encoder, or a routes file "
-        '(`<name>.routes.json`) naming one encoder per modality (see "Data and models").',
+        (
+            "The model the workers and the query service load: one ONNX encoder, or a routes file "
+            '(`<name>.routes.json`) naming one encoder per modality (see "Data and models").'
+        ),
     ),
     "CBMIR_DEVICE": ("auto", "auto, cpu or cuda: execution provider preference of onnxruntime."),
     "CBMIR_BATCH_SIZE": ("16", "Largest encoder batch a worker process forms from waiting tasks."),
