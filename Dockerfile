@@ -34,7 +34,7 @@ RUN test -f README.md || echo "# cbmir" > README.md \
  && pip install --no-cache-dir --no-deps --no-build-isolation /src
 WORKDIR /
 # Every entry point imports (the gateway's FastAPI and uvicorn too); the model and the panel are in the package.
-RUN python -c "import services.ops.cli, services.gateway.server, workers.app; from models.runtime import default_model_path as p; assert '/opt/venv/' in str(p()) and p().is_file(), p()" \
+RUN python -c "import services.ops.cli, services.gateway.server, workers.app; from models.runtime import default_model_path as p, model_files; assert '/opt/venv/' in str(p()) and len(model_files()) >= 3, p()" \
  && python -c "from services.gateway.app import STATIC; assert '/opt/venv/' in str(STATIC) and (STATIC / 'index.html').is_file(), STATIC"
 
 # ---- runtime ---------------------------------------------------------------------------------------

@@ -150,9 +150,11 @@ class NumpyRetriever:
             )
         from models.data import MODALITIES
 
+        # any modality outside the trained ones (the service's "other") goes with the default encoder
+        vocabulary = tuple(dict.fromkeys([*MODALITIES, *self.modalities, *modalities]))
         groups: dict[tuple[str, ...], list[int]] = {}
         for q, modality in enumerate(modalities):
-            groups.setdefault(self.encoder.comparable(modality, MODALITIES), []).append(q)
+            groups.setdefault(self.encoder.comparable(modality, vocabulary), []).append(q)
         out = np.full((len(keys), min(k, len(self.keys))), -1, dtype=np.int64)
         database_modalities = np.array(self.modalities, dtype=object)
         for allowed, members in groups.items():

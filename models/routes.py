@@ -62,8 +62,13 @@ def write_routes(
     routes: dict[str, str | Path],
     metrics: dict[str, Any] | None = None,
     note: str = "",
+    evaluated: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write ``out`` (a ``.routes.json``) and its card, after loading the set to check it."""
+    """Write ``out`` (a ``.routes.json``) and its card, after loading the set to check it.
+
+    ``evaluated`` maps each evaluation file the metrics come from to the model version it
+    evaluated; any other version than this set's is refused (figures of another model).
+    """
     out = Path(out)
     if not out.name.endswith(ROUTES_SUFFIX):
         raise ConfigError(f"a routes file's name ends with {ROUTES_SUFFIX}, got {out.name}")
@@ -84,6 +89,12 @@ def write_routes(
     tmp.write_text(json.dumps(document, indent=2) + "\n")
     try:
         encoders = EncoderSet.load(tmp, device="cpu")  # the same checks the services make
+        foreign = {where: v for where, v in (evaluated or {}).items() if v != encoders.version}
+        if foreign:
+            raise ConfigError(
+                f"the figures are not of this set ({encoders.version}): "
+                + ", ".join(f"{where} evaluated {v}" for where, v in sorted(foreign.items()))
+            )
         text = card_markdown(document, encoders)
     except Exception:
         tmp.unlink(missing_ok=True)
@@ -99,6 +110,13 @@ def write_routes(
 def card_markdown(document: dict[str, Any], encoders: EncoderSet) -> str:
     """The set's card: intended use, which encoder embeds what, figures, comparability, limitations."""
     lines = [f"# Model card: {document['name']} {document['version']} (one encoder per modality)", ""]
+    lines += [
+        (
+            f"Index model version `{encoders.version}` (the version and a digest of the encoders: a "
+            "changed encoder is another model, and the index must be rebuilt)."
+        ),
+        "",
+    ]
     lines += ["## Intended use", "", document.get("intended_use", ""), ""]
     lines += [
         "## Encoders",
@@ -161,13 +179,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--route takes MODALITY=ONNX, got {item!r}")
         routes[modality] = path
     metrics: dict[str, Any] = {}
+    evaluated: dict[str, str] = {}
+
+    def read(folder: Path, name: str) -> dict[str, Any]:
+        result = json.loads((folder / name).read_text())
+        evaluated[str(folder / name)] = str(result.get("model", {}).get("version", ""))
+        return result
+
     for key, folder in (("val", args.eval_val), ("test", args.eval_test)):
         if folder is not None:
-            metrics[key] = compact_metrics(json.loads((folder / "metrics.json").read_text()))
+            metrics[key] = compact_metrics(read(folder, "metrics.json"))
     if args.eval_cross_site is not None:
-        metrics["cross_site"] = json.loads((args.eval_cross_site / "cross_site.json").read_text())
+        metrics["cross_site"] = read(args.eval_cross_site, "cross_site.json")
     if args.eval_subset is not None:
-        metrics["subset_check"] = subset_check(json.loads((args.eval_subset / "metrics.json").read_text()))
+        metrics["subset_check"] = subset_check(read(args.eval_subset, "metrics.json"))
     try:
         write_routes(
             args.out,
@@ -176,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             routes=routes,
             metrics=metrics,
             note=args.note,
+            evaluated=evaluated,
         )
     except ConfigError as exc:
         logger.error("%s", exc)

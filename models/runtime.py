@@ -18,6 +18,7 @@ Typical use::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -72,7 +73,47 @@ def default_onnx_path() -> Path:
     path = default_model_path()
     if not is_routes_file(path):
         return path
-    return path.with_name(str(_read_json(path, "encoder routes").get("default", {}).get("file", "")))
+    return path.with_name(read_routes(path)[1]["default"][0])
+
+
+def read_routes(path: Path) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+    """A routes file and its entries ``{"default" | modality: (file, version)}``, checked for shape
+    (a malformed file is a ConfigError naming it; the encoders are not opened)."""
+    routes = _read_json(path, "encoder routes")
+    if not isinstance(routes, dict):
+        raise ConfigError(f"{path}: a routes file is a JSON object, got {type(routes).__name__}")
+    if not isinstance(routes.get("version"), str) or not routes["version"]:
+        raise ConfigError(f"{path}: the routes file names no version")
+    modalities = routes.get("modalities", {})
+    if not isinstance(modalities, dict):
+        raise ConfigError(f"{path}: 'modalities' must map a modality to an encoder, got {modalities!r}")
+    entries: dict[str, tuple[str, str]] = {}
+    for role, entry in (("default", routes.get("default")), *modalities.items()):
+        what = "the default encoder" if role == "default" else f"the {role} encoder"
+        if not isinstance(entry, dict) or not entry.get("file") or not entry.get("version"):
+            raise ConfigError(f"{path}: {what} must be {{'file': ..., 'version': ...}}, got {entry!r}")
+        name = str(entry["file"])
+        if Path(name).name != name or not name.endswith(".onnx"):
+            raise ConfigError(f"{path}: {what} must be an .onnx file beside the routes file, got {name!r}")
+        entries[role] = (name, str(entry["version"]))
+    return routes, entries
+
+
+def routes_version(path: Path) -> str:
+    """The model version a routes file gives the index: its own version and a digest of what it
+    routes (each encoder's file name, version and content), so a member swapped under an unchanged
+    version is another model, whose vectors the index refuses until a reindex."""
+    from models.data import sha256_file
+
+    routes, entries = read_routes(path)
+    identity = {}
+    for role, (name, version) in sorted(entries.items()):
+        file = path.with_name(name)
+        if not file.is_file():
+            raise ModelNotFound(f"ONNX model missing: {file} ({path} names it)")
+        identity[role] = [name, version, sha256_file(file)]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{routes['version']}+{digest}"
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -97,7 +138,7 @@ def model_version(model_path: str | Path | None = None) -> str:
     card or routes file without loading any session."""
     path = Path(model_path) if model_path is not None else default_model_path()
     if is_routes_file(path):
-        return str(_read_json(path, "encoder routes").get("version", "unknown"))
+        return routes_version(path)
     return str(load_sidecars(path)[0].get("version", "unknown"))
 
 
@@ -106,10 +147,25 @@ def model_eeg_render(model_path: str | Path | None = None) -> str:
     encoder that embeds EEG, without loading any session."""
     path = Path(model_path) if model_path is not None else default_model_path()
     if is_routes_file(path):
-        routes = _read_json(path, "encoder routes")
-        entry = dict(routes.get("modalities", {})).get(EEG) or routes.get("default") or {}
-        path = path.with_name(str(entry.get("file", "")))
+        entries = read_routes(path)[1]
+        path = path.with_name(entries.get(EEG, entries["default"])[0])
     return load_sidecars(path)[1].eeg_render
+
+
+def model_files(model_path: str | Path | None = None) -> list[Path]:
+    """Every file a model needs (its routes file, each ONNX file and its two sidecars), without
+    opening any; a missing one is ModelNotFound."""
+    path = Path(model_path) if model_path is not None else default_model_path()
+    onnx_files = (
+        [path] if not is_routes_file(path) else [path.with_name(n) for n, _ in read_routes(path)[1].values()]
+    )
+    files = [path] if is_routes_file(path) else []
+    for onnx_file in dict.fromkeys(onnx_files):
+        files += [onnx_file, *sidecar_paths(onnx_file)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelNotFound(f"model files missing: {', '.join(missing)}")
+    return files
 
 
 def choose_providers(device: str) -> list[str]:
@@ -222,9 +278,11 @@ class EncoderSet:
 
     Each member keeps its own preprocessing contract and card. All members make vectors of one
     dimension, since one index (partitioned by modality) holds them, and each member's card must
-    carry the version the file names, so the set's version (the index's model version) changes with
-    any member. Distances between two members' vectors mean nothing: :meth:`comparable` says which
-    modalities a query of one modality may be compared with.
+    carry the version the file names. The set's ``version`` (the index's model version) is the
+    file's version and a digest of its members (:func:`routes_version`), so it changes with any
+    member, even one swapped under an unchanged version. Distances between two members' vectors
+    mean nothing: :meth:`comparable` says which modalities a query of one modality may be compared
+    with.
     """
 
     def __init__(
@@ -260,32 +318,23 @@ class EncoderSet:
         path = Path(model_path) if model_path is not None else default_model_path()
         if not is_routes_file(path):
             return cls(OnnxEncoder(path, device=device, intra_op_threads=intra_op_threads))
-        routes = _read_json(path, "encoder routes")
+        routes, entries = read_routes(path)
         loaded: dict[str, OnnxEncoder] = {}
-
-        def member(entry: Any, what: str) -> OnnxEncoder:
-            if not isinstance(entry, dict) or not entry.get("file") or not entry.get("version"):
-                raise ConfigError(f"{path}: {what} must be {{'file': ..., 'version': ...}}, got {entry!r}")
-            name = str(entry["file"])
+        members: dict[str, OnnxEncoder] = {}
+        for role, (name, version) in entries.items():
             if name not in loaded:  # a file routed twice is one session
                 loaded[name] = OnnxEncoder(
                     path.with_name(name), device=device, intra_op_threads=intra_op_threads
                 )
-            if loaded[name].version != str(entry["version"]):
+            if loaded[name].version != version:
+                what = "the default encoder" if role == "default" else f"the {role} encoder"
                 raise ConfigError(
-                    f"{path}: {what} is {name} version {entry['version']}, but its card says "
+                    f"{path}: {what} is {name} version {version}, but its card says "
                     f"{loaded[name].version}: the routes and the encoders do not belong together"
                 )
-            return loaded[name]
-
-        version = routes.get("version")
-        if not version:
-            raise ConfigError(f"{path}: the routes file names no version")
-        default = member(routes.get("default"), "the default encoder")
-        by_modality = {
-            m: member(e, f"the {m} encoder") for m, e in dict(routes.get("modalities", {})).items()
-        }
-        return cls(default, by_modality, version=str(version), model_path=path, card=routes)
+            members[role] = loaded[name]
+        default = members.pop("default")
+        return cls(default, members, version=routes_version(path), model_path=path, card=routes)
 
     @property
     def routed(self) -> bool:

@@ -1,7 +1,7 @@
 """One modality's encoder: a frozen packaged backbone and a trained head (``python -m models.transfer``).
 
-    python -m models.transfer --modality xray --out runs/xray-effl0 \\
-        --export models/weights/ours-xray-effl0.onnx --version 1.0.0
+    python -m models.transfer --modality xray --size 224 --temperature 0.05 --out runs/xray-effl0 \\
+        --export runs/models/ours-xray-effl0.onnx --version 1.0.0     # ours 2.0.0's X-ray encoder
 
 The encoder is :class:`BackboneHeadEncoder`: the grey picture of the preprocessing contract
 (min-max, ``--size``², bilinear) repeated over three channels with the ImageNet mean and standard
@@ -175,7 +175,7 @@ def train_head(
                 database = F.normalize(head(x_train), dim=1).numpy()
                 queries = F.normalize(head(torch.from_numpy(val_x)), dim=1).numpy()
             scores[epoch] = map_at_10(queries, val_labels, database, train_labels)
-            if scores[epoch] >= max(scores.values()):
+            if scores[epoch] > max((s for e, s in scores.items() if e != epoch), default=-1.0):
                 best_state = copy.deepcopy(head.state_dict())
             logger.info("epoch %d: val mAP@10 %.4f", epoch, scores[epoch])
     best_epoch = max(scores, key=lambda e: (scores[e], -e))
@@ -248,11 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = args.out / "features.npz"
     keys = np.array([r.key for r in records])
-    if cache.is_file() and not args.refresh and np.array_equal(np.load(cache)["keys"], keys):
-        features = np.load(cache)["features"]
-    else:
+    made_by = np.array(json.dumps({"contract": contract.to_dict(), "backbone": BACKBONE}, sort_keys=True))
+    cached = np.load(cache) if cache.is_file() and not args.refresh else None
+    if (
+        cached is not None
+        and "made_by" in cached
+        and np.array_equal(cached["keys"], keys)
+        and str(cached["made_by"]) == str(made_by)
+    ):
+        features = cached["features"]
+    else:  # features of other pictures, another size or contract are recomputed, never reused
         features = extract_features(BackboneHeadEncoder(backbone), records, contract)
-        np.savez(cache, features=features, keys=keys)
+        np.savez(cache, features=features, keys=keys, made_by=made_by)
     labels = np.array([r.label for r in records])
     splits = np.array([r.split for r in records])
     encoder, scores = fit(

@@ -38,7 +38,8 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
     # filter, a query is compared with the modalities its own encoder embeds (the shipped model
     # has one for X-ray and one for the rest); a filter naming another encoder's modality is refused.
     encoders = EncoderSet.load(device="cpu")  # the model the service runs: the shipped default
-    assert encoders.routed
+    assert encoders.routed and client.stats().model_version == encoders.version
+    _assert_xray_vectors_come_from_the_xray_encoder(client, files, encoders)
     for wanted in ("xray", "mri", "other"):
         expected = {uid for uid, modality in uids.items() if modality == wanted}
         query_uid = sorted(expected)[0]
@@ -55,6 +56,32 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
     stats = client.stats()
     assert stats.total == len(files)
     assert stats.quarantined == 0
+
+
+def _assert_xray_vectors_come_from_the_xray_encoder(client: SearchClient, files: dict, encoders) -> None:
+    """The distance between the two X-rays is the one their own encoder gives, not the other's: the
+    worker and the service both routed X-ray to it (the same wrong route on both sides would pass
+    the self-distance checks)."""
+    import numpy as np
+
+    from services.dicom.decode import decode_for_embedding
+    from services.index.points import model_inputs
+
+    xrays = sorted(path for path, modality in files.items() if modality == "xray")
+    assert len(xrays) == 2
+
+    def distance(encoder) -> float:
+        vectors = [
+            encoder.embed(model_inputs(decode_for_embedding(path, frames="middle")[1], encoder.contract))[0]
+            for path in xrays
+        ]
+        return float(np.linalg.norm(vectors[0].astype(np.float64) - vectors[1]))
+
+    own, other = distance(encoders.for_modality("xray")), distance(encoders.for_modality("mri"))
+    assert abs(own - other) > 1e-2  # the check tells the two encoders apart
+    hits = client.search(sop_instance_uid=support.sop_uid(xrays[0]), k=5, exclude_self=True).hits
+    assert [h.sop_instance_uid for h in hits] == [support.sop_uid(xrays[1])]
+    assert hits[0].distance == pytest.approx(own, abs=1e-3)
 
 
 def test_storescu_to_redis_worker_to_grpc(redis_env, procs, need_dcmtk):

@@ -113,7 +113,9 @@ def test_shipped_default_model_and_cards():
         assert encoder.embed(x).shape == (2, encoders.dim)
     if is_routes_file(path):  # a set of encoders has its own card (which encoder embeds what, figures)
         routes = json.loads(path.read_text())
-        assert routes["version"] == encoders.version and {"val", "test"} <= set(routes["metrics"])
+        assert encoders.version.startswith(routes["version"] + "+") and {"val", "test"} <= set(
+            routes["metrics"]
+        )
         assert (
             routes_card_path(path)
             .read_text()
@@ -243,18 +245,26 @@ def _write_routes(folder, routes, name="other.routes.json"):
 
 def test_encoder_set_routes_each_modality_to_its_encoder(routed_model):
     from models.data import MODALITIES
-    from models.runtime import EncoderSet, model_eeg_render, model_version
+    from models.runtime import EncoderSet, model_eeg_render, model_files, model_version
 
     path, _, xray_model, default_model = routed_model
     encoders = EncoderSet.load(path, device="cpu")
-    assert encoders.routed and encoders.version == "set-1" and encoders.dim == 48
+    assert encoders.routed and encoders.version.startswith("set-1+") and encoders.dim == 48
     assert [e.model_path.name for e in encoders.members()] == ["tiny.onnx", "tiny-xray.onnx"]
     assert encoders.for_modality("xray").contract.input_size == 32
     assert encoders.for_modality("mri") is encoders.for_modality("other") is encoders.default
     vocabulary = (*MODALITIES, "other")
     assert encoders.comparable("xray", vocabulary) == ("xray",)
     assert encoders.comparable("eeg", vocabulary) == ("mri", "oct", "eeg", "other")
-    assert model_version(path) == "set-1" and model_eeg_render(path) == "trace"
+    assert model_version(path) == encoders.version and model_eeg_render(path) == "trace"
+    assert [p.name for p in model_files(path)] == [
+        "tiny-set.routes.json",
+        *(
+            f"{stem}{suffix}"
+            for stem in ("tiny", "tiny-xray")
+            for suffix in (".onnx", ".card.json", ".preprocess.json")
+        ),
+    ]
     # mixed modalities: each item through its own encoder, in the items' order, one call per encoder
     rng = np.random.default_rng(0)
     inputs = [rng.random((2, 1, 32, 32), np.float32), rng.random((1, 1, 16, 16), np.float32)]
@@ -284,6 +294,8 @@ def test_encoder_set_routes_each_modality_to_its_encoder(routed_model):
         ({"modalities": {"ct": {"file": "tiny-xray.onnx", "version": "x-1"}}}, "unknown modalities"),
         ({"modalities": {"xray": {"file": "tiny-32d.onnx", "version": "d-1"}}}, "one dimension"),
         ({"default": "tiny.onnx"}, "must be"),
+        ({"modalities": ["xray"]}, "must map a modality"),
+        ({"modalities": {"xray": {"file": "../tiny-xray.onnx", "version": "x-1"}}}, "beside the routes file"),
     ],
 )
 def test_encoder_set_refuses_routes_that_do_not_fit(routed_model, change, message):
@@ -293,6 +305,23 @@ def test_encoder_set_refuses_routes_that_do_not_fit(routed_model, change, messag
     bad = _write_routes(path.parent, {**routes, **change})
     with pytest.raises(ConfigError, match=message):
         EncoderSet.load(bad, device="cpu")
+
+
+def test_a_member_swapped_under_the_same_version_is_another_model(routed_model, tmp_path):
+    """The index's model version digests the members: an encoder replaced behind an unchanged routes
+    file (same names, same versions) changes it, so the index refuses the new vectors until a reindex."""
+    import shutil
+
+    from models.runtime import EncoderSet, model_version
+
+    path, _, _, _ = routed_model
+    copy = tmp_path / "set"
+    shutil.copytree(path.parent, copy)
+    before = model_version(copy / path.name)
+    assert before == EncoderSet.load(path, device="cpu").version
+    tiny = (copy / "tiny.onnx").read_bytes()
+    (copy / "tiny.onnx").write_bytes(tiny + b"\0")  # other bytes, same card and version
+    assert model_version(copy / path.name) != before and model_version(copy / path.name).startswith("set-1+")
 
 
 def test_offline_ranking_stays_within_each_encoder(routed_model, tmp_path):
@@ -340,7 +369,7 @@ def test_routes_writer_checks_the_set_and_writes_its_card(routed_model, tmp_path
     )
     # versions come from the encoders' cards, not from the caller
     assert document["modalities"] == {"xray": {"file": "tiny-xray.onnx", "version": "x-1"}}
-    assert EncoderSet.load(out, device="cpu").version == "set-2"
+    assert EncoderSet.load(out, device="cpu").version.startswith("set-2+")
     card = routes_card_path(out).read_text()
     assert card.startswith("# Model card: written set-2 (one encoder per modality)")
     assert "| xray | tiny-xray.onnx | x-1 | 32×32 grey |" in card
@@ -355,5 +384,15 @@ def test_routes_writer_checks_the_set_and_writes_its_card(routed_model, tmp_path
             routes={"xray": folder / "tiny-32d.onnx"},
         )
     assert not list(folder.glob("*bad*"))
+    # figures measured on another model are refused
+    with pytest.raises(ConfigError, match="not of this set"):
+        write_routes(
+            folder / "figures.routes.json",
+            version="set-2",
+            default=folder / "tiny.onnx",
+            routes={"xray": folder / "tiny-xray.onnx"},
+            evaluated={"runs/eval/x/metrics.json": "set-1+00000000"},
+        )
+    assert not list(folder.glob("*figures*"))
     with pytest.raises(ConfigError, match="beside the routes file"):
         write_routes(tmp_path / "far.routes.json", version="v", default=folder / "tiny.onnx", routes={})

@@ -79,10 +79,10 @@ class EmbeddingPipeline:
         self.library = ReferenceLibrary(settings.layout)
         self.encoder = EncoderSet.load(settings.model.model_path, device=settings.model.device)
         logger.info(
-            "worker model %s version %s runs on %s",
+            "worker model %s version %s: %s",
             self.encoder.model_path.name,
             self.encoder.version,
-            self.encoder.providers[0],
+            ", ".join(f"{e.model_path.name} on {e.providers[0]}" for e in self.encoder.members()),
         )
         # one batcher per encoder session: concurrent tasks' rows of one encoder share its calls
         self.batchers = {

@@ -370,9 +370,10 @@ class QueryEngine:
         foreign = [m for m in requested if m not in allowed]
         if foreign:
             raise InvalidInput(
-                f"a {query_modality} query can only be compared with {', '.join(allowed)}: model "
+                f"query modality {query_modality} can only be compared with {', '.join(allowed)}: model "
                 f"{self.encoder.version} embeds {', '.join(foreign)} with another encoder, whose "
-                "distances are not comparable"
+                "distances are not comparable (a DICOM or indexed query's modality is its own, "
+                "a picture's the one the request names)"
             )
         return requested
 
@@ -397,6 +398,11 @@ class QueryEngine:
         if request.exclude_same_patient and not self.patient_key_secret:
             raise ConfigError(NO_PATIENT_KEYS)  # before any decoding
         self.ready_collection()
+        if request.WhichOneof("query") == "image" and request.image.modality in PB_TO_MODALITY:
+            # refused before the picture costs a decode and an encoder call
+            self._searchable(
+                PB_TO_MODALITY[request.image.modality], [PB_TO_MODALITY[v] for v in request.modalities]
+            )
         query = self.query_vector(request, deadline_s)
         where, excluded_self = self._hit_filter(request, query)
         wanted = request.offset + k + 1  # one more than the page: is there a next one?
@@ -1004,7 +1010,7 @@ class QueryServer:
             " with TLS" if self.settings.tls.enabled else "",
             self.engine.collection,
             self.encoder.version,
-            self.encoder.providers[0],
+            ", ".join(f"{e.model_path.name} {e.providers[0]}" for e in self.encoder.members()),
             "embedded" if self.settings.index.embedded else "server",
             f", index writer on {self.settings.index.writer_target}" if self._writer is not None else "",
         )
