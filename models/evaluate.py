@@ -170,6 +170,22 @@ def _plot_grid(
     plt.close(fig)
 
 
+def _map_points(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """2-D map of the rows of ``x``: t-SNE when asked and available, else PCA."""
+    if method == "tsne" and len(x) > 30:
+        try:
+            from sklearn.manifold import TSNE
+
+            return TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(
+                x
+            ), "t-SNE"
+        except ImportError:
+            pass
+    centred = x - x.mean(0)
+    _, _, vh = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vh[:2].T, "pca"
+
+
 def _plot_map(
     embeddings: np.ndarray,
     findings: Sequence[str],
@@ -177,35 +193,29 @@ def _plot_map(
     method: str,
     seed: int = 0,
     max_points: int = 2500,
+    groups: Sequence[tuple[str, np.ndarray]] | None = None,
 ) -> str:
+    """One map per group of rows (``(title, row indices)``; default: one of all rows). A model of
+    several encoders gets one map per encoder, since distances across encoders mean nothing."""
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(seed)
-    idx = np.arange(len(embeddings))
-    if len(idx) > max_points:
-        idx = np.sort(rng.choice(idx, max_points, replace=False))
-    x = embeddings[idx].astype(np.float64)
-    finding_of = np.asarray(findings)[idx]
-    used = "pca"
-    if method == "tsne" and len(x) > 30:
-        try:
-            from sklearn.manifold import TSNE
-
-            points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(x)
-            used = "t-SNE"
-        except ImportError:
-            method = "pca"
-    if used == "pca":
-        centred = x - x.mean(0)
-        _, _, vh = np.linalg.svd(centred, full_matrices=False)
-        points = centred @ vh[:2].T
-    fig, ax = plt.subplots(figsize=(8, 6.5))
+    groups = list(groups) if groups else [("", np.arange(len(embeddings)))]
+    groups = [(title, rows) for title, rows in groups if len(rows)]
+    share = max(1, max_points // len(groups))
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 6.5), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for i, finding in enumerate(sorted(set(finding_of.tolist()))):
-        mask = finding_of == finding
-        ax.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(i % 20), label=finding)
-    ax.set_title(f"embeddings ({used}, {len(x)} points)")
-    ax.legend(fontsize=6, markerscale=3, loc="best", ncol=2)
+    colours = {f: cmap(i % 20) for i, f in enumerate(sorted(set(findings)))}
+    used = "pca"
+    for ax, (title, rows) in zip(axes[0], groups, strict=True):
+        idx = np.sort(rng.choice(rows, share, replace=False)) if len(rows) > share else np.asarray(rows)
+        points, used = _map_points(embeddings[idx].astype(np.float64), method, seed)
+        finding_of = np.asarray(findings)[idx]
+        for finding in sorted(set(finding_of.tolist())):
+            mask = finding_of == finding
+            ax.scatter(points[mask, 0], points[mask, 1], s=4, color=colours[finding], label=finding)
+        ax.set_title(f"{title + ': ' if title else ''}embeddings ({used}, {len(idx)} points)")
+        ax.legend(fontsize=6, markerscale=3, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -370,8 +380,20 @@ def run_evaluation(
             if isinstance(retriever, NumpyRetriever)
             else (NumpyRetriever(encoder).embed_items(database))
         )
+        groups = [
+            (
+                member.model_path.name,
+                np.array([i for i, d in enumerate(database) if encoder.for_modality(d.modality) is member]),
+            )
+            for member in encoder.members()
+        ]
         used = _plot_map(
-            db_emb, [d.finding for d in database], out_dir / "embedding_map.png", map_method, seed
+            db_emb,
+            [d.finding for d in database],
+            out_dir / "embedding_map.png",
+            map_method,
+            seed,
+            groups=groups if encoder.routed else None,
         )
         plot_files[f"Database embeddings, 2-D map ({used})"] = "embedding_map.png"
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -210,3 +210,23 @@ def test_default_model_cross_site_numbers_match_its_card():
         for name, figures in entry["queries"].items():
             measured = result["modalities"][modality]["queries"][name]["map@10"]
             assert measured == pytest.approx(figures["map@10"], abs=1e-9)
+
+
+def test_embedding_map_draws_one_panel_per_encoder(tmp_path):
+    """A model of several encoders gets one map per encoder (distances across them mean nothing)."""
+    from models.evaluate import _plot_map
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(80, 8)).astype(np.float32)
+    findings = ["xray/normal", "xray/viral"] * 20 + ["mri/glioma", "oct/cnv"] * 20
+    single, split = tmp_path / "one.png", tmp_path / "two.png"
+    _plot_map(embeddings, findings, single, "pca")
+    _plot_map(
+        embeddings,
+        findings,
+        split,
+        "pca",
+        groups=[("xray encoder", np.arange(40)), ("default encoder", np.arange(40, 80))],
+    )
+    one, two = Image.open(single).size, Image.open(split).size
+    assert two[0] == 2 * one[0] and two[1] == one[1]
