@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from models.runtime import EncoderSet
-from services.core.vocabulary import MODALITIES
+from services.core.vocabulary import MODALITIES, PB_TO_MODALITY
 from services.query.client import SearchClient
 from tests import support
 
@@ -46,8 +46,11 @@ def _assert_self_nearest_and_filters(client: SearchClient, files: dict) -> None:
         hits = client.search(sop_instance_uid=query_uid, k=50, modalities=[wanted], exclude_self=False).hits
         assert {h.sop_instance_uid for h in hits} == expected
         comparable = set(encoders.comparable(wanted, MODALITIES))
-        unfiltered = client.search(sop_instance_uid=query_uid, k=50, exclude_self=False).hits
-        assert {h.sop_instance_uid for h in unfiltered} == {u for u, m in uids.items() if m in comparable}
+        unfiltered = client.search(sop_instance_uid=query_uid, k=50, exclude_self=False)
+        assert {h.sop_instance_uid for h in unfiltered.hits} == {
+            u for u, m in uids.items() if m in comparable
+        }
+        assert {PB_TO_MODALITY[m] for m in unfiltered.searched_modalities} == comparable
         foreign = sorted({"xray", "mri", "other"} - comparable)
         with pytest.raises(grpc.RpcError) as refused:
             client.search(sop_instance_uid=query_uid, k=5, modalities=foreign)

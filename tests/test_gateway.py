@@ -243,7 +243,14 @@ HIT_KEYS = {
 
 
 def _check_hits(served: Served, answer: dict[str, Any]) -> None:
-    assert set(answer) == {"hits", "model_version", "query_modality", "next_offset", "excluded_self"}
+    assert set(answer) == {
+        "hits",
+        "model_version",
+        "query_modality",
+        "next_offset",
+        "excluded_self",
+        "searched_modalities",
+    }
     distances = [hit["distance"] for hit in answer["hits"]]
     assert distances == sorted(distances)
     by_sop = {case["sop"]: case for case in served.cases.values()}
@@ -267,6 +274,8 @@ def test_search_by_uid(served: Served) -> None:
         answer = response.json()
         _check_hits(served, answer)
         assert len(answer["hits"]) == 5 and answer["query_modality"] == "mri"
+        # no filter: the modalities of the MRI encoder (the shipped model has its own for X-ray)
+        assert "mri" in answer["searched_modalities"] and "xray" not in answer["searched_modalities"]
         # the query is not its own first hit; its study sibling is the nearest
         assert answer["excluded_self"] is True
         assert case["sop"] not in {hit["sop_instance_uid"] for hit in answer["hits"]}

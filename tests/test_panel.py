@@ -89,6 +89,8 @@ def test_panel_finds_similar_cases(served: Served, browser, tmp_path: Path) -> N
     _search(page)
     page.wait_for_selector(".card")
     assert not page.is_visible("#error")
+    # the status line says which modalities the query was compared with (its encoder's)
+    assert "compared with mri" in page.inner_text("#status")
     cards = page.locator(".card")
     assert cards.count() == len(served.cases) - 1  # every indexed image but the query itself
     first = cards.nth(0)

@@ -62,6 +62,9 @@ def search_json(response: search_pb2.SearchSimilarResponse, root: str = "") -> d
         "query_modality": PB_TO_MODALITY.get(response.query_modality),
         "next_offset": response.next_offset or None,
         "excluded_self": response.excluded_self,
+        "searched_modalities": [
+            PB_TO_MODALITY[m] for m in response.searched_modalities if m in PB_TO_MODALITY
+        ],
     }
 
 

@@ -327,6 +327,12 @@ class SearchAnswer(BaseModel):
     query_modality: str | None
     next_offset: int | None = Field(description="the offset of the next page; null when there is none")
     excluded_self: bool
+    searched_modalities: list[str] = Field(
+        description=(
+            "the modalities the hits were drawn from: the filter, or, with one encoder per modality, "
+            "those of the query's own encoder; empty: every modality"
+        )
+    )
 
 
 class FindingCountModel(BaseModel):

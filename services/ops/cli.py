@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from services.core.errors import CbmirError
 from services.core.logs import configure_logging
-from services.core.vocabulary import MODALITIES
+from services.core.vocabulary import MODALITIES, PB_TO_MODALITY
 
 if TYPE_CHECKING:
     from services.query.client import SearchClient
@@ -294,7 +294,13 @@ def run_search(args: argparse.Namespace) -> int:
     print(
         f"cbmir search: {len(response.hits)} hits"
         + (f"; next page: --offset {response.next_offset}" if response.next_offset else "; no further page")
-        + ("; the query itself left out (--include-self shows it)" if response.excluded_self else ""),
+        + ("; the query itself left out (--include-self shows it)" if response.excluded_self else "")
+        + (
+            "; compared with "
+            + ", ".join(PB_TO_MODALITY.get(m, str(m)) for m in response.searched_modalities)
+            if response.searched_modalities
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0

@@ -422,6 +422,7 @@ class QueryEngine:
             query_modality=MODALITY_TO_PB.get(query.modality, MODALITY_TO_PB[OTHER]),
             next_offset=request.offset + k if more else 0,
             excluded_self=excluded_self,
+            searched_modalities=[MODALITY_TO_PB[m] for m in where.modalities],
         )
 
     def _nearest(self, vector: np.ndarray, limit: int, where: HitFilter) -> list[SearchHit]:

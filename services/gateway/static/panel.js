@@ -214,7 +214,9 @@
       const count = results.querySelectorAll(".card").length;
       statusLine.textContent = count
         ? count + (query.common.group_by === "study" ? " studies" : " similar images") +
-          (answer.excluded_self ? " (the query itself left out)" : "") + "; model " + answer.model_version
+          (answer.excluded_self ? " (the query itself left out)" : "") +
+          (answer.searched_modalities.length ? "; compared with " + answer.searched_modalities.join(", ") : "") +
+          "; model " + answer.model_version
         : "No similar cases found.";
     } catch (err) {
       statusLine.textContent = "";

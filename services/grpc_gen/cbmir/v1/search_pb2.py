@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62mir/v1/search.proto\x12\x08\x63\x62mir.v1\"B\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x08modality\x18\x02 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\xff\x02\n\x14SearchSimilarRequest\x12\x0f\n\x05\x64icom\x18\x01 \x01(\x0cH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.cbmir.v1.EncodedImageH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\nmodalities\x18\x05 \x03(\x0e\x32\x12.cbmir.v1.Modality\x12\x1a\n\x12\x65xclude_same_study\x18\x06 \x01(\x08\x12\x19\n\x0c\x65xclude_self\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14\x65xclude_same_patient\x18\x08 \x01(\x08\x12#\n\x08group_by\x18\t \x01(\x0e\x32\x11.cbmir.v1.GroupBy\x12\x14\n\x0cmax_distance\x18\n \x01(\x02\x12\x0e\n\x06offset\x18\x0b \x01(\r\x12$\n\x06source\x18\x0c \x01(\x0e\x32\x14.cbmir.v1.CaseSourceB\x07\n\x05queryB\x0f\n\r_exclude_self\"\xbb\x02\n\x03Hit\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12$\n\x08modality\x18\x05 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x15\n\rmodality_code\x18\x06 \x01(\t\x12\x14\n\x0c\x66rame_number\x18\x07 \x01(\r\x12\x10\n\x08\x64istance\x18\x08 \x01(\x02\x12\x0f\n\x07\x66inding\x18\t \x01(\t\x12$\n\x06source\x18\n \x01(\x0e\x32\x14.cbmir.v1.CaseSource\x12\x1a\n\x12matching_instances\x18\x0b \x01(\r\x12\x12\n\nstudy_date\x18\x0c \x01(\t\"\xa3\x01\n\x15SearchSimilarResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.cbmir.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0equery_modality\x18\x03 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x13\n\x0bnext_offset\x18\x04 \x01(\r\x12\x15\n\rexcluded_self\x18\x05 \x01(\x08\"|\n\x15RenderInstanceRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08max_size\x18\x04 \x01(\r\"L\n\x10RenderedInstance\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\x16\n\x14GetIndexStatsRequest\"D\n\rModalityCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"1\n\x10QuarantineReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xbf\x02\n\x15GetIndexStatsResponse\x12\r\n\x05total\x18\x01 \x01(\x04\x12-\n\x0cper_modality\x18\x02 \x03(\x0b\x32\x17.cbmir.v1.ModalityCount\x12\x13\n\x0bquarantined\x18\x03 \x01(\x04\x12\x36\n\x12quarantine_reasons\x18\x04 \x03(\x0b\x32\x1a.cbmir.v1.QuarantineReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x07 \x01(\x04\x12\x1c\n\x14oldest_pending_age_s\x18\x08 \x01(\x01\x12\x0f\n\x07library\x18\t \x01(\x04\x12\x30\n\x10library_findings\x18\n \x03(\x0b\x32\x16.cbmir.v1.FindingCount\"\x12\n\x10GetCallerRequest\"(\n\x06\x43\x61ller\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"T\n\x0c\x46indingCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x0f\n\x07\x66inding\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04*\x81\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_XRAY\x10\x01\x12\x10\n\x0cMODALITY_MRI\x10\x02\x12\x10\n\x0cMODALITY_OCT\x10\x03\x12\x10\n\x0cMODALITY_EEG\x10\x04\x12\x12\n\x0eMODALITY_OTHER\x10\x05*4\n\x07GroupBy\x12\x15\n\x11GROUP_BY_INSTANCE\x10\x00\x12\x12\n\x0eGROUP_BY_STUDY\x10\x01*T\n\nCaseSource\x12\x13\n\x0f\x43\x41SE_SOURCE_ANY\x10\x00\x12\x17\n\x13\x43\x41SE_SOURCE_LIBRARY\x10\x01\x12\x18\n\x14\x43\x41SE_SOURCE_CLINICAL\x10\x02\x32\xbc\x02\n\x0cSimilarCases\x12P\n\rSearchSimilar\x12\x1e.cbmir.v1.SearchSimilarRequest\x1a\x1f.cbmir.v1.SearchSimilarResponse\x12P\n\rGetIndexStats\x12\x1e.cbmir.v1.GetIndexStatsRequest\x1a\x1f.cbmir.v1.GetIndexStatsResponse\x12M\n\x0eRenderInstance\x12\x1f.cbmir.v1.RenderInstanceRequest\x1a\x1a.cbmir.v1.RenderedInstance\x12\x39\n\tGetCaller\x12\x1a.cbmir.v1.GetCallerRequest\x1a\x10.cbmir.v1.Callerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62mir/v1/search.proto\x12\x08\x63\x62mir.v1\"B\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12$\n\x08modality\x18\x02 \x01(\x0e\x32\x12.cbmir.v1.Modality\"\xff\x02\n\x14SearchSimilarRequest\x12\x0f\n\x05\x64icom\x18\x01 \x01(\x0cH\x00\x12\'\n\x05image\x18\x02 \x01(\x0b\x32\x16.cbmir.v1.EncodedImageH\x00\x12\x1a\n\x10sop_instance_uid\x18\x03 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\nmodalities\x18\x05 \x03(\x0e\x32\x12.cbmir.v1.Modality\x12\x1a\n\x12\x65xclude_same_study\x18\x06 \x01(\x08\x12\x19\n\x0c\x65xclude_self\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x14\x65xclude_same_patient\x18\x08 \x01(\x08\x12#\n\x08group_by\x18\t \x01(\x0e\x32\x11.cbmir.v1.GroupBy\x12\x14\n\x0cmax_distance\x18\n \x01(\x02\x12\x0e\n\x06offset\x18\x0b \x01(\r\x12$\n\x06source\x18\x0c \x01(\x0e\x32\x14.cbmir.v1.CaseSourceB\x07\n\x05queryB\x0f\n\r_exclude_self\"\xbb\x02\n\x03Hit\x12\x18\n\x10sop_instance_uid\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\x12$\n\x08modality\x18\x05 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x15\n\rmodality_code\x18\x06 \x01(\t\x12\x14\n\x0c\x66rame_number\x18\x07 \x01(\r\x12\x10\n\x08\x64istance\x18\x08 \x01(\x02\x12\x0f\n\x07\x66inding\x18\t \x01(\t\x12$\n\x06source\x18\n \x01(\x0e\x32\x14.cbmir.v1.CaseSource\x12\x1a\n\x12matching_instances\x18\x0b \x01(\r\x12\x12\n\nstudy_date\x18\x0c \x01(\t\"\xd4\x01\n\x15SearchSimilarResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.cbmir.v1.Hit\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12*\n\x0equery_modality\x18\x03 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x13\n\x0bnext_offset\x18\x04 \x01(\r\x12\x15\n\rexcluded_self\x18\x05 \x01(\x08\x12/\n\x13searched_modalities\x18\x06 \x03(\x0e\x32\x12.cbmir.v1.Modality\"|\n\x15RenderInstanceRequest\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x10\n\x08max_size\x18\x04 \x01(\r\"L\n\x10RenderedInstance\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"\x16\n\x14GetIndexStatsRequest\"D\n\rModalityCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"1\n\x10QuarantineReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\xbf\x02\n\x15GetIndexStatsResponse\x12\r\n\x05total\x18\x01 \x01(\x04\x12-\n\x0cper_modality\x18\x02 \x03(\x0b\x32\x17.cbmir.v1.ModalityCount\x12\x13\n\x0bquarantined\x18\x03 \x01(\x04\x12\x36\n\x12quarantine_reasons\x18\x04 \x03(\x0b\x32\x1a.cbmir.v1.QuarantineReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x0f\n\x07pending\x18\x07 \x01(\x04\x12\x1c\n\x14oldest_pending_age_s\x18\x08 \x01(\x01\x12\x0f\n\x07library\x18\t \x01(\x04\x12\x30\n\x10library_findings\x18\n \x03(\x0b\x32\x16.cbmir.v1.FindingCount\"\x12\n\x10GetCallerRequest\"(\n\x06\x43\x61ller\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\"T\n\x0c\x46indingCount\x12$\n\x08modality\x18\x01 \x01(\x0e\x32\x12.cbmir.v1.Modality\x12\x0f\n\x07\x66inding\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04*\x81\x01\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_XRAY\x10\x01\x12\x10\n\x0cMODALITY_MRI\x10\x02\x12\x10\n\x0cMODALITY_OCT\x10\x03\x12\x10\n\x0cMODALITY_EEG\x10\x04\x12\x12\n\x0eMODALITY_OTHER\x10\x05*4\n\x07GroupBy\x12\x15\n\x11GROUP_BY_INSTANCE\x10\x00\x12\x12\n\x0eGROUP_BY_STUDY\x10\x01*T\n\nCaseSource\x12\x13\n\x0f\x43\x41SE_SOURCE_ANY\x10\x00\x12\x17\n\x13\x43\x41SE_SOURCE_LIBRARY\x10\x01\x12\x18\n\x14\x43\x41SE_SOURCE_CLINICAL\x10\x02\x32\xbc\x02\n\x0cSimilarCases\x12P\n\rSearchSimilar\x12\x1e.cbmir.v1.SearchSimilarRequest\x1a\x1f.cbmir.v1.SearchSimilarResponse\x12P\n\rGetIndexStats\x12\x1e.cbmir.v1.GetIndexStatsRequest\x1a\x1f.cbmir.v1.GetIndexStatsResponse\x12M\n\x0eRenderInstance\x12\x1f.cbmir.v1.RenderInstanceRequest\x1a\x1a.cbmir.v1.RenderedInstance\x12\x39\n\tGetCaller\x12\x1a.cbmir.v1.GetCallerRequest\x1a\x10.cbmir.v1.Callerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbmir.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1793
-  _globals['_MODALITY']._serialized_end=1922
-  _globals['_GROUPBY']._serialized_start=1924
-  _globals['_GROUPBY']._serialized_end=1976
-  _globals['_CASESOURCE']._serialized_start=1978
-  _globals['_CASESOURCE']._serialized_end=2062
+  _globals['_MODALITY']._serialized_start=1842
+  _globals['_MODALITY']._serialized_end=1971
+  _globals['_GROUPBY']._serialized_start=1973
+  _globals['_GROUPBY']._serialized_end=2025
+  _globals['_CASESOURCE']._serialized_start=2027
+  _globals['_CASESOURCE']._serialized_end=2111
   _globals['_ENCODEDIMAGE']._serialized_start=35
   _globals['_ENCODEDIMAGE']._serialized_end=101
   _globals['_SEARCHSIMILARREQUEST']._serialized_start=104
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HIT']._serialized_start=490
   _globals['_HIT']._serialized_end=805
   _globals['_SEARCHSIMILARRESPONSE']._serialized_start=808
-  _globals['_SEARCHSIMILARRESPONSE']._serialized_end=971
-  _globals['_RENDERINSTANCEREQUEST']._serialized_start=973
-  _globals['_RENDERINSTANCEREQUEST']._serialized_end=1097
-  _globals['_RENDEREDINSTANCE']._serialized_start=1099
-  _globals['_RENDEREDINSTANCE']._serialized_end=1175
-  _globals['_GETINDEXSTATSREQUEST']._serialized_start=1177
-  _globals['_GETINDEXSTATSREQUEST']._serialized_end=1199
-  _globals['_MODALITYCOUNT']._serialized_start=1201
-  _globals['_MODALITYCOUNT']._serialized_end=1269
-  _globals['_QUARANTINEREASON']._serialized_start=1271
-  _globals['_QUARANTINEREASON']._serialized_end=1320
-  _globals['_GETINDEXSTATSRESPONSE']._serialized_start=1323
-  _globals['_GETINDEXSTATSRESPONSE']._serialized_end=1642
-  _globals['_GETCALLERREQUEST']._serialized_start=1644
-  _globals['_GETCALLERREQUEST']._serialized_end=1662
-  _globals['_CALLER']._serialized_start=1664
-  _globals['_CALLER']._serialized_end=1704
-  _globals['_FINDINGCOUNT']._serialized_start=1706
-  _globals['_FINDINGCOUNT']._serialized_end=1790
-  _globals['_SIMILARCASES']._serialized_start=2065
-  _globals['_SIMILARCASES']._serialized_end=2381
+  _globals['_SEARCHSIMILARRESPONSE']._serialized_end=1020
+  _globals['_RENDERINSTANCEREQUEST']._serialized_start=1022
+  _globals['_RENDERINSTANCEREQUEST']._serialized_end=1146
+  _globals['_RENDEREDINSTANCE']._serialized_start=1148
+  _globals['_RENDEREDINSTANCE']._serialized_end=1224
+  _globals['_GETINDEXSTATSREQUEST']._serialized_start=1226
+  _globals['_GETINDEXSTATSREQUEST']._serialized_end=1248
+  _globals['_MODALITYCOUNT']._serialized_start=1250
+  _globals['_MODALITYCOUNT']._serialized_end=1318
+  _globals['_QUARANTINEREASON']._serialized_start=1320
+  _globals['_QUARANTINEREASON']._serialized_end=1369
+  _globals['_GETINDEXSTATSRESPONSE']._serialized_start=1372
+  _globals['_GETINDEXSTATSRESPONSE']._serialized_end=1691
+  _globals['_GETCALLERREQUEST']._serialized_start=1693
+  _globals['_GETCALLERREQUEST']._serialized_end=1711
+  _globals['_CALLER']._serialized_start=1713
+  _globals['_CALLER']._serialized_end=1753
+  _globals['_FINDINGCOUNT']._serialized_start=1755
+  _globals['_FINDINGCOUNT']._serialized_end=1839
+  _globals['_SIMILARCASES']._serialized_start=2114
+  _globals['_SIMILARCASES']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

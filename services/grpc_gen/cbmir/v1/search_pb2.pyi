@@ -103,18 +103,20 @@ class Hit(_message.Message):
     def __init__(self, sop_instance_uid: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., modality_code: _Optional[str] = ..., frame_number: _Optional[int] = ..., distance: _Optional[float] = ..., finding: _Optional[str] = ..., source: _Optional[_Union[CaseSource, str]] = ..., matching_instances: _Optional[int] = ..., study_date: _Optional[str] = ...) -> None: ...
 
 class SearchSimilarResponse(_message.Message):
-    __slots__ = ("hits", "model_version", "query_modality", "next_offset", "excluded_self")
+    __slots__ = ("hits", "model_version", "query_modality", "next_offset", "excluded_self", "searched_modalities")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERY_MODALITY_FIELD_NUMBER: _ClassVar[int]
     NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_SELF_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_MODALITIES_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     model_version: str
     query_modality: Modality
     next_offset: int
     excluded_self: bool
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., query_modality: _Optional[_Union[Modality, str]] = ..., next_offset: _Optional[int] = ..., excluded_self: _Optional[bool] = ...) -> None: ...
+    searched_modalities: _containers.RepeatedScalarFieldContainer[Modality]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_version: _Optional[str] = ..., query_modality: _Optional[_Union[Modality, str]] = ..., next_offset: _Optional[int] = ..., excluded_self: _Optional[bool] = ..., searched_modalities: _Optional[_Iterable[_Union[Modality, str]]] = ...) -> None: ...
 
 class RenderInstanceRequest(_message.Message):
     __slots__ = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "max_size")
