@@ -7,7 +7,7 @@ A model is ``<name>.onnx`` plus two sidecars beside it: ``<name>.card.json`` (mo
 
 A model may also be a set of encoders, one per modality: a routes file ``<name>.routes.json`` beside
 the ONNX files names the encoder of each routed modality and the default one for the rest
-(:class:`EncoderSet`). Services load either kind with :func:`load_encoders`.
+(:class:`EncoderSet`). Services load either kind with :meth:`EncoderSet.load`.
 
 Typical use::
 
@@ -368,10 +368,6 @@ class EncoderSet:
         """How the EEG encoder's contract draws a signal (what an EEG becomes before preprocessing)."""
         return self.for_modality(EEG).contract.eeg_render
 
-    def embed(self, batch: np.ndarray, modality: str) -> np.ndarray:
-        """Contract inputs of one modality -> its encoder's vectors."""
-        return self.for_modality(modality).embed(batch)
-
     def embed_each(
         self,
         inputs: Sequence[np.ndarray],
@@ -399,10 +395,3 @@ class EncoderSet:
     def __repr__(self) -> str:
         routes = {m: e.model_path.name for m, e in self.by_modality.items()}
         return f"EncoderSet({self.default.model_path.name!r}, routes={routes}, version={self.version!r})"
-
-
-def load_encoders(
-    model_path: str | Path | None = None, device: str = "auto", intra_op_threads: int | None = None
-) -> EncoderSet:
-    """The model a service runs (:meth:`EncoderSet.load`): an ONNX file or a routes file."""
-    return EncoderSet.load(model_path, device=device, intra_op_threads=intra_op_threads)

@@ -66,8 +66,7 @@ class _Decoded:
     path: Path
     header: InstanceHeader
     frame_numbers: list[int]
-    inputs: np.ndarray  # the encoder's input rows, one per frame
-    modality: str  # normalised: names the encoder
+    inputs: np.ndarray  # the encoder's input rows, one per frame (its modality's contract)
 
 
 class EmbeddingPipeline:
@@ -184,7 +183,7 @@ class EmbeddingPipeline:
             batcher = self.batchers[encoder.model_path.name]
             return np.concatenate([batcher.submit(rows[j : j + step]) for j in range(0, len(rows), step)])
 
-        return self.encoder.embed_each([d.inputs for d in decoded], [d.modality for d in decoded], run)
+        return self.encoder.embed_each([d.inputs for d in decoded], [d.header.modality for d in decoded], run)
 
     def _write_points(self, points: list[IndexPoint]) -> None:
         # erasures checked again just before the write: a write can wait behind another group's write
@@ -220,7 +219,7 @@ class EmbeddingPipeline:
         except Exception as exc:  # noqa: BLE001 - a bug with this instance: handled on its own
             result.failed[path.name] = exc
             return None
-        return _Decoded(path, header, [frame.frame_number for frame in frames], inputs, header.modality)
+        return _Decoded(path, header, [frame.frame_number for frame in frames], inputs)
 
     def archive(self, spool_name: str) -> None:
         """Move the indexed object from incoming to the archive."""
