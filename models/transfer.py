@@ -158,7 +158,7 @@ def train_head(
     y_train = torch.from_numpy(np.array([classes[c] for c in train_labels]))
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
     scores: dict[int, float] = {}
-    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, best_state = 0, {}
     batch = min(256, len(train_x))
     for epoch in range(1, epochs + 1):
         head.train()
@@ -175,10 +175,9 @@ def train_head(
                 database = F.normalize(head(x_train), dim=1).numpy()
                 queries = F.normalize(head(torch.from_numpy(val_x)), dim=1).numpy()
             scores[epoch] = map_at_10(queries, val_labels, database, train_labels)
-            if scores[epoch] > max((s for e, s in scores.items() if e != epoch), default=-1.0):
-                best_state = copy.deepcopy(head.state_dict())
+            if not best_epoch or scores[epoch] > scores[best_epoch]:  # the earliest of equal scores
+                best_epoch, best_state = epoch, copy.deepcopy(head.state_dict())
             logger.info("epoch %d: val mAP@10 %.4f", epoch, scores[epoch])
-    best_epoch = max(scores, key=lambda e: (scores[e], -e))
     return {"by_epoch": scores, "best": scores[best_epoch], "best_epoch": best_epoch}, best_state
 
 
