@@ -150,8 +150,11 @@ class VectorIndex(ABC):
         """The ``k`` nearest points that ``where`` admits, ascending distance."""
 
     @abstractmethod
-    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
-        """The vector and payload of an indexed instance; raises NotFound."""
+    def find_sop(
+        self, sop_instance_uid: str, likely_modalities: Sequence[str] = ()
+    ) -> tuple[list[float], dict[str, Any]]:
+        """The vector and payload of an indexed instance; raises NotFound. ``likely_modalities``
+        (a hint, e.g. a search's filter) are looked in first where the store is split by modality."""
 
     @abstractmethod
     def counts_by_modality(self) -> dict[str, int]:

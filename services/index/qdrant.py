@@ -267,8 +267,10 @@ class QdrantServerIndex(VectorIndex):
         return [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
 
     @override
-    def find_sop(self, sop_instance_uid: str) -> tuple[list[float], dict[str, Any]]:
-        target = self._read_target()
+    def find_sop(
+        self, sop_instance_uid: str, likely_modalities: Sequence[str] = ()
+    ) -> tuple[list[float], dict[str, Any]]:
+        target = self._read_target()  # one collection: the hint has nothing to order
         records = self._call(
             self._client.retrieve, target, [point_id(sop_instance_uid)], with_payload=True, with_vectors=True
         )

@@ -267,9 +267,9 @@ class QueryEngine:
         finally:
             self._decode_slots.release()
 
-    def _indexed_payload(self, sop_instance_uid: str) -> dict[str, Any] | None:
+    def _indexed_payload(self, sop_instance_uid: str, modality: str) -> dict[str, Any] | None:
         try:
-            return self.index.find_sop(sop_instance_uid)[1]
+            return self.index.find_sop(sop_instance_uid, [modality])[1]
         except NotFound:
             return None
 
@@ -293,7 +293,7 @@ class QueryEngine:
                 vector = self._embed_image(frames[0].image, header.modality)
             # the patient is the one the index knows for this instance, never one the upload names:
             # else a caller could learn which studies belong to any Patient ID it guesses
-            stored = self._indexed_payload(header.sop_instance_uid)
+            stored = self._indexed_payload(header.sop_instance_uid, header.modality)
             return Query(
                 vector,
                 header.modality,
@@ -317,7 +317,8 @@ class QueryEngine:
             raise InvalidInput("sop_instance_uid is empty")
         if not is_valid_uid(uid):
             raise InvalidInput("sop_instance_uid is not a DICOM UID")
-        found, payload = self.index.find_sop(uid)
+        # the filter's modalities first: a query is usually searched among its own
+        found, payload = self.index.find_sop(uid, [PB_TO_MODALITY[v] for v in request.modalities])
         return Query(
             np.asarray(found, dtype=np.float32),
             payload.get("modality", OTHER),
@@ -433,7 +434,19 @@ class QueryEngine:
         hold at most POST_FILTER_MAX points (counted through their payload index, within the
         modalities searched: the others cannot be candidates), the search asks for that many more
         candidates and drops theirs here; otherwise the engine filters.
+
+        The usual case, the query instance alone left out, skips even the count: an instance is one
+        point unless it was embedded frame by frame, so the search asks for one more per instance
+        and drops them. Only when more of its points were among the candidates and the page came up
+        short are they counted and the search made again.
         """
+        sops = {uid for uid in where.exclude_sops if uid}
+        if sops and not where.exclude_study and not where.exclude_patient:
+            asked = limit + len(sops)
+            hits = self.index.search(vector.tolist(), asked, replace(where, exclude_sops=()))
+            kept = [hit for hit in hits if hit.payload.get("sop_instance_uid") not in sops]
+            if len(kept) >= limit or len(hits) < asked:  # a full page, or every admitted point
+                return kept[:limit]
         exclusions: dict[str, set[str]] = {
             "sop_instance_uid": {uid for uid in where.exclude_sops if uid},
             "study_instance_uid": {where.exclude_study} if where.exclude_study else set(),
