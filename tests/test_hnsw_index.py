@@ -17,6 +17,7 @@ from services.core.config import QuerySettings
 from services.core.errors import ConfigError
 from services.index import EdgeIndex, HitFilter, IndexPoint, open_index, point_id
 from services.index.edge import _recover_swaps
+from services.query.service import QueryEngine
 
 pytestmark = pytest.mark.integration  # a child process builds the graphs
 
@@ -186,10 +187,20 @@ def test_alias_and_meta_files_are_read_once_and_follow_this_process_writes(
         reopened.close()
 
 
+def _assert_left_out_as_the_engine_would(
+    index: EdgeIndex, engine: QueryEngine, query: np.ndarray, limit: int, where: HitFilter, uid: str
+) -> None:
+    """The service's post-filtered search equals the engine filtering the same exclusions, in the
+    same order, and never returns ``uid``."""
+    expected = index.search(query.tolist(), limit, where)
+    found = engine._nearest(query, limit, where)
+    assert [h.point_id for h in found] == [h.point_id for h in expected]
+    assert uid not in {h.payload["sop_instance_uid"] for h in found}
+
+
 def test_the_query_instance_is_counted_and_left_out_only_in_the_modalities_searched(
     tmp_path: Path,
 ) -> None:
-    from services.query.service import QueryEngine
 
     index = _open(tmp_path, CBMIR_HNSW_MIN_POINTS="0")
     try:
@@ -208,11 +219,7 @@ def test_the_query_instance_is_counted_and_left_out_only_in_the_modalities_searc
             ):
                 where = HitFilter(modalities=modalities, **exclusion)  # type: ignore[arg-type]
                 for limit in (1, 5, 11):
-                    # the engine filtering the same exclusions gives the same answer, in the same order
-                    expected = index.search(vectors[3].tolist(), limit, where)
-                    found = engine._nearest(vectors[3], limit, where)
-                    assert [h.point_id for h in found] == [h.point_id for h in expected]
-                    assert uid not in {h.payload["sop_instance_uid"] for h in found}
+                    _assert_left_out_as_the_engine_would(index, engine, vectors[3], limit, where, uid)
     finally:
         index.close()
 
@@ -220,7 +227,6 @@ def test_the_query_instance_is_counted_and_left_out_only_in_the_modalities_searc
 def test_a_query_instance_of_many_frames_is_left_out_exactly_and_one_frame_costs_no_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from services.query.service import QueryEngine
 
     index = _open(tmp_path, CBMIR_HNSW_MIN_POINTS="0")
     try:
@@ -251,11 +257,8 @@ def test_a_query_instance_of_many_frames_is_left_out_exactly_and_one_frame_costs
             for modalities in ([], ["xray"]):
                 for limit in (1, 3, 10):
                     where = HitFilter(modalities=modalities, exclude_sops=[uid])
-                    expected = index.search(query.tolist(), limit, where)  # the engine filters
                     counted.clear()
-                    found = engine._nearest(query, limit, where)
-                    assert [h.point_id for h in found] == [h.point_id for h in expected]
-                    assert uid not in {h.payload["sop_instance_uid"] for h in found}
+                    _assert_left_out_as_the_engine_would(index, engine, query, limit, where, uid)
                     # a single point is left out without counting; six frames among the 11 nearest
                     # leave a page of 10 short, so they are counted (a page of 1 or 3 may not be)
                     if uid != multi:

@@ -448,7 +448,7 @@ class QueryEngine:
             if len(kept) >= limit or len(hits) < asked:  # a full page, or every admitted point
                 return kept[:limit]
         exclusions: dict[str, set[str]] = {
-            "sop_instance_uid": {uid for uid in where.exclude_sops if uid},
+            "sop_instance_uid": sops,
             "study_instance_uid": {where.exclude_study} if where.exclude_study else set(),
             "patient_key": {where.exclude_patient} if where.exclude_patient else set(),
         }
