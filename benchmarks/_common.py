@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from services.core.processes import stop_process
-from services.core.vocabulary import DICOM_MODALITY_CODES, MR_IMAGE, TRAINED_MODALITIES
+from services.core.vocabulary import DICOM_MODALITY_CODES, LIBRARY, MR_IMAGE, TRAINED_MODALITIES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_MODALITIES = TRAINED_MODALITIES
@@ -93,15 +93,22 @@ def machine_line() -> str:
 # -- vectors and exact search ----------------------------------------------------------------------
 @dataclass
 class VectorSet:
-    """Random vectors with a uniform random modality each, and their SOP Instance UIDs."""
+    """Random vectors with a uniform random modality each, and their SOP Instance UIDs; the rows in
+    ``library`` (a mask, if any) are reference-library points (``source`` = library)."""
 
     vectors: np.ndarray  # (n, dim) float32
     modalities: np.ndarray  # (n,) int index into BENCH_MODALITIES
     uids: list[str]
+    library: np.ndarray | None = None  # (n,) bool
 
     def payload(self, i: int) -> dict:
         modality = BENCH_MODALITIES[int(self.modalities[i])]
-        return {
+        extra = (
+            {"source": LIBRARY, "finding": "benchmark"}
+            if self.library is not None and self.library[i]
+            else {}
+        )
+        return extra | {
             "sop_instance_uid": self.uids[i],
             "study_instance_uid": f"2.25.9{i // 4}",
             "series_instance_uid": f"2.25.8{i // 4}",

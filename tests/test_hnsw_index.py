@@ -134,9 +134,45 @@ def test_an_interrupted_swap_is_undone_or_finished(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["mri", "xray"]
 
 
+def _graph_recall(tmp_path: Path, full_scan_points: int) -> float:
+    """recall@10 of an index of 3,000 random points per modality whose graphs are sparse on purpose
+    (m 4, ef_construct 8, ef 10), built with ``full_scan_points``: below 1 only if the graph answers."""
+    index = _open(
+        tmp_path,
+        CBMIR_HNSW_M="4",
+        CBMIR_HNSW_EF_CONSTRUCT="8",
+        CBMIR_HNSW_EF="10",
+        CBMIR_HNSW_FULL_SCAN_POINTS=str(full_scan_points),
+    )
+    try:
+        index.ensure_collection(DIM, "v1")
+        vectors = np.random.default_rng(3).standard_normal((6000, DIM)).astype(np.float32)
+        index.upsert(_points(vectors))
+        index.build_graphs()  # with the background builder, which may have started on a shard
+        assert index.segment_counts()[1] == len(vectors)
+        queries = np.random.default_rng(4).standard_normal((40, DIM)).astype(np.float32)
+        found = 0
+        for query in queries:
+            hits = index.search(query.tolist(), 10, HitFilter(["xray"]))
+            found += len(
+                {h.payload["sop_instance_uid"] for h in hits} & set(_exact(vectors, query, 10, "xray"))
+            )
+        return found / (10 * len(queries))
+    finally:
+        index.close()
+
+
+def test_the_full_scan_threshold_reaches_the_graph_build(tmp_path: Path) -> None:
+    """A shard of 3,000 points is scanned (exact) below CBMIR_HNSW_FULL_SCAN_POINTS and searched
+    through its graph above it: the setting travels to the out-of-process build."""
+    assert _graph_recall(tmp_path / "scan", full_scan_points=10000) == 1.0
+    assert _graph_recall(tmp_path / "graph", full_scan_points=1000) < 0.95
+
+
 def test_hnsw_settings_are_checked(tmp_path: Path) -> None:
     settings = QuerySettings.from_env({"CBMIR_DATA_DIR": str(tmp_path)}).index
     assert (settings.hnsw_m, settings.hnsw_ef_construct, settings.hnsw_ef) == (48, 300, 128)
+    assert settings.hnsw_full_scan_points == 10000
     with pytest.raises(ConfigError, match="CBMIR_HNSW_M"):
         QuerySettings.from_env({"CBMIR_DATA_DIR": str(tmp_path), "CBMIR_HNSW_M": "2"})
     with pytest.raises(ConfigError, match="CBMIR_HNSW_EF"):

@@ -132,6 +132,10 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "10",
         "Embedded index: quiet seconds after the last write before a graph is built (at most 30x longer).",
     ),
+    "CBMIR_HNSW_FULL_SCAN_POINTS": (
+        "10000",
+        "A search scans a segment (or a filter's matches) of fewer vectors than this instead of its graph.",
+    ),
     "CBMIR_MODEL_PATH": (
         "(the model shipped in models/weights)",
         (
@@ -386,6 +390,7 @@ class IndexSettings:
     hnsw_ef: int = 128  # search-time candidates
     hnsw_min_points: int = 20000  # 0: never build
     hnsw_debounce_s: float = 10.0
+    hnsw_full_scan_points: int = 10000  # fewer vectors than this are scanned, not searched in a graph
 
     @property
     def embedded(self) -> bool:
@@ -412,6 +417,7 @@ class IndexSettings:
             hnsw_ef=_int(env, "CBMIR_HNSW_EF", 128, minimum=1),
             hnsw_min_points=_int(env, "CBMIR_HNSW_MIN_POINTS", 20000),
             hnsw_debounce_s=_float(env, "CBMIR_HNSW_DEBOUNCE_S", 10.0),
+            hnsw_full_scan_points=_int(env, "CBMIR_HNSW_FULL_SCAN_POINTS", 10000, minimum=1),
         )
 
 

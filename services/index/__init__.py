@@ -58,6 +58,7 @@ def open_index(settings: IndexSettings) -> VectorIndex:
         ef=settings.hnsw_ef,
         min_points=settings.hnsw_min_points,
         debounce_s=settings.hnsw_debounce_s,
+        full_scan_points=settings.hnsw_full_scan_points,
     )
     if settings.qdrant_url:
         return QdrantServerIndex(

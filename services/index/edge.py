@@ -50,8 +50,6 @@ from services.index.base import (
 
 logger = logging.getLogger(__name__)
 
-# below this many KB of vectors a filtered search scans instead of walking the graph (Qdrant's default)
-FULL_SCAN_THRESHOLD_KB = 10000
 # a graph is rebuilt even while writes go on once its first unbuilt write is this many debounces old
 OVERDUE_DEBOUNCES = 30
 # after a failed build, the builder waits this long before it tries again
@@ -106,6 +104,7 @@ class EdgeIndex(VectorIndex):
         self._first_unbuilt: dict[tuple[str, str], float] = {}
         self._journal: dict[tuple[str, str], list[Any]] = {}
         self._stuck: dict[tuple[str, str], int] = {}
+        self._build_lock = threading.Lock()  # held for a whole graph build (see _build_shard)
         self._builder: threading.Thread | None = None
         self._stopping = threading.Event()
         # the alias file and the collections' meta files, as this process last read or wrote them:
@@ -287,6 +286,7 @@ class EdgeIndex(VectorIndex):
             "m": self._hnsw.m,
             "ef_construct": self._hnsw.ef_construct,
             "indexing_threshold_kb": threshold,
+            "full_scan_threshold_kb": self._hnsw.full_scan_kb(dim),
         }
 
     def _config(self, collection: str) -> Any:
@@ -569,16 +569,21 @@ class EdgeIndex(VectorIndex):
         outside one, out of process as the builder does, blocking the caller only; searches and
         writes go on. Returns how many shards were rebuilt."""
         collection = collection or self._current()
-        built = 0
-        for modality in self._partitions(collection):
-            with self._swap.read():
-                info = self._shard(collection, modality).info()
-            if int(info.points_count) > int(info.indexed_vectors_count):
-                self._build_shard(collection, modality)
-                built += 1
-        return built
+        return sum(self._build_shard(collection, modality) for modality in self._partitions(collection))
 
-    def _build_shard(self, collection: str, modality: str) -> None:
+    def _build_shard(self, collection: str, modality: str) -> bool:
+        """Build the graph of a shard that has points outside one; False if it has none. One build at a
+        time: the background builder and :meth:`build_graphs` would otherwise share the shard's copy."""
+        with self._build_lock:
+            with self._swap.read():
+                shard = self._shard(collection, modality)
+                info = shard.info() if shard is not None else None
+            if info is None or int(info.points_count) <= int(info.indexed_vectors_count):
+                return False
+            self._rebuild_shard(collection, modality)
+            return True
+
+    def _rebuild_shard(self, collection: str, modality: str) -> None:
         """Copy the shard, optimise the copy in a child process, replay the writes made meanwhile, swap."""
         key = (collection, modality)
         folder = self._root / "shards" / collection
@@ -751,7 +756,7 @@ def _edge_config(qe: Any, params: dict[str, Any]) -> Any:
         hnsw_config=qe.HnswIndexConfig(
             m=int(params["m"]),
             ef_construct=int(params["ef_construct"]),
-            full_scan_threshold=FULL_SCAN_THRESHOLD_KB,
+            full_scan_threshold=int(params["full_scan_threshold_kb"]),
         ),
         optimizers=optimizers,
     )

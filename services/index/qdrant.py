@@ -154,7 +154,11 @@ class QdrantServerIndex(VectorIndex):
                 self._client.create_collection,
                 collection,
                 vectors_config=models.VectorParams(size=dim, distance=models.Distance.EUCLID),
-                hnsw_config=models.HnswConfigDiff(m=self._hnsw.m, ef_construct=self._hnsw.ef_construct),
+                hnsw_config=models.HnswConfigDiff(
+                    m=self._hnsw.m,
+                    ef_construct=self._hnsw.ef_construct,
+                    full_scan_threshold=self._hnsw.full_scan_kb(dim),
+                ),
                 **self._layout,
                 quantization_config=(
                     models.ScalarQuantization(
