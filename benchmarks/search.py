@@ -49,9 +49,10 @@ What it compares
     started on it with ``CBMIR_HNSW_M``/``CBMIR_HNSW_EF_CONSTRUCT``/``CBMIR_HNSW_EF``/
     ``CBMIR_HNSW_FULL_SCAN_POINTS`` (and ``CBMIR_QUANTIZATION=int8`` for the int8 rows: the copy's
     collection is switched to int8 before its build). One row builds with Qdrant's own full-scan
-    threshold (10,000 KB of vectors), what the service built before it had its own setting. Per row: gRPC p50/p99 of the filtered ``SearchSimilar``, recall@10 against
-    exact numpy brute force (float64, the query instance left out), the query process's RSS minus
-    its RSS with an empty index, and the allocated size of the index folder on disk.
+    threshold (10,000 KB of vectors), what the service built before it had its own setting. Per
+    row: gRPC p50/p99 of the filtered ``SearchSimilar`` and of the library-filtered one, their
+    recall@10 against exact numpy brute force (float64, the query instance left out), the query
+    process's RSS minus its RSS with an empty index, and the allocated size of the index folder.
 
     Goal (issue #12): filtered p99 <= 5 ms at 1M with recall@10 >= 0.99.
 

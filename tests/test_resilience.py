@@ -8,6 +8,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -467,6 +468,21 @@ def test_health_follows_the_index_backend(data_dir, procs):
             return status == health_pb2.HealthCheckResponse.NOT_SERVING
 
         support.wait_until(not_serving, 20, "health NOT_SERVING while Qdrant is unreachable")
+
+
+def test_health_says_not_serving_while_qdrant_hangs(data_dir, procs):
+    """A Qdrant that takes connections and never answers (a hung server) holds the health loop's
+    first look for the client's 10 s timeout: meanwhile a probe gets NOT_SERVING. Before, the server's
+    own name said SERVING (grpc's health servicer starts with it) and the search service NOT_FOUND."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:
+        env = support.base_env(data_dir, QDRANT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}")
+        proc, port = support.start_query(env)
+        procs.append(proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "cbmir.v1.SimilarCases"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_an_instance_sent_again_keeps_its_earlier_copy(redis_env, procs, tmp_path, need_dcmtk):

@@ -155,6 +155,8 @@ METHOD_ROLES = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
 }
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+# the health service's names for this server: the whole server, and the search service
+HEALTH_NAMES = ("", search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name)
 
 
 Servicer = TypeVar("Servicer")
@@ -1007,7 +1009,11 @@ class QueryServer:
         return self._dispatcher.embed(spool_name)
 
     def start(self) -> int:
-        """Start serving (and the index writer); returns the public port."""
+        """Start serving (and the index writer); returns the public port. Health says NOT_SERVING
+        until the index has answered (opening a large index or a slow Qdrant can take seconds;
+        grpc's health servicer would say SERVING for the server's own name meanwhile)."""
+        for name in HEALTH_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.start()
         if self._writer is not None:
             self._writer.start()
@@ -1048,7 +1054,7 @@ class QueryServer:
                 if status != now:
                     logger.error("index backend unavailable: %s", exc)
             if now != status:
-                for name in ("", "cbmir.v1.SimilarCases"):
+                for name in HEALTH_NAMES:
                     self.health.set(name, now)
                 status = now
             if now == health_pb2.HealthCheckResponse.SERVING and not self.reindex.running and tick % 12 == 0:
