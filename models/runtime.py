@@ -218,6 +218,10 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # ONNX Runtime's pool threads spin on a core between runs by default. A worker or query
+        # service shares its cores with the DICOM listener and the index: spinning took a third of
+        # the encoder's CPU and slowed the listener beside it (benchmarks/pipeline.py, 2026-12-01).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         requested = choose_providers(device)
         try:
             self.session = ort.InferenceSession(

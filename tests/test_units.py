@@ -417,3 +417,11 @@ def test_group_writer_fails_only_the_writer_whose_items_fail():
     assert results == {"first": "written", "bad": "refused", "good": "written"}
     assert writes == [[0], [5]]  # the failed group [-1, 5] was written again writer by writer
     writer.close()
+
+
+def test_the_encoder_session_sleeps_between_runs() -> None:
+    """ONNX Runtime's threads would spin on a core between runs, taking it from the listener."""
+    from models.runtime import OnnxEncoder
+
+    options = OnnxEncoder(device="cpu").session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
