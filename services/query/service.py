@@ -155,8 +155,9 @@ METHOD_ROLES = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": SEARCH,
 }
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+SEARCH_SERVICE = search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name
 # the health service's names for this server: the whole server, and the search service
-HEALTH_NAMES = ("", search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name)
+HEALTH_NAMES = ("", SEARCH_SERVICE)
 
 
 Servicer = TypeVar("Servicer")
@@ -943,7 +944,7 @@ class QueryServer:
             ),
             self._server,
         )
-        public = [search_pb2.DESCRIPTOR.services_by_name["SimilarCases"].full_name, health.SERVICE_NAME]
+        public = [SEARCH_SERVICE, health.SERVICE_NAME]
         reflection.enable_server_reflection([*public, reflection.SERVICE_NAME], self._server)
         address = f"{settings.host}:{settings.port}"
         tls = grpc_server_credentials(settings.tls) if settings.tls.enabled else None
