@@ -61,7 +61,7 @@ Run
     .venv/bin/python benchmarks/search.py             # 1000 queries per row
     .venv/bin/python benchmarks/search.py --sizes 10000,100000,200000
     .venv/bin/python benchmarks/search.py --million --quick   # 60k points, < 2 minutes
-    .venv/bin/python benchmarks/search.py --million           # 1M points, ~20 minutes on 2 cores
+    .venv/bin/python benchmarks/search.py --million           # 1M points, ~35 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -221,9 +221,12 @@ def million_database(
     if real is None:
         n_queries = 200 if quick else 1000
         vs = common.make_vectors(total, dim, seed=seed)
+        vs.library = np.zeros(total, bool)
+        vs.library[: total - n_queries : LIBRARY_EVERY] = True
         what = (
             "SYNTHETIC random vectors (../shared/data is absent: no real embeddings), "
-            f"{len(common.BENCH_MODALITIES)} uniform modalities"
+            f"{len(common.BENCH_MODALITIES)} uniform modalities; {int(vs.library.sum()):,} of them "
+            "reference-library points"
         )
         return vs, np.arange(total - n_queries, total), what
     src, src_modality, queries, query_modality = real
@@ -307,7 +310,8 @@ def measure_service(
         client.wait_ready(60)
         for row in query_rows[:30]:  # warm-up (loads the shards' pages)
             name = common.BENCH_MODALITIES[int(vs.modalities[row])]
-            client.search(sop_instance_uid=vs.uids[row], k=K_MILLION, modalities=[name])
+            for source in (None, "library"):
+                client.search(sop_instance_uid=vs.uids[row], k=K_MILLION, modalities=[name], source=source)
         result = {}
         for source, answers in ((None, truth), ("library", library_truth)):
             times, recalls = [], []
@@ -472,7 +476,11 @@ def million(args: argparse.Namespace) -> int:
         f"{empty_rss:.0f} MB with an empty index; disk MB: allocated size of the index folder (WAL files "
         f"included); both at {total:,} points"
     )
-    ok = [row for row in rows if row[7] <= 5.0 and float(row[8]) >= 0.99 and float(row[10]) >= 0.99]
+    ok = [
+        row
+        for row in rows
+        if row[7] <= 5.0 and float(row[8]) >= 0.99 and row[9] <= 5.0 and float(row[10]) >= 0.99
+    ]
     print(
         f"goal: filtered p99 <= 5 ms with recall@{K_MILLION} >= 0.99 (library filter too) at {total:,}: "
         + ("met by " + "; ".join(f"{r[0]} m={r[1]} ef={r[3]}" for r in ok) if ok else "NOT met")
@@ -493,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "--defaults-only",
         action="store_true",
         help="--million: only exact search and HNSW at the shipped defaults, built with the shipped and "
-        "with Qdrant's full-scan threshold (about 25 minutes)",
+        "with Qdrant's full-scan threshold (about 15 minutes on a quiet machine)",
     )
     parser.add_argument(
         "--sizes", default="10000,100000", help="index sizes, ascending (filled incrementally)"

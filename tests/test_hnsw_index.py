@@ -134,39 +134,52 @@ def test_an_interrupted_swap_is_undone_or_finished(tmp_path: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == ["mri", "xray"]
 
 
-def _graph_recall(tmp_path: Path, full_scan_points: int) -> float:
-    """recall@10 of an index of 3,000 random points per modality whose graphs are sparse on purpose
-    (m 4, ef_construct 8, ef 10), built with ``full_scan_points``: below 1 only if the graph answers."""
-    index = _open(
+def _sparse_index(tmp_path: Path, full_scan_points: int) -> EdgeIndex:
+    """The service's index with graphs sparse on purpose (m 4, ef_construct 8, ef 10)."""
+    return _open(
         tmp_path,
         CBMIR_HNSW_M="4",
         CBMIR_HNSW_EF_CONSTRUCT="8",
         CBMIR_HNSW_EF="10",
         CBMIR_HNSW_FULL_SCAN_POINTS=str(full_scan_points),
     )
-    try:
-        index.ensure_collection(DIM, "v1")
-        vectors = np.random.default_rng(3).standard_normal((6000, DIM)).astype(np.float32)
-        index.upsert(_points(vectors))
-        index.build_graphs()  # with the background builder, which may have started on a shard
-        assert index.segment_counts()[1] == len(vectors)
-        queries = np.random.default_rng(4).standard_normal((40, DIM)).astype(np.float32)
-        found = 0
-        for query in queries:
-            hits = index.search(query.tolist(), 10, HitFilter(["xray"]))
-            found += len(
-                {h.payload["sop_instance_uid"] for h in hits} & set(_exact(vectors, query, 10, "xray"))
-            )
-        return found / (10 * len(queries))
-    finally:
-        index.close()
 
 
-def test_the_full_scan_threshold_reaches_the_graph_build(tmp_path: Path) -> None:
+def _xray_recall(index: EdgeIndex, vectors: np.ndarray) -> float:
+    """recall@10 within the 3,000 X-ray points: below 1 only if the sparse graph answers."""
+    queries = np.random.default_rng(4).standard_normal((40, DIM)).astype(np.float32)
+    found = 0
+    for query in queries:
+        hits = index.search(query.tolist(), 10, HitFilter(["xray"]))
+        found += len({h.payload["sop_instance_uid"] for h in hits} & set(_exact(vectors, query, 10, "xray")))
+    return found / (10 * len(queries))
+
+
+def test_the_full_scan_threshold_is_the_one_the_graph_was_built_with(tmp_path: Path) -> None:
     """A shard of 3,000 points is scanned (exact) below CBMIR_HNSW_FULL_SCAN_POINTS and searched
-    through its graph above it: the setting travels to the out-of-process build."""
-    assert _graph_recall(tmp_path / "scan", full_scan_points=10000) == 1.0
-    assert _graph_recall(tmp_path / "graph", full_scan_points=1000) < 0.95
+    through its graph above it, with the value the out-of-process build had, whatever the process
+    that opens it later is set to (graphs built before keep theirs until they are built again)."""
+    vectors = np.random.default_rng(3).standard_normal((6000, DIM)).astype(np.float32)
+    for built_with, opened_with, scanned in ((10000, 1000, True), (1000, 10000, False)):
+        folder = tmp_path / f"built{built_with}"
+        index = _sparse_index(folder, built_with)
+        try:
+            index.ensure_collection(DIM, "v1")
+            index.upsert(_points(vectors))
+            index.build_graphs()  # with the background builder, which may have started on a shard
+            assert index.segment_counts()[1] == len(vectors)
+            recall = _xray_recall(index, vectors)
+        finally:
+            index.close()
+        index = _sparse_index(folder, opened_with)
+        try:
+            reopened = _xray_recall(index, vectors)
+        finally:
+            index.close()
+        if scanned:
+            assert recall == reopened == 1.0
+        else:
+            assert recall < 0.95 and reopened < 0.95
 
 
 def test_hnsw_settings_are_checked(tmp_path: Path) -> None:

@@ -562,7 +562,7 @@ class EdgeIndex(VectorIndex):
                 stuck = self._stuck.get(key)
                 if stuck is not None and abs(int(info.points_count) - stuck) < self._hnsw.min_points:
                     continue
-                self._build_shard(collection, modality)
+                self._build_shard(collection, modality, min_unbuilt=self._hnsw.min_points)
 
     def build_graphs(self, collection: str | None = None) -> int:
         """Build the graphs of every shard of ``collection`` (default: the alias's) that has points
@@ -571,14 +571,17 @@ class EdgeIndex(VectorIndex):
         collection = collection or self._current()
         return sum(self._build_shard(collection, modality) for modality in self._partitions(collection))
 
-    def _build_shard(self, collection: str, modality: str) -> bool:
-        """Build the graph of a shard that has points outside one; False if it has none. One build at a
-        time: the background builder and :meth:`build_graphs` would otherwise share the shard's copy."""
+    def _build_shard(self, collection: str, modality: str, min_unbuilt: int = 1) -> bool:
+        """Build the graph of a shard that has at least ``min_unbuilt`` points outside one (checked
+        again once this build's turn has come); False if not. One build at a time: the background
+        builder and :meth:`build_graphs` would otherwise share the shard's copy."""
         with self._build_lock:
+            if self._stopping.is_set():
+                raise _BuildCancelled
             with self._swap.read():
                 shard = self._shard(collection, modality)
                 info = shard.info() if shard is not None else None
-            if info is None or int(info.points_count) <= int(info.indexed_vectors_count):
+            if info is None or int(info.points_count) - int(info.indexed_vectors_count) < max(1, min_unbuilt):
                 return False
             self._rebuild_shard(collection, modality)
             return True
