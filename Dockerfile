@@ -23,6 +23,12 @@ ARG VARIANT=cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
+# The compiler and Debian's dcmtk for the listener's native SCP (CBMIR_DICOM_RECEIVER=dcmtk). Not
+# pinned: Debian's security updates replace these versions, and the image is rebuilt for them.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ make libdcmtk-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first (cached while only the code changes), every one pinned with its hash.
 COPY requirements/image-${VARIANT}.txt /tmp/requirements.txt
@@ -31,7 +37,8 @@ COPY . .
 # The project itself, built with the pinned setuptools and nothing fetched. pyproject.toml names
 # README.md as the long description; never let its absence break the image.
 RUN test -f README.md || echo "# cbmir" > README.md \
- && pip install --no-cache-dir --no-deps --no-build-isolation /src
+ && pip install --no-cache-dir --no-deps --no-build-isolation /src \
+ && make -s dcmtk-scp DCMTK_SCP=/opt/venv/bin/cbmir-dcmtk-scp
 WORKDIR /
 # Every entry point imports (the gateway's FastAPI and uvicorn too); the model and the panel are in the package.
 RUN python -c "import services.ops.cli, services.gateway.server, workers.app; from models.runtime import default_model_path as p, model_files; assert '/opt/venv/' in str(p()) and len(model_files()) >= 3, p()" \
@@ -43,8 +50,15 @@ ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="cbmir" \
       org.opencontainers.image.description="Content-based medical image retrieval next to the PACS (${VARIANT})" \
       org.opencontainers.image.licenses="Apache-2.0"
+# dcmtk's shared libraries for the native SCP (same note on pinning as above).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libdcmtk17 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
-RUN groupadd --system --gid 10001 cbmir \
+# The native SCP loads its libraries (without arguments it exits 2 after its usage line).
+RUN /opt/venv/bin/cbmir-dcmtk-scp 2>/dev/null; test $? -eq 2 \
+ && groupadd --system --gid 10001 cbmir \
  && useradd --system --uid 10001 --gid cbmir --home-dir /home/cbmir --create-home --shell /usr/sbin/nologin cbmir \
  && mkdir -p /data \
  && chown cbmir:cbmir /data
@@ -52,6 +66,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     CBMIR_DATA_DIR=/data \
     CBMIR_DICOM_HOST=0.0.0.0 \
+    CBMIR_DICOM_RECEIVER=dcmtk \
     CBMIR_GRPC_HOST=0.0.0.0 \
     CBMIR_DEVICE=auto
 USER 10001:10001

@@ -1,7 +1,7 @@
 # The two commands a fresh machine needs (see README):
 #   make demo   - set up, then run the whole path on an embedded default and print similar cases
 #   make test   - set up what the tests talk to, then run the test suite
-.PHONY: demo test lint lint-deploy lock-image protos check-protos openapi bench
+.PHONY: demo test lint lint-deploy lock-image protos check-protos openapi bench dcmtk-scp
 
 demo:
 	./scripts/bootstrap
@@ -38,6 +38,13 @@ check-protos: protos
 # The gateway's OpenAPI document, committed as docs/openapi.json (a test fails when it drifts).
 openapi:
 	.venv/bin/python -m services.gateway.openapi docs/openapi.json
+
+# The listener's dcmtk network side (CBMIR_DICOM_RECEIVER=dcmtk), beside the venv's Python, where the
+# listener looks first. Needs g++ and Debian's libdcmtk-dev (the bootstrap's --test installs both).
+DCMTK_SCP := .venv/bin/cbmir-dcmtk-scp
+dcmtk-scp: $(DCMTK_SCP)
+$(DCMTK_SCP): native/dcmtk-scp/cbmir-dcmtk-scp.cc
+	$(CXX) -O2 -std=c++17 -Wall -Wextra -Werror -o $@ $< -ldcmnet -ldcmdata -loflog -lofstd -lcrypto -pthread
 
 bench:
 	.venv/bin/python benchmarks/search.py --quick

@@ -29,6 +29,9 @@ What it compares (every figure a ratio against a peer measured in the same run)
        the bound's. Goal >= 0.7.
     4. GPU: not measured here (this script prints one line saying whether a CUDA provider exists).
 
+Listener: ``--receiver`` sets ``CBMIR_DICOM_RECEIVER`` for every listener here (pynetdicom, the
+default, or dcmtk, the native SCP of ``make dcmtk-scp``), the listener-alone peer included.
+
 Corpora: as ``ingest.py`` (``--corpus``): the MR objects ``cbmir dicomize`` builds from
 ``../shared/data`` when it exists, else pydicom-built 512x512 MR. The sender is
 ``dcmsend -aet BENCH -aec CBMIR +sd 127.0.0.1 PORT FOLDER`` with ``TCP_NODELAY=1``.
@@ -123,10 +126,14 @@ class Child:
         stop_process(self.process, timeout_s=20, group=True)
 
 
+RECEIVER = {"name": "pynetdicom"}  # the listener's network side (--receiver)
+
+
 def cbmir_env(data_dir: Path, **extra: str) -> dict[str, str]:
     """A clean ``CBMIR_*`` environment on ``data_dir``: loopback, CPU, no tokens, quiet logs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CBMIR_", "QDRANT_"))}
     env.update(
+        CBMIR_DICOM_RECEIVER=RECEIVER["name"],
         CBMIR_DATA_DIR=str(data_dir),
         CBMIR_DICOM_HOST="127.0.0.1",
         CBMIR_GRPC_HOST="127.0.0.1",
@@ -269,7 +276,7 @@ def receive_only(broker: str, corpus: common.Corpus, root: Path) -> float:
     """Our listener alone (no worker), same files, same sender: instances/s; its tasks are removed."""
     queue = f"bench.pipeline.{os.getpid()}.recv.{broker}"
     redis_queue = ingest.RedisQueue(queue) if broker == "redis" else None
-    receiver = ingest.CbmirScp(root / f"recv-{broker}", None, broker, queue)
+    receiver = ingest.CbmirScp(root / f"recv-{broker}", None, broker, queue, RECEIVER["name"])
     try:
         receiver.prepare()
         ingest.send_to([corpus.folder], receiver, "dcmsend")  # warm: association, page cache
@@ -469,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         help="also the latency run on the distributed setup (default: yes, no with --quick)",
     )
+    parser.add_argument(
+        "--receiver",
+        choices=("pynetdicom", "dcmtk"),
+        default="pynetdicom",
+        help="the listener's network side, CBMIR_DICOM_RECEIVER (default pynetdicom)",
+    )
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--skip-distributed", action="store_true")
     parser.add_argument("--workdir", help="where to put files and data folders (default: a temporary folder)")
@@ -479,13 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     if key == "shared-mr" and not common.shared_data_present():
         parser.error(f"shared-mr needs {common.SHARED_DATA}/manifest.csv")
     kind = common.CORPORA[key]
+    RECEIVER["name"] = args.receiver
     count = args.count or (kind.quick_count if args.quick else kind.default_count)
     latency_s = args.latency_s or (10.0 if args.quick else 30.0)
     if not args.skip_distributed:
         ingest.RedisQueue("bench.pipeline.ping")  # fails early when Redis is not there
     print(
         f"pipeline benchmark | {common.machine_line()} | {kind.label} x {count} | sender dcmsend | "
-        f"workers {args.workers} | latency {args.rate:g}/s for {latency_s:g}s",
+        f"workers {args.workers} | listener {args.receiver} | latency {args.rate:g}/s for {latency_s:g}s",
         flush=True,
     )
     root = Path(tempfile.mkdtemp(prefix="cbmir-pipeline-", dir=args.workdir))

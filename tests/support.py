@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import pytest
+
 from services.core.processes import stop_process
 
 if TYPE_CHECKING:
@@ -42,6 +44,28 @@ def redis_available(url: str = REDIS_URL) -> bool:
 
 def dcmtk_available() -> bool:
     return shutil.which("storescu") is not None
+
+
+# The listener's two network sides (CBMIR_DICOM_RECEIVER); tests of its behaviour run on both.
+RECEIVERS = ("pynetdicom", "dcmtk")
+
+
+def receiver_env(receiver: str) -> dict[str, str]:
+    """The environment that selects ``receiver`` (skipping, or failing in CI, when it is not built)."""
+    if receiver == "dcmtk":
+        need_dcmtk_scp()
+    return {"CBMIR_DICOM_RECEIVER": receiver}
+
+
+def need_dcmtk_scp() -> None:
+    """Skip without the native dcmtk SCP (``make dcmtk-scp``); in CI its absence fails the test."""
+    from services.dicom.dcmtk_scp import BINARY_NAME, BUILD_HINT
+
+    if (CBMIR.parent / BINARY_NAME).is_file():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{BINARY_NAME} is not built: {BUILD_HINT}")
+    pytest.skip(f"{BINARY_NAME} is not built: {BUILD_HINT}")
 
 
 class Proc:

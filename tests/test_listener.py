@@ -1,4 +1,7 @@
-"""The DICOM listener's answers over real associations: success, failure statuses, allowlist."""
+"""The DICOM listener's answers over real associations: success, failure statuses, allowlist.
+
+Every listener test runs against both network sides (``CBMIR_DICOM_RECEIVER``): pynetdicom and the
+native dcmtk SCP. They must answer alike."""
 
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from tests import support
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def listener(data_dir, procs, redis_env):
+@pytest.fixture(params=support.RECEIVERS)
+def listener(request, data_dir, procs, redis_env):
+    selected = support.receiver_env(request.param)
+
     def start(**extra):
-        env = dict(redis_env, **extra)
+        env = dict(redis_env, **selected, **extra)
         proc, port = support.start_scp(env)
         procs.append(proc)
         return proc, port

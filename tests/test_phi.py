@@ -166,8 +166,9 @@ def _leaks(text: str) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("receiver", support.RECEIVERS)
 def test_planted_phi_reaches_no_log_payload_or_response(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, need_dcmtk
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, need_dcmtk, receiver: str
 ) -> None:
     from pynetdicom import _config
 
@@ -185,7 +186,9 @@ def test_planted_phi_reaches_no_log_payload_or_response(
     assert all(any(value.encode() in data for value in PLANTED) for data in cases.values())
 
     data_dir, watch = tmp_path / "data", tmp_path / "in"
-    env = support.base_env(data_dir, CBMIR_LOG_LEVEL="DEBUG", CBMIR_MAX_RETRIES="1")
+    env = support.base_env(
+        data_dir, CBMIR_LOG_LEVEL="DEBUG", CBMIR_MAX_RETRIES="1", **support.receiver_env(receiver)
+    )
     procs: list[support.Proc] = []
     try:
         query, grpc_port = support.start_query(env)

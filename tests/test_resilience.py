@@ -244,11 +244,17 @@ def test_full_disk_answers_a700_keeps_everything_alive_and_recovers(
     assert not list((data / "spool" / "tmp").iterdir())
 
 
+@pytest.mark.parametrize("receiver", support.RECEIVERS)
 def test_a_disk_that_fills_mid_stream_answers_a700_and_leaves_no_partial_file(
-    small_volume, redis_env, procs, tmp_path, need_dcmtk
+    small_volume, redis_env, procs, tmp_path, need_dcmtk, receiver
 ):
     data = small_volume / "data"
-    env = dict(redis_env, CBMIR_DATA_DIR=str(data), CBMIR_MIN_FREE_MB="0")  # no watermark: the write fails
+    env = dict(
+        redis_env,
+        **support.receiver_env(receiver),
+        CBMIR_DATA_DIR=str(data),
+        CBMIR_MIN_FREE_MB="0",  # no watermark: the write fails
+    )
     scp, dicom_port = support.start_scp(env)
     procs.append(scp)
     big = support.mr_series(tmp_path / "big", 1, size=1536)  # 4.5 MB
@@ -314,12 +320,18 @@ def test_oversized_query_images_are_refused_and_memory_stays_bounded(data_dir, p
 # --- associations and ports ---------------------------------------------------------------------
 
 
-def test_idle_associations_are_aborted_and_rejections_logged(redis_env, procs):
+@pytest.mark.parametrize("receiver", support.RECEIVERS)
+def test_idle_associations_are_aborted_and_rejections_logged(redis_env, procs, receiver):
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     proc, port = support.start_scp(
-        dict(redis_env, CBMIR_ASSOC_IDLE_TIMEOUT_S="2", CBMIR_ALLOWED_AE_TITLES="PACS1")
+        dict(
+            redis_env,
+            **support.receiver_env(receiver),
+            CBMIR_ASSOC_IDLE_TIMEOUT_S="2",
+            CBMIR_ALLOWED_AE_TITLES="PACS1",
+        )
     )
     procs.append(proc)
     ae = AE(ae_title="PACS1")
@@ -334,7 +346,8 @@ def test_idle_associations_are_aborted_and_rejections_logged(redis_env, procs):
     proc.wait_for(r"rejected: calling AE title 'INTRUDER' is not in CBMIR_ALLOWED_AE_TITLES")
 
 
-def test_connections_that_never_finish_a_pdu_cannot_hold_the_association_slots(redis_env, procs):
+@pytest.mark.parametrize("receiver", support.RECEIVERS)
+def test_connections_that_never_finish_a_pdu_cannot_hold_the_association_slots(redis_env, procs, receiver):
     """33 connections send the start of an A-ASSOCIATE-RQ and then a byte now and then (pynetdicom
     would wait for the rest forever): each is closed after the ACSE timeout, and a real sender
     gets its association."""
@@ -343,7 +356,9 @@ def test_connections_that_never_finish_a_pdu_cannot_hold_the_association_slots(r
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    proc, port = support.start_scp(dict(redis_env, CBMIR_ASSOC_IDLE_TIMEOUT_S="3"))
+    proc, port = support.start_scp(
+        dict(redis_env, **support.receiver_env(receiver), CBMIR_ASSOC_IDLE_TIMEOUT_S="3")
+    )
     procs.append(proc)
     slow = []
     for _ in range(33):

@@ -197,7 +197,9 @@ def test_grpc_tls_mtls_and_certificate_rotation(data_dir, procs, tmp_path, ca):
     assert SearchClient(target, **trusting_new).stats().total == 0
 
 
-def test_dicom_tls_with_dcmtk(data_dir, procs, tmp_path, ca, need_dcmtk):
+@pytest.mark.parametrize("receiver", support.RECEIVERS)
+def test_dicom_tls_with_dcmtk(data_dir, procs, tmp_path, ca, need_dcmtk, receiver):
+    """The TLS port (pynetdicom's with either network side) beside the plain one."""
     files = _server_files(ca, tmp_path / "pki")
     client_pem, client_key = _client_files(ca, tmp_path / "pki")
     env = support.base_env(
@@ -208,6 +210,7 @@ def test_dicom_tls_with_dcmtk(data_dir, procs, tmp_path, ca, need_dcmtk):
         CBMIR_TLS_CERT=str(files["cert"]),
         CBMIR_TLS_KEY=str(files["key"]),
         CBMIR_TLS_CLIENT_CA=str(files["ca"]),
+        **support.receiver_env(receiver),
     )
     proc, port = support.start_scp(env)
     procs.append(proc)

@@ -34,7 +34,14 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
         "(empty = allow all, with a warning)",
         "Comma-separated calling AE titles allowed to store.",
     ),
-    "CBMIR_MAX_PDU": ("65536", "Maximum PDU the listener receives (0 = unlimited)."),
+    "CBMIR_MAX_PDU": ("65536", "Maximum PDU the listener receives (0 = unlimited; dcmtk: at most 131072)."),
+    "CBMIR_DICOM_RECEIVER": (
+        "pynetdicom",
+        (
+            "Network side of the plain DICOM port: pynetdicom, or dcmtk (the native cbmir-dcmtk-scp, "
+            "`make dcmtk-scp`; the TLS port stays pynetdicom)."
+        ),
+    ),
     "CBMIR_DICOM_TLS_PORT": (
         "(unset = no TLS listener)",
         "Port of a second, TLS-only DICOM listener (0 = any free port); needs CBMIR_TLS_CERT and _KEY.",
@@ -190,6 +197,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
 
 
 QUANTIZATIONS = ("none", "int8")
+DICOM_RECEIVERS = ("pynetdicom", "dcmtk")
 
 
 def _env(env: Mapping[str, str], name: str, default: str) -> str:
@@ -543,6 +551,7 @@ class ListenerSettings:
     idle_timeout_s: int
     min_free_mb: int
     resend_after_s: int
+    receiver: str = "pynetdicom"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ListenerSettings:
@@ -576,6 +585,7 @@ class ListenerSettings:
             idle_timeout_s=_int(env, "CBMIR_ASSOC_IDLE_TIMEOUT_S", 30, minimum=1),
             min_free_mb=_int(env, "CBMIR_MIN_FREE_MB", 512),
             resend_after_s=_int(env, "CBMIR_RESEND_AFTER_S", 600, minimum=1),
+            receiver=_choice(env, "CBMIR_DICOM_RECEIVER", "pynetdicom", DICOM_RECEIVERS),
         )
 
 

@@ -1,8 +1,13 @@
-"""The DICOM C-STORE listener (``cbmir scp``), built on pynetdicom.
+"""The DICOM C-STORE listener (``cbmir scp``), built on pynetdicom, or with dcmtk as its network side.
 
 The C-STORE handler does three light things and answers: check the dataset parses, write the
 encoded bytes durably into the spool (temp file, fsync, atomic rename, named by SOP Instance UID),
 and send the workers a reference (the spool file name). Decoding and inference happen in workers.
+
+With ``CBMIR_DICOM_RECEIVER=dcmtk`` the plain port is served by the native program of
+:mod:`services.dicom.dcmtk_scp`, which does the same three things in C++ (dcmtk parses the data
+set); :class:`NativeStoreEvents` then sends the references, counts the metrics and quarantines what
+it refused as malformed. The TLS port is pynetdicom's either way.
 
 Negotiation accepts Verification and every image storage SOP class plus the EEG waveform classes,
 each with every transfer syntax pynetdicom knows: the listener stores bytes as received, so it
@@ -35,6 +40,7 @@ from services.core.logs import describe
 from services.core.processes import run_until_stopped
 from services.core.security import dicom_ssl_context, tls_files_stamp
 from services.core.vocabulary import accepted_storage_classes
+from services.dicom.dcmtk_scp import DcmtkScp, ScpEvent, ScpOptions, bind
 from services.dicom.decode import inflated, read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
 from services.ingest.dispatch import BackgroundDispatch, PendingSweep, TaskDispatcher
@@ -48,6 +54,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
+# Associations served at once; more are rejected (transient: the sender tries again later).
+MAX_ASSOCIATIONS = 32
+# The largest PDU dcmtk receives (CBMIR_MAX_PDU=0, "unlimited", means this one there).
+DCMTK_MAX_PDU = 131072
 # Their names in the metrics (cbmir_dicom_instances_received_total{status}).
 STATUS_NAMES = {
     STATUS_SUCCESS: "success",
@@ -237,6 +247,73 @@ def _check_lengths(size: int, dataset: pydicom.Dataset) -> None:
             )
 
 
+class NativeStoreEvents:
+    """What :class:`StoreHandler` does after the spool write, for the events of the dcmtk SCP: send
+    the reference, count the metrics, keep a refused malformed object in quarantine, log."""
+
+    def __init__(self, spool: Spool, dispatch: Callable[[str], None], room: DiskGuard, idle_timeout_s: int):
+        self._spool = spool
+        self._dispatch = dispatch
+        self._room = room
+        self._acse_timeout_s = acse_timeout_for(idle_timeout_s)
+
+    def __call__(self, event: ScpEvent) -> None:
+        """Handle one event of the native SCP."""
+        if event.kind == "stored":
+            metrics.DICOM_STORE_SECONDS.observe(event.seconds)
+            metrics.DICOM_INSTANCES_RECEIVED.labels(STATUS_NAMES[STATUS_SUCCESS]).inc()
+            metrics.DICOM_RECEIVED_BYTES.inc(event.size)
+            self._dispatch(event.name)
+        elif event.kind == "refused":
+            self._refused(event)
+        elif event.kind == "association":
+            self._association(event)
+
+    def _refused(self, event: ScpEvent) -> None:
+        metrics.DICOM_INSTANCES_RECEIVED.labels(STATUS_NAMES.get(event.status, "other")).inc()
+        shown = event.name.removesuffix(".dcm")
+        if event.reason == "disk-full":
+            self._room.ok()  # logs the watermark crossing once
+        if event.kept is not None:
+            try:
+                self._spool.quarantine(
+                    event.kept, reason=event.reason, detail=event.detail, stage="listener", name=event.name
+                )
+                metrics.QUARANTINED.labels("listener", metrics.slug(event.reason)).inc()
+            except StorageError:
+                logger.exception("could not keep refused object %s", event.name)
+            else:
+                event.kept.unlink(missing_ok=True)  # the quarantine holds its copy
+        logger.warning("C-STORE %s refused with 0x%04X: %s", shown, event.status, event.detail)
+
+    def _association(self, event: ScpEvent) -> None:
+        if event.reason == "rejected" and event.detail == "no-request":
+            logger.info(
+                "DICOM connection from %s closed: no association request within %d s",
+                event.peer,
+                self._acse_timeout_s,
+            )
+            return
+        if event.reason in ("accepted", "rejected", "aborted"):
+            metrics.DICOM_ASSOCIATIONS.labels(event.reason).inc()
+        if event.reason == "rejected":
+            why = {
+                "calling-ae": f"calling AE title {event.calling!r} is not in CBMIR_ALLOWED_AE_TITLES",
+                "called-ae": "wrong called AE title",
+                "too-many": f"the association limit ({MAX_ASSOCIATIONS}) is reached",
+            }.get(event.detail, event.detail)
+            logger.warning("association from %s (AE %s) rejected: %s", event.peer, event.calling, why)
+        elif event.reason == "aborted":
+            if event.detail == "idle":
+                logger.warning("DICOM association idle past its network timeout; ending it")
+            logger.info("association from %s (AE %s) aborted", event.peer, event.calling)
+
+
+def acse_timeout_for(idle_timeout_s: int) -> int:
+    """How long a connection may take to send its association request."""
+    return min(30, idle_timeout_s)
+
+
 class Listener:
     """The running C-STORE SCP; ``port`` is the bound port (useful with port 0)."""
 
@@ -248,6 +325,7 @@ class Listener:
         self.room = DiskGuard(spool.layout.root, settings.min_free_mb)
         self.handler = StoreHandler(spool, self.dispatch, self.room)
         self._server: SpoolingAssociationServer | None = None
+        self._native: DcmtkScp | None = None
         self._tls_server: SpoolingAssociationServer | None = None
         self._tls_stamp: tuple[int, ...] = ()
         self.port = 0
@@ -260,9 +338,9 @@ class Listener:
         """The Application Entity: accepted contexts, limits, timeouts, calling AE allowlist."""
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_pdu_size = self.settings.max_pdu
-        ae.maximum_associations = 32
+        ae.maximum_associations = MAX_ASSOCIATIONS
         ae.network_timeout = self.settings.idle_timeout_s  # an association idle this long is aborted
-        ae.acse_timeout = min(30, self.settings.idle_timeout_s)  # and a connection that never asks
+        ae.acse_timeout = acse_timeout_for(self.settings.idle_timeout_s)  # and a connection that never asks
         ae.dimse_timeout = 60
         ae.add_supported_context(Verification)
         for uid in accepted_storage_classes().values():
@@ -298,7 +376,10 @@ class Listener:
                 ssl_context=ssl_context,
             )
 
-        if not self.settings.tls_only:
+        if not self.settings.tls_only and self.settings.receiver == "dcmtk":
+            self._native = self._start_native()
+            self.port = self._native.port
+        elif not self.settings.tls_only:
             self._server = serve(self.settings.port)
             self.port = self._server.server_address[1]
         if self.settings.tls_port is not None:
@@ -321,14 +402,42 @@ class Listener:
         )
         self._backlog_thread.start()
         logger.info(
-            "DICOM listener %s on %s%s (%d storage SOP classes); re-sent %d pending instance(s)",
+            "DICOM listener %s on %s%s (%d storage SOP classes, %s); re-sent %d pending instance(s)",
             self.settings.ae_title,
             self.settings.host,
-            f":{self.port}" if self._server is not None else " (TLS port only)",
+            " (TLS port only)" if self.settings.tls_only else f":{self.port}",
             len(accepted_storage_classes()),
+            self.settings.receiver,
             pending,
         )
-        return self.port if self._server is not None else int(self.tls_port or 0)
+        return int(self.tls_port or 0) if self.settings.tls_only else self.port
+
+    def _start_native(self) -> DcmtkScp:
+        """The dcmtk SCP on the plain port, with the same settings, classes and spool."""
+        settings = self.settings
+        max_pdu = DCMTK_MAX_PDU if settings.max_pdu == 0 else min(max(settings.max_pdu, 4096), DCMTK_MAX_PDU)
+        options = ScpOptions(
+            ae_title=settings.ae_title,
+            spool_tmp=self.spool.layout.spool_tmp,
+            incoming=self.spool.layout.incoming,
+            storage_classes=tuple(accepted_storage_classes().values()),
+            transfer_syntaxes=tuple(map(str, ALL_TRANSFER_SYNTAXES)),
+            max_pdu=max_pdu,
+            acse_timeout_s=acse_timeout_for(settings.idle_timeout_s),
+            idle_timeout_s=settings.idle_timeout_s,
+            max_associations=MAX_ASSOCIATIONS,
+            min_free_mb=settings.min_free_mb,
+            allowed_ae_titles=settings.allowed_ae_titles,
+        )
+        events = NativeStoreEvents(self.spool, self.dispatch, self.room, settings.idle_timeout_s)
+        native = DcmtkScp(options, bind(settings.host, settings.port), events, on_restart=self._after_restart)
+        native.start()
+        return native
+
+    def _after_restart(self) -> None:
+        """The dcmtk SCP was started again: what it stored and did not report gets its task now."""
+        sent = self.sweep.send_all()
+        logger.info("dcmtk SCP running again; re-sent %d pending instance(s)", sent)
 
     def _flush_backlog_loop(self) -> None:
         """Every 2 s: flush the dispatch backlog; every sweep interval: re-send what is stale,
@@ -383,6 +492,8 @@ class Listener:
         for server in (self._server, self._tls_server):
             if server is not None:
                 server.shutdown()
+        if self._native is not None:
+            self._native.stop()
         self.dispatch.close()
         self.dispatcher.close()
 
