@@ -24,17 +24,19 @@ def test_event_lines_parse_into_events():
     stored = parse_event("stored 1.2.3.dcm 101946 812\n")
     assert stored is not None and (stored.kind, stored.name, stored.size) == ("stored", "1.2.3.dcm", 101946)
     assert stored.seconds == pytest.approx(0.000812)
-    refused = parse_event(
-        "refused C210 truncated /d/spool/tmp/dcmtk-1-0.part 1.2.3.dcm dataset cannot be read"
-    )
+    refused = parse_event("refused C210 parse-error dcmtk-1-0.part 1.2.3.dcm dataset cannot be parsed")
     assert refused is not None
     assert (refused.status, refused.reason, refused.kept, refused.name, refused.detail) == (
         0xC210,
-        "truncated",
-        Path("/d/spool/tmp/dcmtk-1-0.part"),
+        "parse-error",
+        "dcmtk-1-0.part",
         "1.2.3.dcm",
-        "dataset cannot be read",
+        "dataset cannot be parsed",
     )
+    # a line naming a file outside spool/tmp, or a spool name with a folder, is not an event
+    assert parse_event("refused C210 parse-error /etc/passwd 1.2.3.dcm x") is None
+    assert parse_event("refused C210 parse-error a.part ../1.2.3.dcm x") is None
+    assert parse_event("stored ../../x.dcm 1 1") is None
     full = parse_event("refused A700 disk-full - 1.2.3.dcm the data volume is below its watermark")
     assert full is not None and full.kept is None and full.status == 0xA700
     rejected = parse_event("association rejected 10.0.0.7 calling-ae MY PACS")
@@ -150,3 +152,81 @@ def test_the_dcmtk_scp_ends_with_its_listener_and_frees_the_port(redis_env, proc
     while time.monotonic() < deadline and again.process.poll() is None:
         time.sleep(0.2)
     assert again.process.poll() is None
+
+
+def _associate_rq(calling: bytes, called: bytes = b"CBMIR") -> bytes:
+    """An A-ASSOCIATE-RQ for Verification, built byte by byte (PS3.8 9.3.2), so that its calling AE
+    title can hold what no toolkit would send."""
+    import struct
+
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+
+    context = item(
+        0x20,
+        bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2"),
+    )
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16)
+        + calling.ljust(16)[:16]
+        + bytes(32)
+        + item(0x10, b"1.2.840.10008.3.1.1.1")
+        + context
+        + user
+    )
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+@pytest.mark.integration
+def test_a_calling_ae_title_with_line_breaks_or_other_bytes_forges_no_event(redis_env, procs, need_dcmtk):
+    """Event lines carry the calling AE title: one with a line break and a forged event after it,
+    or bytes that are not UTF-8, is printed as '?' and the listener goes on."""
+    import socket
+
+    env = dict(redis_env, **support.receiver_env("dcmtk"))
+    scp, port = support.start_scp(env)
+    procs.append(scp)
+    for calling in (b"\rstored ../x 1 1", b"\nrefused C210 r", b"PACS\xff\xfe\x80"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(_associate_rq(calling))
+            assert connection.recv(1)[:1] == b"\x02"  # A-ASSOCIATE-AC
+            connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-RELEASE-RQ
+            time.sleep(0.2)
+    files = support.mr_series(Path(env["CBMIR_DATA_DIR"]) / "series", 2)
+    support.storescu(port, files)  # still serving
+    incoming = Path(env["CBMIR_DATA_DIR"]) / "spool" / "incoming"
+    assert sorted(p.name for p in incoming.iterdir()) == sorted(f"{support.sop_uid(p)}.dcm" for p in files)
+    output = scp.output()
+    assert "unexpected line" not in output and "event failed" not in output and "Traceback" not in output
+    assert not list((Path(env["CBMIR_DATA_DIR"]) / "quarantine").glob("*")), "a forged refusal was acted on"
+
+
+@pytest.mark.integration
+def test_silent_connections_take_no_association_slot(redis_env, procs, need_dcmtk):
+    """40 connections that say nothing (more than the 32 association slots): a real sender is
+    served at once, not after the 30 s ACSE timeout."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    env = dict(redis_env, **support.receiver_env("dcmtk"))
+    scp, port = support.start_scp(env)
+    procs.append(scp)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+    try:
+        time.sleep(0.5)
+        ae = AE(ae_title="PACS1")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 5
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", port, ae_title="CBMIR")
+        assert assoc.is_established, "the silent connections held the association slots"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in silent:
+            connection.close()

@@ -113,6 +113,20 @@ def test_truncated_dataset_is_refused_with_c210_and_kept(listener, tmp_path, dat
     assert not list((data_dir / "spool" / "incoming").iterdir())
 
 
+def test_pixel_data_cut_short_is_refused_with_c210_and_kept(listener, tmp_path, data_dir, send_raw):
+    """A 128 KB Pixel Data value (larger than what the checks read into memory) missing its last
+    kilobyte: found, refused and kept by both network sides."""
+    _, port = listener()
+    (whole,) = support.mr_series(tmp_path / "mr", 1, size=256)
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-1024])
+    assert send_raw(port, cut) == 0xC210
+    reasons = [json.loads(p.read_text()) for p in (data_dir / "quarantine").glob("*.reason.json")]
+    assert [(r["stage"], r["name"]) for r in reasons] == [("listener", f"{support.sop_uid(whole)}.dcm")]
+    assert not list((data_dir / "spool" / "incoming").iterdir())
+    assert not list((data_dir / "spool" / "tmp").iterdir())
+
+
 def test_dataset_disagreeing_with_request_gets_a900(listener, tmp_path, send_raw):
     _, port = listener()
 

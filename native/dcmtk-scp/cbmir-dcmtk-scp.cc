@@ -53,6 +53,7 @@
 #include <iostream>
 #include <mutex>
 #include <set>
+#include <system_error>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -66,7 +67,16 @@ constexpr Uint16 kOutOfResources = 0xA700;
 constexpr Uint16 kDatasetMismatch = 0xA900;
 constexpr Uint16 kCannotUnderstand = 0xC210;
 // The largest A-ASSOCIATE-RQ PDU waited for (a request proposing 128 contexts is ~20 KB).
-constexpr unsigned long kMaxAssociateRequest = 256 * 1024;
+constexpr size_t kMaxAssociateRequest = 64 * 1024;
+// Connections still waiting for their association request, at most: more are closed at once (each
+// waits at most the ACSE timeout, so a flood of silent connections holds no association slot).
+constexpr int kMaxWaiting = 128;
+// Values up to this size are read when a received file is checked; larger ones (pixel data) are
+// skipped, which still finds a value that runs past the end of the file.
+constexpr Uint32 kCheckReadLength = 64 * 1024;
+// Data sets in these syntaxes are deflated as a whole: not offered, since checking one would
+// inflate it without a budget (pynetdicom's side inflates within one).
+const std::set<std::string> kNotOffered = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95"};
 
 struct Options {
     int listen_fd = -1;
@@ -85,12 +95,14 @@ struct Options {
 Options g_options;
 std::mutex g_emit_lock;
 std::mutex g_handover_lock;  // guards dcmExternalSocketHandle
-std::atomic<int> g_active{0};
+std::atomic<int> g_active{0};   // associations being served
+std::atomic<int> g_waiting{0};  // connections waiting for their association request
 std::atomic<unsigned long> g_file_number{0};
 // Refused files the listener has quarantined ("kept PATH" on stdin), and the answers waiting for them.
 std::mutex g_kept_lock;
 std::condition_variable g_kept_changed;
-std::set<std::string> g_kept;
+std::set<std::string> g_awaited;  // refused files whose answers wait
+std::set<std::string> g_kept;     // of those, the ones the listener confirmed
 constexpr int kKeptWaitS = 10;
 T_ASC_Network* g_network = nullptr;
 
@@ -103,11 +115,13 @@ void emit(const std::string& line) {
     }
 }
 
+// Without leading and trailing whitespace (as Python's str.strip() for ASCII).
 std::string trimmed(const char* text) {
+    static const char* space = " \t\n\r\v\f";
     std::string value(text ? text : "");
-    const auto first = value.find_first_not_of(' ');
+    const auto first = value.find_first_not_of(space);
     if (first == std::string::npos) return "";
-    return value.substr(first, value.find_last_not_of(' ') - first + 1);
+    return value.substr(first, value.find_last_not_of(space) - first + 1);
 }
 
 // services.core.vocabulary.is_valid_uid: digits and dots (no empty component), at most 64.
@@ -139,9 +153,10 @@ std::string spool_name_for(const std::string& uid) {
     return name + ".dcm";
 }
 
+// Text from the network or from dcmtk, made safe for one event line: printable ASCII only.
 std::string one_line(std::string text) {
     for (char& c : text)
-        if (c == '\n' || c == '\r') c = ' ';
+        if (c < 0x20 || c > 0x7E) c = '?';
     return text;
 }
 
@@ -175,10 +190,8 @@ struct Verdict {
 // error), the data set names its SOP Instance and Class UIDs, and they are the request's.
 Verdict check_dataset(const std::string& path, const std::string& instance_uid, const std::string& class_uid) {
     DcmFileFormat file;
-    OFCondition cond = file.loadFile(path.c_str(), EXS_Unknown, EGL_noChange, DCM_MaxReadLength, ERM_fileOnly);
+    OFCondition cond = file.loadFile(path.c_str(), EXS_Unknown, EGL_noChange, kCheckReadLength, ERM_fileOnly);
     if (cond.bad()) return {kCannotUnderstand, "parse-error", std::string("dataset cannot be parsed: ") + cond.text()};
-    cond = file.loadAllDataIntoMemory();
-    if (cond.bad()) return {kCannotUnderstand, "truncated", std::string("dataset cannot be read whole: ") + cond.text()};
     DcmDataset* dataset = file.getDataset();
     OFString instance, sop_class;
     if (dataset->findAndGetOFString(DCM_SOPInstanceUID, instance).bad() || instance.empty() ||
@@ -195,8 +208,10 @@ Verdict check_dataset(const std::string& path, const std::string& instance_uid, 
 // Wait (bounded) until the listener reports the refused file at ``path`` quarantined.
 void wait_until_kept(const std::string& path) {
     std::unique_lock<std::mutex> lock(g_kept_lock);
+    g_awaited.insert(path);
     const bool kept = g_kept_changed.wait_for(lock, std::chrono::seconds(kKeptWaitS), [&] { return g_kept.count(path) > 0; });
     g_kept.erase(path);
+    g_awaited.erase(path);
     if (!kept) std::fprintf(stderr, "cbmir-dcmtk-scp: the listener did not confirm keeping a refused file in %d s\n", kKeptWaitS);
 }
 
@@ -207,7 +222,7 @@ void read_confirmations() {
         if (line.rfind("kept ", 0) != 0) continue;
         {
             std::lock_guard<std::mutex> guard(g_kept_lock);
-            g_kept.insert(line.substr(5));
+            if (g_awaited.count(line.substr(5))) g_kept.insert(line.substr(5));  // late ones are dropped
         }
         g_kept_changed.notify_all();
     }
@@ -219,7 +234,7 @@ class StoreSCP : public DcmThreadSCP {
 
   protected:
     OFCondition processAssociationRQ() override {
-        if (g_active.load() > g_options.max_associations) {
+        if (g_active.load() > g_options.max_associations) {  // this one included
             emit("association rejected " + peer_ + " too-many " + calling());
             refuseAssociation(DCMSCP_TOO_MANY_ASSOCIATIONS);
             return EC_Normal;
@@ -231,12 +246,6 @@ class StoreSCP : public DcmThreadSCP {
         if (g_options.allowed_calling.empty()) return OFTrue;
         if (g_options.allowed_calling.count(trimmed(calling_ae.c_str()))) return OFTrue;
         emit("association rejected " + peer_ + " calling-ae " + calling());
-        return OFFalse;
-    }
-
-    OFBool checkCalledAETitleAccepted(const OFString& called_ae) override {
-        if (trimmed(called_ae.c_str()) == g_options.ae_title) return OFTrue;
-        emit("association rejected " + peer_ + " called-ae " + calling());
         return OFFalse;
     }
 
@@ -259,16 +268,14 @@ class StoreSCP : public DcmThreadSCP {
   private:
     // Receive the data set into memory, drop it and answer 0xA700 (the sender keeps the object).
     OFCondition refuse_unread(T_DIMSE_C_StoreRQ& request, T_ASC_PresentationContextID context_id, const std::string& why) {
-        DcmDataset* dropped = nullptr;
-        OFCondition cond = receiveSTORERequest(request, context_id, dropped);
-        delete dropped;
+        OFCondition cond = receiveSTORERequest(request, context_id, OFString("/dev/null"));  // never in memory
         if (cond.bad()) return cond;
         emit("refused A700 " + why.substr(0, why.find(' ')) + " - " + why.substr(why.find(' ') + 1));
         return sendSTOREResponse(context_id, request, kOutOfResources);
     }
 
     std::string calling() {
-        const std::string title = trimmed(getPeerAETitle().c_str());
+        const std::string title = one_line(trimmed(getPeerAETitle().c_str()));
         return title.empty() ? "-" : title;
     }
 
@@ -314,8 +321,9 @@ class StoreSCP : public DcmThreadSCP {
         if (verdict.status != kSuccess) {
             char status[8];
             std::snprintf(status, sizeof status, "%04X", verdict.status);
-            emit(std::string("refused ") + status + " " + verdict.reason + " " + tmp + " " + name + " " + one_line(verdict.detail));
-            wait_until_kept(tmp);
+            const std::string kept = tmp.substr(tmp.rfind('/') + 1);  // in spool/tmp
+            emit(std::string("refused ") + status + " " + verdict.reason + " " + kept + " " + name + " " + one_line(verdict.detail));
+            wait_until_kept(kept);
             return sendSTOREResponse(context_id, request, verdict.status);
         }
         const std::string final_path = g_options.incoming + "/" + name;
@@ -338,41 +346,46 @@ class StoreSCP : public DcmThreadSCP {
 // Wait until the connection's first PDU (the A-ASSOCIATE-RQ) is wholly in the socket buffer; false
 // when the peer closes, announces an oversized request, or has not sent it all within the ACSE timeout.
 bool associate_request_buffered(int fd) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(g_options.acse_timeout_s);
+    using clock = std::chrono::steady_clock;
+    const auto deadline = clock::now() + std::chrono::seconds(g_options.acse_timeout_s);
     constexpr size_t kHeader = 6;  // PDU type, reserved, 4-byte length
     size_t want = kHeader;
-    std::vector<unsigned char> buffer;
-    while (std::chrono::steady_clock::now() < deadline) {
+    unsigned char header[kHeader];
+    bool buffered = false;
+    while (!buffered) {
+        // poll() says readable only once `want` bytes are buffered (SO_RCVLOWAT): no busy waiting
+        const int low_water = static_cast<int>(want);
+        ::setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &low_water, sizeof low_water);
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+        if (left <= 0) return false;
         struct pollfd waiting = {fd, POLLIN, 0};
-        const int ready = ::poll(&waiting, 1, 50);
-        if (ready < 0 && errno != EINTR) return false;
-        if (ready <= 0) continue;
-        buffer.resize(want);
-        const ssize_t got = ::recv(fd, buffer.data(), want, MSG_PEEK | MSG_DONTWAIT);
-        if (got == 0) return false;  // closed
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) continue;
-            return false;
-        }
-        if (want == kHeader && static_cast<size_t>(got) >= kHeader) {
-            if (buffer[0] != 0x01) return true;  // not a request: dcmtk answers it
-            const size_t length = (static_cast<size_t>(buffer[2]) << 24) | (static_cast<size_t>(buffer[3]) << 16) |
-                                  (static_cast<size_t>(buffer[4]) << 8) | buffer[5];
+        const int ready = ::poll(&waiting, 1, static_cast<int>(left));
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready <= 0 || (waiting.revents & (POLLERR | POLLHUP | POLLNVAL))) return false;
+        if (want == kHeader) {
+            const ssize_t got = ::recv(fd, header, kHeader, MSG_PEEK | MSG_DONTWAIT);
+            if (got == 0) return false;  // closed
+            if (got < static_cast<ssize_t>(kHeader)) continue;
+            if (header[0] != 0x01) break;  // not a request: dcmtk answers it
+            const size_t length = (static_cast<size_t>(header[2]) << 24) | (static_cast<size_t>(header[3]) << 16) |
+                                  (static_cast<size_t>(header[4]) << 8) | header[5];
             if (length > kMaxAssociateRequest) return false;
             want = kHeader + length;
-            continue;
+        } else {
+            buffered = true;
         }
-        if (static_cast<size_t>(got) >= want) return true;
-        ::usleep(10000);  // the rest of the PDU is on its way (poll would wake at once)
     }
-    return false;
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &one, sizeof one);
+    return true;
 }
 
 void serve_connection(int fd, std::string peer, DcmSharedSCPConfig config) {
-    g_active++;
     T_ASC_Association* assoc = nullptr;
     OFCondition cond = EC_IllegalCall;
-    if (associate_request_buffered(fd)) {
+    const bool requested = associate_request_buffered(fd);
+    g_waiting--;
+    if (requested) {
         std::lock_guard<std::mutex> guard(g_handover_lock);
         dcmExternalSocketHandle.set(fd);
         cond = ASC_receiveAssociation(g_network, &assoc, g_options.max_pdu, nullptr, nullptr, OFFalse, DUL_NOBLOCK,
@@ -380,19 +393,21 @@ void serve_connection(int fd, std::string peer, DcmSharedSCPConfig config) {
         dcmExternalSocketHandle.set(-1);
     }
     if (cond.good()) {
+        g_active++;
         StoreSCP scp(peer);
         scp.setSharedConfig(config);
         scp.run(assoc);  // the SCP drops and destroys the association when it is done
-    } else {
-        if (assoc != nullptr) {
-            ASC_dropAssociation(assoc);
-            ASC_destroyAssociation(&assoc);
-        } else {
-            ::close(fd);
-        }
-        emit("association rejected " + peer + " no-request -");
+        g_active--;
+        return;
     }
-    g_active--;
+    // dcmtk owns (and closes) the socket only once it made a connection of it
+    const bool ours = assoc == nullptr || assoc->DULassociation == nullptr;
+    if (assoc != nullptr) {
+        ASC_dropAssociation(assoc);
+        ASC_destroyAssociation(&assoc);
+    }
+    if (ours) ::close(fd);
+    emit("association rejected " + peer + " no-request -");
 }
 
 bool load_contexts(DcmSCPConfig& config) {
@@ -404,7 +419,7 @@ bool load_contexts(DcmSCPConfig& config) {
         if (!(std::cin >> uid)) return false;
         if (kind == "ts") {
             // only the syntaxes dcmtk can parse: an object it cannot read back is refused anyway
-            if (DcmXfer(uid.c_str()).getXfer() != EXS_Unknown) syntaxes.push_back(uid.c_str());
+            if (DcmXfer(uid.c_str()).getXfer() != EXS_Unknown && !kNotOffered.count(uid)) syntaxes.push_back(uid.c_str());
         } else if (kind == "sop") {
             classes.push_back(uid);
         }
@@ -477,12 +492,16 @@ int main(int argc, char** argv) {
         socklen_t length = sizeof address;
         const int fd = ::accept4(g_options.listen_fd, reinterpret_cast<sockaddr*>(&address), &length, SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED || errno == EMFILE || errno == ENFILE) {
-                if (errno == EMFILE || errno == ENFILE) ::usleep(100000);
-                continue;
+            if (errno == EBADF || errno == EINVAL || errno == ENOTSOCK) {
+                std::fprintf(stderr, "cbmir-dcmtk-scp: accept failed: %s\n", std::strerror(errno));
+                return 1;
             }
-            std::fprintf(stderr, "cbmir-dcmtk-scp: accept failed: %s\n", std::strerror(errno));
-            return 1;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) ::usleep(100000);
+            continue;  // the connection's own failure (EPROTO, ECONNABORTED, ...): go on
+        }
+        if (g_waiting.load() >= kMaxWaiting) {  // a flood of connections that have not asked yet
+            ::close(fd);
+            continue;
         }
         int one = 1;
         ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -491,6 +510,12 @@ int main(int argc, char** argv) {
             inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&address)->sin_addr, host, sizeof host);
         else if (address.ss_family == AF_INET6)
             inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&address)->sin6_addr, host, sizeof host);
-        std::thread(serve_connection, fd, std::string(host), shared).detach();
+        g_waiting++;
+        try {
+            std::thread(serve_connection, fd, std::string(host), shared).detach();
+        } catch (const std::system_error&) {  // no thread to be had: this connection is refused
+            g_waiting--;
+            ::close(fd);
+        }
     }
 }

@@ -38,6 +38,16 @@ BUILD_HINT = "build it with `make dcmtk-scp` (needs g++ and Debian's libdcmtk-de
 VERIFICATION = "1.2.840.10008.1.1"
 # Restarts of a program that keeps dying are spaced out up to this.
 MAX_RESTART_DELAY_S = 10.0
+# How long a starting program may take to say "ready".
+READY_TIMEOUT_S = 10.0
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _plain_names(names: list[str]) -> bool:
+    return all(name and "/" not in name and name not in (".", "..") for name in names)
 
 
 def find_binary() -> Path:
@@ -56,9 +66,10 @@ class ScpEvent:
     """One line of the native SCP.
 
     ``kind`` is ``stored`` (``name``, ``size``, ``seconds``), ``refused`` (``status``, ``reason``,
-    ``kept``: the refused file in spool/tmp when it is to be quarantined, ``name``, ``detail``) or
+    ``kept``: the name of the refused file in spool/tmp when it is to be quarantined, ``name``,
+    ``detail``) or
     ``association`` (``reason``: accepted, rejected or aborted; ``detail``: why it was rejected
-    (calling-ae, called-ae, too-many, no-request) or aborted (peer, idle, error); ``peer``;
+    (calling-ae, too-many, no-request) or aborted (peer, idle, error); ``peer``;
     ``calling``: the calling AE title).
     """
 
@@ -68,20 +79,26 @@ class ScpEvent:
     seconds: float = 0.0
     status: int = 0
     reason: str = ""
-    kept: Path | None = None
+    kept: str | None = None
     detail: str = ""
     peer: str = ""
     calling: str = ""
 
 
 def parse_event(line: str) -> ScpEvent | None:
-    """An event line (see ``native/dcmtk-scp/cbmir-dcmtk-scp.cc``); None for anything else."""
+    """An event line (see ``native/dcmtk-scp/cbmir-dcmtk-scp.cc``); None for anything else.
+
+    File names are single names without a folder: a line that names anything else is not an event."""
     words = line.rstrip("\n").split(" ")
+    if words[0] in ("stored", "refused") and not _plain_names(
+        words[1:2] if words[0] == "stored" else words[3:5]
+    ):
+        return None
     try:
         if words[0] == "stored" and len(words) == 4:
             return ScpEvent("stored", name=words[1], size=int(words[2]), seconds=int(words[3]) / 1e6)
         if words[0] == "refused" and len(words) >= 5:
-            kept = None if words[3] == "-" else Path(words[3])
+            kept = None if words[3] == "-" else words[3]
             return ScpEvent(
                 "refused",
                 status=int(words[1], 16),
@@ -169,7 +186,8 @@ class DcmtkScp:
         self._on_event = on_event
         self._on_restart = on_restart
         self._stopping = threading.Event()
-        self._process: subprocess.Popen[str] | None = None
+        self._spawning = threading.Lock()  # stop() either sees a new child or prevents it
+        self._process: subprocess.Popen[bytes] | None = None
         self._supervisor: threading.Thread | None = None
         self.restarts = 0
 
@@ -183,17 +201,18 @@ class DcmtkScp:
         """The running program's process ID."""
         return self._process.pid if self._process is not None else None
 
-    def start(self, ready_timeout_s: float = 10.0) -> int:
+    def start(self) -> int:
         """Start the program and wait until it serves; returns the port. ConfigError when it cannot
-        start (a missing program, contexts it refuses)."""
-        first_line = self._spawn()
-        if first_line != "ready":
-            raise ConfigError(f"{BINARY_NAME} did not start: {self._failure_text(ready_timeout_s)}")
+        start (a missing library, contexts it refuses)."""
+        if self._spawn() != "ready":
+            raise ConfigError(f"{BINARY_NAME} did not start: {self._failure_text()}")
         self._supervisor = threading.Thread(target=self._supervise, name="dcmtk-scp", daemon=True)
         self._supervisor.start()
         return self.port
 
     def _spawn(self) -> str:
+        """Start the program, hand it the contexts; its first line ("ready"), or "" after
+        :data:`READY_TIMEOUT_S`."""
         fd = self._socket.fileno()
         process = subprocess.Popen(
             self.options.argv(self.binary, fd),
@@ -201,42 +220,47 @@ class DcmtkScp:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
         )
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        with contextlib.suppress(BrokenPipeError):
-            process.stdin.write(self.options.contexts())
-            process.stdin.flush()
         self._process = process
+        with contextlib.suppress(OSError):
+            process.stdin.write(self.options.contexts().encode())
+            process.stdin.flush()
         threading.Thread(
             target=self._log_stderr, args=(process.stderr,), name="dcmtk-scp-log", daemon=True
         ).start()
-        return process.stdout.readline().strip()
+        stdout = process.stdout
+        first: list[bytes] = []
+        reader = threading.Thread(target=lambda: first.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(READY_TIMEOUT_S)
+        return _text(first[0]).strip() if first else ""
 
-    @staticmethod
-    def _confirm(process: subprocess.Popen[str], line: str) -> None:
-        assert process.stdin is not None
-        with contextlib.suppress(OSError, ValueError):  # the program is gone: nothing waits
-            process.stdin.write(line + "\n")
-            process.stdin.flush()
-
-    def _failure_text(self, timeout_s: float) -> str:
+    def _failure_text(self) -> str:
         process = self._process
         if process is None:
             return "not started"
         try:
-            code = process.wait(timeout=timeout_s)
+            code = process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
-            return "it did not report ready"
+            process.wait()
+            return f"it did not report ready within {READY_TIMEOUT_S:.0f} s"
         return f"exit code {code}"
 
-    def _log_stderr(self, stream: Iterable[str]) -> None:
-        for line in stream:
-            text = mask_values(line.strip())
+    @staticmethod
+    def _log_stderr(stream: Iterable[bytes]) -> None:
+        for raw in stream:
+            text = mask_values(_text(raw).strip())
             if text:
                 logger.warning("%s: %s", BINARY_NAME, text[:500])
+
+    @staticmethod
+    def _confirm(process: subprocess.Popen[bytes], line: str) -> None:
+        assert process.stdin is not None
+        with contextlib.suppress(OSError, ValueError):  # the program is gone: nothing waits
+            process.stdin.write(line.encode() + b"\n")
+            process.stdin.flush()
 
     def _supervise(self) -> None:
         delay = 0.5
@@ -244,10 +268,12 @@ class DcmtkScp:
             process = self._process
             assert process is not None and process.stdout is not None
             started = time.monotonic()
-            for line in process.stdout:
-                event = parse_event(line)
+            for raw in process.stdout:  # split at b"\n" only; bytes that are not UTF-8 are replaced
+                event = parse_event(_text(raw))
                 if event is None:
-                    logger.warning("%s: unexpected line %r", BINARY_NAME, mask_values(line.strip())[:200])
+                    logger.warning(
+                        "%s: unexpected line %r", BINARY_NAME, mask_values(_text(raw).strip())[:200]
+                    )
                     continue
                 try:
                     self._on_event(event)
@@ -267,21 +293,30 @@ class DcmtkScp:
             )
             if self._stopping.wait(delay):
                 return
-            try:
-                if self._spawn() != "ready":
-                    raise ConfigError(self._failure_text(5.0))
-            except (OSError, ConfigError) as exc:
-                logger.error("%s did not start again: %s", BINARY_NAME, exc)
+            with self._spawning:
+                if self._stopping.is_set():
+                    return
+                try:
+                    ready = self._spawn() == "ready"
+                    why = "" if ready else self._failure_text()
+                except OSError as exc:
+                    ready, why = False, str(exc)
+            if not ready:
+                logger.error("%s did not start again: %s", BINARY_NAME, why)
                 continue
             self.restarts += 1
-            try:
-                self._on_restart()
-            except Exception:
-                logger.exception("after restarting %s", BINARY_NAME)
+            threading.Thread(target=self._after_restart, name="dcmtk-scp-restarted", daemon=True).start()
+
+    def _after_restart(self) -> None:
+        try:
+            self._on_restart()
+        except Exception:  # the periodic sweep sends them later
+            logger.exception("after restarting %s", BINARY_NAME)
 
     def stop(self) -> None:
         """Stop the program (open associations end with it) and close the socket."""
-        self._stopping.set()
+        with self._spawning:
+            self._stopping.set()
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()

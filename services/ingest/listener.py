@@ -236,8 +236,9 @@ def _check_lengths(size: int, dataset: pydicom.Dataset) -> None:
     """Every top-level element must end inside the ``size`` bytes parsed (pydicom accepts a value
     cut short at the end)."""
     # keys(), not iteration: iterating a Dataset yields converted elements, get_item the raw ones
+    # (keep_deferred: a large value not read stays raw, with its length, and is not read now)
     for tag in dataset.keys():  # noqa: SIM118
-        raw = dataset.get_item(tag)
+        raw = dataset.get_item(tag, keep_deferred=True)
         length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
         if length is None or tell is None or length == 0xFFFFFFFF:
             continue
@@ -274,16 +275,18 @@ class NativeStoreEvents:
         shown = event.name.removesuffix(".dcm")
         if event.reason == "disk-full":
             self._room.ok()  # logs the watermark crossing once
-        if event.kept is not None:
+        if event.kept is not None:  # a file the program left in spool/tmp
             try:
                 self._spool.quarantine(
-                    event.kept, reason=event.reason, detail=event.detail, stage="listener", name=event.name
+                    self._spool.layout.spool_tmp / event.kept,
+                    reason=event.reason,
+                    detail=event.detail,
+                    stage="listener",
+                    name=event.name,
                 )
                 metrics.QUARANTINED.labels("listener", metrics.slug(event.reason)).inc()
             except StorageError:
                 logger.exception("could not keep refused object %s", event.name)
-            else:
-                event.kept.unlink(missing_ok=True)  # the quarantine holds its copy
         logger.warning("C-STORE %s refused with 0x%04X: %s", shown, event.status, event.detail)
 
     def _association(self, event: ScpEvent) -> None:
@@ -299,7 +302,6 @@ class NativeStoreEvents:
         if event.reason == "rejected":
             why = {
                 "calling-ae": f"calling AE title {event.calling!r} is not in CBMIR_ALLOWED_AE_TITLES",
-                "called-ae": "wrong called AE title",
                 "too-many": f"the association limit ({MAX_ASSOCIATIONS}) is reached",
             }.get(event.detail, event.detail)
             logger.warning("association from %s (AE %s) rejected: %s", event.peer, event.calling, why)

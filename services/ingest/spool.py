@@ -231,9 +231,10 @@ class Spool:
         reason_path = target.with_name(target.name + REASON_SUFFIX)
         self._write_atomically(json.dumps(record, indent=2).encode(), reason_path)
         try:
-            if (
-                source.parent.resolve() == self.layout.incoming.resolve()
-                or source.parent.resolve() == self.layout.archive.resolve()
+            if source.parent.resolve() in (
+                self.layout.incoming.resolve(),
+                self.layout.archive.resolve(),
+                self.layout.spool_tmp.resolve(),
             ):
                 os.replace(source, target)
             else:
