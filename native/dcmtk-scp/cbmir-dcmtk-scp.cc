@@ -184,6 +184,7 @@ struct Verdict {
     Uint16 status = kSuccess;
     std::string reason;
     std::string detail;
+    Uint32 meta_length = 0;  // preamble, "DICM" and File Meta Information, as read back
 };
 
 // The listener's parse check: dcmtk reads every element of the file (a value cut short is an
@@ -202,7 +203,9 @@ Verdict check_dataset(const std::string& path, const std::string& instance_uid, 
         return {kDatasetMismatch, "dataset-mismatch", "SOP Instance UID in the dataset differs from the C-STORE request"};
     if (trimmed(sop_class.c_str()) != class_uid)
         return {kDatasetMismatch, "dataset-mismatch", "SOP Class UID in the dataset differs from the C-STORE request"};
-    return {};
+    Verdict accepted;
+    accepted.meta_length = file.getMetaInfo()->calcElementLength(EXS_LittleEndianExplicit, EET_ExplicitLength);
+    return accepted;
 }
 
 // Wait (bounded) until the listener reports the refused file at ``path`` quarantined.
@@ -279,6 +282,9 @@ class StoreSCP : public DcmThreadSCP {
         return title.empty() ? "-" : title;
     }
 
+    // dcmtk reports the data set bytes received so far after each fragment.
+    void notifyRECEIVEProgress(const unsigned long byte_count) override { received_bytes_ = byte_count; }
+
     OFCondition handle_store(T_DIMSE_C_StoreRQ& request, T_ASC_PresentationContextID context_id) {
         const std::string instance_uid = trimmed(request.AffectedSOPInstanceUID);
         const std::string class_uid = trimmed(request.AffectedSOPClassUID);
@@ -296,6 +302,7 @@ class StoreSCP : public DcmThreadSCP {
             return refuse_unread(request, context_id,
                                  "storage " + name + " the dataset could not be written into spool/tmp: " + std::strerror(errno));
         ::close(probe);
+        received_bytes_ = 0;
         OFCondition cond = receiveSTORERequest(request, context_id, OFString(tmp.c_str()));
         if (cond.bad() && cond.module() == OFM_dcmnet && cond.code() == DIMSEC_OUTOFRESOURCES) {
             // a write failed (a full disk): dcmtk has read and dropped the rest of the data set
@@ -326,6 +333,14 @@ class StoreSCP : public DcmThreadSCP {
             wait_until_kept(kept);
             return sendSTOREResponse(context_id, request, verdict.status);
         }
+        // dcmtk does not check its last buffered write: the file must hold every byte received
+        const auto expected = static_cast<unsigned long long>(verdict.meta_length) + received_bytes_;
+        if (static_cast<unsigned long long>(info.st_size) != expected) {
+            ::unlink(tmp.c_str());
+            emit("refused A700 storage - " + name + " the received file is incomplete (" + std::to_string(info.st_size) +
+                 " of " + std::to_string(expected) + " bytes)");
+            return sendSTOREResponse(context_id, request, kOutOfResources);
+        }
         const std::string final_path = g_options.incoming + "/" + name;
         if (!fsync_path(tmp, O_RDONLY) || ::rename(tmp.c_str(), final_path.c_str()) != 0 ||
             !fsync_path(g_options.incoming, O_RDONLY | O_DIRECTORY)) {
@@ -341,6 +356,7 @@ class StoreSCP : public DcmThreadSCP {
     }
 
     std::string peer_;
+    unsigned long received_bytes_ = 0;
 };
 
 // Wait until the connection's first PDU (the A-ASSOCIATE-RQ) is wholly in the socket buffer; false
