@@ -176,15 +176,25 @@ unsigned long long free_bytes() {
 
 bool has_room() { return g_options.min_free_bytes == 0 || free_bytes() >= g_options.min_free_bytes; }
 
-// Below this, a file that does not parse may be one whose last buffered write failed unnoticed
-// (dcmtk does not check the final flush): it is refused as a storage failure, not as malformed.
-constexpr unsigned long long kNearlyFull = 16ULL << 20;
+// Where the File Meta Information that dcmtk wrote ends: preamble, "DICM", the (0002,0000) group
+// length element (12 bytes, explicit VR little endian) and the group it counts; 0 if unreadable.
+unsigned long long file_meta_end(const std::string& path) {
+    unsigned char head[144];
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    const ssize_t got = ::read(fd, head, sizeof head);
+    ::close(fd);
+    if (got != static_cast<ssize_t>(sizeof head) || std::memcmp(head + 128, "DICM", 4) != 0 ||
+        std::memcmp(head + 132, "\x02\x00\x00\x00UL\x04\x00", 8) != 0)
+        return 0;
+    const unsigned long long group = head[140] | (head[141] << 8) | (head[142] << 16) | (static_cast<unsigned long long>(head[143]) << 24);
+    return sizeof head + group;
+}
 
 struct Verdict {
     Uint16 status = kSuccess;
     std::string reason;
     std::string detail;
-    Uint32 meta_length = 0;  // preamble, "DICM" and File Meta Information, as read back
 };
 
 // The listener's parse check: dcmtk reads every element of the file (a value cut short is an
@@ -203,9 +213,7 @@ Verdict check_dataset(const std::string& path, const std::string& instance_uid, 
         return {kDatasetMismatch, "dataset-mismatch", "SOP Instance UID in the dataset differs from the C-STORE request"};
     if (trimmed(sop_class.c_str()) != class_uid)
         return {kDatasetMismatch, "dataset-mismatch", "SOP Class UID in the dataset differs from the C-STORE request"};
-    Verdict accepted;
-    accepted.meta_length = file.getMetaInfo()->calcElementLength(EXS_LittleEndianExplicit, EET_ExplicitLength);
-    return accepted;
+    return {};
 }
 
 // Wait (bounded) until the listener reports the refused file at ``path`` quarantined.
@@ -319,12 +327,16 @@ class StoreSCP : public DcmThreadSCP {
             emit("refused A700 storage - " + name + " the dataset could not be written into spool/tmp");
             return sendSTOREResponse(context_id, request, kOutOfResources);
         }
-        Verdict verdict = check_dataset(tmp, instance_uid, class_uid);
-        if (verdict.status != kSuccess && free_bytes() < kNearlyFull) {
+        // dcmtk does not check its last buffered write (a disk that filled just then): the file must
+        // hold every byte read off the wire before it is checked, else it is a storage failure
+        const auto expected = file_meta_end(tmp) + received_bytes_;
+        if (static_cast<unsigned long long>(info.st_size) != expected) {
             ::unlink(tmp.c_str());
-            emit("refused A700 storage - " + name + " the data volume is full; the received file is incomplete");
+            emit("refused A700 storage - " + name + " the received file is incomplete (" + std::to_string(info.st_size) +
+                 " of " + std::to_string(expected) + " bytes)");
             return sendSTOREResponse(context_id, request, kOutOfResources);
         }
+        Verdict verdict = check_dataset(tmp, instance_uid, class_uid);
         if (verdict.status != kSuccess) {
             char status[8];
             std::snprintf(status, sizeof status, "%04X", verdict.status);
@@ -332,14 +344,6 @@ class StoreSCP : public DcmThreadSCP {
             emit(std::string("refused ") + status + " " + verdict.reason + " " + kept + " " + name + " " + one_line(verdict.detail));
             wait_until_kept(kept);
             return sendSTOREResponse(context_id, request, verdict.status);
-        }
-        // dcmtk does not check its last buffered write: the file must hold every byte received
-        const auto expected = static_cast<unsigned long long>(verdict.meta_length) + received_bytes_;
-        if (static_cast<unsigned long long>(info.st_size) != expected) {
-            ::unlink(tmp.c_str());
-            emit("refused A700 storage - " + name + " the received file is incomplete (" + std::to_string(info.st_size) +
-                 " of " + std::to_string(expected) + " bytes)");
-            return sendSTOREResponse(context_id, request, kOutOfResources);
         }
         const std::string final_path = g_options.incoming + "/" + name;
         if (!fsync_path(tmp, O_RDONLY) || ::rename(tmp.c_str(), final_path.c_str()) != 0 ||
