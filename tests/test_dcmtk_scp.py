@@ -106,11 +106,14 @@ def test_a_killed_dcmtk_scp_is_started_again_and_what_it_stored_is_indexed(
     """SIGKILL of the native SCP in the middle of an association: the listener starts it again on
     the same port, sends a task for everything it had made durable, and new associations work;
     nobody restarts anything by hand."""
-    env = dict(redis_env, **support.receiver_env("dcmtk"))
+    from tests.test_metrics import METRICS_LINE, Scrape
+
+    env = dict(redis_env, **support.receiver_env("dcmtk"), CBMIR_METRICS_PORT="0")
     query, grpc_port = support.start_query(env)
     procs.append(query)
     scp, dicom_port = support.start_scp(env)
     procs.append(scp)
+    metrics_url = scp.wait_for(METRICS_LINE).group(1)
     incoming = Path(env["CBMIR_DATA_DIR"]) / "spool" / "incoming"
     files = support.mr_series(tmp_path / "mr", 300, size=256)
     sender = subprocess.Popen(
@@ -128,6 +131,14 @@ def test_a_killed_dcmtk_scp_is_started_again_and_what_it_stored_is_indexed(
     scp.wait_for(r"cbmir-dcmtk-scp ended with exit code -9; starting it again", timeout_s=15)
     scp.wait_for(r"dcmtk SCP running again; re-sent \d+ pending instance\(s\)", timeout_s=30)
     support.storescu(dicom_port, files)  # the sender tries again: the same port serves it
+    # the same metrics as the pynetdicom side: one success and one timing per instance stored
+    scrape = Scrape(metrics_url)
+    assert scrape.value("cbmir_dicom_receiver_restarts_total") == 1
+    assert scrape.value("cbmir_dicom_associations_total", result="accepted") == 2
+    stored = scrape.value("cbmir_dicom_instances_received_total", status="success")
+    assert len(files) <= stored <= len(files) + len(durable)
+    assert scrape.value("cbmir_dicom_store_duration_seconds_count") == stored
+    assert scrape.value("cbmir_dicom_received_bytes_total") >= sum(p.stat().st_size for p in files)
     procs.append(support.start_worker(env))
     client = SearchClient(f"127.0.0.1:{grpc_port}")
     support.wait_until(lambda: client.stats().total == len(files), 180, "every acknowledged instance indexed")

@@ -65,6 +65,10 @@ DICOM_ASSOCIATIONS = Counter(
     "DICOM associations of the listener, by result: accepted, rejected, aborted.",
     ["result"],
 )
+DICOM_RECEIVER_RESTARTS = Counter(
+    "cbmir_dicom_receiver_restarts_total",
+    "Times the listener started its dcmtk SCP again after it died (CBMIR_DICOM_RECEIVER=dcmtk).",
+)
 DICOM_INSTANCES_RECEIVED = Counter(
     "cbmir_dicom_instances_received_total",
     "C-STORE requests answered, by status: success, out-of-resources, dataset-mismatch, "

@@ -65,12 +65,14 @@ def find_binary() -> Path:
 class ScpEvent:
     """One line of the native SCP.
 
-    ``kind`` is ``stored`` (``name``, ``size``, ``seconds``), ``refused`` (``status``, ``reason``,
-    ``kept``: the name of the refused file in spool/tmp when it is to be quarantined, ``name``,
-    ``detail``) or
-    ``association`` (``reason``: accepted, rejected or aborted; ``detail``: why it was rejected
-    (calling-ae, too-many, no-request) or aborted (peer, idle, error); ``peer``;
-    ``calling``: the calling AE title).
+    ``kind`` is one of:
+
+    * ``stored``: ``name``, ``size``, ``seconds``;
+    * ``refused``: ``status``, ``reason``, ``kept`` (the name of the refused file in spool/tmp
+      when it is to be quarantined), ``name``, ``detail``;
+    * ``association``: ``reason`` (accepted, rejected or aborted), ``detail`` (why it was rejected:
+      calling-ae, too-many, no-request; or aborted: peer, idle, error), ``peer``, ``calling`` (the
+      calling AE title, printable ASCII only).
     """
 
     kind: str

@@ -438,6 +438,7 @@ class Listener:
 
     def _after_restart(self) -> None:
         """The dcmtk SCP was started again: what it stored and did not report gets its task now."""
+        metrics.DICOM_RECEIVER_RESTARTS.inc()
         sent = self.sweep.send_all()
         logger.info("dcmtk SCP running again; re-sent %d pending instance(s)", sent)
 
