@@ -823,9 +823,15 @@ def main(argv: list[str] | None = None) -> int:
     args.pdus = list(DEFAULT_PDUS) if args.pdu_sweep else (_ints(args.pdus) if args.pdus else [None])
     args.modes = ["plain"] + ([] if args.no_sync else ["sync"]) + (["B"] if args.bit_preserving else [])
     args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
-    if "dcmtk" in args.receivers and not Path(sys.executable).with_name("cbmir-dcmtk-scp").is_file():
-        print("# cbmir-dcmtk-scp is not built (make dcmtk-scp): no dcmtk rows", flush=True)
-        args.receivers.remove("dcmtk")
+    if "dcmtk" in args.receivers:
+        from services.core.errors import ConfigError
+        from services.dicom.dcmtk_scp import find_binary
+
+        try:
+            find_binary()  # where the listener looks for it
+        except ConfigError as exc:
+            print(f"# no dcmtk rows: {exc}", flush=True)
+            args.receivers.remove("dcmtk")
     args.orthanc = not args.no_orthanc
     if args.orthanc and ORTHANC is None:
         print("# Orthanc is not installed: no Orthanc rows", flush=True)

@@ -126,14 +126,12 @@ class Child:
         stop_process(self.process, timeout_s=20, group=True)
 
 
-RECEIVER = {"name": "pynetdicom"}  # the listener's network side (--receiver)
-
-
-def cbmir_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    """A clean ``CBMIR_*`` environment on ``data_dir``: loopback, CPU, no tokens, quiet logs."""
+def cbmir_env(data_dir: Path, receiver: str = "pynetdicom", **extra: str) -> dict[str, str]:
+    """A clean ``CBMIR_*`` environment on ``data_dir``: loopback, CPU, no tokens, quiet logs, the
+    listener's network side ``receiver``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CBMIR_", "QDRANT_"))}
     env.update(
-        CBMIR_DICOM_RECEIVER=RECEIVER["name"],
+        CBMIR_DICOM_RECEIVER=receiver,
         CBMIR_DATA_DIR=str(data_dir),
         CBMIR_DICOM_HOST="127.0.0.1",
         CBMIR_GRPC_HOST="127.0.0.1",
@@ -183,13 +181,13 @@ class Setup:
         self.client.wait_ready(60)
 
 
-def start_serve(data: Path) -> Setup:
+def start_serve(data: Path, receiver: str) -> Setup:
     setup = Setup("embedded (cbmir serve)")
     try:
         serve = Child(
             "serve",
             ["serve", "--data-dir", str(data), "--dicom-port", "0", "--grpc-port", "0"],
-            cbmir_env(data),
+            cbmir_env(data, receiver),
         )
         setup.children.append(serve)
         _, ready = serve.wait_for(SERVE_READY, 180)
@@ -201,10 +199,10 @@ def start_serve(data: Path) -> Setup:
     return setup
 
 
-def start_distributed(data: Path, workers: int) -> Setup:
+def start_distributed(data: Path, workers: int, receiver: str) -> Setup:
     setup = Setup(f"Redis, query + scp + {workers} worker{'s' if workers > 1 else ''}")
     setup.queue = f"bench.pipeline.{os.getpid()}.{int(time.time())}"
-    setup.env = cbmir_env(data, CBMIR_BROKER_URL=REDIS_URL, CBMIR_QUEUE=setup.queue)
+    setup.env = cbmir_env(data, receiver, CBMIR_BROKER_URL=REDIS_URL, CBMIR_QUEUE=setup.queue)
     try:
         query = Child("query", ["query"], dict(setup.env, CBMIR_GRPC_PORT="0"))
         setup.children.append(query)
@@ -272,11 +270,11 @@ def end_to_end(setup: Setup, corpus: common.Corpus) -> dict:
     return {"n": n, "received_rate": n / received_s, "e2e_rate": n / (done - t0), "e2e_s": done - t0}
 
 
-def receive_only(broker: str, corpus: common.Corpus, root: Path) -> float:
+def receive_only(broker: str, corpus: common.Corpus, root: Path, network_side: str) -> float:
     """Our listener alone (no worker), same files, same sender: instances/s; its tasks are removed."""
     queue = f"bench.pipeline.{os.getpid()}.recv.{broker}"
     redis_queue = ingest.RedisQueue(queue) if broker == "redis" else None
-    receiver = ingest.CbmirScp(root / f"recv-{broker}", None, broker, queue, RECEIVER["name"])
+    receiver = ingest.CbmirScp(root / f"recv-{broker}", None, broker, queue, network_side)
     try:
         receiver.prepare()
         ingest.send_to([corpus.folder], receiver, "dcmsend")  # warm: association, page cache
@@ -492,7 +490,6 @@ def main(argv: list[str] | None = None) -> int:
     if key == "shared-mr" and not common.shared_data_present():
         parser.error(f"shared-mr needs {common.SHARED_DATA}/manifest.csv")
     kind = common.CORPORA[key]
-    RECEIVER["name"] = args.receiver
     count = args.count or (kind.quick_count if args.quick else kind.default_count)
     latency_s = args.latency_s or (10.0 if args.quick else 30.0)
     if not args.skip_distributed:
@@ -517,10 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         plans = [] if args.skip_embedded else [("embedded", "embedded")]
         plans += [] if args.skip_distributed else [("redis", "redis")]
         for label, broker in plans:
-            recv = receive_only(broker, corpora[f"e2e-{label}"], root)
+            recv = receive_only(broker, corpora[f"e2e-{label}"], root, args.receiver)
             print(f"  {label}: listener alone {recv:.1f} inst/s", flush=True)
             data = root / f"data-{label}"
-            setup = start_serve(data) if label == "embedded" else start_distributed(data, args.workers)
+            setup = (
+                start_serve(data, args.receiver)
+                if label == "embedded"
+                else start_distributed(data, args.workers, args.receiver)
+            )
             try:
                 warm_up(setup, corpora["warm"])
                 e2e = end_to_end(setup, corpora[f"e2e-{label}"])

@@ -494,9 +494,9 @@ def test_uploads_are_read_only_for_callers_with_a_valid_token(served: Served) ->
 def test_the_listening_socket_says_it_is_tcp() -> None:
     """asyncio turns Nagle off (TCP_NODELAY) only on sockets whose protocol is IPPROTO_TCP; with
     proto 0 every keep-alive response's body waited ~40 ms behind its headers."""
-    from services.gateway.server import bind_socket
+    from services.core.net import bind_socket
 
-    sock = bind_socket("127.0.0.1", 0)
+    sock = bind_socket("127.0.0.1", 0, "the HTTP gateway")
     try:
         assert sock.proto == socket.IPPROTO_TCP
     finally:

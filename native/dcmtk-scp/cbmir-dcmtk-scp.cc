@@ -98,7 +98,7 @@ std::mutex g_handover_lock;  // guards dcmExternalSocketHandle
 std::atomic<int> g_active{0};   // associations being served
 std::atomic<int> g_waiting{0};  // connections waiting for their association request
 std::atomic<unsigned long> g_file_number{0};
-// Refused files the listener has quarantined ("kept PATH" on stdin), and the answers waiting for them.
+// Refused files the listener has quarantined ("kept NAME" on stdin), and the answers waiting for them.
 std::mutex g_kept_lock;
 std::condition_variable g_kept_changed;
 std::set<std::string> g_awaited;  // refused files whose answers wait
@@ -197,8 +197,9 @@ struct Verdict {
     std::string detail;
 };
 
-// The listener's parse check: dcmtk reads every element of the file (a value cut short is an
-// error), the data set names its SOP Instance and Class UIDs, and they are the request's.
+// The listener's parse check: dcmtk parses every element of the file (values over
+// kCheckReadLength are skipped, not read; one that runs past the end is an error), the data set
+// names its SOP Instance and Class UIDs, and they are the request's.
 Verdict check_dataset(const std::string& path, const std::string& instance_uid, const std::string& class_uid) {
     DcmFileFormat file;
     OFCondition cond = file.loadFile(path.c_str(), EXS_Unknown, EGL_noChange, kCheckReadLength, ERM_fileOnly);
@@ -216,7 +217,7 @@ Verdict check_dataset(const std::string& path, const std::string& instance_uid, 
     return {};
 }
 
-// Wait (bounded) until the listener reports the refused file at ``path`` quarantined.
+// Wait (bounded) until the listener reports the refused file ``path`` (a name in spool/tmp) quarantined.
 void wait_until_kept(const std::string& path) {
     std::unique_lock<std::mutex> lock(g_kept_lock);
     g_awaited.insert(path);
@@ -226,7 +227,7 @@ void wait_until_kept(const std::string& path) {
     if (!kept) std::fprintf(stderr, "cbmir-dcmtk-scp: the listener did not confirm keeping a refused file in %d s\n", kKeptWaitS);
 }
 
-// The listener's confirmations, one "kept PATH" line each, until it closes stdin.
+// The listener's confirmations, one "kept NAME" line each, until it closes stdin.
 void read_confirmations() {
     std::string line;
     while (std::getline(std::cin, line)) {

@@ -165,12 +165,6 @@ class ScpOptions:
         return "\n".join([*lines, "end"]) + "\n"
 
 
-def bind(host: str, port: int, backlog: int = 128) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=backlog)
-
-
 class DcmtkScp:
     """The native SCP as a supervised child process on a socket bound here."""
 

@@ -9,10 +9,8 @@ port 0 yields a real port, which the start line names: ``cbmir gateway: HTTP on 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -20,6 +18,7 @@ import uvicorn
 
 from services.core.config import GatewaySettings
 from services.core.errors import BackendUnavailable, ConfigError
+from services.core.net import bind_socket
 from services.core.processes import run_until_stopped
 from services.core.security import is_loopback
 from services.gateway.app import create_app
@@ -47,34 +46,13 @@ def check_exposure(settings: GatewaySettings) -> None:
         logger.warning("HTTP gateway: the query service at %s is called without TLS", settings.query_target)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host``:``port`` (0: any free port)."""
-    bare = host.strip("[]")
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(bare).version == 6 else socket.AF_INET
-    except ValueError:  # a name: resolve it
-        family = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)[0][0]
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it a response's body waits ~40 ms behind its headers (Nagle and the delayed ACK)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((bare, port))
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot bind the HTTP gateway to {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 class GatewayServer:
     """uvicorn serving :func:`create_app` on its own socket, in a thread (signals stay with the caller)."""
 
     def __init__(self, settings: GatewaySettings):
         check_exposure(settings)
         self.settings = settings
-        self.socket = bind_socket(settings.host, settings.port)
+        self.socket = bind_socket(settings.host, settings.port, "the HTTP gateway")
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             create_app(settings),

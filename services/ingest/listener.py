@@ -37,10 +37,11 @@ from services.core import metrics
 from services.core.config import ListenerSettings, MetricsSettings
 from services.core.errors import CbmirError, InvalidInput, StorageError, UnreadableInput
 from services.core.logs import describe
+from services.core.net import bind_socket
 from services.core.processes import run_until_stopped
 from services.core.security import dicom_ssl_context, tls_files_stamp
 from services.core.vocabulary import accepted_storage_classes
-from services.dicom.dcmtk_scp import DcmtkScp, ScpEvent, ScpOptions, bind
+from services.dicom.dcmtk_scp import DcmtkScp, ScpEvent, ScpOptions
 from services.dicom.decode import inflated, read_header
 from services.dicom.pynetdicom_ext import SpoolingAssociationServer
 from services.ingest.dispatch import BackgroundDispatch, PendingSweep, TaskDispatcher
@@ -171,7 +172,7 @@ class StoreHandler:
         except CbmirError as exc:
             status = dicom_status_for(exc)
             if isinstance(exc, InvalidInput):
-                self._keep_rejected(received, name, exc)
+                keep_refused(self._spool, received, name, exc.reason, str(exc))
             logger.warning(
                 "C-STORE %s from %s refused with 0x%04X: %s",
                 shown,
@@ -223,13 +224,30 @@ class StoreHandler:
         if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
             raise DatasetMismatch("SOP Class UID in the dataset differs from the C-STORE request")
 
-    def _keep_rejected(self, received: Path, name: str, exc: CbmirError) -> None:
-        """A refused object is still kept, with its reason, so nothing received is lost."""
-        try:
-            self._spool.quarantine(received, reason=exc.reason, detail=str(exc), stage="listener", name=name)
-            metrics.QUARANTINED.labels("listener", metrics.slug(exc.reason)).inc()
-        except StorageError:
-            logger.exception("could not keep refused object %s", name)
+
+def keep_refused(spool: Spool, received: Path, name: str, reason: str, detail: str) -> None:
+    """A refused object is still kept, with its reason, so nothing received is lost (either network
+    side)."""
+    try:
+        spool.quarantine(received, reason=reason, detail=detail, stage="listener", name=name)
+        metrics.QUARANTINED.labels("listener", metrics.slug(reason)).inc()
+    except StorageError:
+        logger.exception("could not keep refused object %s", name)
+
+
+def count_association(result: str, address: str, ae_title: str, why: str = "") -> None:
+    """An association accepted, rejected (``why``) or aborted: counted and logged alike on either
+    network side."""
+    metrics.DICOM_ASSOCIATIONS.labels(result).inc()
+    if result == "rejected":
+        logger.warning("association from %s (AE %s) rejected: %s", address, ae_title, why)
+    elif result == "aborted":
+        logger.info("association from %s (AE %s) aborted", address, ae_title)
+
+
+def not_allowed(ae_title: str) -> str:
+    """Why an association from ``ae_title`` is rejected when the allowlist lacks it."""
+    return f"calling AE title {ae_title!r} is not in CBMIR_ALLOWED_AE_TITLES"
 
 
 def _check_lengths(size: int, dataset: pydicom.Dataset) -> None:
@@ -276,17 +294,8 @@ class NativeStoreEvents:
         if event.reason == "disk-full":
             self._room.ok()  # logs the watermark crossing once
         if event.kept is not None:  # a file the program left in spool/tmp
-            try:
-                self._spool.quarantine(
-                    self._spool.layout.spool_tmp / event.kept,
-                    reason=event.reason,
-                    detail=event.detail,
-                    stage="listener",
-                    name=event.name,
-                )
-                metrics.QUARANTINED.labels("listener", metrics.slug(event.reason)).inc()
-            except StorageError:
-                logger.exception("could not keep refused object %s", event.name)
+            kept = self._spool.layout.spool_tmp / event.kept
+            keep_refused(self._spool, kept, event.name, event.reason, event.detail)
         logger.warning("C-STORE %s refused with 0x%04X: %s", shown, event.status, event.detail)
 
     def _association(self, event: ScpEvent) -> None:
@@ -297,18 +306,15 @@ class NativeStoreEvents:
                 self._acse_timeout_s,
             )
             return
-        if event.reason in ("accepted", "rejected", "aborted"):
-            metrics.DICOM_ASSOCIATIONS.labels(event.reason).inc()
-        if event.reason == "rejected":
-            why = {
-                "calling-ae": f"calling AE title {event.calling!r} is not in CBMIR_ALLOWED_AE_TITLES",
-                "too-many": f"the association limit ({MAX_ASSOCIATIONS}) is reached",
-            }.get(event.detail, event.detail)
-            logger.warning("association from %s (AE %s) rejected: %s", event.peer, event.calling, why)
-        elif event.reason == "aborted":
-            if event.detail == "idle":
-                logger.warning("DICOM association idle past its network timeout; ending it")
-            logger.info("association from %s (AE %s) aborted", event.peer, event.calling)
+        if event.reason not in ("accepted", "rejected", "aborted"):
+            return
+        if event.reason == "aborted" and event.detail == "idle":
+            logger.warning("DICOM association idle past its network timeout; ending it")
+        why = {
+            "calling-ae": not_allowed(event.calling),
+            "too-many": f"the association limit ({MAX_ASSOCIATIONS}) is reached",
+        }.get(event.detail, event.detail)
+        count_association(event.reason, event.peer, event.calling, why)
 
 
 def acse_timeout_for(idle_timeout_s: int) -> int:
@@ -432,7 +438,8 @@ class Listener:
             allowed_ae_titles=settings.allowed_ae_titles,
         )
         events = NativeStoreEvents(self.spool, self.dispatch, self.room, settings.idle_timeout_s)
-        native = DcmtkScp(options, bind(settings.host, settings.port), events, on_restart=self._after_restart)
+        listening = bind_socket(settings.host, settings.port, "the DICOM listener")
+        native = DcmtkScp(options, listening, events, on_restart=self._after_restart)
         native.start()
         return native
 
@@ -471,23 +478,22 @@ class Listener:
 
     @staticmethod
     def _on_accepted(event: evt.Event) -> None:
-        metrics.DICOM_ASSOCIATIONS.labels("accepted").inc()
+        requestor = event.assoc.requestor
+        count_association("accepted", requestor.address, requestor.ae_title)
 
     def _on_rejected(self, event: evt.Event) -> None:
-        metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()
         requestor = event.assoc.requestor
         allowed = self.settings.allowed_ae_titles
         if allowed and requestor.ae_title not in allowed:
-            why = f"calling AE title {requestor.ae_title!r} is not in CBMIR_ALLOWED_AE_TITLES"
+            why = not_allowed(requestor.ae_title)
         else:
             why = "wrong called AE title, or the association limit is reached"
-        logger.warning("association from %s (AE %s) rejected: %s", requestor.address, requestor.ae_title, why)
+        count_association("rejected", requestor.address, requestor.ae_title, why)
 
     @staticmethod
     def _on_aborted(event: evt.Event) -> None:
-        metrics.DICOM_ASSOCIATIONS.labels("aborted").inc()
         requestor = event.assoc.requestor
-        logger.info("association from %s (AE %s) aborted", requestor.address, requestor.ae_title)
+        count_association("aborted", requestor.address, requestor.ae_title)
 
     def stop(self) -> None:
         """Stop accepting, abort open associations, send what is queued, close the broker."""
