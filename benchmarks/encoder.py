@@ -71,16 +71,14 @@ def torch_runner(card: dict, threads: int, batch: np.ndarray) -> Callable[[], ob
     arch.pop("summary", None)
     if name in ("backbone-head", "fused"):  # a packaged pretrained backbone and a head (models.transfer)
         from models.probe import load_backbone
-        from models.transfer import EMBEDDING_DIM, BackboneHeadEncoder
+        from models.transfer import BackboneHeadEncoder
 
         model = BackboneHeadEncoder(load_backbone(), hidden=int(arch["hidden"])).eval()
         if name == "fused":  # joined with an exported autoencoder (models.fusion)
             from models.fusion import FusedEncoder, autoencoder_from_onnx
 
             autoencoder, _, _ = autoencoder_from_onnx(WEIGHTS_DIR / arch["fused_with"]["file"])
-            joint = 2 * EMBEDDING_DIM
-            projection = np.eye(joint, EMBEDDING_DIM, dtype=np.float32)
-            model = FusedEncoder(model, autoencoder, 1.0, np.zeros(joint, np.float32), projection).eval()
+            model = FusedEncoder(model, autoencoder).eval()
     else:
         if "widths" in arch:
             arch["widths"] = tuple(arch["widths"])

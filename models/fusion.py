@@ -136,14 +136,8 @@ class FusedEncoder(nn.Module):
     joint_mean: torch.Tensor
     projection: torch.Tensor
 
-    def __init__(
-        self,
-        first: nn.Module,
-        autoencoder: PaperAutoencoder,
-        weight: float,
-        mean: np.ndarray,
-        projection: np.ndarray,
-    ):
+    def __init__(self, first: nn.Module, autoencoder: PaperAutoencoder, weight: float = 1.0, dim: int = 48):
+        """Unfitted until :meth:`set_projection`: the projection keeps ``first``'s ``dim`` values."""
         super().__init__()
         self.first = first.eval()
         self.autoencoder = autoencoder.eval()
@@ -151,8 +145,15 @@ class FusedEncoder(nn.Module):
             parameter.requires_grad_(False)
         self.size = autoencoder.input_size
         self.weight = float(weight)
-        self.register_buffer("joint_mean", torch.from_numpy(mean))
-        self.register_buffer("projection", torch.from_numpy(projection))
+        width = dim + autoencoder.latent_dim
+        self.register_buffer("joint_mean", torch.zeros(width))
+        self.register_buffer("projection", torch.eye(width, dim))
+
+    def set_projection(self, weight: float, mean: np.ndarray, projection: np.ndarray) -> None:
+        """The autoencoder's weight and the projection fitted for it (:func:`fit_projection`)."""
+        self.weight = float(weight)
+        self.joint_mean.copy_(torch.from_numpy(mean))
+        self.projection.copy_(torch.from_numpy(projection))
 
     def joint(self, x: torch.Tensor) -> torch.Tensor:
         """[first's unit vector, weight · the autoencoder's unit vector of the resized picture]."""

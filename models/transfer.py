@@ -132,9 +132,7 @@ class BackboneHeadEncoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of contract inputs (the cached training features)."""
-        rgb = (x.expand(-1, 3, -1, -1) - self.imagenet_mean) / self.imagenet_std
-        extract: Any = self.backbone.extract_features
-        return extract(rgb).mean(dim=(2, 3))
+        return self.tail(self.trunk(x, 0), 0)
 
     def trunk(self, x: torch.Tensor, stop: int) -> torch.Tensor:
         """The activations entering block ``stop`` (what fine-tuning caches)."""
@@ -401,11 +399,7 @@ def fuse(
 
     autoencoder, card, inner = autoencoder_from_onnx(autoencoder_path)
     check_compatible(contract, inner)
-    unfitted = (
-        np.zeros(2 * EMBEDDING_DIM, np.float32),
-        np.eye(2 * EMBEDDING_DIM, EMBEDDING_DIM, dtype=np.float32),
-    )
-    fused = FusedEncoder(encoder, autoencoder, 1.0, *unfitted)
+    fused = FusedEncoder(encoder, autoencoder, dim=EMBEDDING_DIM)
     with torch.inference_mode():
         joint = np.concatenate(
             [
@@ -426,9 +420,7 @@ def fuse(
         fitted[weight] = mean, projection
         logger.info("fused with weight %g: val mAP@10 %.4f", weight, scores[weight])
     best = max(weights, key=lambda w: scores[w])  # the first of equal scores
-    fused.weight = float(best)
-    fused.joint_mean.copy_(torch.from_numpy(fitted[best][0]))
-    fused.projection.copy_(torch.from_numpy(fitted[best][1]))
+    fused.set_projection(best, *fitted[best])
     member = {
         "file": autoencoder_path.name,
         "version": card.get("version"),
