@@ -96,6 +96,12 @@ def extract_features(
     return np.concatenate(out).astype(np.float32)
 
 
+def class_indices(labels: np.ndarray) -> np.ndarray:
+    """Each label's index in the sorted set of these labels (the integer targets a loss takes)."""
+    classes = {c: i for i, c in enumerate(sorted(set(labels.tolist())))}
+    return np.array([classes[c] for c in labels.tolist()], dtype=np.int64)
+
+
 def map_at_10(
     queries: np.ndarray, query_labels: np.ndarray, database: np.ndarray, db_labels: np.ndarray
 ) -> float:
@@ -173,8 +179,7 @@ def probe(
         result[f"pca_whitened_{k}"] = map_at_10(projected[val], labels[val], projected[train], labels[train])
     scale = features[train].std(0).clip(1e-6)
     standard = ((features - mean) / scale).astype(np.float32)
-    classes = {c: i for i, c in enumerate(sorted(set(labels.tolist())))}
-    y = np.array([classes[c] for c in labels[train]])
+    y = class_indices(labels[train])
     n_train = int(train.sum())
     order = np.concatenate([np.flatnonzero(train), np.flatnonzero(val)])
     for hidden, name in ((0, "supcon_linear"), (512, "supcon_mlp512")):

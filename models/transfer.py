@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from models import data as data_mod
 from models.errors import ConfigError
 from models.preprocess import PreprocessContract, to_model_input
-from models.probe import IMAGENET_MEAN, IMAGENET_STD, load_backbone, map_at_10
+from models.probe import IMAGENET_MEAN, IMAGENET_STD, class_indices, load_backbone, map_at_10
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,10 @@ LIMITATIONS = {
         "(Guangzhou), labelled normal, bacterial or viral pneumonia; other ages, hospitals, devices, views "
         "and findings are out of distribution. The project's issue tracker reports that the earlier "
         "autoencoder was at chance level (mAP@10 about 0.51) on adult chest X-rays of another hospital; "
-        "this encoder was not tested there and must not be used for adults. The ImageNet backbone is "
-        "frozen: only a small head learnt these findings, and bacterial and viral pneumonia remain often "
-        "confused. Its vectors are comparable only with vectors of this encoder (the service compares an "
-        "X-ray query with X-rays only). Nothing is rejected as out of distribution. A new version changes "
-        "every embedding: the index must be rebuilt (cbmir reindex)."
+        "this encoder was not tested there and must not be used for adults. {learnt} Bacterial and viral "
+        "pneumonia remain often confused. {inside}Its vectors are comparable only with vectors of this "
+        "encoder (the service compares an X-ray query with X-rays only). Nothing is rejected as out of "
+        "distribution. A new version changes every embedding: the index must be rebuilt (cbmir reindex)."
     ),
     "mri": (
         "Trained on one public collection of brain MRI slices (the Figshare, SARTAJ and Br35H mix), "
@@ -92,13 +91,34 @@ LIMITATIONS = {
         "no tumour. Sequence, field strength, scanner, age and sex are not recorded in it, and held-out "
         "patients of other hospitals were not available to test; other tumour types, lesions, "
         "post-operative brains, other body parts and 3-D series as a whole are out of distribution. The "
-        "test split has only 12 no-tumour slices. Two networks are inside (a partly fine-tuned ImageNet "
-        "EfficientNet-Lite0 and the project's 64x64 autoencoder); their joined vectors are comparable only"
-        " with vectors of this encoder (the service compares an MRI query with MRI only). Nothing is "
-        "rejected as out of distribution. A new version changes every embedding: the index must be rebuilt"
-        " (cbmir reindex)."
+        "test split has only 12 no-tumour slices. {learnt} {inside}Its vectors are comparable only with "
+        "vectors of this encoder (the service compares an MRI query with MRI only). Nothing is rejected as"
+        " out of distribution. A new version changes every embedding: the index must be rebuilt (cbmir "
+        "reindex)."
     ),
 }
+
+
+def fused_name(member: dict[str, Any]) -> str:
+    """How a card names the autoencoder an encoder was joined with."""
+    return f"the project's autoencoder {Path(member['file']).stem} {member['version']}"
+
+
+def recipe_limitations(modality: str, tune_from: int | None, fused_with: str | None) -> str:
+    """LIMITATIONS[modality], saying what this recipe trained and what it joined."""
+    if tune_from is None:
+        learnt = "The ImageNet backbone is frozen: only a small head learnt these findings."
+    else:
+        learnt = (
+            f"Only the ImageNet backbone's blocks {tune_from}-15 and a small head learnt these findings; "
+            "the earlier blocks keep their ImageNet weights."
+        )
+    inside = ""
+    if fused_with is not None:
+        inside = (
+            f"Two networks are inside (the EfficientNet-Lite0 and {fused_with}), joined into one vector. "
+        )
+    return LIMITATIONS[modality].format(learnt=learnt, inside=inside) if modality in LIMITATIONS else ""
 
 
 class BackboneHeadEncoder(nn.Module):
@@ -206,9 +226,8 @@ def train_head(
     from models.train import supcon_loss
 
     torch.manual_seed(seed)
-    classes = {c: i for i, c in enumerate(sorted(set(train_labels.tolist())))}
     x_train = torch.from_numpy(train_x)
-    y_train = torch.from_numpy(np.array([classes[c] for c in train_labels]))
+    y_train = torch.from_numpy(class_indices(train_labels))
     optimizer = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
     scores: dict[int, float] = {}
     best_epoch, best_state = 0, {}
@@ -333,8 +352,7 @@ def fine_tune(
     frozen = pooled(x_train)  # standardisation fixed from the pretrained features, as in fit()
     encoder.feature_mean.copy_(frozen.mean(0))
     encoder.feature_scale.copy_(frozen.std(0).clamp(min=1e-6))
-    classes = {c: i for i, c in enumerate(sorted(set(labels[train].tolist())))}
-    y_train = torch.tensor([classes[c] for c in labels[train]])
+    y_train = torch.from_numpy(class_indices(labels[train]))
     torch.manual_seed(seed)
     tuned = [p for n, p in encoder.named_parameters() if p.requires_grad and not n.startswith("head.")]
     optimizer = torch.optim.AdamW(
@@ -641,7 +659,9 @@ def export_card(
         },
         "metrics": metrics,
         "intended_use": INTENDED_USE.get(args.modality, ""),
-        "limitations": LIMITATIONS.get(args.modality, ""),
+        "limitations": recipe_limitations(
+            args.modality, args.tune_from, None if fusion is None else fused_name(fusion["member"])
+        ),
     }
 
 

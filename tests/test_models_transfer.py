@@ -157,3 +157,30 @@ def test_a_cache_is_reused_only_for_the_same_recipe_and_pictures(tmp_path):
     assert cached(path, {**recipe, "flip": False}, keys, refresh=False) is None
     assert cached(path, recipe, keys[::-1], refresh=False) is None
     assert cached(tmp_path / "absent.npz", recipe, keys, refresh=False) is None
+
+
+@pytest.mark.parametrize("modality", ["xray", "mri"])
+def test_the_card_says_what_the_recipe_trained_and_joined(modality):
+    """A frozen backbone's card says so; a fine-tuned and joined one names the blocks and the member."""
+    import argparse
+
+    from models.transfer import export_card
+
+    args = argparse.Namespace(
+        modality=modality, hidden=512, tune_from=None, flip=False, size=224, version="t-1",
+        temperature=0.05, epochs=2, seed=0, lr_backbone=1e-4, eval_every=1,
+    )  # fmt: skip
+    scores = {"by_epoch": {"2": 0.5}, "best": 0.5, "best_epoch": 2}
+    frozen = export_card(args, scores, None, "sha")
+    assert "backbone is frozen" in frozen["limitations"] and "Two networks" not in frozen["limitations"]
+    member = {"file": "ours-ae64.onnx", "version": "1.2.0", "sha256": "0" * 64}
+    fusion = {"val_map@10": 0.6, "weight": 1.5, "by_weight": {1.5: 0.6}, "member": member}
+    tuned = export_card(
+        argparse.Namespace(**{**vars(args), "tune_from": 14, "flip": True}), scores, fusion, "sha"
+    )
+    assert "frozen" not in tuned["limitations"] and "blocks 14-15" in tuned["limitations"]
+    assert "ours-ae64 1.2.0" in tuned["limitations"] and "{" not in tuned["limitations"]
+    assert (
+        tuned["architecture"]["fused_with"] == member
+        and tuned["training"]["augmentation"] == "horizontal flip"
+    )
