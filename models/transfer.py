@@ -1,7 +1,10 @@
-"""One modality's encoder: a frozen packaged backbone and a trained head (``python -m models.transfer``).
+"""One modality's encoder: a packaged backbone, frozen or partly fine-tuned, and a trained head.
 
     python -m models.transfer --modality xray --size 224 --temperature 0.05 --out runs/xray-effl0 \\
         --export runs/models/ours-xray-effl0.onnx --version 1.0.0     # ours 2.0.0's X-ray encoder
+    python -m models.transfer --modality xray --size 224 --temperature 0.05 --tune-from 14 --flip \\
+        --epochs 32 --eval-every 2 --out runs/xray-ft \\
+        --export runs/models/ours-xray-effl0.onnx --version 1.1.0     # ours 2.2.0's X-ray encoder
     python -m models.transfer --modality mri --size 224 --temperature 0.05 --tune-from 14 --flip \\
         --epochs 20 --eval-every 2 --fuse-with models/weights/ours-ae64.onnx --fuse-weight 1.5 \\
         --out runs/mri-fused --export runs/models/ours-mri-fused.onnx --version 1.0.0   # ours 2.1.0's MRI
