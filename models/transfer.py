@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from models import data as data_mod
 from models.errors import ConfigError
-from models.preprocess import PreprocessContract, to_model_input
+from models.preprocess import PreprocessContract
 from models.probe import IMAGENET_MEAN, IMAGENET_STD, class_indices, load_backbone, map_at_10
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def extract_features(
         for start in tqdm(
             range(0, len(records), batch_size), desc="features", unit="batch", disable=not progress
         ):
-            batch = contract_batch(records[start : start + batch_size], contract)
+            batch = torch.from_numpy(data_mod.model_inputs(records[start : start + batch_size], contract))
             out.append(backbone_encoder.features(batch).numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -308,7 +308,7 @@ def extract_trunk(
     plain, mirrored = [], []
     with torch.inference_mode():
         for start in tqdm(range(0, len(records), batch_size), desc=f"trunk to block {stop}", unit="batch"):
-            batch = contract_batch(records[start : start + batch_size], contract)
+            batch = torch.from_numpy(data_mod.model_inputs(records[start : start + batch_size], contract))
             plain.append(encoder.trunk(batch, stop).half().numpy())
             if flip:
                 mirrored.append(encoder.trunk(torch.flip(batch, dims=[3]), stop).half().numpy())
@@ -393,20 +393,6 @@ def fine_tune(
     return {"by_epoch": scores, "best": scores[best_epoch], "best_epoch": best_epoch}
 
 
-def contract_batch(records: list[data_mod.Record], contract: PreprocessContract) -> torch.Tensor:
-    """The pictures as served: float32 (N, 1, S, S) through ``contract``."""
-    return torch.from_numpy(
-        np.stack(
-            [
-                to_model_input(
-                    data_mod.load_picture(r.path, r.modality, eeg_render=contract.eeg_render), contract
-                )
-                for r in records
-            ]
-        )
-    )
-
-
 def fuse(
     encoder: BackboneHeadEncoder,
     autoencoder_path: Path,
@@ -424,7 +410,7 @@ def fuse(
     with torch.inference_mode():
         joint = np.concatenate(
             [
-                fused.joint(contract_batch(records[i : i + 64], contract)).numpy()
+                fused.joint(torch.from_numpy(data_mod.model_inputs(records[i : i + 64], contract))).numpy()
                 for i in range(0, len(records), 64)
             ]
         )
