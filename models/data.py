@@ -130,6 +130,28 @@ def model_inputs(
     return out
 
 
+def eeg_view_inputs(
+    records: Sequence[Record], contract: PreprocessContract, count: int, polarity: bool, seed: int
+) -> np.ndarray:
+    """float32 ``(N, count, 1, S, S)``: ``count`` random training views (:func:`models.eeg.training_view`)
+    of each EEG record, drawn as the contract draws, seeded."""
+    from tqdm import tqdm
+
+    size = contract.input_size
+    out = np.empty((len(records), count, 1, size, size), dtype=np.float32)
+    rng = np.random.default_rng([seed, count])
+    for i, record in enumerate(tqdm(records, desc="EEG views", unit="segment", leave=False)):
+        if record.modality != EEG:
+            raise ValueError(f"EEG views of a {record.modality} record: {record.path}")
+        samples = eeg.read_bonn_txt(record.path)
+        for view in range(count):
+            picture = eeg.render_eeg(
+                eeg.training_view(samples, rng, polarity), eeg.BONN_SAMPLING_HZ, contract.eeg_render
+            )
+            out[i, view] = to_model_input(picture, contract)
+    return out
+
+
 def cached_model_inputs(
     records: Sequence[Record],
     contract: PreprocessContract,

@@ -113,6 +113,18 @@ def render_eeg(samples_uv: np.ndarray, sampling_hz: float, render: str = TRACE) 
     raise InvalidInput(f"unknown EEG render {render!r}; known: {', '.join(RENDERS)}")
 
 
+def training_view(samples_uv: np.ndarray, rng: np.random.Generator, polarity: bool = True) -> np.ndarray:
+    """One random training view of a segment: a circular time shift, and a sign flip when ``polarity``.
+
+    Training only (``eeg_views`` of ``models.train``): the picture's fixed time and amplitude
+    scales are untouched, unlike an affine warp of the drawn picture. A rhythm or a spike pattern
+    is the same finding wherever the 23.6 s window starts, and an EEG's sign depends on the
+    montage's reference, so both leave the label as it is. The shift's seam is one discontinuity.
+    """
+    x = np.roll(np.asarray(samples_uv, dtype=np.float64), int(rng.integers(len(samples_uv))))
+    return -x if polarity and rng.random() < 0.5 else x
+
+
 def render_eeg_trace(samples_uv: np.ndarray, sampling_hz: float) -> np.ndarray:
     """Single-channel EEG (µV) at ``sampling_hz`` -> 256×256 uint8 strip-chart picture."""
     x = resample_to_render_rate(samples_uv, sampling_hz)

@@ -60,6 +60,30 @@ LIMITATIONS = (
     "Retrieval neighbours carry no diagnostic guarantee."
 )
 
+# The card's texts for a run trained on one modality alone (``modalities`` of its config)
+ONE_MODALITY_CARD = {
+    "eeg": {
+        "intended_use": (
+            "Embedding single-channel EEG segments, drawn as the picture the preprocessing contract "
+            "names, for similar-case retrieval next to a PACS, compared with EEG only. Research and "
+            "demonstration use only; not a medical device, not for diagnosis."
+        ),
+        "limitations": (
+            "Trained on one collection: the University of Bonn's single-channel 23.6 s research segments "
+            "(Andrzejak et al. 2001, sets Z, O, N, F, S: healthy volunteers with eyes open and with eyes "
+            "closed, interictal activity from the hemisphere opposite the focus and from the focus, "
+            "seizures), 70 training segments per finding from 10 people. The data have no patient key, so "
+            "segments of one person can be neighbours and the EEG figures are likely optimistic. Clinical "
+            "multi-channel EEG, other montages, recording set-ups, artefacts and ages are out of "
+            "distribution. Training also showed each segment shifted in time and sign-flipped; the "
+            "picture's time and amplitude scales are fixed. Its vectors are comparable only with vectors "
+            "of this encoder (the service compares an EEG query with EEG only). Nothing is rejected as "
+            "out of distribution. A new version changes every embedding: the index must be rebuilt "
+            "(cbmir reindex)."
+        ),
+    }
+}
+
 
 class ExportError(CbmirError):
     """The exported model failed the checker or the parity check."""
@@ -220,7 +244,10 @@ def population_of(config: dict[str, Any], manifest_sha: str | None) -> dict[str,
 def card_from_checkpoint(ckpt: dict[str, Any], version: str) -> dict[str, Any]:
     """Model-card fields from a training checkpoint."""
     config = ckpt.get("config", {})
+    only = config.get("modalities") or []
+    texts = ONE_MODALITY_CARD.get(only[0], {}) if len(only) == 1 else {}
     return {
+        **texts,
         "version": version,
         "architecture": {"name": ckpt["arch"], **ckpt["arch_kwargs"], "summary": ckpt.get("summary", "")},
         "embedding_dim": ckpt["embedding_dim"],

@@ -12,8 +12,12 @@ in order, are fixed:
    dtype and the source scale: a uint8 JPEG, the same picture as uint16 scaled by 257, or the
    float output of a DICOM VOI transform all map to the same values. A constant picture maps to
    all zeros. NaN/inf are replaced by the finite minimum first.
-3. **Resize to input_size × input_size** (the aspect ratio is not kept: "stretch") with Pillow's
-   antialiased bilinear filter on a 32-bit float image. Pillow's filter is deterministic.
+3. **Resize to input_size × input_size** with Pillow's antialiased bilinear filter on a 32-bit
+   float image (Pillow's filter is deterministic), by the contract's ``resize``: ``"stretch"``
+   (the default) resizes both sides to S, so the aspect ratio is not kept; ``"pad"`` resizes the
+   longer side to S, keeps the aspect ratio (the shorter side rounded, at least 1 pixel) and
+   centres the result on an S×S canvas of zeros (the picture's minimum after step 2), with the
+   odd pixel of padding at the bottom or right.
 4. **Standardise**: ``(x - mean) / std`` with the contract's ``mean`` and ``std``.
 
 EEG signals become pictures before step 1, by the render the contract names (``eeg_render``, one
@@ -42,6 +46,7 @@ from models.errors import InvalidInput, TooLarge, UnreadableInput
 logger = logging.getLogger(__name__)
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+RESIZE_MODES = ("stretch", "pad")
 RESIZE_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -57,7 +62,7 @@ class PreprocessContract:
 
     input_size: int = 64
     intensity: str = "minmax"  # per-image min-max to [0, 1]; the only supported choice
-    resize: str = "stretch"  # resize to S×S without keeping the aspect ratio
+    resize: str = "stretch"  # one of RESIZE_MODES: S×S without keeping the aspect ratio, or padded
     interpolation: str = "bilinear"  # Pillow filter, antialiased when shrinking
     mean: float = 0.0
     std: float = 1.0
@@ -68,7 +73,7 @@ class PreprocessContract:
     def __post_init__(self) -> None:
         if self.input_size < 8:
             raise InvalidInput(f"input_size must be >= 8, got {self.input_size}")
-        if self.intensity != "minmax" or self.resize != "stretch" or self.channels != 1:
+        if self.intensity != "minmax" or self.resize not in RESIZE_MODES or self.channels != 1:
             raise InvalidInput(f"unsupported preprocessing contract: {self}")
         if self.interpolation not in RESIZE_FILTERS:
             raise InvalidInput(f"unknown interpolation {self.interpolation!r}")
@@ -144,12 +149,27 @@ def to_model_input(image: np.ndarray, contract: PreprocessContract) -> np.ndarra
     size = contract.input_size
     picture = Image.fromarray(scaled, mode="F")
     del scaled
-    if picture.size != (size, size):
-        picture = picture.resize((size, size), RESIZE_FILTERS[contract.interpolation])
-    out = np.asarray(picture, dtype=np.float32)
+    out = _resized(picture, size, contract)
     if contract.mean != 0.0 or contract.std != 1.0:
         out = (out - np.float32(contract.mean)) / np.float32(contract.std)
     return np.ascontiguousarray(out[None, :, :], dtype=np.float32)
+
+
+def _resized(picture: Image.Image, size: int, contract: PreprocessContract) -> np.ndarray:
+    """Step 3: the float picture at S×S, stretched or padded per ``contract.resize``."""
+    width, height = picture.size
+    target = (size, size)
+    if contract.resize == "pad":
+        scale = size / max(width, height)
+        target = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
+    if picture.size != target:
+        picture = picture.resize(target, RESIZE_FILTERS[contract.interpolation])
+    if target == (size, size):
+        return np.asarray(picture, dtype=np.float32)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - target[1]) // 2, (size - target[0]) // 2
+    canvas[top : top + target[1], left : left + target[0]] = np.asarray(picture, dtype=np.float32)
+    return canvas
 
 
 def _pil_to_grey_uint8(picture: Image.Image) -> np.ndarray:

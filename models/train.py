@@ -146,6 +146,18 @@ RECIPES["ours-s10-eeg-spectrogram"] = (
     "paper",
     dict(RECIPES["ours-s9-augment-longer"][1], eeg_render="trace-spectrogram"),
 )
+# EEG views (measured, not kept: models/README.md): step 10's recipe on the EEG alone, every segment
+# also seen through 16 time-shifted, sign-flipped views; an epoch is 17 passes (53 batches)
+RECIPES["ours-eeg-views"] = (
+    "paper",
+    dict(
+        RECIPES["ours-s10-eeg-spectrogram"][1],
+        modalities=[data_mod.EEG],
+        augment=False,
+        eeg_views={"count": 16, "polarity": True},
+        epochs=24,
+    ),
+)
 # "ours" = the last kept step of the ladder (what models/weights ships)
 RECIPES["ours"] = RECIPES["ours-s10-eeg-spectrogram"]
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
@@ -166,6 +178,10 @@ BASE_CONFIG: dict[str, Any] = {
     "channels_last": True,
     "eeg_render": "trace",  # models.eeg.RENDERS; stored in the model's preprocessing contract
     "modalities": None,  # train and select on these modalities only (None: all of them)
+    # {"count": V, "polarity": bool}: V time-shifted (and sign-flipped) views of every EEG training
+    # segment, drawn once (models.eeg.training_view); each batch row of an EEG segment is one of its
+    # V views or the segment as drawn, at equal odds, and an epoch is V + 1 passes of batches
+    "eeg_views": None,
 }
 # settings allowed to change when resuming: performance-only ones, and ``epochs`` (extending a
 # run gives the same result as a longer run from scratch: per-step LR decay, per-epoch seeded batches)
@@ -314,12 +330,15 @@ def compute_loss(
 
 
 def batch_order(
-    labels: np.ndarray, batch_size: int, sampler: str, rng: np.random.Generator
+    labels: np.ndarray, batch_size: int, sampler: str, rng: np.random.Generator, passes: int = 1
 ) -> list[np.ndarray]:
-    """Index batches for one epoch: shuffled, or class-balanced (every class, equal share)."""
+    """Index batches for one epoch of ``passes`` × the data: shuffled, or class-balanced (every
+    class, equal share; the only sampler that takes several passes)."""
     n = len(labels)
-    n_batches = max(1, n // batch_size)
+    n_batches = max(1, passes * n // batch_size)
     if sampler == "shuffle":
+        if passes != 1:
+            raise ConfigError("the shuffle sampler takes one pass per epoch")
         order = rng.permutation(n)
         return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
     classes = np.unique(labels)
@@ -329,6 +348,20 @@ def batch_order(
         np.concatenate([rng.choice(pools[c], per_class, replace=len(pools[c]) < per_class) for c in classes])
         for _ in range(n_batches)
     ]
+
+
+def pick_views(
+    inputs: np.ndarray, idx: np.ndarray, views: np.ndarray, view_rows: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """``inputs[idx]`` with every row that has views (``view_rows >= 0``) replaced by one of its
+    ``views`` or kept as drawn, at equal odds."""
+    batch = inputs[idx]
+    rows = view_rows[idx]
+    choice = rng.integers(-1, views.shape[1], len(idx))  # -1: the segment as drawn
+    use = (rows >= 0) & (choice >= 0)
+    if use.any():
+        batch[use] = views[rows[use], choice[use]]
+    return batch
 
 
 def embed_tensor(model: Any, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -419,6 +452,21 @@ class Trainer:
         # torch's annotations of Module.to omit the memory_format it accepts
         self.model = self.model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
         self.contract = training_contract(config)
+        self.eeg_views, self.view_rows, self.passes = None, np.full(len(train_records), -1), 1
+        if config.get("eeg_views"):
+            if config["sampler"] != "balanced":
+                raise ConfigError("eeg_views needs the balanced sampler")
+            rows = np.flatnonzero([r.modality == data_mod.EEG for r in train_records])
+            self.view_rows[rows] = np.arange(len(rows))
+            count = int(config["eeg_views"]["count"])
+            self.eeg_views = data_mod.eeg_view_inputs(
+                [train_records[i] for i in rows],
+                self.contract,
+                count,
+                bool(config["eeg_views"]["polarity"]),
+                config["seed"],
+            )
+            self.passes = count + 1
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config["lr"]) if params else None
         decay = config["lr_decay"]
@@ -540,14 +588,19 @@ class Trainer:
         config = self.config
         rng = np.random.default_rng([config["seed"], self.epoch])
         generator = torch.Generator().manual_seed(config["seed"] * 1000 + self.epoch)
-        batches = batch_order(self.train_labels, config["batch_size"], config["sampler"], rng)
+        batches = batch_order(self.train_labels, config["batch_size"], config["sampler"], rng, self.passes)
         assert self.optimizer is not None and self.scheduler is not None  # every trained arch has parameters
         self.model.train()
         total, n = 0.0, 0
         terms_sum: dict[str, float] = {}
         bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{config['epochs']}", unit="batch", leave=False)
         for idx in bar:
-            x = torch.from_numpy(self.train_inputs[idx]).contiguous(memory_format=self.memory_format)
+            picked = (
+                self.train_inputs[idx]
+                if self.eeg_views is None
+                else pick_views(self.train_inputs, idx, self.eeg_views, self.view_rows, rng)
+            )
+            x = torch.from_numpy(picked).contiguous(memory_format=self.memory_format)
             x = augment_selected(x, self.augment_mask[idx], generator)
             x = x.to(self.device, non_blocking=True)
             y = torch.from_numpy(self.train_labels[idx]).to(self.device)

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from models import data as data_mod
 from models.errors import ConfigError
-from models.preprocess import PreprocessContract
+from models.preprocess import RESIZE_MODES, PreprocessContract
 from models.probe import IMAGENET_MEAN, IMAGENET_STD, class_indices, load_backbone, map_at_10
 
 logger = logging.getLogger(__name__)
@@ -462,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--modality", required=True, choices=data_mod.MODALITIES)
     parser.add_argument("--size", type=int, default=224, help="contract input size (pixels)")
+    parser.add_argument(
+        "--resize",
+        default="stretch",
+        choices=RESIZE_MODES,
+        help="contract resize: stretch to a square, or keep the aspect ratio and pad",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder (feature cache, scores)")
     parser.add_argument(
         "--data", type=Path, default=None, help="default: $CBMIR_SHARED_DATA or ../shared/data"
@@ -494,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data_dir = args.data or data_mod.shared_data_dir()
     records = data_mod.read_manifest(data_dir, splits=["train", "val"], modalities=[args.modality])
-    contract = PreprocessContract(input_size=args.size, eeg_render="trace-spectrogram")
+    contract = PreprocessContract(input_size=args.size, resize=args.resize, eeg_render="trace-spectrogram")
     try:
         backbone = load_backbone()
         probe_encoder = BackboneHeadEncoder(backbone, tune_from=args.tune_from)

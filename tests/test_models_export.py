@@ -50,6 +50,18 @@ def test_export_is_single_file_with_sidecars(tiny_model):
     assert json.loads(contract_path.read_text())["input_size"] == 16
 
 
+def test_a_run_on_one_modality_gets_that_modalitys_card_texts():
+    from models.export import INTENDED_USE, LIMITATIONS, card_from_checkpoint
+
+    ckpt = {"arch": "paper", "arch_kwargs": {"input_size": 64}, "embedding_dim": 48}
+    eeg_only = card_from_checkpoint(dict(ckpt, config={"modalities": ["eeg"]}), "1.0.0")
+    assert "EEG only" in eeg_only["intended_use"] and "Bonn" in eeg_only["limitations"]
+    assert "X-ray" not in eeg_only["intended_use"] + eeg_only["limitations"]
+    every = card_from_checkpoint(dict(ckpt, config={"modalities": None}), "1.0.0")
+    assert "intended_use" not in every and "limitations" not in every  # write_model's defaults apply
+    assert "chest X-ray" in INTENDED_USE and "Bonn EEG" in LIMITATIONS
+
+
 def test_runtime_matches_torch_for_any_batch_size(tiny_model):
     model, path, _ = tiny_model
     encoder = OnnxEncoder(path, device="cpu")

@@ -96,6 +96,27 @@ def test_contract_round_trip(tmp_path):
     assert out.shape == (1, 96, 96) and out.min() == pytest.approx(-2.0, abs=0.05)
 
 
+def test_pad_keeps_the_aspect_ratio_and_centres_the_picture():
+    wide = np.full((50, 100), 200, dtype=np.uint8)
+    wide[0, 0] = 0  # the minimum, so min-max leaves the rest at 1
+    padded = to_model_input(wide, PreprocessContract(input_size=64, resize="pad"))[0]
+    assert padded.shape == (64, 64)
+    rows = np.flatnonzero(padded.max(axis=1) > 0.5)
+    assert (rows[0], rows[-1]) == (16, 47)  # 32 rows of picture, 16 of padding above and below
+    assert np.all(padded[:16] == 0) and np.all(padded[48:] == 0)
+    stretched = to_model_input(wide, PreprocessContract(input_size=64))[0]
+    assert np.all(stretched[1:, 1:] > 0.5)  # stretch fills the square
+    tall = to_model_input(wide.T.copy(), PreprocessContract(input_size=64, resize="pad"))[0]
+    assert np.array_equal(tall, padded.T)  # the same rule on the other axis
+    square = picture(h=60, w=60)
+    assert np.array_equal(
+        to_model_input(square, PreprocessContract(input_size=40, resize="pad")),
+        to_model_input(square, PreprocessContract(input_size=40)),
+    )
+    with pytest.raises(InvalidInput):
+        PreprocessContract(input_size=32, resize="crop")
+
+
 # -- EEG renderer -----------------------------------------------------------------------------
 
 

@@ -135,3 +135,52 @@ def test_device_choice_is_checked(tmp_path):
             resolve_torch_device("cuda")
         assert main(["--arch", "paper", "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
         assert not (tmp_path / "run").exists()
+
+
+def test_eeg_views_are_shifted_flipped_renders_drawn_into_batches(tmp_path):
+    """EEG training views: each EEG row of a batch is one of its segment's views or the segment as
+    drawn; other rows are untouched, and an epoch is count + 1 passes."""
+    from models import eeg
+    from models.data import model_inputs
+    from models.preprocess import PreprocessContract
+    from models.train import Trainer, pick_views, resolve_config
+
+    rng = np.random.default_rng(0)
+    t = np.arange(4097) / eeg.BONN_SAMPLING_HZ
+    records = []
+    for label, hz in (("slow", 3.0), ("alpha", 10.0)):
+        for i in range(6):
+            path = tmp_path / f"{label}{i}.txt"
+            signal = 120 * np.sin(2 * np.pi * hz * t + i) * np.exp(-t / 6) + rng.normal(0, 10, t.size)
+            np.savetxt(path, np.rint(signal), fmt="%d")
+            records.append(Record(path.name, path, "eeg", label, "train"))
+    samples = eeg.read_bonn_txt(records[0].path)
+    view = eeg.training_view(samples, np.random.default_rng(1))
+    assert np.array_equal(np.sort(np.abs(view)), np.sort(np.abs(samples)))  # a shift, maybe negated
+    assert not np.array_equal(view, samples)
+
+    config = resolve_config("ours", "full", epochs=1, batch_size=6, data="synthetic")
+    config.update(modalities=["eeg"], eeg_views={"count": 3, "polarity": True})
+    config["arch_kwargs"] = dict(config["arch_kwargs"], input_size=32, widths=[16, 32, 64])
+    contract = PreprocessContract(input_size=32, eeg_render=config["eeg_render"])
+    inputs = model_inputs(records, contract)
+    trainer = Trainer(config, tmp_path / "run", records, inputs, records[::3], inputs[::3])
+    assert trainer.eeg_views is not None and trainer.eeg_views.shape == (12, 3, 1, 32, 32)
+    assert trainer.passes == 4
+    for row in range(12):  # each view is a different picture of the same segment
+        assert all(not np.array_equal(trainer.eeg_views[row, v], inputs[row]) for v in range(3))
+
+    seen = set()
+    view_rows = trainer.view_rows.copy()
+    view_rows[:2] = -1  # as if the first two were pictures of another modality: never replaced
+    for draw in range(40):
+        idx = np.arange(12)
+        batch = pick_views(inputs, idx, trainer.eeg_views, view_rows, np.random.default_rng(draw))
+        assert np.array_equal(batch[:2], inputs[:2])
+        for row in range(2, 12):
+            options = [inputs[row], *trainer.eeg_views[row]]
+            matches = [k for k, option in enumerate(options) if np.array_equal(batch[row], option)]
+            assert len(matches) == 1
+            seen.add(matches[0])
+    assert seen == {0, 1, 2, 3}
+    assert trainer.fit() and trainer.step == 4 * 12 // 6  # four passes of two batches
