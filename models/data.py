@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from models import eeg
+from models.errors import ConfigError
 from models.preprocess import PreprocessContract, load_image_file, to_model_input
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def eeg_view_inputs(
     rng = np.random.default_rng([seed, count])
     for i, record in enumerate(tqdm(records, desc="EEG views", unit="segment", leave=False)):
         if record.modality != EEG:
-            raise ValueError(f"EEG views of a {record.modality} record: {record.path}")
+            raise ConfigError(f"EEG views of a {record.modality} record: {record.path}")
         samples = eeg.read_bonn_txt(record.path)
         for view in range(count):
             picture = eeg.render_eeg(
