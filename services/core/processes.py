@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 
@@ -30,8 +31,13 @@ def stop_process(process: subprocess.Popen[str], timeout_s: float = 15.0, *, gro
 
 def run_until_stopped(start: Callable[[], str], stop: Callable[[], None]) -> int:
     """``start()``, print the line it returns (how a supervisor or a test learns the bound port),
-    block until SIGINT or SIGTERM, then ``stop()``; returns the exit code 0."""
-    print(start(), flush=True)
+    block until SIGINT or SIGTERM, then ``stop()``; returns the exit code 0.
+
+    The line and its newline go out in one write: ``print`` writes them separately, and with an
+    unbuffered stdout shared with stderr, another thread's log line landed between them, so a
+    reader parsed the port's digits run on into the log's date."""
+    sys.stdout.write(f"{start()}\n")
+    sys.stdout.flush()
     wait_for_stop_signal()
     stop()
     return 0
